@@ -1,0 +1,128 @@
+//! Harness for tests that load peerd's kernel programs into the real kernel: throwaway cgroups,
+//! network namespaces and the probe client. Everything created is removed on drop, also when a
+//! test fails (drops run during unwinding).
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{bail, Context, Result};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A unique, short name for this test process (interface names are limited to 15 bytes).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}x{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed))
+}
+
+/// These tests need root (CI runs as root); fail loudly rather than pass vacuously.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "bpf-tests must run as root");
+}
+
+pub fn run(cmd: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(cmd).args(args).output().with_context(|| format!("spawn {cmd}"))?;
+    if !out.status.success() {
+        bail!("{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// A child cgroup v2 directory; removed on drop (any process still in it is killed first).
+pub struct TestCgroup {
+    pub path: PathBuf,
+    mounted: Option<PathBuf>,
+}
+
+impl TestCgroup {
+    pub fn new() -> Result<Self> {
+        let (root, mounted) = match peerd_agent::bpf::cgroup2_mount() {
+            Ok(root) => (root, None),
+            Err(_) => {
+                let dir = std::env::temp_dir().join(unique("peerd-cg2-"));
+                std::fs::create_dir_all(&dir)?;
+                run("mount", &["-t", "cgroup2", "none", &dir.to_string_lossy()])?;
+                (dir.clone(), Some(dir))
+            }
+        };
+        let path = root.join(unique("peerd-test-"));
+        std::fs::create_dir(&path).with_context(|| format!("mkdir {path:?}"))?;
+        Ok(Self { path, mounted })
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
+            for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill on a pid we put in our own cgroup.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if let Some(m) = &self.mounted {
+            let _ = run("umount", &[&m.to_string_lossy()]);
+            let _ = std::fs::remove_dir(m);
+        }
+    }
+}
+
+/// A network namespace with loopback up; deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new() -> Result<Self> {
+        let name = unique("peerd-t-");
+        run("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME ARGS...`
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// Runs `f` on a fresh thread that has entered this namespace, so sockets it creates (and
+    /// interfaces it resolves) belong here. The caller's thread is unaffected.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                enter_netns(&self.name)?;
+                f()
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in netns {} panicked", self.name))?
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// Moves the calling thread into the named network namespace.
+pub fn enter_netns(name: &str) -> Result<()> {
+    let f = File::open(Path::new("/run/netns").join(name)).with_context(|| format!("open netns {name}"))?;
+    // SAFETY: setns on an open namespace fd; affects only the calling thread for CLONE_NEWNET.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! connect4/connect6 + sock_ops in the real kernel: redirect, original destination, fail open,
+//! bypass, cleanup on close. Each test has its own cgroup, netns and loaded programs.
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use bpf_tests::{require_root, Netns, TestCgroup};
+use peerd_agent::bpf::Kernel;
+use peerd_common::Counter;
+
+/// A node: a netns with an "agent" listener, "origin" listeners at the registry's addresses, and
+/// the programs attached to a cgroup the probe joins.
+struct Node {
+    ns: Netns,
+    cg: TestCgroup,
+    kernel: Kernel,
+    listeners: Vec<(&'static str, TcpListener)>,
+    registry: SocketAddr,
+    agent: SocketAddr,
+}
+
+struct Accepted {
+    by: &'static str,
+    peer: SocketAddr,
+    orig: Option<SocketAddr>,
+    probe_local: SocketAddr,
+    reply: String,
+}
+
+impl Node {
+    fn new(v6: bool) -> Result<Self> {
+        require_root();
+        let ns = Netns::new()?;
+        let (registry, other, agent_bind) = if v6 {
+            ns.ip(&["addr", "add", "2001:2::1/128", "dev", "lo", "nodad"])?;
+            ("[2001:2::1]:5000", "[2001:2::1]:5001", "[::1]:0")
+        } else {
+            ("127.0.0.2:5000", "127.0.0.2:5001", "127.0.0.1:0")
+        };
+        let listeners = ns.run(|| {
+            let mut v = Vec::new();
+            for (label, addr) in [("agent", agent_bind), ("origin", registry), ("other", other)] {
+                let l = TcpListener::bind(addr).with_context(|| format!("bind {addr}"))?;
+                l.set_nonblocking(true)?;
+                v.push((label, l));
+            }
+            Ok(v)
+        })?;
+        let agent = listeners[0].1.local_addr()?;
+        let cg = TestCgroup::new()?;
+        let mut kernel = Kernel::load()?;
+        kernel.attach_cgroup(&cg.path)?;
+        Ok(Self { ns, cg, kernel, listeners, registry: registry.parse()?, agent })
+    }
+
+    fn probe(&self, dst: SocketAddr, wait_go: bool) -> Result<std::process::Child> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_connect-probe"));
+        cmd.args(["--cgroup", &self.cg.path.to_string_lossy(), "--netns", &self.ns.name]);
+        cmd.args(["--connect", &dst.to_string()]);
+        if wait_go {
+            cmd.arg("--wait-go");
+        }
+        Ok(cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?)
+    }
+
+    /// Connects from inside the cgroup to `dst` and reports which listener got it.
+    fn connect(&self, dst: SocketAddr) -> Result<Accepted> {
+        let child = self.probe(dst, false)?;
+        self.serve(child)
+    }
+
+    fn serve(&self, mut child: std::process::Child) -> Result<Accepted> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (by, stream, peer) = 'found: loop {
+            for (label, l) in &self.listeners {
+                if let Ok((s, peer)) = l.accept() {
+                    break 'found (*label, s, peer);
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output()?;
+                bail!("no listener accepted; probe: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        // Looked up while the client is still connected (it waits for our reply).
+        let orig = self.kernel.original_destination(peer);
+        stream.set_nonblocking(false)?;
+        (&stream).write_all(format!("{by}\n").as_bytes())?;
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("probe failed: {}{}", stdout, String::from_utf8_lossy(&out.stderr));
+        }
+        let field = |k: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
+                .with_context(|| format!("probe printed no {k}: {stdout}"))
+        };
+        Ok(Accepted {
+            by,
+            peer,
+            orig,
+            probe_local: field("local ")?.parse()?,
+            reply: field("reply ")?,
+        })
+    }
+
+    /// Waits (bounded) until the kernel has forgotten every redirected connection.
+    fn wait_untracked(&self) -> Result<()> {
+        for _ in 0..200 {
+            if self.kernel.tracked_connections() == 0 {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("{} connections still tracked after close", self.kernel.tracked_connections())
+    }
+}
+
+fn redirect_recovers_original_destination(v6: bool) -> Result<()> {
+    let mut node = Node::new(v6)?;
+    node.kernel.set_redirect(node.registry, node.agent)?;
+    node.kernel.heartbeat()?;
+
+    let a = node.connect(node.registry)?;
+    assert_eq!(a.by, "agent", "a registry connect() must land on the agent");
+    assert_eq!(a.reply, "agent");
+    assert_eq!(a.peer, a.probe_local, "the agent sees the client's own local address");
+    assert_eq!(a.orig, Some(node.registry), "original destination recovered from the accepted socket");
+    assert_eq!(node.kernel.counter(Counter::Redirected), 1);
+    assert_eq!(node.kernel.counter(Counter::OrigDstRecorded), 1);
+
+    // A destination not in the table is untouched, even on the same host.
+    let other: SocketAddr = SocketAddr::new(node.registry.ip(), 5001);
+    let b = node.connect(other)?;
+    assert_eq!(b.by, "other");
+    assert_eq!(b.orig, None);
+    assert_eq!(node.kernel.counter(Counter::Redirected), 1);
+
+    // The entry goes away with the connection, so the map cannot fill up.
+    node.wait_untracked()?;
+    assert_eq!(node.kernel.counter(Counter::OrigDstClosed), 1);
+    Ok(())
+}
+
+#[test]
+fn redirect_v4() -> Result<()> {
+    redirect_recovers_original_destination(false)
+}
+
+#[test]
+fn redirect_v6() -> Result<()> {
+    redirect_recovers_original_destination(true)
+}
+
+fn fail_open(v6: bool) -> Result<()> {
+    let mut node = Node::new(v6)?;
+    node.kernel.set_redirect(node.registry, node.agent)?;
+
+    // Never a heartbeat: nothing is redirected.
+    assert_eq!(node.connect(node.registry)?.by, "origin");
+    assert_eq!(node.kernel.counter(Counter::FailOpen), 1);
+
+    node.kernel.set_stale_after(Duration::from_millis(300))?;
+    node.kernel.heartbeat()?;
+    assert_eq!(node.connect(node.registry)?.by, "agent");
+
+    // The agent stops refreshing (it died): within the bound, connects reach the registry again.
+    std::thread::sleep(Duration::from_millis(400));
+    let a = node.connect(node.registry)?;
+    assert_eq!(a.by, "origin", "a stale heartbeat must fail open");
+    assert_eq!(a.orig, None);
+    assert_eq!(node.kernel.counter(Counter::FailOpen), 2);
+    assert_eq!(node.kernel.counter(Counter::Redirected), 1);
+
+    node.kernel.heartbeat()?;
+    assert_eq!(node.connect(node.registry)?.by, "agent", "a fresh heartbeat resumes redirects");
+    Ok(())
+}
+
+#[test]
+fn fail_open_v4() -> Result<()> {
+    fail_open(false)
+}
+
+#[test]
+fn fail_open_v6() -> Result<()> {
+    fail_open(true)
+}
+
+#[test]
+fn agent_sockets_bypass_the_redirect() -> Result<()> {
+    let mut node = Node::new(false)?;
+    node.kernel.set_redirect(node.registry, node.agent)?;
+    node.kernel.heartbeat()?;
+
+    let mut child = node.probe(node.registry, true)?;
+    let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    let cookie: u64 = line.strip_prefix("cookie ").context("cookie line")?.trim().parse()?;
+    node.kernel.bypass_cookie(cookie)?;
+    child.stdin.take().context("stdin")?.write_all(b"go\n")?;
+    // Put stdout back for serve() to read the rest.
+    let rest = {
+        let a = node.serve_partial(child, stdout)?;
+        a
+    };
+    assert_eq!(rest, "origin", "the agent's own socket must reach the real registry");
+    assert_eq!(node.kernel.counter(Counter::Bypassed), 1);
+    assert_eq!(node.kernel.counter(Counter::Redirected), 0);
+
+    node.kernel.unbypass_cookie(cookie);
+    assert_eq!(node.connect(node.registry)?.by, "agent", "other sockets are still redirected");
+    Ok(())
+}
+
+impl Node {
+    /// Accepts one connection for a probe whose stdout was partly consumed; returns the listener.
+    fn serve_partial(
+        &self,
+        mut child: std::process::Child,
+        stdout: BufReader<std::process::ChildStdout>,
+    ) -> Result<&'static str> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            for (label, l) in &self.listeners {
+                if let Ok((s, _)) = l.accept() {
+                    s.set_nonblocking(false)?;
+                    (&s).write_all(format!("{label}\n").as_bytes())?;
+                    let rest: Vec<String> = stdout.lines().collect::<Result<_, _>>()?;
+                    assert!(child.wait()?.success(), "probe failed: {rest:?}");
+                    assert!(rest.iter().any(|l| l == &format!("reply {label}")), "{rest:?}");
+                    return Ok(label);
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("no listener accepted the bypassed connection");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The one place that loads and attaches peerd's kernel programs and talks to their maps.
+//!
+//! The programs (crate `peerd-ebpf`) are embedded in the binary. [`Kernel`] owns them: dropping it
+//! detaches everything (links are released with their file descriptors).
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps, Xdp, XdpMode},
+    Ebpf, EbpfError,
+};
+use peerd_common::{maps, programs, Config, Counter, Endpoint, PeerStats};
+
+/// The kernel object, built by `cargo xtask build`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("PEERD_EBPF_OBJECT"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("loading the kernel programs failed (needs root or CAP_BPF+CAP_NET_ADMIN+CAP_SYS_ADMIN): {0}")]
+    Load(#[from] EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("map {0} missing from the kernel object")]
+    MissingMap(&'static str),
+    #[error("program {0} missing from the kernel object")]
+    MissingProgram(&'static str),
+    #[error("cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("no cgroup v2 hierarchy is mounted (looked in /proc/self/mountinfo); mount one with `mount -t cgroup2 none DIR` and pass it")]
+    NoCgroup2,
+    #[error("socket cookie: {0}")]
+    Cookie(std::io::Error),
+    #[error("prefix length {len} is too long for {ip}")]
+    BadPrefix { ip: IpAddr, len: u8 },
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> BpfError {
+    move |source| BpfError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> BpfError {
+    move |source| BpfError::Program { name, source }
+}
+
+/// Converts a socket address to the kernel's endpoint form (IPv4 and IPv4-mapped IPv6 alike).
+pub fn endpoint(addr: SocketAddr) -> Endpoint {
+    let port = addr.port().to_be();
+    match canonical_ip(addr.ip()) {
+        IpAddr::V4(v4) => Endpoint::v4(u32::from_ne_bytes(v4.octets()), port),
+        IpAddr::V6(v6) => Endpoint::v6(ip6_words(&v6), port),
+    }
+}
+
+/// The inverse of [`endpoint`].
+pub fn socket_addr(e: &Endpoint) -> SocketAddr {
+    let port = u16::from_be(e.port);
+    if e.is_v4() {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::from(e.ip[3].to_ne_bytes())), port)
+    } else {
+        let mut b = [0u8; 16];
+        for (i, w) in e.ip.iter().enumerate() {
+            b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::from(b)), port)
+    }
+}
+
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+fn ip6_words(v6: &Ipv6Addr) -> [u32; 4] {
+    let o = v6.octets();
+    std::array::from_fn(|i| u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]))
+}
+
+fn ip_words(ip: IpAddr) -> [u32; 4] {
+    endpoint(SocketAddr::new(ip, 0)).ip
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The kernel's socket cookie (`SO_COOKIE`), the identity the programs see.
+pub fn socket_cookie(fd: impl AsFd) -> Result<u64, BpfError> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: fd is a live socket; cookie/len point to properly sized storage.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(BpfError::Cookie(std::io::Error::last_os_error()));
+    }
+    Ok(cookie)
+}
+
+/// Finds the first mounted cgroup v2 hierarchy (pure v2 at /sys/fs/cgroup, or hybrid's
+/// /sys/fs/cgroup/unified).
+pub fn cgroup2_mount() -> Result<PathBuf, BpfError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| BpfError::Cgroup {
+        path: "/proc/self/mountinfo".into(),
+        source,
+    })?;
+    // Fields: id parent major:minor root mountpoint opts ... - fstype source superopts
+    info.lines()
+        .find_map(|line| {
+            let (pre, post) = line.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2")
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .ok_or(BpfError::NoCgroup2)
+}
+
+/// Loaded kernel programs and their maps.
+pub struct Kernel {
+    ebpf: Ebpf,
+    redirects: HashMap<MapData, Endpoint, Endpoint>,
+    config: Array<MapData, Config>,
+    bypass: Mutex<HashMap<MapData, u64, u8>>,
+    orig_dst: HashMap<MapData, Endpoint, Endpoint>,
+    counters: PerCpuArray<MapData, u64>,
+    guarded_ports: HashMap<MapData, u16, u8>,
+    allowed: LpmTrie<MapData, [u32; 4], u8>,
+    peer_stats: PerCpuHashMap<MapData, [u32; 4], PeerStats>,
+    stale_after_ns: u64,
+}
+
+impl Kernel {
+    /// Loads the embedded programs into the kernel (not yet attached anywhere).
+    pub fn load() -> Result<Self, BpfError> {
+        Self::load_object(OBJECT)
+    }
+
+    /// Loads programs from an object file's bytes (tests use this to load a modified object).
+    pub fn load_object(object: &[u8]) -> Result<Self, BpfError> {
+        let mut ebpf = Ebpf::load(object)?;
+        fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, BpfError> {
+            ebpf.take_map(name).ok_or(BpfError::MissingMap(name))
+        }
+        macro_rules! typed {
+            ($name:expr) => {
+                take(&mut ebpf, $name)?.try_into().map_err(map_err($name))?
+            };
+        }
+        let mut kernel = Kernel {
+            redirects: typed!(maps::REDIRECTS),
+            config: typed!(maps::CONFIG),
+            bypass: Mutex::new(typed!(maps::BYPASS)),
+            orig_dst: typed!(maps::ORIG_DST),
+            counters: typed!(maps::COUNTERS),
+            guarded_ports: typed!(maps::GUARDED_PORTS),
+            allowed: typed!(maps::ALLOWED),
+            peer_stats: typed!(maps::PEER_STATS),
+            stale_after_ns: peerd_common::DEFAULT_STALE_AFTER_NS,
+            ebpf,
+        };
+        for name in [programs::CONNECT4, programs::CONNECT6] {
+            let p: &mut CgroupSockAddr = kernel.program(name)?;
+            p.load().map_err(prog_err(name))?;
+        }
+        let p: &mut SockOps = kernel.program(programs::SOCK_OPS)?;
+        p.load().map_err(prog_err(programs::SOCK_OPS))?;
+        let p: &mut Xdp = kernel.program(programs::XDP_GUARD)?;
+        p.load().map_err(prog_err(programs::XDP_GUARD))?;
+        Ok(kernel)
+    }
+
+    fn program<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T, BpfError>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    {
+        let p = self.ebpf.program_mut(name).ok_or(BpfError::MissingProgram(name))?;
+        p.try_into().map_err(prog_err(name))
+    }
+
+    /// Attaches connect4, connect6 and sock_ops to a cgroup v2 directory; every process in it (and
+    /// below it) is subject to the redirect table.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), BpfError> {
+        let dir = File::open(cgroup).map_err(|source| BpfError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        for name in [programs::CONNECT4, programs::CONNECT6] {
+            let p: &mut CgroupSockAddr = self.program(name)?;
+            p.attach(&dir, CgroupAttachMode::Single).map_err(prog_err(name))?;
+        }
+        let p: &mut SockOps = self.program(programs::SOCK_OPS)?;
+        p.attach(&dir, CgroupAttachMode::Single)
+            .map_err(prog_err(programs::SOCK_OPS))?;
+        Ok(())
+    }
+
+    /// Attaches the XDP guard to an interface of the calling thread's network namespace.
+    pub fn attach_xdp(&mut self, iface: &str, mode: XdpMode) -> Result<(), BpfError> {
+        let p: &mut Xdp = self.program(programs::XDP_GUARD)?;
+        p.attach(iface, mode).map_err(prog_err(programs::XDP_GUARD))?;
+        Ok(())
+    }
+
+    /// Redirects TCP connections to `registry` towards `agent`.
+    pub fn set_redirect(&mut self, registry: SocketAddr, agent: SocketAddr) -> Result<(), BpfError> {
+        self.redirects
+            .insert(endpoint(registry), endpoint(agent), 0)
+            .map_err(map_err(maps::REDIRECTS))
+    }
+
+    pub fn remove_redirect(&mut self, registry: SocketAddr) -> Result<(), BpfError> {
+        self.redirects
+            .remove(&endpoint(registry))
+            .map_err(map_err(maps::REDIRECTS))
+    }
+
+    /// Sets the fail-open bound: redirects stop this long after the last [`Kernel::heartbeat`].
+    pub fn set_stale_after(&mut self, bound: std::time::Duration) -> Result<(), BpfError> {
+        self.stale_after_ns = bound.as_nanos() as u64;
+        let cfg = self.config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        self.write_config(Config { stale_after_ns: self.stale_after_ns, ..cfg })
+    }
+
+    /// Proves the agent is alive; redirects are only active within the bound of the last call.
+    pub fn heartbeat(&mut self) -> Result<(), BpfError> {
+        self.write_config(Config {
+            heartbeat_ns: monotonic_ns(),
+            stale_after_ns: self.stale_after_ns,
+        })
+    }
+
+    fn write_config(&mut self, cfg: Config) -> Result<(), BpfError> {
+        self.config.set(0, cfg, 0).map_err(map_err(maps::CONFIG))
+    }
+
+    /// The original destination of a redirected connection, looked up by the peer address of the
+    /// socket the agent accepted (the client's local address).
+    pub fn original_destination(&self, client: SocketAddr) -> Option<SocketAddr> {
+        self.orig_dst.get(&endpoint(client), 0).ok().map(|e| socket_addr(&e))
+    }
+
+    /// Number of tracked redirected connections (for tests and metrics).
+    pub fn tracked_connections(&self) -> usize {
+        self.orig_dst.keys().filter(|k| k.is_ok()).count()
+    }
+
+    /// Exempts a not-yet-connected socket from redirection (the agent's own upstream sockets).
+    /// The entry lives until the returned guard is dropped, which should be right after connect().
+    pub fn bypass(&self, socket: impl AsFd) -> Result<BypassGuard<'_>, BpfError> {
+        let cookie = socket_cookie(socket)?;
+        self.bypass_cookie(cookie)?;
+        Ok(BypassGuard { kernel: self, cookie })
+    }
+
+    /// As [`Kernel::bypass`] for a cookie obtained elsewhere; pair with [`Kernel::unbypass_cookie`].
+    pub fn bypass_cookie(&self, cookie: u64) -> Result<(), BpfError> {
+        let mut map = self.bypass.lock().unwrap_or_else(|e| e.into_inner());
+        map.insert(cookie, 1, 0).map_err(map_err(maps::BYPASS))
+    }
+
+    pub fn unbypass_cookie(&self, cookie: u64) {
+        let mut map = self.bypass.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = map.remove(&cookie);
+    }
+
+    /// Sums a reason-coded counter over all CPUs.
+    pub fn counter(&self, counter: Counter) -> u64 {
+        self.counters
+            .get(&(counter as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// All counters, in [`Counter::ALL`] order.
+    pub fn counters(&self) -> Vec<(Counter, u64)> {
+        Counter::ALL.iter().map(|&c| (c, self.counter(c))).collect()
+    }
+
+    /// Guards a UDP port with the XDP program (accounting and allow-list).
+    pub fn guard_port(&mut self, port: u16) -> Result<(), BpfError> {
+        self.guarded_ports
+            .insert(port, 1, 0)
+            .map_err(map_err(maps::GUARDED_PORTS))
+    }
+
+    /// Allows sources in `ip/len` to reach guarded ports.
+    pub fn allow_prefix(&mut self, ip: IpAddr, len: u8) -> Result<(), BpfError> {
+        let ip = canonical_ip(ip);
+        let (max, offset) = if ip.is_ipv4() { (32, 96) } else { (128, 0) };
+        if len > max {
+            return Err(BpfError::BadPrefix { ip, len });
+        }
+        self.allowed
+            .insert(&Key::new(offset + len as u32, ip_words(ip)), 1, 0)
+            .map_err(map_err(maps::ALLOWED))
+    }
+
+    /// Traffic seen on guarded ports from one source, summed over CPUs.
+    pub fn peer_stats(&self, source: IpAddr) -> Option<PeerStats> {
+        let v = self.peer_stats.get(&ip_words(canonical_ip(source)), 0).ok()?;
+        Some(v.iter().fold(PeerStats::default(), |a, s| PeerStats {
+            passed_packets: a.passed_packets + s.passed_packets,
+            passed_bytes: a.passed_bytes + s.passed_bytes,
+            dropped_packets: a.dropped_packets + s.dropped_packets,
+            dropped_bytes: a.dropped_bytes + s.dropped_bytes,
+        }))
+    }
+}
+
+/// Removes a socket's bypass entry when dropped.
+pub struct BypassGuard<'a> {
+    kernel: &'a Kernel,
+    cookie: u64,
+}
+
+impl Drop for BypassGuard<'_> {
+    fn drop(&mut self) {
+        self.kernel.unbypass_cookie(self.cookie);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_round_trips() {
+        for s in ["10.1.2.3:5000", "[2001:db8::1]:443", "[::ffff:10.0.0.1]:80", "127.0.0.1:30000"] {
+            let a: SocketAddr = s.parse().unwrap();
+            let back = socket_addr(&endpoint(a));
+            assert_eq!(back.port(), a.port());
+            assert_eq!(canonical_ip(back.ip()), canonical_ip(a.ip()));
+        }
+        assert!(endpoint("1.2.3.4:1".parse().unwrap()).is_v4());
+        assert_eq!(
+            endpoint("[::ffff:1.2.3.4]:1".parse().unwrap()),
+            endpoint("1.2.3.4:1".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn finds_a_cgroup2_mount_or_says_why() {
+        match cgroup2_mount() {
+            Ok(p) => assert!(p.join("cgroup.procs").exists(), "{p:?}"),
+            Err(e) => assert!(matches!(e, BpfError::NoCgroup2)),
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! peerd agent: a peer-to-peer content cache for Kubernetes nodes.
+//!
+//! Data flows one way: request -> mirror -> store (hit) | transfer (peer) | upstream (miss).
+//! See ARCHITECTURE.md.
+
+pub mod bpf;
