@@ -367,3 +367,8 @@ mod tests {
         }
     }
 }
+
+/// Size of the embedded kernel object (for `peerd version`).
+pub fn object_len() -> usize {
+    OBJECT.len()
+}

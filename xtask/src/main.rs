@@ -1,1 +1,136 @@
-fn main(){}
+//! `cargo xtask`: builds the kernel programs and the agent, runs the tests, runs the agent and the
+//! benchmarks. Installs what a fresh machine lacks (rust-src for nightly, bpf-linker) into a cache
+//! outside the repository, so the second run is quick.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod toolchain;
+
+#[derive(Parser)]
+#[command(about = "peerd development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the kernel programs (bpfel-unknown-none) and the agent with them embedded.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run every test: unit tests and bpf-tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build and run one agent with defaults (one node, data under ./.peerd).
+    Run {
+        /// Extra arguments for `peerd agent`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks; results go to bench/RESULTS.md.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Build { release } => build(release).map(|_| ()),
+        Cmd::Test { args } => test(&args),
+        Cmd::Run { args } => run(&args),
+        Cmd::Bench { which } => bench::run(which),
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"))
+}
+
+/// Runs a command, failing with its name if it fails.
+pub fn status(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("spawn {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed: {st}");
+    }
+    Ok(())
+}
+
+/// Builds the kernel object; returns its path.
+pub fn build_ebpf() -> Result<PathBuf> {
+    let linker_dir = toolchain::ensure()?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![linker_dir];
+    paths.extend(std::env::split_paths(&path));
+    status(
+        Command::new("cargo")
+            .current_dir(root().join("peerd-ebpf"))
+            .env("PATH", std::env::join_paths(paths)?)
+            .env_remove("RUSTC")
+            .env_remove("RUSTC_WORKSPACE_WRAPPER")
+            .env_remove("CARGO")
+            .args(["+nightly", "build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+            .arg("--target-dir")
+            .arg(target_dir()),
+    )?;
+    Ok(target_dir().join("bpfel-unknown-none/release/peerd"))
+}
+
+/// Builds kernel programs and the agent; returns the kernel object path.
+pub fn build(release: bool) -> Result<PathBuf> {
+    let obj = build_ebpf()?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root()).env("PEERD_EBPF_OBJECT", &obj).args(["build", "-p", "peerd-agent"]);
+    if release {
+        cmd.arg("--release");
+    }
+    status(&mut cmd)?;
+    Ok(obj)
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+fn test(args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("the bpf-tests load programs into the kernel and create namespaces: run as root (CI does)");
+    }
+    let obj = build(false)?;
+    status(
+        Command::new("cargo")
+            .current_dir(root())
+            .env("PEERD_EBPF_OBJECT", &obj)
+            .args(["test", "--workspace", "--exclude", "peerd-ebpf"])
+            .args(args),
+    )
+}
+
+fn run(args: &[String]) -> Result<()> {
+    build(false)?;
+    let data = root().join(".peerd");
+    println!("peerd: data under {}", data.display());
+    status(
+        Command::new(target_dir().join("debug/peerd"))
+            .arg("agent")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args),
+    )
+}

@@ -1,0 +1,71 @@
+//! Benchmarks. Each prints a side-by-side table and records it in bench/RESULTS.md under its own
+//! heading, with the date and the machine.
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+
+use crate::{root, status};
+
+#[derive(Subcommand, Clone, Copy)]
+pub enum Which {
+    /// Cost the connect4/sock_ops programs add to connect(): none vs attached-but-not-redirected vs
+    /// redirected (median, p99, ratios).
+    Connect,
+}
+
+pub fn run(which: Which) -> Result<()> {
+    match which {
+        Which::Connect => connect(),
+    }
+}
+
+fn connect() -> Result<()> {
+    let obj = crate::build_ebpf()?;
+    status(
+        Command::new("cargo")
+            .current_dir(root())
+            .env("PEERD_EBPF_OBJECT", &obj)
+            .args(["build", "--release", "-p", "bpf-tests", "--bin", "connect-bench"]),
+    )?;
+    let out = Command::new(crate::target_dir().join("release/connect-bench"))
+        .output()
+        .context("run connect-bench")?;
+    if !out.status.success() {
+        bail!("connect-bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let table = String::from_utf8(out.stdout)?;
+    print!("{table}");
+    record("connect() overhead of the redirect programs", &table)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    format!("{cpu}, {cores} cores, kernel {kernel}")
+}
+
+/// Replaces (or appends) the section `## {title}` of bench/RESULTS.md.
+fn record(title: &str, body: &str) -> Result<()> {
+    let path = root().join("bench/RESULTS.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmark results\n\nWritten by `cargo xtask bench ...`; each section is replaced when its benchmark runs again.\n".into());
+    let date = Command::new("date").args(["-u", "+%Y-%m-%d"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())?;
+    let section = format!("## {title}\n\n{date}, {}.\n\n{}\n", machine(), body.trim_end());
+    let heading = format!("## {title}\n");
+    let new = match old.find(&heading) {
+        Some(start) => {
+            let rest = &old[start + heading.len()..];
+            let end = rest.find("\n## ").map(|i| start + heading.len() + i + 1).unwrap_or(old.len());
+            format!("{}{}\n{}", &old[..start], section, &old[end..]).trim_end().to_string() + "\n"
+        }
+        None => format!("{}\n{}", old.trim_end(), format!("\n{section}")),
+    };
+    std::fs::create_dir_all(path.parent().context("bench dir")?)?;
+    std::fs::write(&path, new)?;
+    println!("recorded in {}", path.display());
+    Ok(())
+}
