@@ -4,3 +4,4 @@
 //! See ARCHITECTURE.md.
 
 pub mod bpf;
+pub mod store;

@@ -53,10 +53,6 @@ impl Lru {
         self.used
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.entries.len()
-    }
-
     fn next_tick(&mut self) -> u64 {
         self.tick += 1;
         self.tick

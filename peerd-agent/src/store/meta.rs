@@ -16,7 +16,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::digest::{parse_hex32, to_hex};
+use super::digest::parse_hex32;
 use super::Digest;
 
 const MAGIC: &str = "peerd-store-meta v1";
@@ -168,11 +168,6 @@ pub(crate) fn remove_blob_files(layout: &Layout, d: &Digest) -> io::Result<()> {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
-}
-
-/// Hex helper re-exported for the store's hashes.
-pub(crate) fn hash_hex(h: &[u8; 32]) -> String {
-    to_hex(h)
 }
 
 #[cfg(test)]

@@ -70,6 +70,7 @@ impl PieceMap {
     }
 
     /// Indices of present pieces, ascending.
+    #[cfg(test)]
     pub(crate) fn iter_present(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.len).filter(|&i| self.get(i))
     }
