@@ -4,4 +4,5 @@
 //! See ARCHITECTURE.md.
 
 pub mod bpf;
+pub mod mirror;
 pub mod store;

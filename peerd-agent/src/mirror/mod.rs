@@ -1,0 +1,793 @@
+//! The node's registry mirror: the OCI distribution pull API and the `/blobs/<url>` range proxy.
+//!
+//! request -> mirror -> store (hit) | upstream (miss). Peers (`transfer`) slot in before upstream
+//! once they exist. Every cached byte a client gets was verified (the store only exposes blobs
+//! whose sha256 matched); bytes relayed on a miss come straight from the origin and the last
+//! chunk is held back until the whole body's sha256 matches, so a client never receives a complete
+//! body with the wrong digest.
+
+mod body;
+pub mod oci;
+pub mod range;
+pub mod upstream;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+pub use body::Body;
+use bytes::Bytes;
+use hyper::{body::Incoming, header, HeaderMap, Method, Request, Response, StatusCode};
+use sha2::Digest as _;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::store::{Digest, Source, Store};
+use oci::{Reference, Rejection, Route};
+use range::RangeAnswer;
+pub use upstream::{Registries, Registry, Upstream};
+
+/// Manifests above this size are refused (the spec suggests 4 MiB).
+const MAX_MANIFEST: usize = 4 << 20;
+/// Chunk size when streaming from the store.
+const READ_CHUNK: u64 = 1 << 20;
+/// Error bodies relayed from upstream are cut at this size.
+const MAX_ERROR_BODY: usize = 64 << 10;
+
+/// Mirror settings.
+#[derive(Clone, Debug)]
+pub struct MirrorConfig {
+    pub registries: Registries,
+    /// Extra hosts the `/blobs/` proxy may fetch from (blob storage), besides registry hosts.
+    pub blob_hosts: Vec<String>,
+    /// Serve cached content to any client without asking upstream (single-tenant clusters).
+    pub trust_cluster: bool,
+    /// How long an upstream "this credential may read this repository" answer is reused.
+    pub auth_ttl: Duration,
+    pub connect_timeout: Duration,
+    /// Bound on waiting for an upstream response head.
+    pub head_timeout: Duration,
+    /// Bound on waiting for each read of an upstream body.
+    pub read_timeout: Duration,
+    /// Background whole-blob fetches started by range reads, at most this many at once.
+    pub max_prefetches: usize,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        Self {
+            registries: Registries::default(),
+            blob_hosts: Vec::new(),
+            trust_cluster: false,
+            auth_ttl: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(3),
+            head_timeout: Duration::from_secs(15),
+            read_timeout: Duration::from_secs(30),
+            max_prefetches: 4,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("building the upstream HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+/// Reason-coded counters (exported as metrics).
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub bytes_from_cache: AtomicU64,
+    pub bytes_from_upstream: AtomicU64,
+    pub upstream_errors: AtomicU64,
+    pub auth_checks: AtomicU64,
+    pub auth_denied: AtomicU64,
+    pub digest_mismatch: AtomicU64,
+    pub cache_skipped: AtomicU64,
+    pub prefetch_started: AtomicU64,
+    pub prefetch_skipped: AtomicU64,
+    pub proxy_denied: AtomicU64,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+#[derive(Clone)]
+pub struct Mirror {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: MirrorConfig,
+    store: Store,
+    upstream: Upstream,
+    /// Media types of cached manifests (`<hex>` -> type); the store keeps bytes only.
+    media_dir: PathBuf,
+    /// sha256(registry, repository, credential) -> when upstream last confirmed access.
+    auth: Mutex<HashMap<[u8; 32], Instant>>,
+    prefetching: Mutex<HashSet<Digest>>,
+    prefetch_slots: Arc<Semaphore>,
+    counters: Counters,
+}
+
+type Resp = Response<Body>;
+
+impl Mirror {
+    pub fn new(cfg: MirrorConfig, store: Store, state_dir: PathBuf) -> Result<Self, MirrorError> {
+        let media_dir = state_dir.join("media-types");
+        std::fs::create_dir_all(&media_dir).map_err(|e| MirrorError::Io(media_dir.display().to_string(), e))?;
+        let upstream = Upstream::new(cfg.connect_timeout, cfg.head_timeout, cfg.read_timeout)?;
+        let slots = Arc::new(Semaphore::new(cfg.max_prefetches));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                cfg,
+                store,
+                upstream,
+                media_dir,
+                auth: Mutex::new(HashMap::new()),
+                prefetching: Mutex::new(HashSet::new()),
+                prefetch_slots: slots,
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// Serves HTTP/1.1 on `listener` until the task is dropped.
+    pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (stream, peer) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            let this = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, std::convert::Infallible>(this.handle(req, peer).await) }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await
+                {
+                    debug!(%peer, "connection ended: {e}");
+                }
+            });
+        }
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+        let span = tracing::debug_span!("request", method = %req.method(), path = %req.uri().path(), %peer);
+        let _e = span.enter();
+        let head = match *req.method() {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => return error(405, "UNSUPPORTED", "only GET and HEAD are supported"),
+        };
+        let path = req.uri().path().to_string();
+        if path == "/healthz" {
+            return simple(200, "ok");
+        }
+        if path.starts_with("/blobs/") {
+            return self.proxy(head, &req).await;
+        }
+        let route = match oci::parse(&path) {
+            None => return error(404, "NOT_FOUND", &format!("no such endpoint {path}")),
+            Some(Err(r)) => return rejection(r),
+            Some(Ok(r)) => r,
+        };
+        if route == Route::Base {
+            let mut r = simple(200, "{}");
+            r.headers_mut().insert("docker-distribution-api-version", header::HeaderValue::from_static("registry/2.0"));
+            return r;
+        }
+        let ns = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ns=")))
+            .map(percent_decode);
+        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+        let Some(reg) = self.inner.cfg.registries.resolve(ns.as_deref(), host) else {
+            let which = ns.as_deref().or(host).unwrap_or("(none)");
+            return error(
+                404,
+                "NAME_UNKNOWN",
+                &format!("unknown upstream registry {which}; configure it with --registry NAME=URL"),
+            );
+        };
+        let reg = reg.clone();
+        match route {
+            Route::Blob { name, digest } => self.blob(head, &reg, &name, digest, req.headers()).await,
+            Route::Manifest { name, reference } => self.manifest(head, &reg, &name, reference, req.headers()).await,
+            Route::Base => unreachable!("handled above"),
+        }
+    }
+
+    async fn blob(&self, head: bool, reg: &Registry, name: &str, d: Digest, h: &HeaderMap) -> Resp {
+        let auth = h.get(header::AUTHORIZATION);
+        let url = reg.api_url(name, "blobs", &d.to_string());
+        if let Some(size) = self.stored_size(&d) {
+            if let Err(r) = self.authorize(&reg.name, name, url.clone(), auth).await {
+                return r;
+            }
+            inc(&self.inner.counters.hits);
+            return self.serve_stored(&d, size, range_header(h), head, "application/octet-stream");
+        }
+        inc(&self.inner.counters.misses);
+        let fwd = forward(h, &[header::AUTHORIZATION]);
+        if head {
+            return self.relay(Method::HEAD, url, &fwd).await;
+        }
+        if let Some(r) = range_header(h) {
+            // A part of a blob we do not hold: relay it from the origin and fetch the whole blob
+            // in the background so the next read is a verified hit.
+            let mut with_range = fwd.clone();
+            if let Ok(v) = header::HeaderValue::from_str(r) {
+                with_range.insert(header::RANGE, v);
+            }
+            self.prefetch(d, url.clone(), fwd, Source::Upstream(reg.name.clone()));
+            return self.relay(Method::GET, url, &with_range).await;
+        }
+        self.pull_through(d, url, &fwd, Source::Upstream(reg.name.clone())).await
+    }
+
+    async fn manifest(&self, head: bool, reg: &Registry, name: &str, reference: Reference, h: &HeaderMap) -> Resp {
+        let auth = h.get(header::AUTHORIZATION);
+        let url = reg.api_url(name, "manifests", &reference.to_string());
+        if let Reference::Digest(d) = &reference {
+            if let (Some(size), Some(mt)) = (self.stored_size(d), self.media_type(d)) {
+                if let Err(r) = self.authorize(&reg.name, name, url.clone(), auth).await {
+                    return r;
+                }
+                inc(&self.inner.counters.hits);
+                return self.serve_stored(d, size, None, head, &mt);
+            }
+        }
+        // Tags move, so they always revalidate upstream; digests we lack are fetched.
+        inc(&self.inner.counters.misses);
+        let fwd = forward(h, &[header::AUTHORIZATION, header::ACCEPT]);
+        if head {
+            return self.relay(Method::HEAD, url, &fwd).await;
+        }
+        let resp = match self.inner.upstream.send(Method::GET, url, &fwd).await {
+            Ok(r) => r,
+            Err(e) => return self.upstream_failed(e),
+        };
+        if resp.status() != reqwest::StatusCode::OK {
+            return passthrough(resp, Some(MAX_ERROR_BODY)).await;
+        }
+        let media_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/vnd.oci.image.manifest.v1+json")
+            .to_string();
+        let claimed = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<Digest>().ok());
+        let body = match read_limited(resp, MAX_MANIFEST).await {
+            Ok(b) => b,
+            Err(msg) => return error(502, "MANIFEST_INVALID", &msg),
+        };
+        let computed = Digest::from_sha256_bytes(sha2::Sha256::digest(&body).into());
+        let expected = match &reference {
+            Reference::Digest(d) => Some(*d),
+            Reference::Tag(_) => claimed,
+        };
+        if let Some(want) = expected.filter(|w| *w != computed) {
+            inc(&self.inner.counters.digest_mismatch);
+            warn!(registry = %reg.name, %name, %want, %computed, "upstream manifest does not match its digest");
+            return error(502, "DIGEST_INVALID", &format!("upstream sent a manifest with digest {computed}, expected {want}"));
+        }
+        self.cache_manifest(computed, &body, &media_type, &reg.name).await;
+        let mut r = Response::new(Body::full(body.clone()));
+        let hs = r.headers_mut();
+        set(hs, header::CONTENT_TYPE, &media_type);
+        set(hs, header::CONTENT_LENGTH, &body.len().to_string());
+        set(hs, "docker-content-digest", &computed.to_string());
+        r
+    }
+
+    async fn cache_manifest(&self, d: Digest, body: &Bytes, media_type: &str, registry: &str) {
+        if self.stored_size(&d).is_none() {
+            let res = async {
+                let mut w = self.inner.store.writer(&d, body.len() as u64, Source::Upstream(registry.into())).await?;
+                w.write(body).await?;
+                w.finish().await
+            }
+            .await;
+            if let Err(e) = res {
+                inc(&self.inner.counters.cache_skipped);
+                debug!(%d, "manifest not cached: {e}");
+                return;
+            }
+        }
+        // Written after the bytes: a manifest without its type is treated as not cached.
+        let path = self.inner.media_dir.join(d.hex());
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, media_type).and_then(|_| std::fs::rename(&tmp, &path)).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+
+    fn media_type(&self, d: &Digest) -> Option<String> {
+        std::fs::read_to_string(self.inner.media_dir.join(d.hex())).ok()
+    }
+
+    fn stored_size(&self, d: &Digest) -> Option<u64> {
+        self.inner.store.manifest(d).map(|m| m.size)
+    }
+
+    /// Multi-tenant safety: cached content of a repository is served only after upstream has
+    /// confirmed, recently, that this client's credential may read it there. The answer is a HEAD
+    /// with the client's Authorization; a 401/403 goes back to the client with the registry's
+    /// challenge, so it authenticates as it would against the registry itself.
+    async fn authorize(
+        &self,
+        registry: &str,
+        repo: &str,
+        url: reqwest::Url,
+        auth: Option<&header::HeaderValue>,
+    ) -> Result<(), Resp> {
+        if self.inner.cfg.trust_cluster {
+            return Ok(());
+        }
+        let mut k = sha2::Sha256::new();
+        for part in [registry.as_bytes(), repo.as_bytes(), auth.map_or(&b""[..], |a| a.as_bytes())] {
+            k.update((part.len() as u64).to_le_bytes());
+            k.update(part);
+        }
+        let key: [u8; 32] = k.finalize().into();
+        let ttl = self.inner.cfg.auth_ttl;
+        if self.inner.auth.lock().unwrap_or_else(|e| e.into_inner()).get(&key).is_some_and(|t| t.elapsed() < ttl) {
+            return Ok(());
+        }
+        inc(&self.inner.counters.auth_checks);
+        let mut h = HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert(header::AUTHORIZATION, a.clone());
+        }
+        let resp = match self.inner.upstream.check(url, &h).await {
+            Ok(r) => r,
+            Err(e) => {
+                inc(&self.inner.counters.auth_denied);
+                warn!("cannot confirm access upstream, not serving cached content: {e}");
+                return Err(error(502, "UNAVAILABLE", &format!("cannot confirm access with the registry: {e}")));
+            }
+        };
+        let status = resp.status();
+        if status.is_success() || status.is_redirection() {
+            let mut m = self.inner.auth.lock().unwrap_or_else(|e| e.into_inner());
+            m.retain(|_, t| t.elapsed() < ttl);
+            m.insert(key, Instant::now());
+            return Ok(());
+        }
+        inc(&self.inner.counters.auth_denied);
+        Err(passthrough(resp, Some(MAX_ERROR_BODY)).await)
+    }
+
+    /// Serves a verified blob from the store, honouring Range.
+    fn serve_stored(&self, d: &Digest, size: u64, range: Option<&str>, head: bool, content_type: &str) -> Resp {
+        let Some(pin) = self.inner.store.pin(d) else {
+            return error(404, "BLOB_UNKNOWN", &format!("{d} was evicted"));
+        };
+        let (status, start, len) = match range::answer(range, size) {
+            RangeAnswer::Full => (200, 0, size),
+            RangeAnswer::Partial { start, end } => (206, start, end - start + 1),
+            RangeAnswer::Unsatisfiable => {
+                let mut r = error(416, "RANGE_INVALID", &format!("range {} not satisfiable for {size} bytes", range.unwrap_or("")));
+                set(r.headers_mut(), header::CONTENT_RANGE, &format!("bytes */{size}"));
+                return r;
+            }
+        };
+        let body = if head || len == 0 {
+            Body::Empty
+        } else {
+            let (tx, body) = Body::channel(4);
+            let store = self.inner.store.clone();
+            let d = *d;
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _pin = pin;
+                let mut off = start;
+                let end = start + len;
+                while off < end {
+                    // Piece-aligned chunks after the first.
+                    let n = (READ_CHUNK - off % READ_CHUNK).min(end - off);
+                    match store.read_range(&d, off, n).await {
+                        Ok(buf) => {
+                            this.inner.counters.bytes_from_cache.fetch_add(n, Ordering::Relaxed);
+                            if tx.send(Ok(Bytes::from(buf))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                            return;
+                        }
+                    }
+                    off += n;
+                }
+            });
+            body
+        };
+        let mut r = Response::new(body);
+        *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+        let hs = r.headers_mut();
+        set(hs, header::CONTENT_LENGTH, &len.to_string());
+        set(hs, header::CONTENT_TYPE, content_type);
+        set(hs, header::ACCEPT_RANGES, "bytes");
+        set(hs, "docker-content-digest", &d.to_string());
+        set(hs, header::ETAG, &format!("\"{d}\""));
+        if status == 206 {
+            set(hs, header::CONTENT_RANGE, &format!("bytes {start}-{}/{size}", start + len - 1));
+        }
+        r
+    }
+
+    /// A miss: streams the blob from upstream to the client while writing the store. The last
+    /// chunk is held until the whole body's sha256 matches, so a wrong body always reaches the
+    /// client as an aborted transfer, never as a complete one.
+    async fn pull_through(&self, d: Digest, url: reqwest::Url, fwd: &HeaderMap, source: Source) -> Resp {
+        let mut resp = match self.inner.upstream.send(Method::GET, url, fwd).await {
+            Ok(r) => r,
+            Err(e) => return self.upstream_failed(e),
+        };
+        if resp.status() != reqwest::StatusCode::OK {
+            return passthrough(resp, Some(MAX_ERROR_BODY)).await;
+        }
+        let size = resp.content_length();
+        let mut writer = match size {
+            Some(s) => match self.inner.store.writer(&d, s, source.clone()).await {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    inc(&self.inner.counters.cache_skipped);
+                    debug!(%d, "not caching: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
+        let (tx, body) = Body::channel(8);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut sha = sha2::Sha256::new();
+            let mut held: Option<Bytes> = None;
+            loop {
+                match resp.chunk().await {
+                    Ok(Some(c)) => {
+                        sha.update(&c);
+                        this.inner.counters.bytes_from_upstream.fetch_add(c.len() as u64, Ordering::Relaxed);
+                        if let Some(w) = writer.as_mut() {
+                            if let Err(e) = w.write(&c).await {
+                                warn!(%d, "cache write failed, still relaying: {e}");
+                                writer = None;
+                            }
+                        }
+                        if let Some(prev) = held.replace(c) {
+                            // A client that went away does not stop the download: it fills the cache.
+                            let _ = tx.send(Ok(prev)).await;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        inc(&this.inner.counters.upstream_errors);
+                        let _ = tx.send(Err(std::io::Error::other(format!("upstream body: {e}")))).await;
+                        return;
+                    }
+                }
+            }
+            let ok = Digest::from_sha256_bytes(sha.finalize().into()) == d;
+            if let Some(w) = writer {
+                match w.finish().await {
+                    Ok(_) => info!(%d, "cached from {source}"),
+                    Err(e) => warn!(%d, "not cached: {e}"),
+                }
+            }
+            if !ok {
+                inc(&this.inner.counters.digest_mismatch);
+                warn!(%d, "upstream body does not match its digest; aborting the response");
+                let _ = tx.send(Err(std::io::Error::other("digest mismatch"))).await;
+                return;
+            }
+            if let Some(last) = held {
+                let _ = tx.send(Ok(last)).await;
+            }
+        });
+        let mut r = Response::new(body);
+        let hs = r.headers_mut();
+        if let Some(s) = size {
+            set(hs, header::CONTENT_LENGTH, &s.to_string());
+        }
+        set(hs, header::CONTENT_TYPE, "application/octet-stream");
+        set(hs, "docker-content-digest", &d.to_string());
+        r
+    }
+
+    /// Starts, at most once per digest and within the concurrency bound, a background fetch of a
+    /// whole blob into the store.
+    fn prefetch(&self, d: Digest, url: reqwest::Url, fwd: HeaderMap, source: Source) {
+        if self.stored_size(&d).is_some() {
+            return;
+        }
+        if !self.inner.prefetching.lock().unwrap_or_else(|e| e.into_inner()).insert(d) {
+            return;
+        }
+        let Ok(permit) = self.inner.prefetch_slots.clone().try_acquire_owned() else {
+            inc(&self.inner.counters.prefetch_skipped);
+            self.inner.prefetching.lock().unwrap_or_else(|e| e.into_inner()).remove(&d);
+            return;
+        };
+        inc(&self.inner.counters.prefetch_started);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let res: Result<(), String> = async {
+                let mut resp = this.inner.upstream.send(Method::GET, url, &fwd).await.map_err(|e| e.to_string())?;
+                if resp.status() != reqwest::StatusCode::OK {
+                    return Err(format!("upstream answered {}", resp.status()));
+                }
+                let size = resp.content_length().ok_or("upstream sent no Content-Length")?;
+                let mut w = this.inner.store.writer(&d, size, source).await.map_err(|e| e.to_string())?;
+                while let Some(c) = resp.chunk().await.map_err(|e| e.to_string())? {
+                    this.inner.counters.bytes_from_upstream.fetch_add(c.len() as u64, Ordering::Relaxed);
+                    w.write(&c).await.map_err(|e| e.to_string())?;
+                }
+                w.finish().await.map_err(|e| e.to_string())?;
+                Ok(())
+            }
+            .await;
+            match res {
+                Ok(()) => info!(%d, "prefetched"),
+                Err(e) => debug!(%d, "prefetch failed: {e}"),
+            }
+            this.inner.prefetching.lock().unwrap_or_else(|e| e.into_inner()).remove(&d);
+        });
+    }
+
+    /// Relays an upstream response as it is (status, the headers a client needs, body).
+    async fn relay(&self, method: Method, url: reqwest::Url, fwd: &HeaderMap) -> Resp {
+        match self.inner.upstream.send(method, url, fwd).await {
+            Ok(r) => passthrough(r, None).await,
+            Err(e) => self.upstream_failed(e),
+        }
+    }
+
+    /// The agent cannot reach upstream. 502 lets containerd try its next host (hosts.toml) and
+    /// tells other clients plainly what happened.
+    fn upstream_failed(&self, e: upstream::UpstreamError) -> Resp {
+        inc(&self.inner.counters.upstream_errors);
+        warn!("{e}");
+        error(502, "UNAVAILABLE", &e.to_string())
+    }
+
+    /// `/blobs/<full upstream URL>`: byte ranges of a blob in registry storage layout, served from
+    /// the cache when present, otherwise relayed from the origin while the whole blob is fetched
+    /// in the background. Only configured hosts: the proxy is not an open relay.
+    async fn proxy(&self, head: bool, req: &Request<Incoming>) -> Resp {
+        let raw = &req.uri().path()["/blobs/".len()..];
+        let raw = match req.uri().query() {
+            Some(q) => format!("{raw}?{q}"),
+            None => raw.to_string(),
+        };
+        let url = match reqwest::Url::parse(&raw) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => u,
+            _ => return error(400, "BLOB_URL_INVALID", "expected /blobs/http(s)://host/path"),
+        };
+        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+        let allowed = self.inner.cfg.registries.hosts().any(|h| h.eq_ignore_ascii_case(&host))
+            || self.inner.cfg.blob_hosts.iter().any(|h| h.eq_ignore_ascii_case(&host));
+        if !allowed {
+            inc(&self.inner.counters.proxy_denied);
+            return error(403, "DENIED", &format!("host {host} is not a configured upstream (--registry or --blob-host)"));
+        }
+        let Some(d) = digest_from_path(url.path()) else {
+            return error(400, "DIGEST_INVALID", "no sha256 digest in the URL path (expected .../blobs/sha256/xx/<hex>/data)");
+        };
+        let auth = req.headers().get(header::AUTHORIZATION);
+        let range = range_header(req.headers());
+        if let Some(size) = self.stored_size(&d) {
+            // The URL (with its query, e.g. a SAS token) is the credential for blob storage.
+            let cred_key = format!("{}?{}", url.path(), url.query().unwrap_or(""));
+            if let Err(r) = self.authorize(&host, &cred_key, url.clone(), auth).await {
+                return r;
+            }
+            inc(&self.inner.counters.hits);
+            return self.serve_stored(&d, size, range, head, "application/octet-stream");
+        }
+        inc(&self.inner.counters.misses);
+        let fwd = forward(req.headers(), &[header::AUTHORIZATION]);
+        if head {
+            return self.relay(Method::HEAD, url, &fwd).await;
+        }
+        self.prefetch(d, url.clone(), fwd.clone(), Source::Upstream(host));
+        let mut with_range = fwd;
+        if let Some(v) = range.and_then(|r| header::HeaderValue::from_str(r).ok()) {
+            with_range.insert(header::RANGE, v);
+        }
+        self.relay(Method::GET, url, &with_range).await
+    }
+}
+
+/// `.../sha256/xx/<64 hex>/data` (registry storage layout) or a `sha256:<hex>` path segment.
+pub fn digest_from_path(path: &str) -> Option<Digest> {
+    let segs: Vec<&str> = path.split('/').collect();
+    for w in segs.windows(3) {
+        if w[0] == "sha256" && w[1].len() == 2 && w[2].starts_with(w[1]) {
+            if let Ok(d) = format!("sha256:{}", w[2]).parse() {
+                return Some(d);
+            }
+        }
+    }
+    segs.iter().rev().find_map(|s| s.parse().ok())
+}
+
+fn range_header(h: &HeaderMap) -> Option<&str> {
+    h.get(header::RANGE).and_then(|v| v.to_str().ok())
+}
+
+fn forward(h: &HeaderMap, names: &[header::HeaderName]) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for n in names {
+        for v in h.get_all(n) {
+            out.append(n.clone(), v.clone());
+        }
+    }
+    out
+}
+
+fn set(h: &mut HeaderMap, name: impl header::IntoHeaderName, value: &str) {
+    if let Ok(v) = header::HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+fn simple(status: u16, body: &'static str) -> Resp {
+    let mut r = Response::new(Body::full(body));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    set(r.headers_mut(), header::CONTENT_TYPE, "application/json");
+    r
+}
+
+/// An error in the distribution spec's JSON format.
+pub fn error(status: u16, code: &str, message: &str) -> Resp {
+    let body = oci::error_body(code, message);
+    let mut r = Response::new(Body::full(body.clone()));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    set(r.headers_mut(), header::CONTENT_TYPE, "application/json");
+    set(r.headers_mut(), header::CONTENT_LENGTH, &body.len().to_string());
+    r
+}
+
+fn rejection(r: Rejection) -> Resp {
+    error(r.status, r.code, &r.message)
+}
+
+/// Upstream headers a client may need; hop-by-hop and connection-specific ones are dropped.
+const PASSED_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "content-range",
+    "accept-ranges",
+    "docker-content-digest",
+    "docker-distribution-api-version",
+    "www-authenticate",
+    "etag",
+    "last-modified",
+];
+
+/// Converts an upstream response to ours, streaming the body (cut at `limit` if given).
+async fn passthrough(mut resp: reqwest::Response, limit: Option<usize>) -> Resp {
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut headers = HeaderMap::new();
+    for (k, v) in resp.headers() {
+        if PASSED_HEADERS.contains(&k.as_str()) {
+            headers.append(k.clone(), v.clone());
+        }
+    }
+    let body = match limit {
+        Some(limit) => {
+            let mut buf = Vec::new();
+            while let Ok(Some(c)) = resp.chunk().await {
+                buf.extend_from_slice(&c);
+                if buf.len() >= limit {
+                    buf.truncate(limit);
+                    break;
+                }
+            }
+            headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(buf.len()));
+            Body::full(buf)
+        }
+        None => {
+            let (tx, body) = Body::channel(8);
+            tokio::spawn(async move {
+                loop {
+                    match resp.chunk().await {
+                        Ok(Some(c)) => {
+                            if tx.send(Ok(c)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(e) => {
+                            let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
+                            return;
+                        }
+                    }
+                }
+            });
+            body
+        }
+    };
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    *r.headers_mut() = headers;
+    r
+}
+
+async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Bytes, String> {
+    let mut buf = Vec::new();
+    while let Some(c) = resp.chunk().await.map_err(|e| format!("upstream body: {e}"))? {
+        buf.extend_from_slice(&c);
+        if buf.len() > limit {
+            return Err(format!("upstream manifest larger than {limit} bytes"));
+        }
+    }
+    Ok(Bytes::from(buf))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digests_from_storage_urls() {
+        let hex = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let p = format!("/container/docker/registry/v2/blobs/sha256/e3/{hex}/data");
+        assert_eq!(digest_from_path(&p).unwrap().hex(), hex);
+        assert_eq!(digest_from_path(&format!("/x/sha256:{hex}")).unwrap().hex(), hex);
+        assert!(digest_from_path("/docker/registry/v2/blobs/sha256/ff/abc/data").is_none());
+        assert!(digest_from_path(&format!("/docker/registry/v2/blobs/sha256/ff/{hex}/data")).is_none());
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("127.0.0.1%3A5000"), "127.0.0.1:5000");
+        assert_eq!(percent_decode("docker.io"), "docker.io");
+        assert_eq!(percent_decode("bad%zz%4"), "bad%zz%4");
+    }
+}
