@@ -4,5 +4,6 @@
 //! See ARCHITECTURE.md.
 
 pub mod bpf;
+pub mod config;
 pub mod mirror;
 pub mod store;

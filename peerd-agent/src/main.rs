@@ -1,8 +1,13 @@
 //! `peerd`: the node agent and its command line.
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use peerd_agent::{
+    config,
+    mirror::{Mirror, MirrorConfig, Registries},
+    store::{Store, StoreConfig},
+};
 
 #[derive(Parser)]
 #[command(name = "peerd", about = "Peer-to-peer content cache for Kubernetes nodes", version)]
@@ -14,16 +19,50 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the node agent.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Print the version, and whether this binary carries the kernel programs.
     Version,
 }
 
+/// Every flag can also be set as `PEERD_<FLAG>` (e.g. PEERD_MIRROR_ADDR) or as a key in the
+/// config file (e.g. `mirror-addr = "..."`); the command line wins over the environment, which
+/// wins over the file. Repeatable flags take comma-separated environment values.
 #[derive(clap::Args)]
 struct AgentArgs {
+    /// TOML config file whose keys are these flags' long names.
+    #[arg(long, env = "PEERD_CONFIG")]
+    config: Option<PathBuf>,
     /// Directory for the content cache and the agent's state.
     #[arg(long, env = "PEERD_DATA_DIR", default_value = "/var/lib/peerd")]
     data_dir: PathBuf,
+    /// Address of the registry mirror (HTTP). Point containerd's hosts.toml here.
+    #[arg(long, env = "PEERD_MIRROR_ADDR", default_value = "127.0.0.1:30000")]
+    mirror_addr: SocketAddr,
+    /// Upstream registry as NAME=URL (repeatable), e.g. docker.io=https://registry-1.docker.io.
+    /// Requests name the registry by containerd's `ns=` parameter or the Host header.
+    #[arg(long = "registry", env = "PEERD_REGISTRY", value_delimiter = ',')]
+    registries: Vec<String>,
+    /// Do not add the built-in registries (docker.io, ghcr.io, mcr.microsoft.com,
+    /// registry.k8s.io, quay.io).
+    #[arg(long, env = "PEERD_NO_DEFAULT_REGISTRIES")]
+    no_default_registries: bool,
+    /// Extra host the /blobs/ range proxy may fetch from (repeatable), e.g. a storage account.
+    #[arg(long = "blob-host", env = "PEERD_BLOB_HOST", value_delimiter = ',')]
+    blob_hosts: Vec<String>,
+    /// Cache budget (e.g. 20GiB). Default: half the free space of the data dir's filesystem.
+    #[arg(long, env = "PEERD_CACHE_SIZE", value_parser = config::parse_size)]
+    cache_size: Option<u64>,
+    /// Serve cached content to every client without asking the registry whether the client may
+    /// read it. Only for clusters whose nodes all share the same registry credentials.
+    #[arg(long, env = "PEERD_TRUST_CLUSTER")]
+    trust_cluster: bool,
+    /// Seconds an upstream "this credential may read this repository" answer is reused.
+    #[arg(long, env = "PEERD_AUTH_TTL", default_value_t = 60)]
+    auth_ttl: u64,
+    /// Seconds to wait for an upstream response head (connect is bounded at 3 s, each body read
+    /// at 30 s).
+    #[arg(long, env = "PEERD_UPSTREAM_TIMEOUT", default_value_t = 15)]
+    upstream_timeout: u64,
     /// Log format.
     #[arg(long, env = "PEERD_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -35,14 +74,45 @@ enum LogFormat {
 }
 
 fn main() -> Result<()> {
+    apply_config_file()?;
     match Cli::parse().cmd {
         Cmd::Version => {
             println!("peerd {}", env!("CARGO_PKG_VERSION"));
             println!("kernel programs: embedded ({} bytes)", peerd_agent::bpf::object_len());
             Ok(())
         }
-        Cmd::Agent(args) => agent(args),
+        Cmd::Agent(args) => agent(*args),
     }
+}
+
+/// Exports the config file's keys as PEERD_* variables the environment does not already set.
+/// Runs before any thread exists (set_var is only sound then).
+fn apply_config_file() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| args.get(i + 1).cloned())
+        .or_else(|| args.iter().find_map(|a| a.strip_prefix("--config=").map(str::to_owned)))
+        .or_else(|| std::env::var("PEERD_CONFIG").ok());
+    let Some(path) = path else { return Ok(()) };
+    for (k, v) in config::load(path.as_ref())? {
+        if std::env::var_os(&k).is_none() {
+            // SAFETY: single-threaded at this point (called first thing in main).
+            unsafe { std::env::set_var(k, v) };
+        }
+    }
+    Ok(())
+}
+
+fn default_cache_size(dir: &std::path::Path) -> u64 {
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return 10 << 30 };
+    // SAFETY: zeroed statvfs is valid storage; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return 10 << 30;
+    }
+    (st.f_bavail as u64 * st.f_frsize as u64 / 2).max(1 << 30)
 }
 
 fn agent(args: AgentArgs) -> Result<()> {
@@ -55,10 +125,37 @@ fn agent(args: AgentArgs) -> Result<()> {
         .init();
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("create data dir {}", args.data_dir.display()))?;
+    let registries = Registries::new(&args.registries, !args.no_default_registries)?;
+    let budget = args.cache_size.unwrap_or_else(|| default_cache_size(&args.data_dir));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
-        tracing::info!(data_dir = %args.data_dir.display(), "peerd agent started (single node)");
-        shutdown_signal().await?;
+        let store = Store::open(args.data_dir.join("store"), StoreConfig::new(budget))
+            .await
+            .context("opening the content store")?;
+        let cfg = MirrorConfig {
+            registries,
+            blob_hosts: args.blob_hosts,
+            trust_cluster: args.trust_cluster,
+            auth_ttl: Duration::from_secs(args.auth_ttl),
+            head_timeout: Duration::from_secs(args.upstream_timeout),
+            ..MirrorConfig::default()
+        };
+        let names: Vec<String> = cfg.registries.iter().map(|r| format!("{}={}", r.name, r.url)).collect();
+        let mirror = Mirror::new(cfg, store, args.data_dir.join("mirror"))?;
+        let listener = tokio::net::TcpListener::bind(args.mirror_addr)
+            .await
+            .with_context(|| format!("bind mirror address {}", args.mirror_addr))?;
+        tracing::info!(
+            data_dir = %args.data_dir.display(),
+            mirror = %args.mirror_addr,
+            cache_bytes = budget,
+            registries = ?names,
+            "peerd agent started (single node)"
+        );
+        tokio::select! {
+            r = mirror.serve(listener) => r.context("mirror server")?,
+            r = shutdown_signal() => r?,
+        }
         tracing::info!("shutting down");
         Ok(())
     })
