@@ -36,6 +36,8 @@ pub use upstream::{Registries, Registry, Upstream};
 
 /// Manifests above this size are refused (the spec suggests 4 MiB).
 const MAX_MANIFEST: usize = 4 << 20;
+/// Every manifest media type, for upstream checks of clients that sent no Accept.
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.v1+prettyjws, */*";
 /// Chunk size when streaming from the store.
 const READ_CHUNK: u64 = 1 << 20;
 /// Error bodies relayed from upstream are cut at this size.
@@ -218,10 +220,9 @@ impl Mirror {
     }
 
     async fn blob(&self, head: bool, reg: &Registry, name: &str, d: Digest, h: &HeaderMap) -> Resp {
-        let auth = h.get(header::AUTHORIZATION);
         let url = reg.api_url(name, "blobs", &d.to_string());
         if let Some(size) = self.stored_size(&d) {
-            if let Err(r) = self.authorize(&reg.name, name, url.clone(), auth).await {
+            if let Err(r) = self.authorize(&reg.name, name, url.clone(), h).await {
                 return r;
             }
             inc(&self.inner.counters.hits);
@@ -246,11 +247,10 @@ impl Mirror {
     }
 
     async fn manifest(&self, head: bool, reg: &Registry, name: &str, reference: Reference, h: &HeaderMap) -> Resp {
-        let auth = h.get(header::AUTHORIZATION);
         let url = reg.api_url(name, "manifests", &reference.to_string());
         if let Reference::Digest(d) = &reference {
             if let (Some(size), Some(mt)) = (self.stored_size(d), self.media_type(d)) {
-                if let Err(r) = self.authorize(&reg.name, name, url.clone(), auth).await {
+                if let Err(r) = self.authorize(&reg.name, name, url.clone(), h).await {
                     return r;
                 }
                 inc(&self.inner.counters.hits);
@@ -343,8 +343,9 @@ impl Mirror {
         registry: &str,
         repo: &str,
         url: reqwest::Url,
-        auth: Option<&header::HeaderValue>,
+        client: &HeaderMap,
     ) -> Result<(), Resp> {
+        let auth = client.get(header::AUTHORIZATION);
         if self.inner.cfg.trust_cluster {
             return Ok(());
         }
@@ -359,9 +360,11 @@ impl Mirror {
             return Ok(());
         }
         inc(&self.inner.counters.auth_checks);
-        let mut h = HeaderMap::new();
-        if let Some(a) = auth {
-            h.insert(header::AUTHORIZATION, a.clone());
+        // The client's Accept too: registries answer 404 for a manifest whose media type the
+        // request does not accept.
+        let mut h = forward(client, &[header::AUTHORIZATION, header::ACCEPT]);
+        if !h.contains_key(header::ACCEPT) {
+            h.insert(header::ACCEPT, header::HeaderValue::from_static(MANIFEST_TYPES));
         }
         let resp = match self.inner.upstream.check(url, &h).await {
             Ok(r) => r,
@@ -600,12 +603,11 @@ impl Mirror {
         let Some(d) = digest_from_path(url.path()) else {
             return error(400, "DIGEST_INVALID", "no sha256 digest in the URL path (expected .../blobs/sha256/xx/<hex>/data)");
         };
-        let auth = req.headers().get(header::AUTHORIZATION);
         let range = range_header(req.headers());
         if let Some(size) = self.stored_size(&d) {
             // The URL (with its query, e.g. a SAS token) is the credential for blob storage.
             let cred_key = format!("{}?{}", url.path(), url.query().unwrap_or(""));
-            if let Err(r) = self.authorize(&host, &cred_key, url.clone(), auth).await {
+            if let Err(r) = self.authorize(&host, &cred_key, url.clone(), req.headers()).await {
                 return r;
             }
             inc(&self.inner.counters.hits);

@@ -1,0 +1,353 @@
+//! Real components for integration tests: Debian's docker-registry, containerd, skopeo, umoci,
+//! nginx, and the peerd binary. Every process started here is killed by PID on drop, and every
+//! directory lives under a TempDir removed on drop.
+#![allow(dead_code)]
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+/// Fails the test with a clear message when a real component is not installed (CI installs them).
+pub fn require(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(found, "{tool} is not installed: run `bash .ci/run` (apt packages docker-registry containerd skopeo umoci nginx-light)");
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command, log: PathBuf) -> Self {
+        let f = std::fs::File::create(&log).unwrap();
+        let child = cmd
+            .stdout(Stdio::from(f.try_clone().unwrap()))
+            .stderr(Stdio::from(f))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Self { child: Some(child), log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `url` until it answers (any HTTP status), at most `within`.
+pub fn wait_http(addr: SocketAddr, within: Duration) {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listening on {addr} after {within:?}");
+}
+
+/// Debian's docker-registry (the CNCF distribution registry) on loopback, with its access log.
+pub struct Registry {
+    pub addr: SocketAddr,
+    pub proc: Proc,
+}
+
+impl Registry {
+    pub fn start(dir: &Path) -> Self {
+        require("docker-registry");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let cfg = dir.join("registry.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  accesslog:\n    disabled: false\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                dir.join("registry-data").display()
+            ),
+        )
+        .unwrap();
+        let proc = Proc::spawn(Command::new("docker-registry").arg("serve").arg(&cfg), dir.join("registry.log"));
+        wait_http(addr, Duration::from_secs(10));
+        Self { addr, proc }
+    }
+
+    pub fn name(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Access-log lines for `GET /v2/.../blobs/...` so far.
+    pub fn blob_gets(&self) -> Vec<String> {
+        self.proc.log_text().lines().filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:")).map(str::to_owned).collect()
+    }
+}
+
+/// An OCI image built locally with umoci (nothing can be pulled from the internet).
+pub struct Image {
+    pub layout: PathBuf,
+    pub tag: String,
+    /// Digests of the manifest's config and layers (what a pull fetches as blobs).
+    pub blobs: Vec<String>,
+}
+
+impl Image {
+    /// Builds an image with one layer per entry of `layers` (file name, size in bytes of random
+    /// content).
+    pub fn build(dir: &Path, layers: &[(&str, usize)]) -> Self {
+        require("umoci");
+        let layout = dir.join("layout");
+        let tag = "v1".to_string();
+        let img = format!("{}:{tag}", layout.display());
+        run(Command::new("umoci").args(["init", "--layout"]).arg(&layout));
+        run(Command::new("umoci").args(["new", "--image", &img]));
+        for (i, (name, size)) in layers.iter().enumerate() {
+            let bundle = dir.join(format!("bundle{i}"));
+            run(Command::new("umoci").args(["unpack", "--rootless", "--image", &img]).arg(&bundle));
+            let data: Vec<u8> = (0..*size).map(|j| (j as u64 * 2654435761 % 251) as u8 ^ (i as u8)).collect();
+            std::fs::write(bundle.join("rootfs").join(name), data).unwrap();
+            run(Command::new("umoci").args(["repack", "--image", &img]).arg(&bundle));
+            let _ = std::fs::remove_dir_all(&bundle);
+        }
+        run(Command::new("umoci").args(["config", "--image", &img, "--config.cmd", "/bin/true"]));
+        let blobs = manifest_blobs(&layout);
+        Self { layout, tag, blobs }
+    }
+
+    /// Pushes to `registry` as `repo:tag` with skopeo.
+    pub fn push(&self, registry: &Registry, repo: &str) {
+        require("skopeo");
+        run(Command::new("skopeo").args([
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:{}", self.layout.display(), self.tag),
+            &format!("docker://{}/{repo}:{}", registry.name(), self.tag),
+        ]));
+    }
+
+    pub fn blob_bytes(&self, digest: &str) -> Vec<u8> {
+        std::fs::read(self.layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))).unwrap()
+    }
+}
+
+/// The config and layer digests of the layout's (single) manifest, without a JSON parser: the
+/// index names one manifest; the manifest lists `"digest":"sha256:..."` entries.
+fn manifest_blobs(layout: &Path) -> Vec<String> {
+    let index = std::fs::read_to_string(layout.join("index.json")).unwrap();
+    let m = digests_in(&index).pop().expect("manifest digest in index.json");
+    let manifest = std::fs::read_to_string(layout.join("blobs/sha256").join(m.trim_start_matches("sha256:"))).unwrap();
+    digests_in(&manifest)
+}
+
+pub fn digests_in(json: &str) -> Vec<String> {
+    json.match_indices("sha256:")
+        .map(|(i, _)| json[i..i + 71].to_string())
+        .filter(|d| d[7..].bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect()
+}
+
+/// The peerd agent binary with a mirror for `registry`.
+pub struct Agent {
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    pub proc: Proc,
+}
+
+impl Agent {
+    pub fn start(dir: &Path, registries: &[String], extra: &[&str]) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::start_on(addr, dir, registries, extra)
+    }
+
+    pub fn start_on(addr: SocketAddr, dir: &Path, registries: &[String], extra: &[&str]) -> Self {
+        let data = dir.join("agent");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_peerd"));
+        cmd.arg("agent").arg("--data-dir").arg(&data).arg("--mirror-addr").arg(addr.to_string());
+        cmd.args(["--no-default-registries", "--cache-size", "2GiB", "--upstream-timeout", "3"]);
+        for r in registries {
+            cmd.arg("--registry").arg(r);
+        }
+        cmd.args(extra).env("RUST_LOG", "peerd_agent=debug,info");
+        let proc = Proc::spawn(&mut cmd, dir.join(format!("agent-{}.log", free_port())));
+        wait_http(addr, Duration::from_secs(20));
+        Self { addr, data, proc }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+/// Debian's containerd with its own root, state and socket.
+pub struct Containerd {
+    pub sock: PathBuf,
+    pub hosts: PathBuf,
+    pub proc: Proc,
+}
+
+impl Containerd {
+    pub fn start(dir: &Path) -> Self {
+        require("containerd");
+        require("ctr");
+        let root = dir.join("containerd");
+        std::fs::create_dir_all(&root).unwrap();
+        let sock = root.join("ctd.sock");
+        let cfg = root.join("config.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version = 2\nroot = \"{}\"\nstate = \"{}\"\n[grpc]\n  address = \"{}\"\n[debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
+                root.join("root").display(),
+                root.join("state").display(),
+                sock.display()
+            ),
+        )
+        .unwrap();
+        let proc = Proc::spawn(Command::new("containerd").arg("--config").arg(&cfg), root.join("containerd.log"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "containerd did not start: {}", proc.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { sock, hosts: root.join("hosts"), proc }
+    }
+
+    pub fn ctr(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address").arg(&self.sock);
+        c
+    }
+
+    /// Writes hosts.toml for `registry` with `mirror` first and the registry itself as fallback.
+    pub fn mirror(&self, registry: &str, mirror: SocketAddr) {
+        let d = self.hosts.join(registry);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("hosts.toml"),
+            format!("server = \"http://{registry}\"\n\n[host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"),
+        )
+        .unwrap();
+    }
+
+    pub fn pull(&self, reference: &str) -> Result<String, String> {
+        let out = self
+            .ctr()
+            .args(["images", "pull", "--plain-http", "--hosts-dir"])
+            .arg(&self.hosts)
+            .arg(reference)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
+    /// Removes the image and every blob, so the next pull must fetch everything again.
+    pub fn forget(&self, reference: &str) {
+        let _ = self.ctr().args(["images", "rm", reference]).output();
+        let list = run(self.ctr().args(["content", "ls", "-q"]));
+        for d in list.split_whitespace() {
+            let _ = self.ctr().args(["content", "rm", d]).output();
+        }
+    }
+
+    /// sha256 of a blob in containerd's content store.
+    pub fn content(&self, digest: &str) -> Vec<u8> {
+        let out = self.ctr().args(["content", "get", digest]).output().unwrap();
+        assert!(out.status.success(), "ctr content get {digest}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+}
+
+/// Debian's nginx serving `root` on loopback (sendfile on), with an access log.
+pub struct Nginx {
+    pub addr: SocketAddr,
+    pub access_log: PathBuf,
+    pub proc: Proc,
+}
+
+impl Nginx {
+    pub fn start(dir: &Path, root: &Path) -> Self {
+        require("nginx");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let prefix = dir.join("nginx");
+        std::fs::create_dir_all(prefix.join("tmp")).unwrap();
+        let access_log = prefix.join("access.log");
+        let conf = prefix.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/error.log;\nevents {{ worker_connections 256; }}\nhttp {{\n  access_log {log};\n  client_body_temp_path {p}/tmp; proxy_temp_path {p}/tmp; fastcgi_temp_path {p}/tmp; uwsgi_temp_path {p}/tmp; scgi_temp_path {p}/tmp;\n  sendfile on;\n  default_type application/octet-stream;\n  server {{ listen {addr}; root {root}; }}\n}}\n",
+                p = prefix.display(),
+                log = access_log.display(),
+                root = root.display()
+            ),
+        )
+        .unwrap();
+        let proc = Proc::spawn(Command::new("nginx").arg("-c").arg(&conf).arg("-p").arg(&prefix), prefix.join("stderr.log"));
+        wait_http(addr, Duration::from_secs(10));
+        Self { addr, access_log, proc }
+    }
+
+    pub fn requests(&self) -> usize {
+        std::fs::read_to_string(&self.access_log).map(|s| s.lines().count()).unwrap_or(0)
+    }
+}
+
+/// Sends raw bytes as an HTTP/1.1 request (no URL normalisation) and returns (status, body).
+pub fn raw_request(addr: SocketAddr, head: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An HTTP client for tests (installs the process's TLS provider first, as the agent does).
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
