@@ -88,13 +88,30 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, None)
+    }
+
+    /// With `users`, the registry requires HTTP basic auth (htpasswd) for everything.
+    pub fn start_with(dir: &Path, users: Option<&[(&str, &str)]>) -> Self {
         require("docker-registry");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let cfg = dir.join("registry.yml");
+        let mut auth = String::new();
+        if let Some(users) = users {
+            require("htpasswd");
+            let file = dir.join("htpasswd");
+            let mut lines = String::new();
+            for (u, p) in users {
+                lines.push_str(&run(Command::new("htpasswd").args(["-Bbn", u, p])).trim().to_string());
+                lines.push('\n');
+            }
+            std::fs::write(&file, lines).unwrap();
+            auth = format!("auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n", file.display());
+        }
         std::fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  accesslog:\n    disabled: false\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  accesslog:\n    disabled: false\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{auth}",
                 dir.join("registry-data").display()
             ),
         )
@@ -147,9 +164,18 @@ impl Image {
 
     /// Pushes to `registry` as `repo:tag` with skopeo.
     pub fn push(&self, registry: &Registry, repo: &str) {
+        self.push_as(registry, repo, None)
+    }
+
+    pub fn push_as(&self, registry: &Registry, repo: &str, creds: Option<&str>) {
         require("skopeo");
-        run(Command::new("skopeo").args([
-            "copy",
+        let mut cmd = Command::new("skopeo");
+        if let Some(c) = creds {
+            cmd.args(["copy", "--dest-creds", c]);
+        } else {
+            cmd.arg("copy");
+        }
+        run(cmd.args([
             "--dest-tls-verify=false",
             &format!("oci:{}:{}", self.layout.display(), self.tag),
             &format!("docker://{}/{repo}:{}", registry.name(), self.tag),
