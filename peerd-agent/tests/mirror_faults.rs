@@ -157,4 +157,18 @@ async fn bad_requests_get_clear_errors() {
     }
     let (st, body) = raw_request(a, &req("/v2/"));
     assert_eq!((st, body.as_str()), (200, "{}"));
+
+    // HTTP framing limits of the mirror's server.
+    let huge = format!("GET /v2/ HTTP/1.1\r\nHost: {a}\r\nX-Big: {}\r\n\r\n", "a".repeat(20 << 10));
+    assert_eq!(raw_request(a, &huge).0, 431);
+    let many: String = (0..80).map(|i| format!("X-H{i}: v\r\n")).collect();
+    assert_eq!(raw_request(a, &format!("GET /v2/ HTTP/1.1\r\nHost: {a}\r\n{many}\r\n")).0, 431);
+    assert_eq!(raw_request(a, "GARBAGE\r\n\r\n").0, 400);
+    let with_body = format!("GET /v2/ HTTP/1.1\r\nHost: {a}\r\nContent-Length: 5\r\n\r\nhello");
+    assert_eq!(raw_request(a, &with_body).0, 405);
+    // Keep-alive: two requests on one connection, both answered.
+    let two = format!("GET /v2/ HTTP/1.1\r\nHost: {a}\r\n\r\nGET /healthz HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\n\r\n");
+    let (st, rest) = raw_request(a, &two);
+    assert_eq!(st, 200);
+    assert!(rest.contains("HTTP/1.1 200 OK") && rest.ends_with("ok"), "{rest}");
 }

@@ -7,6 +7,7 @@
 //! body with the wrong digest.
 
 mod body;
+mod server;
 pub mod oci;
 pub mod range;
 pub mod upstream;
@@ -24,7 +25,7 @@ use std::{
 
 pub use body::Body;
 use bytes::Bytes;
-use hyper::{body::Incoming, header, HeaderMap, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use sha2::Digest as _;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tracing::{debug, info, warn};
@@ -38,8 +39,6 @@ pub use upstream::{Registries, Registry, Upstream};
 const MAX_MANIFEST: usize = 4 << 20;
 /// Every manifest media type, for upstream checks of clients that sent no Accept.
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.v1+prettyjws, */*";
-/// Chunk size when streaming from the store.
-const READ_CHUNK: u64 = 1 << 20;
 /// Error bodies relayed from upstream are cut at this size.
 const MAX_ERROR_BODY: usize = 64 << 10;
 
@@ -152,27 +151,11 @@ impl Mirror {
 
     /// Serves HTTP/1.1 on `listener` until the task is dropped.
     pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
-        loop {
-            let (stream, peer) = listener.accept().await?;
-            let _ = stream.set_nodelay(true);
-            let this = self.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let this = this.clone();
-                    async move { Ok::<_, std::convert::Infallible>(this.handle(req, peer).await) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await
-                {
-                    debug!(%peer, "connection ended: {e}");
-                }
-            });
-        }
+        server::serve(self, listener).await
     }
 
     /// Answers one request.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+    pub async fn handle(&self, req: Request<()>, peer: SocketAddr) -> Resp {
         let span = tracing::debug_span!("request", method = %req.method(), path = %req.uri().path(), %peer);
         let _e = span.enter();
         let head = match *req.method() {
@@ -402,33 +385,14 @@ impl Mirror {
         let body = if head || len == 0 {
             Body::Empty
         } else {
-            let (tx, body) = Body::channel(4);
-            let store = self.inner.store.clone();
-            let d = *d;
-            let this = self.clone();
-            tokio::spawn(async move {
-                let _pin = pin;
-                let mut off = start;
-                let end = start + len;
-                while off < end {
-                    // Piece-aligned chunks after the first.
-                    let n = (READ_CHUNK - off % READ_CHUNK).min(end - off);
-                    match store.read_range(&d, off, n).await {
-                        Ok(buf) => {
-                            this.inner.counters.bytes_from_cache.fetch_add(n, Ordering::Relaxed);
-                            if tx.send(Ok(Bytes::from(buf))).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
-                            return;
-                        }
-                    }
-                    off += n;
-                }
-            });
-            body
+            // The store keeps a complete blob at [0, size) of its data file; the pin keeps it
+            // there (eviction would unlink it, and an open fd stays valid even then).
+            let file = self.inner.store.blob_file_path(d).and_then(|p| std::fs::File::open(p).ok());
+            let Some(file) = file else {
+                return error(404, "BLOB_UNKNOWN", &format!("{d} was evicted"));
+            };
+            self.inner.counters.bytes_from_cache.fetch_add(len, Ordering::Relaxed);
+            Body::File { file, offset: start, len, _pin: pin }
         };
         let mut r = Response::new(body);
         *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
@@ -583,7 +547,7 @@ impl Mirror {
     /// `/blobs/<full upstream URL>`: byte ranges of a blob in registry storage layout, served from
     /// the cache when present, otherwise relayed from the origin while the whole blob is fetched
     /// in the background. Only configured hosts: the proxy is not an open relay.
-    async fn proxy(&self, head: bool, req: &Request<Incoming>) -> Resp {
+    async fn proxy(&self, head: bool, req: &Request<()>) -> Resp {
         let raw = &req.uri().path()["/blobs/".len()..];
         let raw = match req.uri().query() {
             Some(q) => format!("{raw}?{q}"),

@@ -1,0 +1,198 @@
+//! HTTP/1.1 for the mirror listener: requests parsed with `httparse` (the parser hyper uses), responses
+//! written here so that cache hits go out with sendfile(2), zero-copy from the page cache to the
+//! socket. hyper's server owns its socket and cannot do that; this server only has to handle
+//! GET and HEAD without request bodies, which keeps it small.
+//!
+//! Limits: request heads over 16 KiB get 431, more than 64 headers 431; a connection idle for
+//! 60 s, or a head not complete within 10 s, is closed; a request with a body gets 405 and the
+//! connection is closed (nothing reads the body). Keep-alive unless the client asks otherwise.
+use std::{net::SocketAddr, os::fd::AsRawFd, time::Duration};
+
+use bytes::{Buf, BytesMut};
+use ::http::{header, Request, Response};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, Interest},
+    net::{TcpListener, TcpStream},
+};
+use tracing::debug;
+
+use super::{error, Body, Mirror};
+
+const MAX_HEAD: usize = 16 << 10;
+const MAX_HEADERS: usize = 64;
+const IDLE: Duration = Duration::from_secs(60);
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts connections until the listener fails.
+pub async fn serve(mirror: Mirror, listener: TcpListener) -> std::io::Result<()> {
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let m = mirror.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection(m, stream, peer).await {
+                debug!(%peer, "connection ended: {e}");
+            }
+        });
+    }
+}
+
+enum Head {
+    Request(Request<()>, bool),
+    Reject(u16, &'static str, &'static str),
+}
+
+fn parse(buf: &[u8]) -> Result<Option<(usize, Head)>, ()> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let n = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Ok(Some((buf.len(), Head::Reject(431, "TOO_LARGE", "more than 64 request headers"))))
+        }
+        Err(_) => return Err(()),
+    };
+    let mut b = Request::builder().method(req.method.unwrap_or("GET")).uri(req.path.unwrap_or("/"));
+    let mut keep_alive = req.version == Some(1);
+    let mut has_body = false;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("connection") {
+            let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
+            if v.contains("close") {
+                keep_alive = false;
+            } else if v.contains("keep-alive") {
+                keep_alive = true;
+            }
+        }
+        if h.name.eq_ignore_ascii_case("transfer-encoding")
+            || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
+        {
+            has_body = true;
+        }
+        b = b.header(h.name, h.value);
+    }
+    let Ok(request) = b.body(()) else {
+        return Ok(Some((n, Head::Reject(400, "BAD_REQUEST", "malformed request line or header"))));
+    };
+    if has_body {
+        return Ok(Some((n, Head::Reject(405, "UNSUPPORTED", "request bodies are not accepted (GET and HEAD only)"))));
+    }
+    Ok(Some((n, Head::Request(request, keep_alive))))
+}
+
+async fn connection(mirror: Mirror, mut stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        // Read one request head: idle bound before the first byte, head bound after it.
+        let head = loop {
+            match parse(&buf) {
+                Ok(Some(h)) => break h,
+                Ok(None) if buf.len() >= MAX_HEAD => {
+                    return reject(&mut stream, 431, "TOO_LARGE", "request head larger than 16 KiB").await;
+                }
+                Ok(None) => {}
+                Err(()) => return reject(&mut stream, 400, "BAD_REQUEST", "malformed HTTP request").await,
+            }
+            let limit = if buf.is_empty() { IDLE } else { HEAD_TIMEOUT };
+            match tokio::time::timeout(limit, stream.read_buf(&mut buf)).await {
+                Ok(Ok(0)) | Err(_) => return Ok(()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
+            }
+        };
+        let (used, head) = head;
+        buf.advance(used.min(buf.len()));
+        let (req, keep_alive) = match head {
+            Head::Request(r, k) => (r, k),
+            Head::Reject(status, code, msg) => return reject(&mut stream, status, code, msg).await,
+        };
+        let is_head = req.method() == http::Method::HEAD;
+        let resp = mirror.handle(req, peer).await;
+        if !write_response(&mut stream, resp, is_head, keep_alive).await? || !keep_alive {
+            return Ok(());
+        }
+    }
+}
+
+async fn reject(stream: &mut TcpStream, status: u16, code: &str, msg: &str) -> std::io::Result<()> {
+    write_response(stream, error(status, code, msg), false, false).await?;
+    Ok(())
+}
+
+/// Writes a response; returns whether the connection may carry another request.
+async fn write_response(stream: &mut TcpStream, resp: Response<Body>, is_head: bool, keep_alive: bool) -> std::io::Result<bool> {
+    let (parts, body) = resp.into_parts();
+    let length_known = parts.headers.contains_key(header::CONTENT_LENGTH);
+    // Without a length, the end of a streamed body is marked by closing the connection.
+    let keep = keep_alive && (length_known || is_head || matches!(body, Body::Empty | Body::Full(_) | Body::File { .. }));
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(
+        format!("HTTP/1.1 {} {}\r\n", parts.status.as_u16(), parts.status.canonical_reason().unwrap_or("")).as_bytes(),
+    );
+    for (k, v) in &parts.headers {
+        head.extend_from_slice(k.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(v.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if !length_known {
+        match &body {
+            Body::Empty => head.extend_from_slice(b"content-length: 0\r\n"),
+            Body::Full(b) => head.extend_from_slice(format!("content-length: {}\r\n", b.len()).as_bytes()),
+            Body::File { len, .. } => head.extend_from_slice(format!("content-length: {len}\r\n").as_bytes()),
+            Body::Stream(_) => {}
+        }
+    }
+    head.extend_from_slice(if keep { b"connection: keep-alive\r\n\r\n" } else { b"connection: close\r\n\r\n" });
+    if is_head {
+        stream.write_all(&head).await?;
+        return Ok(keep);
+    }
+    match body {
+        Body::Empty => stream.write_all(&head).await?,
+        Body::Full(b) => {
+            head.extend_from_slice(&b);
+            stream.write_all(&head).await?;
+        }
+        Body::Stream(mut rx) => {
+            stream.write_all(&head).await?;
+            while let Some(chunk) = rx.recv().await {
+                match chunk {
+                    Ok(c) => stream.write_all(&c).await?,
+                    // Abort: the client sees a short body and an error, never a "complete" one.
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Body::File { file, offset, len, _pin } => {
+            stream.write_all(&head).await?;
+            send_file(stream, &file, offset, len).await?;
+        }
+    }
+    Ok(keep)
+}
+
+/// sendfile(2) from the cache file to the socket: the bytes never enter userspace.
+async fn send_file(stream: &TcpStream, file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    let mut off = offset as libc::off_t;
+    let end = offset + len;
+    while (off as u64) < end {
+        let want = ((end - off as u64) as usize).min(1 << 30);
+        let n = stream
+            .async_io(Interest::WRITABLE, || {
+                // SAFETY: both fds are open for the duration; `off` is a valid off_t we own.
+                let r = unsafe { libc::sendfile(stream.as_raw_fd(), file.as_raw_fd(), &mut off, want) };
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(r as usize)
+                }
+            })
+            .await?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cache file shorter than expected"));
+        }
+    }
+    Ok(())
+}
