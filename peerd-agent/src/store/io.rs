@@ -308,7 +308,7 @@ mod tests {
     async fn round_trip(io: Io) {
         let dir = tempfile::tempdir().unwrap();
         let file = Arc::new(
-            std::fs::OpenOptions::new().read(true).write(true).create(true)
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true)
                 .open(dir.path().join("f")).unwrap(),
         );
         let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
