@@ -25,7 +25,7 @@ async fn private_layers_only_reach_clients_the_registry_accepts() {
     let image = Image::build(dir.path(), &[("secret.bin", 256 << 10)]);
     image.push_as(&registry, "private/app", Some("alice:wonderland"));
     let reg = registry.name();
-    let agent = Agent::start(dir.path(), &[format!("{reg}=http://{reg}")], &["--auth-ttl", "60"]);
+    let agent = Agent::start(peerd(), dir.path(), &[format!("{reg}=http://{reg}")], &["--auth-ttl", "60"]);
     let client = http_client();
     let layer = image.blobs.last().unwrap().clone();
     let url = agent.url(&format!("/v2/private/app/blobs/{layer}?ns={reg}"));
@@ -71,7 +71,7 @@ async fn trust_cluster_serves_cached_content_to_everyone() {
     let image = Image::build(dir.path(), &[("x.bin", 64 << 10)]);
     image.push_as(&registry, "private/app", Some("alice:wonderland"));
     let reg = registry.name();
-    let agent = Agent::start(dir.path(), &[format!("{reg}=http://{reg}")], &["--trust-cluster"]);
+    let agent = Agent::start(peerd(), dir.path(), &[format!("{reg}=http://{reg}")], &["--trust-cluster"]);
     let client = http_client();
     let layer = image.blobs.last().unwrap().clone();
     let url = agent.url(&format!("/v2/private/app/blobs/{layer}?ns={reg}"));

@@ -14,7 +14,7 @@ fn containerd_pulls_through_agent_then_from_cache_then_without_agent() {
     let reg = registry.name();
     let reference = format!("{reg}/app:v1");
 
-    let mut agent = Agent::start(dir.path(), &[format!("{reg}=http://{reg}")], &[]);
+    let mut agent = Agent::start(peerd(), dir.path(), &[format!("{reg}=http://{reg}")], &[]);
     let ctd = Containerd::start(dir.path());
     ctd.mirror(&reg, agent.addr);
 
@@ -56,7 +56,7 @@ fn skopeo_copies_through_the_mirror() {
     // skopeo talks to the agent as if it were the registry: the Host header names the agent's
     // own address, mapped to the real registry.
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let _agent = Agent::start_on(addr, dir.path(), &[format!("{addr}=http://{reg}")], &[]);
+    let _agent = Agent::start_on(peerd(), addr, dir.path(), &[format!("{addr}=http://{reg}")], &[]);
     let out = dir.path().join("copy");
     for round in 0..2 {
         let _ = std::fs::remove_dir_all(&out);
@@ -90,7 +90,7 @@ async fn range_proxy_relays_then_serves_verified_ranges_from_cache() {
     std::fs::create_dir_all(root.join(&rel).parent().unwrap()).unwrap();
     std::fs::write(root.join(&rel), &data).unwrap();
     let nginx = Nginx::start(dir.path(), &root);
-    let agent = Agent::start(dir.path(), &[], &["--blob-host", "127.0.0.1"]);
+    let agent = Agent::start(peerd(), dir.path(), &[], &["--blob-host", "127.0.0.1"]);
     let url = agent.url(&format!("/blobs/http://{}/{rel}", nginx.addr));
     let client = http_client();
     let get = |range: &str| {

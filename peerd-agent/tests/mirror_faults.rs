@@ -83,7 +83,7 @@ async fn upstream_faults_never_reach_the_cache_and_every_wait_is_bounded() {
     let body: Vec<u8> = (0..(2u32 << 20) + 12345).map(|i| (i % 253) as u8).collect();
     let digest = format!("sha256:{}", sha256_hex(&body));
     let (faulty, up) = Faulty::start(body.clone()).await;
-    let agent = Agent::start(dir.path(), &[format!("up={}", format!("http://{up}"))], &["--trust-cluster"]);
+    let agent = Agent::start(peerd(), dir.path(), &[format!("up={}", format!("http://{up}"))], &["--trust-cluster"]);
     let client = http_client();
     let blob = |repo: &str| agent.url(&format!("/v2/{repo}/blobs/{digest}?ns=up"));
 
@@ -133,7 +133,7 @@ async fn upstream_faults_never_reach_the_cache_and_every_wait_is_bounded() {
 async fn bad_requests_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let (_faulty, up) = Faulty::start(b"x".to_vec()).await;
-    let agent = Agent::start(dir.path(), &[format!("up=http://{up}")], &[]);
+    let agent = Agent::start(peerd(), dir.path(), &[format!("up=http://{up}")], &[]);
     let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
     let a = agent.addr;
     let req = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: {a}\r\nConnection: close\r\n\r\n");

@@ -12,11 +12,30 @@ pub enum Which {
     /// Cost the connect4/sock_ops programs add to connect(): none vs attached-but-not-redirected vs
     /// redirected (median, p99, ratios).
     Connect,
+    /// A cached blob served by the agent vs the same file served by nginx (sendfile on), same
+    /// client: whole-blob throughput and server CPU per GiB; random range reads.
+    Serve {
+        /// Blob size in MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+    },
+    /// Azure peerd's "random" workload: concurrent random-range readers of one blob, direct from
+    /// the origin vs through the agent's /blobs/ proxy (cold, then warm).
+    Range {
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+        #[arg(long, default_value_t = 16)]
+        readers: usize,
+        #[arg(long, default_value_t = 200)]
+        reads_per_reader: usize,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Connect => connect(),
+        Which::Serve { size_mib } => crate::serve_bench::serve(size_mib),
+        Which::Range { size_mib, readers, reads_per_reader } => crate::serve_bench::range(size_mib, readers, reads_per_reader),
     }
 }
 
@@ -50,7 +69,7 @@ fn machine() -> String {
 }
 
 /// Replaces (or appends) the section `## {title}` of bench/RESULTS.md.
-fn record(title: &str, body: &str) -> Result<()> {
+pub fn record(title: &str, body: &str) -> Result<()> {
     let path = root().join("bench/RESULTS.md");
     let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmark results\n\nWritten by `cargo xtask bench ...`; each section is replaced when its benchmark runs again.\n".into());
     let date = Command::new("date").args(["-u", "+%Y-%m-%d"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())?;

@@ -1,7 +1,9 @@
-//! Real components for integration tests: Debian's docker-registry, containerd, skopeo, umoci,
-//! nginx, and the peerd binary. Every process started here is killed by PID on drop, and every
-//! directory lives under a TempDir removed on drop.
-#![allow(dead_code)]
+//! Real components, started the same way by integration tests and by benchmarks: Debian's
+//! docker-registry, containerd, skopeo, umoci, nginx, and the peerd binary. Every process started
+//! here is killed by PID on drop; callers put directories under a TempDir.
+//!
+//! Helpers panic on failure with a message naming the command: they run inside tests and
+//! benchmarks, where a panic is the failure report.
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -211,14 +213,14 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn start(dir: &Path, registries: &[String], extra: &[&str]) -> Self {
+    pub fn start(bin: &Path, dir: &Path, registries: &[String], extra: &[&str]) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        Self::start_on(addr, dir, registries, extra)
+        Self::start_on(bin, addr, dir, registries, extra)
     }
 
-    pub fn start_on(addr: SocketAddr, dir: &Path, registries: &[String], extra: &[&str]) -> Self {
+    pub fn start_on(bin: &Path, addr: SocketAddr, dir: &Path, registries: &[String], extra: &[&str]) -> Self {
         let data = dir.join("agent");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_peerd"));
+        let mut cmd = Command::new(bin);
         cmd.arg("agent").arg("--data-dir").arg(&data).arg("--mirror-addr").arg(addr.to_string());
         cmd.args(["--no-default-registries", "--cache-size", "2GiB", "--upstream-timeout", "3"]);
         for r in registries {

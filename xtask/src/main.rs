@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod serve_bench;
 mod toolchain;
 
 #[derive(Parser)]

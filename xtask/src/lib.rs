@@ -1,0 +1,2 @@
+//! xtask as a library: the real-component harness shared by integration tests and benchmarks.
+pub mod components;
