@@ -107,6 +107,8 @@ pub enum StoreError {
     TooLarge { digest: Digest, size: u64, budget: u64 },
     #[error("no room for blob {digest} ({size} bytes): {used} bytes used, {pinned} of them pinned")]
     NoRoom { digest: Digest, size: u64, used: u64, pinned: u64 },
+    /// ENOSPC/EDQUOT: the blob being written is abandoned (its files deleted) and an eviction
+    /// pass runs; blobs already stored are untouched. Usually means the budget exceeds the disk.
     #[error("disk full while writing blob {digest}; the write was abandoned")]
     NoSpace { digest: Digest, source: std::io::Error },
     #[error("{context}: {source}")]
@@ -444,6 +446,7 @@ impl Store {
         out
     }
 
+    /// Counters for metrics and logs.
     pub fn stats(&self) -> StoreStats {
         let blobs: Vec<Arc<Blob>> = lock(&self.inner.index).blobs.values().cloned().collect();
         let used = lock(&self.inner.index).lru.used();
@@ -626,7 +629,8 @@ impl Store {
         Ok(BlobWriter::new(self.clone(), blob, tmp, source, pin))
     }
 
-    /// Reads `len` bytes at `offset`, waiting until the pieces covering the range are present.
+    /// Reads `len` bytes at `offset` into memory, waiting until the pieces covering the range
+    /// are present. Meant for piece-sized reads; serve whole blobs with [`Store::blob_file_path`].
     /// Fails if the blob is unknown or gets dropped while waiting; wrap in a timeout to bound
     /// the wait.
     pub async fn read_range(&self, d: &Digest, offset: u64, len: u64) -> Result<Vec<u8>> {
