@@ -59,6 +59,22 @@ impl Proc {
         }
     }
 
+    /// Waits until `addr` accepts connections; fails with this process's log if it exits or
+    /// the bound passes.
+    pub fn wait_listening(&mut self, addr: SocketAddr, within: Duration) {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                return;
+            }
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("process exited ({st}) before listening on {addr}: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("nothing listening on {addr} after {within:?}: {}", self.log_text());
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -222,13 +238,19 @@ impl Agent {
         let data = dir.join("agent");
         let mut cmd = Command::new(bin);
         cmd.arg("agent").arg("--data-dir").arg(&data).arg("--mirror-addr").arg(addr.to_string());
-        cmd.args(["--no-default-registries", "--cache-size", "2GiB", "--upstream-timeout", "3"]);
+        cmd.arg("--no-default-registries");
+        // Defaults a caller may override through `extra`.
+        for (flag, value) in [("--cache-size", "2GiB"), ("--upstream-timeout", "3")] {
+            if !extra.contains(&flag) {
+                cmd.args([flag, value]);
+            }
+        }
         for r in registries {
             cmd.arg("--registry").arg(r);
         }
         cmd.args(extra).env("RUST_LOG", "peerd_agent=debug,info");
-        let proc = Proc::spawn(&mut cmd, dir.join(format!("agent-{}.log", free_port())));
-        wait_http(addr, Duration::from_secs(20));
+        let mut proc = Proc::spawn(&mut cmd, dir.join(format!("agent-{}.log", free_port())));
+        proc.wait_listening(addr, Duration::from_secs(20));
         Self { addr, data, proc }
     }
 
