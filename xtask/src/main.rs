@@ -126,7 +126,16 @@ fn test(args: &[String]) -> Result<()> {
 fn run(args: &[String]) -> Result<()> {
     build(false)?;
     let data = root().join(".peerd");
-    println!("peerd: data under {}", data.display());
+    println!(
+        "peerd: one node, data under {}, mirror on http://127.0.0.1:30000 (change with -- --mirror-addr ADDR).\n\
+         Point containerd at it, per registry, e.g. /etc/containerd/certs.d/docker.io/hosts.toml:\n\n\
+         \x20 server = \"https://registry-1.docker.io\"\n\
+         \x20 [host.\"http://127.0.0.1:30000\"]\n\
+         \x20   capabilities = [\"pull\", \"resolve\"]\n\n\
+         or try it by hand: curl http://127.0.0.1:30000/v2/library/alpine/manifests/latest?ns=docker.io\n\
+         Other registries: -- --registry NAME=URL. Stop with Ctrl-C.\n",
+        data.display()
+    );
     status(
         Command::new(target_dir().join("debug/peerd"))
             .arg("agent")
