@@ -7,3 +7,4 @@ pub mod bpf;
 pub mod config;
 pub mod mirror;
 pub mod store;
+pub mod transfer;

@@ -1,0 +1,355 @@
+//! Which piece to ask which peer for, and what to do when a peer fails: a plain state machine fed
+//! events and time (no I/O), so it is tested deterministically and can drive a simulation.
+//!
+//! - Pieces are requested in runs of up to `batch` contiguous pieces, in a per-download shuffled
+//!   order, so nodes that start together ask for different parts first and can then serve each
+//!   other (equivalent to rarest-first when every holder has the whole blob).
+//! - Each run goes to the usable peer with the fewest requests in flight, same zone first.
+//! - A corrupt piece excludes the peer from this download at once; other failures (error, not
+//!   found, timeout) exclude it after `max_failures`. Its pieces go back to the queue.
+//! - Endgame: when nothing is left to assign, an idle peer duplicates the oldest in-flight run
+//!   (a hedge against a slow peer); whichever copy lands first wins.
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct SwarmConfig {
+    pub batch: u32,
+    pub max_in_flight_per_peer: u32,
+    pub request_timeout: Duration,
+    pub max_failures: u32,
+    /// A run in flight this long may be duplicated to an idle peer in the endgame.
+    pub hedge_after: Duration,
+    pub seed: u64,
+}
+
+impl Default for SwarmConfig {
+    fn default() -> Self {
+        Self {
+            batch: 4,
+            max_in_flight_per_peer: 4,
+            request_timeout: Duration::from_secs(10),
+            max_failures: 2,
+            hedge_after: Duration::from_millis(300),
+            seed: 0x5eed,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Bytes did not match the manifest's blake3: the peer lied or its disk is bad.
+    Corrupt,
+    NotFound,
+    Error,
+    Timeout,
+}
+
+/// A request to send: pieces `first..first+count` from `peer` (an index from `add_peer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    pub peer: usize,
+    pub first: u32,
+    pub count: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Piece {
+    Missing,
+    InFlight,
+    Done,
+}
+
+struct Peer {
+    same_zone: bool,
+    in_flight: u32,
+    failures: u32,
+    excluded: bool,
+}
+
+struct Flight {
+    a: Assignment,
+    since: Instant,
+    hedged: bool,
+}
+
+pub struct Download {
+    cfg: SwarmConfig,
+    pieces: Vec<Piece>,
+    /// Batch start indices in request order.
+    order: Vec<u32>,
+    peers: Vec<Peer>,
+    flights: Vec<Flight>,
+    done: u32,
+}
+
+fn shuffle(v: &mut [u32], mut seed: u64) {
+    for i in (1..v.len()).rev() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        v.swap(i, (seed % (i as u64 + 1)) as usize);
+    }
+}
+
+impl Download {
+    pub fn new(pieces: u32, cfg: SwarmConfig) -> Self {
+        let batch = cfg.batch.max(1);
+        let mut order: Vec<u32> = (0..pieces).step_by(batch as usize).collect();
+        shuffle(&mut order, cfg.seed | 1);
+        Self { cfg, pieces: vec![Piece::Missing; pieces as usize], order, peers: Vec::new(), flights: Vec::new(), done: 0 }
+    }
+
+    /// Registers a peer that holds the blob; returns its index.
+    pub fn add_peer(&mut self, same_zone: bool) -> usize {
+        self.peers.push(Peer { same_zone, in_flight: 0, failures: 0, excluded: false });
+        self.peers.len() - 1
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.done as usize == self.pieces.len()
+    }
+
+    /// No piece can make progress: pieces remain and every peer is excluded.
+    pub fn is_stuck(&self) -> bool {
+        !self.is_complete() && self.peers.iter().all(|p| p.excluded)
+    }
+
+    pub fn excluded(&self, peer: usize) -> bool {
+        self.peers.get(peer).is_none_or(|p| p.excluded)
+    }
+
+    /// The best peer with spare capacity, same zone first, fewest in flight.
+    fn pick(&self, not: Option<usize>) -> Option<usize> {
+        (0..self.peers.len())
+            .filter(|&i| Some(i) != not)
+            .filter(|&i| !self.peers[i].excluded && self.peers[i].in_flight < self.cfg.max_in_flight_per_peer)
+            .min_by_key(|&i| (!self.peers[i].same_zone, self.peers[i].in_flight, i))
+    }
+
+    /// New requests to send now.
+    pub fn poll(&mut self, now: Instant) -> Vec<Assignment> {
+        let mut out = Vec::new();
+        let batch = self.cfg.batch.max(1);
+        let n = self.pieces.len() as u32;
+        for bi in 0..self.order.len() {
+            let start = self.order[bi];
+            let end = (start + batch).min(n);
+            // The first missing run inside this batch.
+            let Some(first) = (start..end).find(|&i| self.pieces[i as usize] == Piece::Missing) else { continue };
+            let Some(peer) = self.pick(None) else { break };
+            let count = (first..end).take_while(|&i| self.pieces[i as usize] == Piece::Missing).count() as u32;
+            for i in first..first + count {
+                self.pieces[i as usize] = Piece::InFlight;
+            }
+            let a = Assignment { peer, first, count };
+            self.peers[peer].in_flight += 1;
+            self.flights.push(Flight { a, since: now, hedged: false });
+            out.push(a);
+        }
+        // Endgame: duplicate old runs to idle peers.
+        if !self.pieces.contains(&Piece::Missing) {
+            let hedge_after = self.cfg.hedge_after;
+            let mut i = 0;
+            while i < self.flights.len() {
+                let f = &self.flights[i];
+                if !f.hedged && now.duration_since(f.since) >= hedge_after {
+                    let orig = f.a;
+                    if let Some(peer) = self.pick(Some(orig.peer)).filter(|&p| self.peers[p].in_flight == 0) {
+                        self.flights[i].hedged = true;
+                        let a = Assignment { peer, ..orig };
+                        self.peers[peer].in_flight += 1;
+                        self.flights.push(Flight { a, since: now, hedged: true });
+                        out.push(a);
+                    }
+                }
+                i += 1;
+            }
+        }
+        out
+    }
+
+    fn end_flight(&mut self, a: Assignment) -> bool {
+        if let Some(pos) = self.flights.iter().position(|f| f.a == a) {
+            self.flights.swap_remove(pos);
+            if let Some(p) = self.peers.get_mut(a.peer) {
+                p.in_flight = p.in_flight.saturating_sub(1);
+            }
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Piece `index` of request `a` arrived and was verified and stored.
+    pub fn on_piece(&mut self, index: u32) {
+        if let Some(p) = self.pieces.get_mut(index as usize) {
+            if *p != Piece::Done {
+                *p = Piece::Done;
+                self.done += 1;
+            }
+        }
+    }
+
+    /// Request `a` ended (all its pieces were reported through `on_piece`, or it failed).
+    pub fn on_done(&mut self, a: Assignment) {
+        self.end_flight(a);
+        self.requeue(a);
+    }
+
+    /// Request `a` failed; pieces it did not deliver go back to the queue.
+    pub fn on_failure(&mut self, a: Assignment, why: Failure) {
+        self.end_flight(a);
+        if let Some(p) = self.peers.get_mut(a.peer) {
+            p.failures += 1;
+            if why == Failure::Corrupt || p.failures >= self.cfg.max_failures {
+                p.excluded = true;
+            }
+        }
+        self.requeue(a);
+    }
+
+    /// Pieces of `a` neither done nor still in flight elsewhere become missing again.
+    fn requeue(&mut self, a: Assignment) {
+        for i in a.first..a.first + a.count {
+            let elsewhere = self.flights.iter().any(|f| f.a.first <= i && i < f.a.first + f.a.count);
+            if let Some(p) = self.pieces.get_mut(i as usize) {
+                if *p == Piece::InFlight && !elsewhere {
+                    *p = Piece::Missing;
+                }
+            }
+        }
+    }
+
+    /// Requests older than the timeout: the caller cancels them; they count as failures.
+    pub fn expire(&mut self, now: Instant) -> Vec<Assignment> {
+        let t = self.cfg.request_timeout;
+        let old: Vec<Assignment> = self.flights.iter().filter(|f| now.duration_since(f.since) >= t).map(|f| f.a).collect();
+        for a in &old {
+            self.on_failure(*a, Failure::Timeout);
+        }
+        old
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.flights.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> SwarmConfig {
+        SwarmConfig { batch: 2, max_in_flight_per_peer: 2, ..Default::default() }
+    }
+
+    /// Runs a download where `behave(peer, piece)` says what a peer does; returns pieces fetched
+    /// per peer.
+    fn simulate(pieces: u32, peers: &[bool], behave: impl Fn(usize, u32) -> Option<Failure>) -> (Download, Vec<u32>) {
+        let mut d = Download::new(pieces, cfg());
+        for &z in peers {
+            d.add_peer(z);
+        }
+        let mut served = vec![0; peers.len()];
+        let now = Instant::now();
+        for _ in 0..1000 {
+            let reqs = d.poll(now);
+            if reqs.is_empty() {
+                break;
+            }
+            for a in reqs {
+                let fail = (a.first..a.first + a.count).find_map(|i| behave(a.peer, i));
+                match fail {
+                    Some(f) => d.on_failure(a, f),
+                    None => {
+                        for i in a.first..a.first + a.count {
+                            d.on_piece(i);
+                        }
+                        served[a.peer] += a.count;
+                        d.on_done(a);
+                    }
+                }
+            }
+        }
+        (d, served)
+    }
+
+    #[test]
+    fn completes_and_spreads_load() {
+        let (d, served) = simulate(100, &[false, false, false, false], |_, _| None);
+        assert!(d.is_complete());
+        assert_eq!(served.iter().sum::<u32>(), 100);
+        assert!(served.iter().all(|&s| s >= 20), "load spread: {served:?}");
+    }
+
+    #[test]
+    fn prefers_same_zone_until_it_is_saturated() {
+        let mut d = Download::new(8, cfg());
+        let far = d.add_peer(false);
+        let near = d.add_peer(true);
+        let a = d.poll(Instant::now());
+        // batch 2, 2 in flight per peer: the near peer gets the first two runs, the far one the rest.
+        assert_eq!(a.iter().map(|a| a.peer).collect::<Vec<_>>(), vec![near, near, far, far]);
+    }
+
+    #[test]
+    fn liar_is_excluded_and_pieces_refetched_elsewhere() {
+        let (d, served) = simulate(50, &[false, false, false], |peer, _| (peer == 1).then_some(Failure::Corrupt));
+        assert!(d.is_complete());
+        assert!(d.excluded(1));
+        assert_eq!(served[1], 0);
+        assert_eq!(served[0] + served[2], 50);
+    }
+
+    #[test]
+    fn flaky_peer_is_excluded_after_repeated_errors() {
+        let (d, _) = simulate(30, &[false, false], |peer, _| (peer == 0).then_some(Failure::Error));
+        assert!(d.is_complete());
+        assert!(d.excluded(0));
+    }
+
+    #[test]
+    fn all_peers_bad_is_stuck_not_looping() {
+        let (d, _) = simulate(10, &[false, false], |_, _| Some(Failure::NotFound));
+        assert!(!d.is_complete());
+        assert!(d.is_stuck());
+    }
+
+    #[test]
+    fn timeouts_requeue_and_endgame_hedges() {
+        let mut d = Download::new(2, SwarmConfig { batch: 2, max_in_flight_per_peer: 1, request_timeout: Duration::from_secs(5), hedge_after: Duration::from_millis(100), ..Default::default() });
+        let slow = d.add_peer(false);
+        let fast = d.add_peer(false);
+        let t0 = Instant::now();
+        let first = d.poll(t0);
+        assert_eq!(first, vec![Assignment { peer: slow, first: 0, count: 2 }]);
+        // Nothing missing; the other peer is idle but the run is young: no hedge yet.
+        assert!(d.poll(t0 + Duration::from_millis(50)).is_empty());
+        // Old enough: hedged to the idle peer.
+        let hedge = d.poll(t0 + Duration::from_millis(150));
+        assert_eq!(hedge, vec![Assignment { peer: fast, first: 0, count: 2 }]);
+        d.on_piece(0);
+        d.on_piece(1);
+        d.on_done(hedge[0]);
+        assert!(d.is_complete());
+        // The slow copy times out later without undoing anything.
+        let expired = d.expire(t0 + Duration::from_secs(6));
+        assert_eq!(expired, first);
+        assert!(d.is_complete());
+    }
+
+    #[test]
+    fn timeout_makes_pieces_missing_again() {
+        let mut d = Download::new(4, SwarmConfig { batch: 4, max_in_flight_per_peer: 1, request_timeout: Duration::from_secs(1), ..Default::default() });
+        let p0 = d.add_peer(false);
+        let t0 = Instant::now();
+        let a = d.poll(t0);
+        assert_eq!(a.len(), 1);
+        assert_eq!(d.expire(t0 + Duration::from_secs(2)).len(), 1);
+        let p1 = d.add_peer(false);
+        let again = d.poll(t0 + Duration::from_secs(2));
+        assert_eq!(again.len(), 1);
+        assert!(again[0].peer == p1 || again[0].peer == p0);
+        assert_eq!((again[0].first, again[0].count), (0, 4));
+    }
+}

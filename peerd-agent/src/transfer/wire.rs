@@ -1,0 +1,257 @@
+//! The piece protocol's frames (PROTOCOL.md, "Peer transfer"), encoded and decoded without I/O.
+//!
+//! One request per bidirectional QUIC stream: the client writes a request and finishes its side;
+//! the server answers with a status byte and a body. All integers are big-endian.
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+pub const VERSION: u8 = 1;
+/// At most this many pieces per request: a peer cannot make us read more than 8 MiB for it at
+/// once (with 1 MiB pieces), and a slow piece delays only its own request.
+pub const MAX_PIECES_PER_REQUEST: u32 = 8;
+/// Largest request frame (a Fetch with credentials and a URL).
+pub const MAX_REQUEST: usize = 16 << 10;
+/// Largest manifest answer we accept: 1M pieces (1 TiB at 1 MiB pieces).
+pub const MAX_MANIFEST_PIECES: u32 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// The blob's size, piece size and piece hashes (complete blobs only).
+    Manifest { digest: [u8; 32] },
+    /// Pieces `first..first+count` of a complete blob, concatenated.
+    Pieces { digest: [u8; 32], first: u32, count: u32 },
+    /// Ask the node that owns this digest (rendezvous) to get it from upstream, with the
+    /// requesting client's credentials; answered when the blob is complete and verified.
+    Fetch { digest: [u8; 32], url: String, authorization: Option<String> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    Ok = 0,
+    NotFound = 1,
+    Busy = 2,
+    BadRequest = 3,
+    UpstreamFailed = 4,
+}
+
+impl Status {
+    pub fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            0 => Status::Ok,
+            1 => Status::NotFound,
+            2 => Status::Busy,
+            3 => Status::BadRequest,
+            4 => Status::UpstreamFailed,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("unsupported protocol version {0}")]
+    Version(u8),
+    #[error("unknown request kind {0}")]
+    Kind(u8),
+    #[error("frame truncated")]
+    Truncated,
+    #[error("frame too large")]
+    TooLarge,
+    #[error("invalid field: {0}")]
+    Invalid(&'static str),
+}
+
+fn need(b: &impl Buf, n: usize) -> Result<(), WireError> {
+    if b.remaining() < n {
+        Err(WireError::Truncated)
+    } else {
+        Ok(())
+    }
+}
+
+fn get_digest(b: &mut impl Buf) -> Result<[u8; 32], WireError> {
+    need(b, 32)?;
+    let mut d = [0u8; 32];
+    b.copy_to_slice(&mut d);
+    Ok(d)
+}
+
+fn get_str(b: &mut impl Buf) -> Result<String, WireError> {
+    need(b, 2)?;
+    let n = b.get_u16() as usize;
+    need(b, n)?;
+    String::from_utf8(b.copy_to_bytes(n).to_vec()).map_err(|_| WireError::Invalid("not UTF-8"))
+}
+
+fn put_str(b: &mut BytesMut, s: &str) -> Result<(), WireError> {
+    let n = u16::try_from(s.len()).map_err(|_| WireError::TooLarge)?;
+    b.put_u16(n);
+    b.put_slice(s.as_bytes());
+    Ok(())
+}
+
+impl Request {
+    pub fn encode(&self) -> Result<Bytes, WireError> {
+        let mut b = BytesMut::with_capacity(64);
+        b.put_u8(VERSION);
+        match self {
+            Request::Manifest { digest } => {
+                b.put_u8(1);
+                b.put_slice(digest);
+            }
+            Request::Pieces { digest, first, count } => {
+                b.put_u8(2);
+                b.put_slice(digest);
+                b.put_u32(*first);
+                b.put_u32(*count);
+            }
+            Request::Fetch { digest, url, authorization } => {
+                b.put_u8(3);
+                b.put_slice(digest);
+                put_str(&mut b, url)?;
+                put_str(&mut b, authorization.as_deref().unwrap_or(""))?;
+            }
+        }
+        if b.len() > MAX_REQUEST {
+            return Err(WireError::TooLarge);
+        }
+        Ok(b.freeze())
+    }
+
+    pub fn decode(mut b: &[u8]) -> Result<Self, WireError> {
+        if b.len() > MAX_REQUEST {
+            return Err(WireError::TooLarge);
+        }
+        need(&b, 2)?;
+        let v = b.get_u8();
+        if v != VERSION {
+            return Err(WireError::Version(v));
+        }
+        let req = match b.get_u8() {
+            1 => Request::Manifest { digest: get_digest(&mut b)? },
+            2 => {
+                let digest = get_digest(&mut b)?;
+                need(&b, 8)?;
+                let (first, count) = (b.get_u32(), b.get_u32());
+                if count == 0 || count > MAX_PIECES_PER_REQUEST {
+                    return Err(WireError::Invalid("piece count"));
+                }
+                Request::Pieces { digest, first, count }
+            }
+            3 => {
+                let digest = get_digest(&mut b)?;
+                let url = get_str(&mut b)?;
+                let auth = get_str(&mut b)?;
+                Request::Fetch { digest, url, authorization: (!auth.is_empty()).then_some(auth) }
+            }
+            k => return Err(WireError::Kind(k)),
+        };
+        if b.has_remaining() {
+            return Err(WireError::Invalid("trailing bytes"));
+        }
+        Ok(req)
+    }
+}
+
+/// A manifest answer: `size u64, piece_size u32, count u32, count x 32-byte blake3`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireManifest {
+    pub size: u64,
+    pub piece_size: u32,
+    pub pieces: Vec<[u8; 32]>,
+}
+
+impl WireManifest {
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(17 + self.pieces.len() * 32);
+        b.put_u8(Status::Ok as u8);
+        b.put_u64(self.size);
+        b.put_u32(self.piece_size);
+        b.put_u32(self.pieces.len() as u32);
+        for p in &self.pieces {
+            b.put_slice(p);
+        }
+        b.freeze()
+    }
+
+    /// Decodes and checks consistency: the piece count must match size / piece size.
+    pub fn decode(mut b: &[u8]) -> Result<Self, WireError> {
+        need(&b, 16)?;
+        let size = b.get_u64();
+        let piece_size = b.get_u32();
+        let count = b.get_u32();
+        if piece_size == 0 || count > MAX_MANIFEST_PIECES {
+            return Err(WireError::Invalid("piece size or count"));
+        }
+        if size.div_ceil(piece_size as u64) != count as u64 {
+            return Err(WireError::Invalid("piece count does not match size"));
+        }
+        need(&b, count as usize * 32)?;
+        let pieces = (0..count).map(|_| get_digest(&mut b)).collect::<Result<Vec<_>, _>>()?;
+        if b.has_remaining() {
+            return Err(WireError::Invalid("trailing bytes"));
+        }
+        Ok(Self { size, piece_size, pieces })
+    }
+
+    /// Length of piece `i`.
+    pub fn piece_len(&self, i: u32) -> u64 {
+        let start = i as u64 * self.piece_size as u64;
+        (self.size - start).min(self.piece_size as u64)
+    }
+}
+
+/// A status-only answer, with an optional message.
+pub fn status_frame(s: Status, msg: &str) -> Bytes {
+    let mut b = BytesMut::with_capacity(3 + msg.len());
+    b.put_u8(s as u8);
+    let _ = put_str(&mut b, &msg[..msg.len().min(1024)]);
+    b.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trips() {
+        let d = [7u8; 32];
+        for r in [
+            Request::Manifest { digest: d },
+            Request::Pieces { digest: d, first: 3, count: 8 },
+            Request::Fetch { digest: d, url: "http://r/v2/a/blobs/sha256:x".into(), authorization: Some("Bearer t".into()) },
+            Request::Fetch { digest: d, url: "u".into(), authorization: None },
+        ] {
+            assert_eq!(Request::decode(&r.encode().unwrap()).unwrap(), r);
+        }
+        let m = WireManifest { size: 2_500_000, piece_size: 1 << 20, pieces: vec![[1; 32], [2; 32], [3; 32]] };
+        let enc = m.encode();
+        assert_eq!(enc[0], Status::Ok as u8);
+        assert_eq!(WireManifest::decode(&enc[1..]).unwrap(), m);
+        assert_eq!(m.piece_len(2), 2_500_000 - 2 * (1 << 20));
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        let d = [0u8; 32];
+        let mut bad_version = Request::Manifest { digest: d }.encode().unwrap().to_vec();
+        bad_version[0] = 9;
+        assert_eq!(Request::decode(&bad_version), Err(WireError::Version(9)));
+        assert_eq!(Request::decode(&[1, 77]), Err(WireError::Kind(77)));
+        assert_eq!(Request::decode(&[1, 1, 0, 0]), Err(WireError::Truncated));
+        let too_many = Request::Pieces { digest: d, first: 0, count: MAX_PIECES_PER_REQUEST + 1 }.encode().unwrap();
+        assert_eq!(Request::decode(&too_many), Err(WireError::Invalid("piece count")));
+        let m = WireManifest { size: 10, piece_size: 4, pieces: vec![[0; 32]; 2] }.encode();
+        assert_eq!(WireManifest::decode(&m[1..]), Err(WireError::Invalid("piece count does not match size")));
+        assert!(Request::decode(&vec![1u8; MAX_REQUEST + 1]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Request::decode(&b);
+            let _ = WireManifest::decode(&b);
+        }
+    }
+}
