@@ -375,6 +375,11 @@ impl Nginx {
     pub fn requests(&self) -> usize {
         std::fs::read_to_string(&self.access_log).map(|s| s.lines().count()).unwrap_or(0)
     }
+
+    /// GET requests so far (HEADs are the agent's access checks, not data).
+    pub fn gets(&self) -> usize {
+        std::fs::read_to_string(&self.access_log).map(|s| s.lines().filter(|l| l.contains("\"GET ")).count()).unwrap_or(0)
+    }
 }
 
 /// Sends raw bytes as an HTTP/1.1 request (no URL normalisation) and returns (status, body).

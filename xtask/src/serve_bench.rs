@@ -171,20 +171,18 @@ fn machine_load_note() -> String {
     format!("load average at the end: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
 }
 
-/// Waits until a range read of the agent no longer reaches the origin (the blob is cached).
-async fn wait_cached(c: &reqwest::Client, url: &str, nginx: &Nginx) -> Result<()> {
+/// Waits until the agent logs that it verified and committed the blob.
+fn wait_cached(agent: &Agent) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let n = nginx.requests();
-        let r = c.get(url).header("Range", "bytes=0-0").send().await?;
-        let _ = r.bytes().await;
-        if nginx.requests() == n {
+        let log = agent.proc.log_text();
+        if log.contains("prefetched") || log.contains("cached from") {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("the agent never cached the blob");
+            bail!("the agent never cached the blob: {log}");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -207,7 +205,7 @@ pub fn serve(size_mib: u64) -> Result<()> {
     // Fill the cache through the agent, then wait for it to commit.
     eprintln!("bench: filling the agent's cache");
     curl_get(&agent_url)?;
-    rt.block_on(wait_cached(&c, &agent_url, &s.nginx))?;
+    wait_cached(&agent)?;
 
     let gib = s.data.len() as f64 / (1u64 << 30) as f64;
     let mut rows = Vec::new();
@@ -297,7 +295,7 @@ pub fn range(size_mib: u64, readers: usize, per_reader: usize) -> Result<()> {
     };
     let d = run("origin direct (nginx)", &direct)?;
     let cold = run("through the agent, cold (relay + background fetch)", &via_agent)?;
-    rt.block_on(wait_cached(&c, &via_agent, &s.nginx))?;
+    wait_cached(&agent)?;
     let warm = run("through the agent, warm (verified cache)", &via_agent)?;
     rows.push(format!(
         "\np50 ratios to direct: cold **{:.2}x**, warm **{:.2}x**. The origin is nginx on loopback, so \"direct\" is a best case no real blob store reaches; {}.",
