@@ -143,8 +143,10 @@ impl Registry {
         self.addr.to_string()
     }
 
-    /// Access-log lines for `GET /v2/.../blobs/...` so far.
+    /// Access-log lines for `GET /v2/.../blobs/...` so far. The registry logs a request after
+    /// answering it, so this first waits briefly for lines still being written.
     pub fn blob_gets(&self) -> Vec<String> {
+        std::thread::sleep(Duration::from_millis(250));
         self.proc.log_text().lines().filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:")).map(str::to_owned).collect()
     }
 }
