@@ -1,5 +1,502 @@
-//! Peer transfer: QUIC (quinn) with mutual TLS from the cluster secret, the piece protocol, and
-//! the swarm scheduler.
+//! Peer transfer: agents fetch verified pieces from each other over QUIC (quinn) with mutual TLS
+//! derived from the cluster secret (`tls`), using a small versioned protocol (`wire`, written
+//! down in PROTOCOL.md) and a scheduler that spreads pieces over holders (`swarm`).
+//!
+//! Roles: every agent serves complete blobs from its store to authenticated peers, and answers
+//! `Fetch` (get this blob from upstream with these credentials) through the [`Fetcher`] the
+//! mirror installs. The mirror calls [`Transfer::download`] on a miss when peers hold a blob.
 pub mod swarm;
 pub mod tls;
 pub mod wire;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::store::{Digest, PutOutcome, Source, Store, StoreError};
+use swarm::{Assignment, Download, Failure, SwarmConfig};
+use wire::{Request, Status, WireManifest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("binding the peer endpoint {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("peer {peer}: {msg}")]
+    Peer { peer: SocketAddr, msg: String },
+    #[error("no peer could provide {0}")]
+    NoPeer(Digest),
+    #[error("blob {digest}: peers use {theirs}-byte pieces, this store {ours}")]
+    PieceSize { digest: Digest, theirs: u32, ours: u32 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Gets a blob from upstream into the local store (the mirror implements it). `url` is checked
+/// against the configured upstreams by the implementation: peers cannot make us fetch anything.
+pub trait Fetcher: Send + Sync + 'static {
+    fn fetch(
+        &self,
+        digest: Digest,
+        url: String,
+        authorization: Option<String>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+}
+
+#[derive(Clone, Debug)]
+pub struct TransferConfig {
+    pub listen: SocketAddr,
+    pub node_id: String,
+    pub secret: Vec<u8>,
+    /// Streams a peer may have open to us at once (requests in flight).
+    pub max_streams_per_peer: u32,
+    /// Bound on connecting to a peer (a dead peer must not stall a pull).
+    pub dial_timeout: Duration,
+    /// Bound on a manifest answer.
+    pub manifest_timeout: Duration,
+    pub swarm: SwarmConfig,
+    /// Upload rate limit to peers in bytes/s (None: unlimited).
+    pub upload_limit: Option<u64>,
+    /// Download rate limit from peers in bytes/s (None: unlimited).
+    pub download_limit: Option<u64>,
+}
+
+impl TransferConfig {
+    pub fn new(listen: SocketAddr, node_id: String, secret: Vec<u8>) -> Self {
+        Self {
+            listen,
+            node_id,
+            secret,
+            max_streams_per_peer: 32,
+            dial_timeout: Duration::from_millis(300),
+            manifest_timeout: Duration::from_millis(500),
+            swarm: SwarmConfig::default(),
+            upload_limit: None,
+            download_limit: None,
+        }
+    }
+}
+
+/// Reason-coded counters.
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub bytes_to_peers: AtomicU64,
+    pub bytes_from_peers: AtomicU64,
+    pub pieces_from_peers: AtomicU64,
+    pub corrupt_pieces: AtomicU64,
+    pub peer_timeouts: AtomicU64,
+    pub peer_errors: AtomicU64,
+    pub refused_requests: AtomicU64,
+    pub fetches_for_peers: AtomicU64,
+}
+
+#[derive(Clone)]
+pub struct Transfer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: TransferConfig,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    store: Store,
+    fetcher: OnceLock<Arc<dyn Fetcher>>,
+    conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    upload: Option<Arc<RateLimit>>,
+    download: Option<Arc<RateLimit>>,
+    counters: Counters,
+}
+
+/// A token bucket shared by all transfers in one direction (one second of burst).
+struct RateLimit {
+    rate: u64,
+    state: tokio::sync::Mutex<(f64, Instant)>,
+}
+
+impl RateLimit {
+    fn new(rate: u64) -> Arc<Self> {
+        Arc::new(Self { rate: rate.max(1), state: tokio::sync::Mutex::new((rate as f64, Instant::now())) })
+    }
+
+    async fn take(&self, n: u64) {
+        let mut s = self.state.lock().await;
+        let now = Instant::now();
+        let cap = self.rate as f64;
+        s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * cap).min(cap);
+        s.1 = now;
+        s.0 -= n as f64;
+        if s.0 < 0.0 {
+            let wait = Duration::from_secs_f64(-s.0 / cap);
+            drop(s);
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+fn to_hash(h: &[u8; 32]) -> blake3::Hash {
+    blake3::Hash::from_bytes(*h)
+}
+
+impl Transfer {
+    /// Binds the QUIC endpoint and starts serving peers.
+    pub fn start(cfg: TransferConfig, store: Store) -> Result<Self, TransferError> {
+        let identity = tls::Identity::new(&cfg.secret, &cfg.node_id)?;
+        let mut server = identity.server_config()?;
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_bidi_streams(cfg.max_streams_per_peer.into());
+        transport.max_concurrent_uni_streams(0u32.into());
+        transport.keep_alive_interval(Some(Duration::from_secs(1)));
+        transport.max_idle_timeout(Some(Duration::from_secs(5).try_into().map_err(|_| TransferError::Peer { peer: cfg.listen, msg: "idle timeout".into() })?));
+        // Room for a few 1 MiB pieces in flight per stream and per connection.
+        transport.stream_receive_window((4u32 << 20).into());
+        transport.receive_window((32u32 << 20).into());
+        transport.send_window(32 << 20);
+        let transport = Arc::new(transport);
+        server.transport_config(transport.clone());
+        let mut client = identity.client_config()?;
+        client.transport_config(transport);
+        let endpoint = quinn::Endpoint::server(server, cfg.listen).map_err(|source| TransferError::Bind { addr: cfg.listen, source })?;
+        let upload = cfg.upload_limit.map(RateLimit::new);
+        let download = cfg.download_limit.map(RateLimit::new);
+        let t = Transfer {
+            inner: Arc::new(Inner {
+                cfg,
+                endpoint,
+                client,
+                store,
+                fetcher: OnceLock::new(),
+                conns: Mutex::new(HashMap::new()),
+                upload,
+                download,
+                counters: Counters::default(),
+            }),
+        };
+        let server = t.clone();
+        tokio::spawn(async move { server.accept_loop().await });
+        Ok(t)
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.inner.endpoint.local_addr().ok()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// Installs the upstream fetcher used to answer peers' `Fetch` requests.
+    pub fn set_fetcher(&self, f: Arc<dyn Fetcher>) {
+        let _ = self.inner.fetcher.set(f);
+    }
+
+    async fn accept_loop(&self) {
+        while let Some(incoming) = self.inner.endpoint.accept().await {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Includes peers without a cluster certificate.
+                        this.inner.counters.refused_requests.fetch_add(1, Ordering::Relaxed);
+                        debug!("peer handshake failed: {e}");
+                        return;
+                    }
+                };
+                let peer = conn.remote_address();
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    let this = this.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = this.serve_stream(send, recv).await {
+                            debug!(%peer, "stream: {e}");
+                        }
+                    });
+                }
+            });
+        }
+    }
+
+    async fn serve_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
+        let raw = recv.read_to_end(wire::MAX_REQUEST).await.map_err(|e| e.to_string())?;
+        let req = match Request::decode(&raw) {
+            Ok(r) => r,
+            Err(e) => {
+                self.inner.counters.refused_requests.fetch_add(1, Ordering::Relaxed);
+                let _ = send.write_all(&wire::status_frame(Status::BadRequest, &e.to_string())).await;
+                let _ = send.finish();
+                return Err(e.to_string());
+            }
+        };
+        let store = &self.inner.store;
+        match req {
+            Request::Manifest { digest } => {
+                let d = Digest::from_sha256_bytes(digest);
+                let frame = match store.manifest(&d) {
+                    Some(m) => WireManifest { size: m.size, piece_size: m.piece_size, pieces: m.pieces.iter().map(|h| *h.as_bytes()).collect() }.encode(),
+                    None => wire::status_frame(Status::NotFound, "not here"),
+                };
+                send.write_all(&frame).await.map_err(|e| e.to_string())?;
+            }
+            Request::Pieces { digest, first, count } => {
+                let d = Digest::from_sha256_bytes(digest);
+                let (Some(m), Some(_pin)) = (store.manifest(&d), store.pin(&d)) else {
+                    send.write_all(&wire::status_frame(Status::NotFound, "not here")).await.map_err(|e| e.to_string())?;
+                    let _ = send.finish();
+                    return Ok(());
+                };
+                let n = m.pieces.len() as u32;
+                if first.checked_add(count).is_none_or(|end| end > n) {
+                    send.write_all(&wire::status_frame(Status::BadRequest, "pieces out of range")).await.map_err(|e| e.to_string())?;
+                    let _ = send.finish();
+                    return Ok(());
+                }
+                send.write_all(&[Status::Ok as u8]).await.map_err(|e| e.to_string())?;
+                for i in first..first + count {
+                    let off = i as u64 * m.piece_size as u64;
+                    let len = (m.size - off).min(m.piece_size as u64);
+                    let bytes = store.read_range(&d, off, len).await.map_err(|e| e.to_string())?;
+                    if let Some(l) = &self.inner.upload {
+                        l.take(len).await;
+                    }
+                    send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+                    self.inner.counters.bytes_to_peers.fetch_add(len, Ordering::Relaxed);
+                }
+            }
+            Request::Fetch { digest, url, authorization } => {
+                let d = Digest::from_sha256_bytes(digest);
+                self.inner.counters.fetches_for_peers.fetch_add(1, Ordering::Relaxed);
+                let frame = match self.inner.fetcher.get() {
+                    None => wire::status_frame(Status::UpstreamFailed, "this node cannot fetch"),
+                    Some(f) => match f.fetch(d, url, authorization).await {
+                        Ok(()) => wire::status_frame(Status::Ok, ""),
+                        Err(e) => wire::status_frame(Status::UpstreamFailed, &e),
+                    },
+                };
+                send.write_all(&frame).await.map_err(|e| e.to_string())?;
+            }
+        }
+        send.finish().map_err(|e| e.to_string())?;
+        let _ = send.stopped().await;
+        Ok(())
+    }
+
+    /// A connection to `peer`, reused while alive; dialing is bounded by `dial_timeout`.
+    async fn connect(&self, peer: SocketAddr) -> Result<quinn::Connection, TransferError> {
+        if let Some(c) = self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).get(&peer) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let err = |msg: String| TransferError::Peer { peer, msg };
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(self.inner.client.clone(), peer, tls::SERVER_NAME)
+            .map_err(|e| err(e.to_string()))?;
+        let conn = tokio::time::timeout(self.inner.cfg.dial_timeout, connecting)
+            .await
+            .map_err(|_| err(format!("no handshake within {:?}", self.inner.cfg.dial_timeout)))?
+            .map_err(|e| err(e.to_string()))?;
+        self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, conn.clone());
+        Ok(conn)
+    }
+
+    /// One request/answer exchange; returns the status and the receive stream for the body.
+    async fn exchange(&self, peer: SocketAddr, req: &Request) -> Result<(Status, quinn::RecvStream), TransferError> {
+        let err = |msg: String| TransferError::Peer { peer, msg };
+        let conn = self.connect(peer).await?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
+        let frame = req.encode().map_err(|e| err(e.to_string()))?;
+        send.write_all(&frame).await.map_err(|e| err(e.to_string()))?;
+        send.finish().map_err(|e| err(e.to_string()))?;
+        let mut st = [0u8; 1];
+        recv.read_exact(&mut st).await.map_err(|e| err(e.to_string()))?;
+        let status = Status::from_u8(st[0]).ok_or_else(|| err(format!("unknown status {}", st[0])))?;
+        Ok((status, recv))
+    }
+
+    async fn status_message(recv: &mut quinn::RecvStream) -> String {
+        recv.read_to_end(4096).await.ok().and_then(|b| b.get(2..).map(|m| String::from_utf8_lossy(m).into_owned())).unwrap_or_default()
+    }
+
+    /// The manifest of `d` from the first holder that has it complete.
+    async fn manifest_from(&self, d: &Digest, holders: &[SocketAddr]) -> Option<(SocketAddr, WireManifest)> {
+        for &peer in holders {
+            let res = tokio::time::timeout(self.inner.cfg.manifest_timeout, async {
+                let (st, mut recv) = self.exchange(peer, &Request::Manifest { digest: *d.as_bytes() }).await.ok()?;
+                if st != Status::Ok {
+                    return None;
+                }
+                let body = recv.read_to_end(17 + wire::MAX_MANIFEST_PIECES as usize * 32).await.ok()?;
+                WireManifest::decode(&body).ok()
+            })
+            .await;
+            if let Ok(Some(m)) = res {
+                return Some((peer, m));
+            }
+        }
+        None
+    }
+
+    /// Asks `owner` to fetch `d` from upstream (with the client's credentials); returns when the
+    /// owner holds the verified blob, or fails (the caller tries the next owner or upstream).
+    pub async fn ask_fetch(&self, owner: SocketAddr, d: &Digest, url: &str, authorization: Option<&str>, within: Duration) -> Result<(), TransferError> {
+        let req = Request::Fetch { digest: *d.as_bytes(), url: url.to_string(), authorization: authorization.map(str::to_owned) };
+        let res = tokio::time::timeout(within, async {
+            let (st, mut recv) = self.exchange(owner, &req).await?;
+            if st == Status::Ok {
+                Ok(())
+            } else {
+                Err(TransferError::Peer { peer: owner, msg: format!("fetch refused ({st:?}): {}", Self::status_message(&mut recv).await) })
+            }
+        })
+        .await;
+        res.unwrap_or_else(|_| Err(TransferError::Peer { peer: owner, msg: format!("no fetch answer within {within:?}") }))
+    }
+
+    /// Downloads `d` from `holders` (address, same zone) into the store, piece by piece, each
+    /// piece checked against the manifest's blake3 and the whole blob against its sha256 at the
+    /// end. Returns when the blob is complete and verified.
+    pub async fn download(&self, d: &Digest, holders: &[(SocketAddr, bool)]) -> Result<(), TransferError> {
+        if self.inner.store.has(d) {
+            return Ok(());
+        }
+        let addrs: Vec<SocketAddr> = holders.iter().map(|h| h.0).collect();
+        let (manifest_peer, m) = self.manifest_from(d, &addrs).await.ok_or(TransferError::NoPeer(*d))?;
+        let store = &self.inner.store;
+        store.declare(d, m.size).await?;
+        let m = Arc::new(m);
+        let mut dl = Download::new(m.pieces.len() as u32, self.inner.cfg.swarm.clone());
+        let peers: Vec<SocketAddr> = holders.iter().map(|&(a, zone)| {
+            dl.add_peer(zone);
+            a
+        }).collect();
+        let (tx, mut rx) = mpsc::channel::<(Assignment, Result<Vec<(u32, Bytes)>, Failure>)>(64);
+        let mut tasks: HashMap<(usize, u32), tokio::task::JoinHandle<()>> = HashMap::new();
+        let started = Instant::now();
+        loop {
+            if store.has(d) || dl.is_complete() {
+                break;
+            }
+            if dl.is_stuck() {
+                for (_, t) in tasks.drain() {
+                    t.abort();
+                }
+                return Err(TransferError::NoPeer(*d));
+            }
+            let now = Instant::now();
+            for a in dl.expire(now) {
+                self.inner.counters.peer_timeouts.fetch_add(1, Ordering::Relaxed);
+                if let Some(t) = tasks.remove(&(a.peer, a.first)) {
+                    t.abort();
+                }
+            }
+            for a in dl.poll(now) {
+                let this = self.clone();
+                let peer = peers[a.peer];
+                let m = m.clone();
+                let tx = tx.clone();
+                let digest = *d;
+                tasks.insert((a.peer, a.first), tokio::spawn(async move {
+                    let r = this.get_pieces(peer, &digest, &m, a).await;
+                    let _ = tx.send((a, r)).await;
+                }));
+            }
+            let tick = tokio::time::sleep(Duration::from_millis(50));
+            tokio::select! {
+                Some((a, r)) = rx.recv() => {
+                    tasks.remove(&(a.peer, a.first));
+                    match r {
+                        Ok(pieces) => {
+                            let mut failed = None;
+                            for (i, bytes) in pieces {
+                                let src = Source::Peer(peers[a.peer].to_string());
+                                match store.put_piece(d, i as usize, bytes.to_vec(), to_hash(&m.pieces[i as usize]), src).await {
+                                    Ok(PutOutcome::Stored | PutOutcome::Completed | PutOutcome::AlreadyPresent) => dl.on_piece(i),
+                                    Ok(PutOutcome::InFlight) => {}
+                                    Err(StoreError::PieceMismatch { .. }) => {
+                                        self.inner.counters.corrupt_pieces.fetch_add(1, Ordering::Relaxed);
+                                        warn!(peer = %peers[a.peer], %d, piece = i, "peer sent a corrupt piece; excluded");
+                                        failed = Some(Failure::Corrupt);
+                                        break;
+                                    }
+                                    Err(e @ StoreError::DigestMismatch { .. }) => {
+                                        // Every piece matched the manifest, the blob did not: the manifest lied.
+                                        warn!(%manifest_peer, "{e}");
+                                        return Err(TransferError::Peer { peer: manifest_peer, msg: e.to_string() });
+                                    }
+                                    Err(e) => return Err(e.into()),
+                                }
+                            }
+                            match failed {
+                                Some(f) => dl.on_failure(a, f),
+                                None => dl.on_done(a),
+                            }
+                        }
+                        Err(f) => {
+                            self.inner.counters.peer_errors.fetch_add(1, Ordering::Relaxed);
+                            dl.on_failure(a, f);
+                        }
+                    }
+                }
+                _ = tick => {}
+            }
+        }
+        for (_, t) in tasks.drain() {
+            t.abort();
+        }
+        info!(%d, size = m.size, elapsed_ms = started.elapsed().as_millis() as u64, "downloaded from peers");
+        Ok(())
+    }
+
+    async fn get_pieces(&self, peer: SocketAddr, d: &Digest, m: &WireManifest, a: Assignment) -> Result<Vec<(u32, Bytes)>, Failure> {
+        let req = Request::Pieces { digest: *d.as_bytes(), first: a.first, count: a.count };
+        let (st, mut recv) = self.exchange(peer, &req).await.map_err(|_| Failure::Error)?;
+        match st {
+            Status::Ok => {}
+            Status::NotFound => return Err(Failure::NotFound),
+            _ => return Err(Failure::Error),
+        }
+        let mut out = Vec::with_capacity(a.count as usize);
+        for i in a.first..a.first + a.count {
+            let len = m.piece_len(i) as usize;
+            let mut buf = vec![0u8; len];
+            recv.read_exact(&mut buf).await.map_err(|_| Failure::Error)?;
+            if let Some(l) = &self.inner.download {
+                l.take(len as u64).await;
+            }
+            self.inner.counters.bytes_from_peers.fetch_add(len as u64, Ordering::Relaxed);
+            self.inner.counters.pieces_from_peers.fetch_add(1, Ordering::Relaxed);
+            out.push((i, Bytes::from(buf)));
+        }
+        Ok(out)
+    }
+}
+
+/// Rendezvous (highest random weight) hashing: the member that fetches `d` from upstream for the
+/// whole cluster. Every node with the same membership view picks the same owner, with no leader;
+/// when the owner leaves, only its digests move.
+pub fn owner<'a>(d: &Digest, members: impl IntoIterator<Item = &'a SocketAddr>) -> Option<SocketAddr> {
+    members
+        .into_iter()
+        .max_by_key(|m| {
+            let mut h = blake3::Hasher::new();
+            h.update(d.as_bytes());
+            h.update(m.to_string().as_bytes());
+            *h.finalize().as_bytes()
+        })
+        .copied()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,125 @@
+use std::net::SocketAddr;
+
+use super::*;
+use crate::store::StoreConfig;
+
+const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+struct Node {
+    _dir: tempfile::TempDir,
+    store: Store,
+    t: Transfer,
+}
+
+async fn node(secret: &[u8]) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreConfig::new(1 << 30)).await.unwrap();
+    let mut cfg = TransferConfig::new("127.0.0.1:0".parse().unwrap(), "n".into(), secret.to_vec());
+    cfg.swarm.request_timeout = Duration::from_secs(3);
+    let t = Transfer::start(cfg, store.clone()).unwrap();
+    Node { _dir: dir, store, t }
+}
+
+fn blob(len: usize, salt: u8) -> (Digest, Vec<u8>) {
+    use sha2::Digest as _;
+    let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(31) ^ salt).collect();
+    (Digest::from_sha256_bytes(sha2::Sha256::digest(&data).into()), data)
+}
+
+async fn put(n: &Node, d: &Digest, data: &[u8]) {
+    let mut w = n.store.writer(d, data.len() as u64, Source::Upstream("test".into())).await.unwrap();
+    w.write(data).await.unwrap();
+    w.finish().await.unwrap();
+}
+
+fn addr(n: &Node) -> SocketAddr {
+    n.t.local_addr().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_verified_pieces_from_several_peers() {
+    let (d, data) = blob((5 << 20) + 777, 1);
+    let (a, b, c) = (node(SECRET).await, node(SECRET).await, node(SECRET).await);
+    put(&a, &d, &data).await;
+    put(&b, &d, &data).await;
+    c.t.download(&d, &[(addr(&a), false), (addr(&b), false)]).await.unwrap();
+    assert!(c.store.has(&d));
+    assert_eq!(c.store.read_range(&d, 0, data.len() as u64).await.unwrap(), data);
+    let from_a = a.t.counters().bytes_to_peers.load(Ordering::Relaxed);
+    let from_b = b.t.counters().bytes_to_peers.load(Ordering::Relaxed);
+    assert_eq!(from_a + from_b, data.len() as u64, "each byte fetched once");
+    assert!(from_a > 0 && from_b > 0, "both holders served: {from_a} {from_b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_without_the_secret_is_refused_both_ways() {
+    let (d, data) = blob(1 << 20, 2);
+    let honest = node(SECRET).await;
+    let outsider = node(b"another secret, not the cluster's").await;
+    put(&honest, &d, &data).await;
+    // The outsider cannot get content from the cluster...
+    assert!(matches!(outsider.t.download(&d, &[(addr(&honest), false)]).await, Err(TransferError::NoPeer(_))));
+    assert!(!outsider.store.has(&d));
+    // ...and a cluster node does not take content from it.
+    put(&outsider, &d, &data).await;
+    let other = node(SECRET).await;
+    assert!(other.t.download(&d, &[(addr(&outsider), false)]).await.is_err());
+    assert!(!other.store.has(&d));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_peer_is_caught_and_pieces_come_from_another() {
+    let (d, data) = blob(4 << 20, 3);
+    let (liar, honest, me) = (node(SECRET).await, node(SECRET).await, node(SECRET).await);
+    put(&liar, &d, &data).await;
+    put(&honest, &d, &data).await;
+    // Corrupt the liar's copy on disk (its store trusts its disk on reads by default).
+    let path = liar.store.blob_file_path(&d).unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    for i in (0..bytes.len()).step_by(1 << 20) {
+        bytes[i + 100] ^= 0xff;
+    }
+    std::fs::write(&path, bytes).unwrap();
+    // The liar answers the manifest first (its manifest is honest; its pieces are not).
+    me.t.download(&d, &[(addr(&liar), true), (addr(&honest), false)]).await.unwrap();
+    assert_eq!(me.store.read_range(&d, 0, data.len() as u64).await.unwrap(), data);
+    assert!(me.t.counters().corrupt_pieces.load(Ordering::Relaxed) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_peer_does_not_stall_the_download() {
+    let (d, data) = blob(3 << 20, 4);
+    let (a, me) = (node(SECRET).await, node(SECRET).await);
+    put(&a, &d, &data).await;
+    // An address where nothing answers: the dial is bounded.
+    let dead: SocketAddr = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
+    };
+    let t = Instant::now();
+    me.t.download(&d, &[(dead, true), (addr(&a), false)]).await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(me.store.has(&d));
+}
+
+#[test]
+fn rendezvous_owner_is_stable_and_spread() {
+    let members: Vec<SocketAddr> = (1..=8).map(|i| format!("198.18.0.{i}:30001").parse().unwrap()).collect();
+    let mut counts = std::collections::HashMap::new();
+    for i in 0..800u32 {
+        let (d, _) = blob(8, i as u8);
+        let d = Digest::from_sha256_bytes(*blake3::hash(&[d.as_bytes().as_slice(), &i.to_le_bytes()].concat()).as_bytes());
+        let o = owner(&d, &members).unwrap();
+        // Same answer regardless of order.
+        let mut rev = members.clone();
+        rev.reverse();
+        assert_eq!(owner(&d, &rev), Some(o));
+        // Removing a non-owner does not move it.
+        let others: Vec<SocketAddr> = members.iter().copied().filter(|m| *m != o).collect();
+        let without_one: Vec<SocketAddr> = members.iter().copied().filter(|m| *m != others[0]).collect();
+        assert_eq!(owner(&d, &without_one), Some(o));
+        *counts.entry(o).or_insert(0) += 1;
+    }
+    assert_eq!(counts.len(), 8);
+    assert!(counts.values().all(|&c| c > 50), "{counts:?}");
+}
