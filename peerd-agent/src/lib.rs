@@ -5,6 +5,8 @@
 
 pub mod bpf;
 pub mod config;
+pub mod gossip;
 pub mod mirror;
+pub mod peers;
 pub mod store;
 pub mod transfer;

@@ -5,8 +5,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use peerd_agent::{
     config,
-    mirror::{Mirror, MirrorConfig, Registries},
+    mirror::{Cluster, Mirror, MirrorConfig, Registries},
+    peers::StaticPeers,
     store::{Store, StoreConfig},
+    transfer::{Transfer, TransferConfig},
 };
 
 #[derive(Parser)]
@@ -63,6 +65,31 @@ struct AgentArgs {
     /// at 30 s).
     #[arg(long, env = "PEERD_UPSTREAM_TIMEOUT", default_value_t = 15)]
     upstream_timeout: u64,
+    /// UDP address of the peer transfer endpoint (QUIC).
+    #[arg(long, env = "PEERD_PEER_ADDR", default_value = "0.0.0.0:30002")]
+    peer_addr: SocketAddr,
+    /// The address other agents reach this one at (default: --peer-addr, which must then not be
+    /// a wildcard address to be useful).
+    #[arg(long, env = "PEERD_ADVERTISE_ADDR")]
+    advertise_addr: Option<SocketAddr>,
+    /// Another agent's peer address (repeatable): a fixed cluster. Without peers the agent runs
+    /// alone.
+    #[arg(long = "peer", env = "PEERD_PEER", value_delimiter = ',')]
+    peers: Vec<SocketAddr>,
+    /// File holding the cluster secret (peers authenticate with certificates derived from it).
+    /// Default: <data-dir>/cluster-secret, generated when absent (fine for one node; a cluster
+    /// shares one, e.g. from a Kubernetes Secret).
+    #[arg(long, env = "PEERD_CLUSTER_SECRET_FILE")]
+    cluster_secret_file: Option<PathBuf>,
+    /// This node's name among peers (default: the host name).
+    #[arg(long, env = "PEERD_NODE_ID")]
+    node_id: Option<String>,
+    /// Upload limit to peers (bytes per second, e.g. 50M); unlimited by default.
+    #[arg(long, env = "PEERD_UPLOAD_LIMIT", value_parser = config::parse_size)]
+    upload_limit: Option<u64>,
+    /// Download limit from peers (bytes per second); unlimited by default.
+    #[arg(long, env = "PEERD_DOWNLOAD_LIMIT", value_parser = config::parse_size)]
+    download_limit: Option<u64>,
     /// Log format.
     #[arg(long, env = "PEERD_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -141,7 +168,22 @@ fn agent(args: AgentArgs) -> Result<()> {
             ..MirrorConfig::default()
         };
         let names: Vec<String> = cfg.registries.iter().map(|r| format!("{}={}", r.name, r.url)).collect();
-        let mirror = Mirror::new(cfg, store, args.data_dir.join("mirror"))?;
+        let secret_file = args.cluster_secret_file.clone().unwrap_or_else(|| args.data_dir.join("cluster-secret"));
+        let secret = cluster_secret(&secret_file, args.cluster_secret_file.is_none())?;
+        let node_id = args.node_id.clone().unwrap_or_else(hostname);
+        let mut tcfg = TransferConfig::new(args.peer_addr, node_id.clone(), secret);
+        tcfg.upload_limit = args.upload_limit;
+        tcfg.download_limit = args.download_limit;
+        let transfer = Transfer::start(tcfg, store.clone()).context("starting the peer endpoint")?;
+        let me = args.advertise_addr.unwrap_or(args.peer_addr);
+        let cluster = (!args.peers.is_empty()).then(|| Cluster {
+            transfer: transfer.clone(),
+            peers: std::sync::Arc::new(StaticPeers { me, peers: args.peers.clone() }),
+            peer_budget: Duration::from_secs(120),
+            owner_budget: Duration::from_secs(600),
+        });
+        let mirror = Mirror::new(cfg, store, args.data_dir.join("mirror"), cluster)?;
+        transfer.set_fetcher(std::sync::Arc::new(mirror.clone()));
         let listener = tokio::net::TcpListener::bind(args.mirror_addr)
             .await
             .with_context(|| format!("bind mirror address {}", args.mirror_addr))?;
@@ -150,7 +192,10 @@ fn agent(args: AgentArgs) -> Result<()> {
             mirror = %args.mirror_addr,
             cache_bytes = budget,
             registries = ?names,
-            "peerd agent started (single node)"
+            peer = %me,
+            peers = args.peers.len(),
+            node = %node_id,
+            "peerd agent started"
         );
         tokio::select! {
             r = mirror.serve(listener) => r.context("mirror server")?,
@@ -159,6 +204,32 @@ fn agent(args: AgentArgs) -> Result<()> {
         tracing::info!("shutting down");
         Ok(())
     })
+}
+
+/// Reads the cluster secret; on a single node with the default path, creates one (32 random
+/// bytes, mode 0600) when absent.
+fn cluster_secret(path: &std::path::Path, may_create: bool) -> Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read(path) {
+        Ok(s) if s.len() >= 16 => Ok(s),
+        Ok(s) => anyhow::bail!("cluster secret {} is too short ({} bytes; at least 16)", path.display(), s.len()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && may_create => {
+            let mut secret = vec![0u8; 32];
+            std::fs::File::open("/dev/urandom")?.read_exact(&mut secret)?;
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
+                .with_context(|| format!("create {}", path.display()))?;
+            f.write_all(&secret)?;
+            f.sync_all()?;
+            tracing::info!(path = %path.display(), "generated a cluster secret");
+            Ok(secret)
+        }
+        Err(e) => Err(e).with_context(|| format!("read cluster secret {}", path.display())),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "peerd".into())
 }
 
 async fn shutdown_signal() -> Result<()> {

@@ -13,7 +13,7 @@ pub mod range;
 pub mod upstream;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{
@@ -27,10 +27,17 @@ pub use body::Body;
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use sha2::Digest as _;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{
+    net::TcpListener,
+    sync::{watch, Semaphore},
+};
 use tracing::{debug, info, warn};
 
-use crate::store::{Digest, Source, Store};
+use crate::{
+    peers::PeerDirectory,
+    store::{Digest, Source, Store},
+    transfer::{self, Transfer},
+};
 use oci::{Reference, Rejection, Route};
 use range::RangeAnswer;
 pub use upstream::{Registries, Registry, Upstream};
@@ -88,6 +95,8 @@ pub enum MirrorError {
 #[derive(Default, Debug)]
 pub struct Counters {
     pub hits: AtomicU64,
+    pub hits_from_peers: AtomicU64,
+    pub owner_failures: AtomicU64,
     pub misses: AtomicU64,
     pub bytes_from_cache: AtomicU64,
     pub bytes_from_upstream: AtomicU64,
@@ -105,20 +114,56 @@ fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+enum Flight {
+    Leader(FlightGuard),
+    Follower(watch::Receiver<bool>),
+}
+
+/// Marks this node's upstream fetch of a digest; followers are released when it drops.
+struct FlightGuard {
+    mirror: Mirror,
+    d: Digest,
+    tx: watch::Sender<bool>,
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        self.mirror.inner.flights.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.d);
+        let _ = self.tx.send(true);
+    }
+}
+
+/// How long a request waits for another request's upstream fetch of the same blob.
+const FOLLOW_BOUND: Duration = Duration::from_secs(600);
+
 #[derive(Clone)]
 pub struct Mirror {
     inner: Arc<Inner>,
 }
 
+/// The other agents: where a miss looks before going upstream.
+#[derive(Clone)]
+pub struct Cluster {
+    pub transfer: Transfer,
+    pub peers: Arc<dyn PeerDirectory>,
+    /// Bound on getting a blob from peers before falling back (owner fetches excluded).
+    pub peer_budget: Duration,
+    /// Bound on waiting for the owner of a blob to fetch it from upstream.
+    pub owner_budget: Duration,
+}
+
 struct Inner {
     cfg: MirrorConfig,
+    cluster: Option<Cluster>,
     store: Store,
     upstream: Upstream,
     /// Media types of cached manifests (`<hex>` -> type); the store keeps bytes only.
     media_dir: PathBuf,
     /// sha256(registry, repository, credential) -> when upstream last confirmed access.
     auth: Mutex<HashMap<[u8; 32], Instant>>,
-    prefetching: Mutex<HashSet<Digest>>,
+    /// Upstream fetches in progress on this node, one per digest (single flight): a second
+    /// request for the same blob waits for the first instead of fetching again.
+    flights: Mutex<HashMap<Digest, watch::Receiver<bool>>>,
     prefetch_slots: Arc<Semaphore>,
     counters: Counters,
 }
@@ -126,7 +171,7 @@ struct Inner {
 type Resp = Response<Body>;
 
 impl Mirror {
-    pub fn new(cfg: MirrorConfig, store: Store, state_dir: PathBuf) -> Result<Self, MirrorError> {
+    pub fn new(cfg: MirrorConfig, store: Store, state_dir: PathBuf, cluster: Option<Cluster>) -> Result<Self, MirrorError> {
         let media_dir = state_dir.join("media-types");
         std::fs::create_dir_all(&media_dir).map_err(|e| MirrorError::Io(media_dir.display().to_string(), e))?;
         let upstream = Upstream::new(cfg.connect_timeout, cfg.head_timeout, cfg.read_timeout)?;
@@ -134,11 +179,12 @@ impl Mirror {
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
+                cluster,
                 store,
                 upstream,
                 media_dir,
                 auth: Mutex::new(HashMap::new()),
-                prefetching: Mutex::new(HashSet::new()),
+                flights: Mutex::new(HashMap::new()),
                 prefetch_slots: slots,
                 counters: Counters::default(),
             }),
@@ -216,6 +262,17 @@ impl Mirror {
         if head {
             return self.relay(Method::HEAD, url, &fwd).await;
         }
+        if self.inner.cluster.is_some() {
+            // Content from peers is still this client's only if the registry says so.
+            if let Err(r) = self.authorize(&reg.name, name, url.clone(), h).await {
+                return r;
+            }
+            if self.from_cluster(&d, &url, &fwd).await {
+                inc(&self.inner.counters.hits_from_peers);
+                let size = self.stored_size(&d).unwrap_or(0);
+                return self.serve_stored(&d, size, range_header(h), head, "application/octet-stream");
+            }
+        }
         if let Some(r) = range_header(h) {
             // A part of a blob we do not hold: relay it from the origin and fetch the whole blob
             // in the background so the next read is a verified hit.
@@ -226,7 +283,7 @@ impl Mirror {
             self.prefetch(d, url.clone(), fwd, Source::Upstream(reg.name.clone()));
             return self.relay(Method::GET, url, &with_range).await;
         }
-        self.pull_through(d, url, &fwd, Source::Upstream(reg.name.clone())).await
+        self.pull_through(d, url, &fwd, Source::Upstream(reg.name.clone()), None).await
     }
 
     async fn manifest(&self, head: bool, reg: &Registry, name: &str, reference: Reference, h: &HeaderMap) -> Resp {
@@ -411,7 +468,18 @@ impl Mirror {
     /// A miss: streams the blob from upstream to the client while writing the store. The last
     /// chunk is held until the whole body's sha256 matches, so a wrong body always reaches the
     /// client as an aborted transfer, never as a complete one.
-    async fn pull_through(&self, d: Digest, url: reqwest::Url, fwd: &HeaderMap, source: Source) -> Resp {
+    async fn pull_through(&self, d: Digest, url: reqwest::Url, fwd: &HeaderMap, source: Source, range: Option<&str>) -> Resp {
+        let flight = match self.flight(d) {
+            Flight::Leader(g) => g,
+            Flight::Follower(rx) => {
+                if self.follow(&d, rx, FOLLOW_BOUND).await {
+                    let size = self.stored_size(&d).unwrap_or(0);
+                    return self.serve_stored(&d, size, range, false, "application/octet-stream");
+                }
+                // The other fetch failed: relay for this client without caching.
+                return self.relay(Method::GET, url, fwd).await;
+            }
+        };
         let mut resp = match self.inner.upstream.send(Method::GET, url, fwd).await {
             Ok(r) => r,
             Err(e) => return self.upstream_failed(e),
@@ -434,6 +502,7 @@ impl Mirror {
         let (tx, body) = Body::channel(8);
         let this = self.clone();
         tokio::spawn(async move {
+            let _flight = flight;
             let mut sha = sha2::Sha256::new();
             let mut held: Option<Bytes> = None;
             loop {
@@ -487,24 +556,119 @@ impl Mirror {
         r
     }
 
+    /// Gets `d` into the store from the cluster: from peers holding it, else by asking the
+    /// blob's rendezvous owner to fetch it from upstream once for everyone. `false` means "go
+    /// upstream yourself" (this node is the owner, or the cluster could not help in time).
+    async fn from_cluster(&self, d: &Digest, url: &reqwest::Url, fwd: &HeaderMap) -> bool {
+        let Some(c) = &self.inner.cluster else { return false };
+        let holders = c.peers.holders(d);
+        if !holders.is_empty() {
+            match tokio::time::timeout(c.peer_budget, c.transfer.download(d, &holders)).await {
+                Ok(Ok(())) => return true,
+                Ok(Err(e)) => debug!(%d, "not from peers: {e}"),
+                Err(_) => debug!(%d, "peers too slow; falling back"),
+            }
+        }
+        let me = c.peers.me();
+        let mut members = c.peers.members();
+        let auth = fwd.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        // If the owner dies or fails, the next one by rendezvous takes over.
+        for _ in 0..3 {
+            let Some(owner) = transfer::owner(d, &members) else { return false };
+            if owner == me {
+                return false;
+            }
+            let res = async {
+                c.transfer.ask_fetch(owner, d, url.as_str(), auth, c.owner_budget).await?;
+                c.transfer.download(d, &[(owner, true)]).await
+            }
+            .await;
+            match res {
+                Ok(()) => return true,
+                Err(e) => {
+                    inc(&self.inner.counters.owner_failures);
+                    warn!(%d, %owner, "owner could not provide the blob: {e}");
+                    members.retain(|m| *m != owner);
+                }
+            }
+        }
+        false
+    }
+
+    /// Fetches `d` from upstream into the store, once per node even when several peers ask at
+    /// the same time (the store admits one writer; the others wait for it). Only configured
+    /// upstream hosts: a peer cannot make this node fetch anything else.
+    async fn fetch_to_store(&self, d: Digest, url: String, authorization: Option<String>) -> Result<(), String> {
+        if self.stored_size(&d).is_some() {
+            return Ok(());
+        }
+        let url = reqwest::Url::parse(&url).map_err(|e| format!("bad URL: {e}"))?;
+        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+        let allowed = matches!(url.scheme(), "http" | "https")
+            && (self.inner.cfg.registries.hosts().any(|h| h.eq_ignore_ascii_case(&host))
+                || self.inner.cfg.blob_hosts.iter().any(|h| h.eq_ignore_ascii_case(&host)));
+        if !allowed {
+            inc(&self.inner.counters.proxy_denied);
+            return Err(format!("{host} is not a configured upstream"));
+        }
+        let _flight = match self.flight(d) {
+            Flight::Leader(g) => g,
+            Flight::Follower(rx) => {
+                return if self.follow(&d, rx, FOLLOW_BOUND).await { Ok(()) } else { Err("the fetch on this node failed".into()) };
+            }
+        };
+        let mut fwd = HeaderMap::new();
+        if let Some(a) = authorization.as_deref().and_then(|a| header::HeaderValue::from_str(a).ok()) {
+            fwd.insert(header::AUTHORIZATION, a);
+        }
+        let mut resp = self.inner.upstream.send(Method::GET, url, &fwd).await.map_err(|e| e.to_string())?;
+        if resp.status() != reqwest::StatusCode::OK {
+            return Err(format!("upstream answered {}", resp.status()));
+        }
+        let size = resp.content_length().ok_or("upstream sent no Content-Length")?;
+        let mut w = self.inner.store.writer(&d, size, Source::Upstream(host)).await.map_err(|e| e.to_string())?;
+        while let Some(c) = resp.chunk().await.map_err(|e| e.to_string())? {
+            self.inner.counters.bytes_from_upstream.fetch_add(c.len() as u64, Ordering::Relaxed);
+            w.write(&c).await.map_err(|e| e.to_string())?;
+        }
+        w.finish().await.map_err(|e| e.to_string())?;
+        info!(%d, "fetched from upstream for the cluster");
+        Ok(())
+    }
+
+    /// Joins or starts the upstream fetch of `d` on this node.
+    fn flight(&self, d: Digest) -> Flight {
+        let mut m = self.inner.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rx) = m.get(&d) {
+            return Flight::Follower(rx.clone());
+        }
+        let (tx, rx) = watch::channel(false);
+        m.insert(d, rx);
+        Flight::Leader(FlightGuard { mirror: self.clone(), d, tx })
+    }
+
+    /// Waits (bounded) for another request's fetch of `d`; true if the blob is now stored.
+    async fn follow(&self, d: &Digest, mut rx: watch::Receiver<bool>, within: Duration) -> bool {
+        let _ = tokio::time::timeout(within, rx.wait_for(|done| *done)).await;
+        self.stored_size(d).is_some()
+    }
+
     /// Starts, at most once per digest and within the concurrency bound, a background fetch of a
     /// whole blob into the store.
     fn prefetch(&self, d: Digest, url: reqwest::Url, fwd: HeaderMap, source: Source) {
         if self.stored_size(&d).is_some() {
             return;
         }
-        if !self.inner.prefetching.lock().unwrap_or_else(|e| e.into_inner()).insert(d) {
-            return;
-        }
         let Ok(permit) = self.inner.prefetch_slots.clone().try_acquire_owned() else {
             inc(&self.inner.counters.prefetch_skipped);
-            self.inner.prefetching.lock().unwrap_or_else(|e| e.into_inner()).remove(&d);
             return;
         };
+        let Flight::Leader(flight) = self.flight(d) else { return };
         inc(&self.inner.counters.prefetch_started);
         let this = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let _flight = flight;
             let res: Result<(), String> = async {
                 let mut resp = this.inner.upstream.send(Method::GET, url, &fwd).await.map_err(|e| e.to_string())?;
                 if resp.status() != reqwest::StatusCode::OK {
@@ -524,7 +688,6 @@ impl Mirror {
                 Ok(()) => info!(%d, "prefetched"),
                 Err(e) => debug!(%d, "prefetch failed: {e}"),
             }
-            this.inner.prefetching.lock().unwrap_or_else(|e| e.into_inner()).remove(&d);
         });
     }
 
@@ -755,5 +918,16 @@ mod tests {
         assert_eq!(percent_decode("127.0.0.1%3A5000"), "127.0.0.1:5000");
         assert_eq!(percent_decode("docker.io"), "docker.io");
         assert_eq!(percent_decode("bad%zz%4"), "bad%zz%4");
+    }
+}
+
+impl transfer::Fetcher for Mirror {
+    fn fetch(
+        &self,
+        digest: Digest,
+        url: String,
+        authorization: Option<String>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(self.fetch_to_store(digest, url, authorization))
     }
 }

@@ -1,0 +1,466 @@
+//! Cluster membership and content discovery by gossip (chitchat): no leader, no DHT.
+//!
+//! Every node publishes a few small keys (peer address, zone, version, and its content summary
+//! in 256 shards, see `summary`), gossips them sealed with the cluster secret (`seal`,
+//! `transport`), and folds what it hears into a local inverted index (`index`), so "who has
+//! digest D" never leaves the process. Encoding and invariants: PROTOCOL.md.
+
+pub mod index;
+pub mod seal;
+pub mod sim;
+pub mod summary;
+pub mod transport;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chitchat::transport::Transport;
+use chitchat::{
+    ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ListenerHandle,
+    ProtocolVersion, spawn_chitchat,
+};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+pub use index::Slot;
+pub use seal::CounterSnapshot;
+pub use summary::{ContentChange, Digest, Kind};
+
+use index::{Index, KeyView};
+use seal::Counters;
+use summary::{KeyUpdate, LocalContent};
+
+/// A node's id in the cluster (hostname and a random suffix by default).
+pub type NodeId = Arc<str>;
+
+const KEY_ADDR: &str = "addr";
+const KEY_ZONE: &str = "zone";
+const KEY_VERSION: &str = "ver";
+const CLUSTER_ID: &str = "peerd";
+
+/// Gossip settings. `GossipConfig::new` fills in the defaults.
+#[derive(Debug, Clone)]
+pub struct GossipConfig {
+    pub node_id: String,
+    /// UDP address gossip listens on.
+    pub listen_addr: SocketAddr,
+    /// Address peers gossip to; default: the peer address's IP with the listen port.
+    pub gossip_advertise_addr: Option<SocketAddr>,
+    /// The QUIC address peers fetch content from.
+    pub peer_addr: SocketAddr,
+    pub zone: String,
+    /// `ip:port` or `host:port` (a headless Service resolves to every agent pod).
+    pub seeds: Vec<String>,
+    pub secret: Vec<u8>,
+    /// 100 ms: p99 propagation to 1,000 nodes takes about log3(1000) ~ 7 rounds, so 100 ms keeps
+    /// it under 1 s; the cost is digest traffic that grows with the cluster (PROTOCOL.md).
+    pub gossip_interval: Duration,
+    /// How long a dead node stays listed (as dead) before it is forgotten.
+    pub dead_node_grace_period: Duration,
+    /// How often DNS seeds are re-resolved (every second while no peer is known).
+    pub seed_refresh: Duration,
+    /// Reported to peers in `PeerInfo::version`.
+    pub version: String,
+}
+
+impl GossipConfig {
+    pub fn new(peer_addr: SocketAddr, secret: impl Into<Vec<u8>>) -> Self {
+        Self {
+            node_id: default_node_id(),
+            listen_addr: (Ipv4Addr::UNSPECIFIED, 30001).into(),
+            gossip_advertise_addr: None,
+            peer_addr,
+            zone: String::new(),
+            seeds: Vec::new(),
+            secret: secret.into(),
+            gossip_interval: Duration::from_millis(100),
+            dead_node_grace_period: Duration::from_secs(60 * 60),
+            seed_refresh: Duration::from_secs(30),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    fn advertise_addr(&self) -> SocketAddr {
+        self.gossip_advertise_addr.unwrap_or_else(|| {
+            if self.listen_addr.ip().is_unspecified() {
+                SocketAddr::new(self.peer_addr.ip(), self.listen_addr.port())
+            } else {
+                self.listen_addr
+            }
+        })
+    }
+}
+
+/// Hostname plus 4 random hex digits, so a pod restarted under the same name is a new node.
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "node".to_string());
+    let mut suffix = [0u8; 2];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut suffix);
+    format!("{host}-{:02x}{:02x}", suffix[0], suffix[1])
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GossipError {
+    #[error("invalid gossip config: {0}")]
+    Config(String),
+    #[error("gossip could not start")]
+    Start(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    Alive,
+    Dead,
+}
+
+/// One peer as this node sees it.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub id: NodeId,
+    /// Distinguishes restarts of one node id.
+    pub generation: u64,
+    pub gossip_addr: SocketAddr,
+    /// QUIC address (None until the peer's `addr` key arrived or if it is malformed).
+    pub addr: Option<SocketAddr>,
+    pub zone: Arc<str>,
+    pub version: Arc<str>,
+    pub state: PeerState,
+    /// When its heartbeat last advanced (local clock).
+    pub last_seen: Instant,
+}
+
+/// A peer that advertises a digest.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    pub id: NodeId,
+    pub addr: Option<SocketAddr>,
+    pub zone: Arc<str>,
+    /// Partial holders have some pieces; ask them for their piece map.
+    pub kind: Kind,
+}
+
+#[derive(Debug, Default)]
+struct View {
+    index: Index<ChitchatId>,
+    peers: HashMap<Slot, PeerInfo>,
+    /// Last heartbeat seen per slot, to tell when a peer was last heard from.
+    heartbeats: HashMap<Slot, u64>,
+}
+
+/// A running gossip member.
+pub struct Gossip {
+    handle: Arc<ChitchatHandle>,
+    view: Arc<RwLock<View>>,
+    local: Mutex<LocalContent>,
+    counters: Arc<Counters>,
+    tasks: Vec<JoinHandle<()>>,
+    _listener: ListenerHandle,
+}
+
+impl Gossip {
+    /// Joins the cluster over sealed UDP.
+    pub async fn start(config: GossipConfig) -> Result<Gossip, GossipError> {
+        if config.secret.len() < 16 {
+            return Err(GossipError::Config("cluster secret shorter than 16 bytes".into()));
+        }
+        let counters = Arc::new(Counters::default());
+        let transport = transport::SealedUdpTransport::new(&config.secret, counters.clone());
+        Self::start_with_transport(config, &transport, counters).await
+    }
+
+    /// Joins over any chitchat transport (the simulator's in-memory one).
+    pub async fn start_with_transport(
+        config: GossipConfig,
+        transport: &dyn Transport,
+        counters: Arc<Counters>,
+    ) -> Result<Gossip, GossipError> {
+        let advertise = config.advertise_addr();
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        let chitchat_config = ChitchatConfig {
+            chitchat_id: ChitchatId::new(config.node_id.clone(), generation, advertise),
+            cluster_id: CLUSTER_ID.to_string(),
+            gossip_interval: config.gossip_interval,
+            listen_addr: config.listen_addr,
+            seed_nodes: config.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                initial_interval: config.gossip_interval,
+                dead_node_grace_period: config.dead_node_grace_period,
+                ..FailureDetectorConfig::default()
+            },
+            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            // V1 compresses the per-node digest every SYN carries; all peers are this code.
+            protocol_version: ProtocolVersion::V1,
+        };
+        let initial = vec![
+            (KEY_ADDR.to_string(), config.peer_addr.to_string()),
+            (KEY_ZONE.to_string(), config.zone.clone()),
+            (KEY_VERSION.to_string(), config.version.clone()),
+        ];
+        let handle = spawn_chitchat(chitchat_config, initial, transport)
+            .await
+            .map_err(|e| GossipError::Start(e.into()))?;
+        let handle = Arc::new(handle);
+        let changed = Arc::new(Notify::new());
+        let listener = {
+            let changed = changed.clone();
+            let chitchat = handle.chitchat();
+            let guard = chitchat.lock().await;
+            guard.subscribe_event("", move |_| changed.notify_one())
+        };
+        let view = Arc::new(RwLock::new(View::default()));
+        let tasks = vec![
+            tokio::spawn(refresh_loop(handle.clone(), view.clone(), changed, config.gossip_interval)),
+            tokio::spawn(seed_loop(handle.clone(), config.seeds.clone(), advertise, config.seed_refresh)),
+        ];
+        Ok(Gossip {
+            handle,
+            view,
+            local: Mutex::new(LocalContent::default()),
+            counters,
+            tasks,
+            _listener: listener,
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.handle.chitchat_id().node_id.clone()
+    }
+
+    /// Replaces what this node advertises; only changed shards are re-published.
+    pub async fn set_content(
+        &self,
+        complete: impl IntoIterator<Item = Digest>,
+        partial: impl IntoIterator<Item = Digest>,
+    ) {
+        let updates = match self.local.lock() {
+            Ok(mut local) => {
+                local.set(complete, partial);
+                local.take_updates()
+            }
+            Err(_) => return,
+        };
+        self.publish(updates).await;
+    }
+
+    /// Applies incremental changes (a blob finished, started, was evicted).
+    pub async fn apply(&self, changes: impl IntoIterator<Item = ContentChange>) {
+        let updates = match self.local.lock() {
+            Ok(mut local) => {
+                local.apply(changes);
+                local.take_updates()
+            }
+            Err(_) => return,
+        };
+        self.publish(updates).await;
+    }
+
+    async fn publish(&self, updates: Vec<KeyUpdate>) {
+        if updates.is_empty() {
+            return;
+        }
+        let chitchat = self.handle.chitchat();
+        let mut chitchat = chitchat.lock().await;
+        let state = chitchat.self_node_state();
+        for update in updates {
+            match update {
+                KeyUpdate::Set(key, value) => state.set(key, value),
+                KeyUpdate::Delete(key) => {
+                    if state.contains_key(&key) {
+                        state.delete(&key)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every other node known, alive or dead.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        match self.view.read() {
+            Ok(view) => view.peers.values().cloned().collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Live peers advertising `digest` (a 24-bit fingerprint match: rarely a false positive,
+    /// PROTOCOL.md; the transfer verifies and falls back).
+    pub fn who_has(&self, digest: &Digest) -> Vec<Holder> {
+        let Ok(view) = self.view.read() else { return Vec::new() };
+        let mut slots = Vec::new();
+        view.index.lookup(digest, &mut slots);
+        slots
+            .into_iter()
+            .filter_map(|(slot, kind)| {
+                let peer = view.peers.get(&slot)?;
+                (peer.state == PeerState::Alive).then(|| Holder {
+                    id: peer.id.clone(),
+                    addr: peer.addr,
+                    zone: peer.zone.clone(),
+                    kind,
+                })
+            })
+            .collect()
+    }
+
+    /// Drop and traffic counters of the sealed transport.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.counters.snapshot()
+    }
+
+    /// (index entries, index table bytes, undecodable shard values seen).
+    pub fn index_stats(&self) -> (usize, usize, u64) {
+        match self.view.read() {
+            Ok(view) => (view.index.len(), view.index.table_bytes(), view.index.undecodable),
+            Err(_) => (0, 0, 0),
+        }
+    }
+
+    /// Rebuilds the local view now instead of at the next change or tick.
+    pub async fn refresh(&self) {
+        refresh(&self.handle, &self.view).await;
+    }
+
+    /// Leaves: stops gossiping (peers will see this node die) and the background tasks.
+    pub async fn shutdown(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        let _ = self.handle.initiate_shutdown();
+    }
+}
+
+impl Drop for Gossip {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        let _ = self.handle.initiate_shutdown();
+    }
+}
+
+/// Folds chitchat's state into the view on every change, and once per interval for liveness.
+async fn refresh_loop(
+    handle: Arc<ChitchatHandle>,
+    view: Arc<RwLock<View>>,
+    changed: Arc<Notify>,
+    interval: Duration,
+) {
+    loop {
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(interval) => {}
+        }
+        refresh(&handle, &view).await;
+    }
+}
+
+async fn refresh(handle: &ChitchatHandle, view: &RwLock<View>) {
+    let chitchat = handle.chitchat();
+    let chitchat = chitchat.lock().await;
+    let me = chitchat.self_chitchat_id().clone();
+    let live: HashSet<&ChitchatId> = chitchat.live_nodes().collect();
+    let Ok(mut view) = view.write() else { return };
+    let View { index, peers, heartbeats } = &mut *view;
+    let now = Instant::now();
+    let mut present = HashSet::with_capacity(chitchat.node_states().len());
+    for (id, state) in chitchat.node_states() {
+        if *id == me {
+            continue;
+        }
+        present.insert(id.clone());
+        let keys = state.key_values_including_deleted().map(|(key, v)| KeyView {
+            key,
+            value: &v.value,
+            version: v.version,
+            deleted: v.is_deleted(),
+        });
+        let slot = match index.update_node(id, state.max_version(), keys) {
+            Ok(slot) => slot,
+            Err(error) => {
+                warn!(%error, "peer not indexed");
+                continue;
+            }
+        };
+        let alive = if live.contains(id) { PeerState::Alive } else { PeerState::Dead };
+        let heartbeat = u64::from(state.heartbeat());
+        let peer = peers.entry(slot).or_insert_with(|| PeerInfo {
+            id: id.node_id.clone(),
+            generation: id.generation_id,
+            gossip_addr: id.gossip_advertise_addr,
+            addr: None,
+            zone: Arc::from(""),
+            version: Arc::from(""),
+            state: alive,
+            last_seen: now,
+        });
+        if heartbeats.insert(slot, heartbeat) != Some(heartbeat) {
+            peer.last_seen = now;
+        }
+        peer.state = alive;
+        if peer.addr.is_none() {
+            peer.addr = state.get(KEY_ADDR).and_then(|a| a.parse().ok());
+        }
+        if let Some(zone) = state.get(KEY_ZONE) {
+            if *peer.zone != *zone {
+                peer.zone = Arc::from(zone);
+            }
+        }
+        if let Some(version) = state.get(KEY_VERSION) {
+            if *peer.version != *version {
+                peer.version = Arc::from(version);
+            }
+        }
+    }
+    index.retain(|id| present.contains(id));
+    peers.retain(|slot, _| index.key(*slot).is_some());
+    heartbeats.retain(|slot, _| index.key(*slot).is_some());
+}
+
+/// Gossips with seed addresses we do not know yet: at start, then every `every` (every second
+/// while alone), so nodes that came up before DNS listed them still meet.
+async fn seed_loop(
+    handle: Arc<ChitchatHandle>,
+    seeds: Vec<String>,
+    me: SocketAddr,
+    every: Duration,
+) {
+    if seeds.is_empty() {
+        return;
+    }
+    loop {
+        let mut addrs = HashSet::new();
+        for seed in &seeds {
+            if let Ok(addr) = seed.parse::<SocketAddr>() {
+                addrs.insert(addr);
+                continue;
+            }
+            match tokio::net::lookup_host(seed.as_str()).await {
+                Ok(resolved) => addrs.extend(resolved),
+                Err(error) => debug!(%seed, %error, "seed did not resolve"),
+            }
+        }
+        let (known, alone) = {
+            let chitchat = handle.chitchat();
+            let chitchat = chitchat.lock().await;
+            let known: HashSet<SocketAddr> =
+                chitchat.node_states().keys().map(|id| id.gossip_advertise_addr).collect();
+            (known, chitchat.live_nodes().count() <= 1)
+        };
+        for addr in addrs {
+            if addr != me && !known.contains(&addr) {
+                let _ = handle.gossip(addr);
+            }
+        }
+        tokio::time::sleep(if alone { every.min(Duration::from_secs(1)) } else { every }).await;
+    }
+}

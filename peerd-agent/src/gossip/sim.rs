@@ -1,0 +1,321 @@
+//! Deterministic-time simulation of many gossip members in one process (`gossip-sim`).
+//!
+//! All nodes run the real `Gossip` over chitchat's in-memory `ChannelTransport`, wrapped to drop
+//! packets (seeded), cut a partition, and count bytes per node (plus the seal's per-datagram
+//! overhead, since the in-memory transport does not seal). Run it on a paused tokio clock so time
+//! only advances when every node is idle: results do not depend on host speed. chitchat picks
+//! gossip targets with its own unseeded RNG, so runs differ slightly.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chitchat::ChitchatEnvelope;
+use chitchat::transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport};
+use tokio::time::Instant;
+
+use super::seal::{Counters, MAX_DATAGRAM, OVERHEAD};
+use super::summary::{self, ContentChange, Digest};
+use super::{Gossip, GossipConfig};
+
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    pub nodes: usize,
+    pub blobs: usize,
+    pub interval: Duration,
+    /// Packet loss during the lossy propagation run.
+    pub loss: f64,
+    pub seed: u64,
+    /// Give up waiting for convergence after this much simulated time.
+    pub max_wait: Duration,
+}
+
+/// Seeded splitmix64: deterministic digests and losses.
+#[derive(Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    pub fn digest(&mut self) -> Digest {
+        let mut d = [0u8; 32];
+        for chunk in d.chunks_mut(8) {
+            chunk.copy_from_slice(&self.next_u64().to_le_bytes());
+        }
+        d
+    }
+}
+
+/// The simulated network: loss, partition, byte counts.
+#[derive(Default)]
+struct Net {
+    loss_ppm: AtomicU64,
+    partitioned: AtomicBool,
+    /// Nodes on side B of the partition.
+    side_b: Mutex<HashSet<SocketAddr>>,
+    rng: Mutex<Option<Rng>>,
+    sent: Mutex<HashMap<SocketAddr, u64>>,
+}
+
+impl Net {
+    fn delivers(&self, from: SocketAddr, to: SocketAddr) -> bool {
+        if self.partitioned.load(Ordering::Relaxed) {
+            if let Ok(side_b) = self.side_b.lock() {
+                if side_b.contains(&from) != side_b.contains(&to) {
+                    return false;
+                }
+            }
+        }
+        let loss = self.loss_ppm.load(Ordering::Relaxed);
+        if loss == 0 {
+            return true;
+        }
+        match self.rng.lock() {
+            Ok(mut rng) => rng.as_mut().is_none_or(|rng| rng.next_u64() % 1_000_000 >= loss),
+            Err(_) => true,
+        }
+    }
+
+    fn total_sent(&self) -> u64 {
+        self.sent.lock().map(|s| s.values().sum()).unwrap_or(0)
+    }
+}
+
+struct SimTransport {
+    inner: ChannelTransport,
+    net: Arc<Net>,
+}
+
+struct SimSocket {
+    inner: Box<dyn Socket>,
+    addr: SocketAddr,
+    net: Arc<Net>,
+}
+
+#[async_trait]
+impl Transport for SimTransport {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        let inner = self.inner.open(listen_addr).await?;
+        Ok(Box::new(SimSocket { inner, addr: listen_addr, net: self.net.clone() }))
+    }
+}
+
+#[async_trait]
+impl Socket for SimSocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+
+    async fn send(&mut self, to: SocketAddr, envelope: ChitchatEnvelope) -> anyhow::Result<SendOutcome> {
+        // Sealing adds OVERHEAD per datagram (two datagrams past the fragment size).
+        let account = |n: usize| {
+            let datagrams = if n + OVERHEAD > MAX_DATAGRAM { 2 } else { 1 };
+            (n + datagrams * OVERHEAD) as u64
+        };
+        let outcome = if self.net.delivers(self.addr, to) {
+            self.inner.send(to, envelope).await?
+        } else {
+            // Dropped on the wire: the bytes were still sent. Estimate them as the message's size
+            // through a throwaway send to nobody.
+            let sink: SocketAddr = (Ipv4Addr::UNSPECIFIED, 9).into();
+            self.inner.send(sink, envelope).await?
+        };
+        if let Ok(mut sent) = self.net.sent.lock() {
+            *sent.entry(self.addr).or_default() += account(outcome.num_bytes_sent);
+        }
+        Ok(outcome)
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        self.inner.recv().await
+    }
+}
+
+fn addr_of(i: usize) -> SocketAddr {
+    (Ipv4Addr::new(198, 18, (i >> 8) as u8, (i & 0xff) as u8), 30001).into()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
+}
+
+fn ms(d: Option<Duration>) -> String {
+    d.map_or("not reached".into(), |d| format!("{} ms", d.as_millis()))
+}
+
+/// Times until each node (other than the advertiser) lists the digest, polling every 10 ms.
+async fn propagation(nodes: &[Gossip], from: usize, digest: Digest, max_wait: Duration) -> Vec<Duration> {
+    let start = Instant::now();
+    nodes[from].apply([ContentChange::Complete(digest)]).await;
+    let mut pending: Vec<usize> = (0..nodes.len()).filter(|i| *i != from).collect();
+    let mut times = Vec::new();
+    while !pending.is_empty() && start.elapsed() < max_wait {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        pending.retain(|i| {
+            if nodes[*i].who_has(&digest).is_empty() {
+                true
+            } else {
+                times.push(start.elapsed());
+                false
+            }
+        });
+    }
+    times.sort();
+    times
+}
+
+/// Runs the scenarios and returns a Markdown report. `heap_bytes` reports live heap bytes (the
+/// binary installs a counting allocator).
+pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
+    let net = Arc::new(Net::default());
+    if let Ok(mut rng) = net.rng.lock() {
+        *rng = Some(Rng::new(opts.seed ^ 0x5eed));
+    }
+    let transport = SimTransport { inner: ChannelTransport::with_mtu(MAX_DATAGRAM), net: net.clone() };
+    let mut rng = Rng::new(opts.seed);
+    let heap_before = heap_bytes();
+    let wall = std::time::Instant::now();
+    let mut nodes = Vec::with_capacity(opts.nodes);
+    let seeds: Vec<String> = (0..opts.nodes.min(3)).map(|i| addr_of(i).to_string()).collect();
+    let mut contents: Vec<Vec<Digest>> = Vec::with_capacity(opts.nodes);
+    for i in 0..opts.nodes {
+        let mut config = GossipConfig::new(SocketAddr::new(addr_of(i).ip(), 30002), b"simulated cluster secret".to_vec());
+        config.node_id = format!("n{i}");
+        config.listen_addr = addr_of(i);
+        config.zone = format!("z{}", i % 3);
+        config.seeds = seeds.clone();
+        config.gossip_interval = opts.interval;
+        let gossip = match Gossip::start_with_transport(config, &transport, Arc::new(Counters::default())).await {
+            Ok(gossip) => gossip,
+            Err(error) => return format!("node {i} failed to start: {error}\n"),
+        };
+        let content: Vec<Digest> = (0..opts.blobs).map(|_| rng.digest()).collect();
+        gossip.set_content(content.iter().copied(), []).await;
+        contents.push(content);
+        nodes.push(gossip);
+    }
+    // Index entries each node should end up with: everyone else's distinct fingerprints.
+    let entries: Vec<usize> = contents
+        .iter()
+        .map(|c| c.iter().map(summary::fingerprint).collect::<HashSet<_>>().len())
+        .collect();
+    let total: usize = entries.iter().sum();
+
+    let start = Instant::now();
+    let mut membership = None;
+    let mut content = None;
+    while start.elapsed() < opts.max_wait && content.is_none() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if membership.is_none()
+            && nodes.iter().all(|n| n.peers().iter().filter(|p| p.state == super::PeerState::Alive).count() == opts.nodes - 1)
+        {
+            membership = Some(start.elapsed());
+        }
+        if membership.is_some()
+            && nodes.iter().enumerate().all(|(i, n)| n.index_stats().0 == total - entries[i])
+        {
+            content = Some(start.elapsed());
+        }
+    }
+    let converge_wall = wall.elapsed();
+
+    let heap_per_node = heap_bytes().saturating_sub(heap_before) / opts.nodes.max(1);
+    let index_bytes = nodes.first().map_or(0, |n| n.index_stats().1);
+
+    // Steady state: nothing changes for 10 s.
+    let before = net.total_sent();
+    let window = Duration::from_secs(10);
+    tokio::time::sleep(window).await;
+    let steady = (net.total_sent() - before) as f64 / opts.nodes as f64 / window.as_secs_f64();
+
+    let mid = opts.nodes / 2;
+    let clean = propagation(&nodes, mid, rng.digest(), Duration::from_secs(30)).await;
+    net.loss_ppm.store((opts.loss * 1e6) as u64, Ordering::Relaxed);
+    let lossy = propagation(&nodes, mid, rng.digest(), Duration::from_secs(30)).await;
+    net.loss_ppm.store(0, Ordering::Relaxed);
+
+    // Partition: halves cannot talk for 5 s; one side advertises; then heal.
+    if let Ok(mut side_b) = net.side_b.lock() {
+        side_b.extend((opts.nodes / 2..opts.nodes).map(addr_of));
+    }
+    net.partitioned.store(true, Ordering::Relaxed);
+    let hidden = rng.digest();
+    nodes[0].apply([ContentChange::Complete(hidden)]).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let leaked = nodes[opts.nodes / 2..].iter().filter(|n| !n.who_has(&hidden).is_empty()).count();
+    net.partitioned.store(false, Ordering::Relaxed);
+    let healed_at = Instant::now();
+    let mut healed = None;
+    while healed_at.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if nodes[1..].iter().all(|n| !n.who_has(&hidden).is_empty()) {
+            healed = Some(healed_at.elapsed());
+            break;
+        }
+    }
+
+    // Lookups on one node, real time: half hits (others' blobs), half misses.
+    let mut lookups = Vec::with_capacity(20_000);
+    let probe = &nodes[0];
+    for i in 0..20_000usize {
+        let digest = if i % 2 == 0 {
+            let owner = 1 + (rng.next_u64() as usize % (opts.nodes - 1).max(1));
+            let list = &contents[owner.min(opts.nodes - 1)];
+            list.get(rng.next_u64() as usize % list.len().max(1)).copied().unwrap_or_default()
+        } else {
+            rng.digest()
+        };
+        let t = std::time::Instant::now();
+        let holders = probe.who_has(&digest);
+        lookups.push(t.elapsed());
+        std::hint::black_box(holders);
+    }
+    lookups.sort();
+    let false_positive_nodes = {
+        let mut count = 0usize;
+        for _ in 0..2_000 {
+            count += probe.who_has(&rng.digest()).len();
+        }
+        count as f64 / 2_000.0
+    };
+
+    let n = opts.nodes;
+    let mut out = String::new();
+    let _ = writeln!(out, "gossip-sim: {n} nodes x {} blobs, gossip every {} ms, seed {}", opts.blobs, opts.interval.as_millis(), opts.seed);
+    let _ = writeln!(out);
+    let _ = writeln!(out, "| metric | result | target |");
+    let _ = writeln!(out, "|---|---|---|");
+    let _ = writeln!(out, "| membership converged (all see all alive) | {} | |", ms(membership));
+    let _ = writeln!(out, "| content converged (all indexes complete) | {} | |", ms(content));
+    let _ = writeln!(out, "| new advertisement reaches 50% / 99% / 100% | {} / {} / {} | p99 <= 1000 ms |", ms(percentile(&clean, 50.0)), ms(percentile(&clean, 99.0)), if clean.len() == n - 1 { ms(clean.last().copied()) } else { format!("{}/{} nodes", clean.len(), n - 1) });
+    let _ = writeln!(out, "| same with {:.0}% packet loss | {} / {} / {} | |", opts.loss * 100.0, ms(percentile(&lossy, 50.0)), ms(percentile(&lossy, 99.0)), if lossy.len() == n - 1 { ms(lossy.last().copied()) } else { format!("{}/{} nodes", lossy.len(), n - 1) });
+    let _ = writeln!(out, "| partition (halves, 5 s): other side saw it / all after heal | {leaked} nodes / {} | 0 / |", ms(healed));
+    let _ = writeln!(out, "| steady state bytes sent per node | {:.1} KB/s | <= 20 KB/s |", steady / 1000.0);
+    let _ = writeln!(out, "| heap per node (all state, index, tasks) | {:.1} MB | |", heap_per_node as f64 / 1e6);
+    let _ = writeln!(out, "| index tables per node | {:.1} MB | |", index_bytes as f64 / 1e6);
+    let _ = writeln!(out, "| who_has p50 / p99 (20,000 lookups, half hits) | {:.2} us / {:.2} us | p99 <= 10 us |", percentile(&lookups, 50.0).unwrap_or_default().as_secs_f64() * 1e6, percentile(&lookups, 99.0).unwrap_or_default().as_secs_f64() * 1e6);
+    let _ = writeln!(out, "| false-positive holders per miss | {false_positive_nodes:.3} | |");
+    let _ = writeln!(out, "| wall time to converge | {:.1} s | |", converge_wall.as_secs_f64());
+    for node in nodes {
+        node.shutdown().await;
+    }
+    out
+}
