@@ -272,7 +272,7 @@ mod tests {
     fn decode_rejects_garbage_and_sorts() {
         assert_eq!(decode_shard("2AAAA"), Err(DecodeError::UnknownFormat));
         assert_eq!(decode_shard("1***"), Err(DecodeError::BadBase64));
-        assert_eq!(decode_shard("1AAA"), Err(DecodeError::OddLength));
+        assert_eq!(decode_shard("1AA"), Err(DecodeError::OddLength));
         let unsorted = {
             let mut s = String::from("1");
             URL_SAFE_NO_PAD.encode_string([0, 9, 0, 1, 0, 9], &mut s);
