@@ -1,2 +1,3 @@
 //! xtask as a library: the real-component harness shared by integration tests and benchmarks.
 pub mod components;
+pub mod netcluster;
