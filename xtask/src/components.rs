@@ -24,6 +24,11 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A UDP port free right now on loopback.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -242,7 +247,8 @@ impl Agent {
         cmd.arg("agent").arg("--data-dir").arg(&data).arg("--mirror-addr").arg(addr.to_string());
         cmd.arg("--no-default-registries");
         // Defaults a caller may override through `extra`.
-        for (flag, value) in [("--cache-size", "2GiB"), ("--upstream-timeout", "3")] {
+        let peer_addr = format!("127.0.0.1:{}", free_udp_port());
+        for (flag, value) in [("--cache-size", "2GiB"), ("--upstream-timeout", "3"), ("--peer-addr", peer_addr.as_str())] {
             if !extra.contains(&flag) {
                 cmd.args([flag, value]);
             }
