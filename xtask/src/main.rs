@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod cluster;
 mod serve_bench;
 mod toolchain;
 
@@ -39,6 +40,11 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// A multi-node cluster in network namespaces on this machine (root).
+    Cluster {
+        #[command(subcommand)]
+        action: cluster::Action,
+    },
     /// Benchmarks; results go to bench/RESULTS.md.
     Bench {
         #[command(subcommand)]
@@ -52,6 +58,7 @@ fn main() -> Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::Run { args } => run(&args),
         Cmd::Bench { which } => bench::run(which),
+        Cmd::Cluster { action } => cluster::run(action),
     }
 }
 
