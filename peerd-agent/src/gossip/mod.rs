@@ -464,3 +464,53 @@ async fn seed_loop(
         tokio::time::sleep(if alone { every.min(Duration::from_secs(1)) } else { every }).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(port: u16, secret: &[u8], seeds: &[u16]) -> GossipConfig {
+        let mut config = GossipConfig::new(([127, 0, 0, 1], port + 1000).into(), secret.to_vec());
+        config.node_id = format!("n{port}");
+        config.listen_addr = ([127, 0, 0, 1], port).into();
+        config.seeds = seeds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        config.gossip_interval = Duration::from_millis(50);
+        config
+    }
+
+    /// Real sealed UDP on loopback: two members meet and see each other's content; a third
+    /// with another secret is never admitted and its datagrams are counted as auth failures.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sealed_udp_members_meet_and_outsiders_are_ignored() {
+        let secret = b"0123456789abcdef-cluster";
+        let a = Gossip::start(config(41001, secret, &[])).await.unwrap();
+        let b = Gossip::start(config(41002, secret, &[41001])).await.unwrap();
+        let outsider = Gossip::start(config(41003, b"another secret, 16+ bytes", &[41001, 41002])).await.unwrap();
+        let (da, db) = ([1u8; 32], [2u8; 32]);
+        a.set_content([da], []).await;
+        b.apply([ContentChange::Partial(db)]).await;
+        let mut met = false;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let a_sees = a.who_has(&db);
+            let b_sees = b.who_has(&da);
+            if a_sees.len() == 1 && b_sees.len() == 1 {
+                assert_eq!(a_sees[0].kind, Kind::Partial);
+                assert_eq!(&*b_sees[0].id, "n41001");
+                assert_eq!(b_sees[0].addr, Some(([127, 0, 0, 1], 42001).into()));
+                met = true;
+                break;
+            }
+        }
+        assert!(met, "members did not meet");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for member in [&a, &b] {
+            assert!(member.peers().iter().all(|p| &*p.id != "n41003"));
+        }
+        assert!(outsider.peers().is_empty());
+        assert!(a.counters().auth_failed > 0);
+        outsider.shutdown().await;
+        b.shutdown().await;
+        a.shutdown().await;
+    }
+}
