@@ -580,7 +580,11 @@ impl Mirror {
             }
             let res = async {
                 c.transfer.ask_fetch(owner, d, url.as_str(), auth, c.owner_budget).await?;
-                c.transfer.download(d, &[(owner, true)]).await
+                // The owner has it now; everyone else who asked is downloading it too, so swarm
+                // with all of them (the owner first, as the one complete source).
+                let mut sources = vec![(owner, true)];
+                sources.extend(holders.iter().copied().filter(|(a, _)| *a != owner));
+                c.transfer.download(d, &sources).await
             }
             .await;
             match res {

@@ -419,6 +419,23 @@ impl Store {
         Some(Manifest { size: b.size, piece_size: b.piece_size, pieces })
     }
 
+    /// Piece size of blobs this store creates (peers must use the same to exchange pieces).
+    pub fn piece_size(&self) -> u32 {
+        self.inner.cfg.piece_size
+    }
+
+    /// Which pieces are readable (verified and durable), for blobs filled piece by piece from
+    /// peers and for complete ones; peers use it to swarm on a blob still being downloaded.
+    /// `None` for unknown blobs and for upstream downloads in progress (unverified until done).
+    pub fn present_pieces(&self, d: &Digest) -> Option<Vec<bool>> {
+        let b = self.get(d)?;
+        let st = lock(&b.state);
+        if st.streaming || st.dropped {
+            return None;
+        }
+        Some((0..b.pieces()).map(|i| st.present.get(i)).collect())
+    }
+
     /// Path of a complete blob's data file, for zero-copy serving (sendfile/splice). The blob
     /// occupies bytes `[0, size)` of the file. Pin the blob while serving from the path:
     /// eviction unlinks the file (an fd opened before that stays valid).

@@ -113,6 +113,9 @@ struct Inner {
     store: Store,
     fetcher: OnceLock<Arc<dyn Fetcher>>,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// Manifests of blobs being downloaded from peers, so this node serves the pieces it already
+    /// has to others while it fetches the rest.
+    partial: Mutex<HashMap<Digest, Arc<WireManifest>>>,
     upload: Option<Arc<RateLimit>>,
     download: Option<Arc<RateLimit>>,
     counters: Counters,
@@ -177,6 +180,7 @@ impl Transfer {
                 store,
                 fetcher: OnceLock::new(),
                 conns: Mutex::new(HashMap::new()),
+                partial: Mutex::new(HashMap::new()),
                 upload,
                 download,
                 counters: Counters::default(),
@@ -241,15 +245,15 @@ impl Transfer {
         match req {
             Request::Manifest { digest } => {
                 let d = Digest::from_sha256_bytes(digest);
-                let frame = match store.manifest(&d) {
-                    Some(m) => WireManifest { size: m.size, piece_size: m.piece_size, pieces: m.pieces.iter().map(|h| *h.as_bytes()).collect() }.encode(),
+                let frame = match self.manifest_of(&d) {
+                    Some(m) => m.encode(),
                     None => wire::status_frame(Status::NotFound, "not here"),
                 };
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
             Request::Pieces { digest, first, count } => {
                 let d = Digest::from_sha256_bytes(digest);
-                let (Some(m), Some(_pin)) = (store.manifest(&d), store.pin(&d)) else {
+                let (Some(m), Some(_pin)) = (self.manifest_of(&d), store.pin(&d)) else {
                     send.write_all(&wire::status_frame(Status::NotFound, "not here")).await.map_err(|e| e.to_string())?;
                     let _ = send.finish();
                     return Ok(());
@@ -260,10 +264,17 @@ impl Transfer {
                     let _ = send.finish();
                     return Ok(());
                 }
+                // Only pieces verified and durable here; anything else is "not yet".
+                let have = store.present_pieces(&d).unwrap_or_default();
+                if (first..first + count).any(|i| !have.get(i as usize).copied().unwrap_or(false)) {
+                    send.write_all(&wire::status_frame(Status::NotFound, "not yet")).await.map_err(|e| e.to_string())?;
+                    let _ = send.finish();
+                    return Ok(());
+                }
                 send.write_all(&[Status::Ok as u8]).await.map_err(|e| e.to_string())?;
                 for i in first..first + count {
                     let off = i as u64 * m.piece_size as u64;
-                    let len = (m.size - off).min(m.piece_size as u64);
+                    let len = m.piece_len(i);
                     let bytes = store.read_range(&d, off, len).await.map_err(|e| e.to_string())?;
                     if let Some(l) = &self.inner.upload {
                         l.take(len).await;
@@ -271,6 +282,14 @@ impl Transfer {
                     send.write_all(&bytes).await.map_err(|e| e.to_string())?;
                     self.inner.counters.bytes_to_peers.fetch_add(len, Ordering::Relaxed);
                 }
+            }
+            Request::Have { digest } => {
+                let d = Digest::from_sha256_bytes(digest);
+                let frame = match (self.manifest_of(&d), store.present_pieces(&d)) {
+                    (Some(_), Some(bits)) => wire::encode_have(&bits),
+                    _ => wire::status_frame(Status::NotFound, "not here"),
+                };
+                send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
             Request::Fetch { digest, url, authorization } => {
                 let d = Digest::from_sha256_bytes(digest);
@@ -288,6 +307,29 @@ impl Transfer {
         send.finish().map_err(|e| e.to_string())?;
         let _ = send.stopped().await;
         Ok(())
+    }
+
+    /// The manifest of a complete blob, or of one being downloaded from peers.
+    fn manifest_of(&self, d: &Digest) -> Option<Arc<WireManifest>> {
+        if let Some(m) = self.inner.store.manifest(d) {
+            return Some(Arc::new(WireManifest { size: m.size, piece_size: m.piece_size, pieces: m.pieces.iter().map(|h| *h.as_bytes()).collect() }));
+        }
+        self.inner.partial.lock().unwrap_or_else(|e| e.into_inner()).get(d).cloned()
+    }
+
+    /// A peer's bitfield for `d`, bounded by the manifest timeout.
+    async fn have(&self, peer: SocketAddr, d: &Digest, pieces: usize) -> Option<Vec<bool>> {
+        tokio::time::timeout(self.inner.cfg.manifest_timeout, async {
+            let (st, mut recv) = self.exchange(peer, &Request::Have { digest: *d.as_bytes() }).await.ok()?;
+            if st != Status::Ok {
+                return None;
+            }
+            let body = recv.read_to_end(8 + pieces.div_ceil(8)).await.ok()?;
+            wire::decode_have(&body, pieces).ok()
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// A connection to `peer`, reused while alive; dialing is bounded by `dial_timeout`.
@@ -364,37 +406,78 @@ impl Transfer {
         res.unwrap_or_else(|_| Err(TransferError::Peer { peer: owner, msg: format!("no fetch answer within {within:?}") }))
     }
 
-    /// Downloads `d` from `holders` (address, same zone) into the store, piece by piece, each
+    /// Downloads `d` from `peers` (address, same zone) into the store, piece by piece, each
     /// piece checked against the manifest's blake3 and the whole blob against its sha256 at the
-    /// end. Returns when the blob is complete and verified.
-    pub async fn download(&self, d: &Digest, holders: &[(SocketAddr, bool)]) -> Result<(), TransferError> {
+    /// end. Peers may hold the whole blob or only part of it (they are downloading too): their
+    /// bitfields are refreshed every `HAVE_EVERY`, and this node serves its own verified pieces to
+    /// them meanwhile. Fails if no peer has a manifest, or nothing can progress for `STALL`.
+    pub async fn download(&self, d: &Digest, peers: &[(SocketAddr, bool)]) -> Result<(), TransferError> {
         if self.inner.store.has(d) {
             return Ok(());
         }
-        let addrs: Vec<SocketAddr> = holders.iter().map(|h| h.0).collect();
+        let addrs: Vec<SocketAddr> = peers.iter().map(|h| h.0).collect();
         let (manifest_peer, m) = self.manifest_from(d, &addrs).await.ok_or(TransferError::NoPeer(*d))?;
         let store = &self.inner.store;
+        let ours = store.piece_size();
+        if m.piece_size != ours {
+            return Err(TransferError::PieceSize { digest: *d, theirs: m.piece_size, ours });
+        }
         store.declare(d, m.size).await?;
         let m = Arc::new(m);
-        let mut dl = Download::new(m.pieces.len() as u32, self.inner.cfg.swarm.clone());
-        let peers: Vec<SocketAddr> = holders.iter().map(|&(a, zone)| {
-            dl.add_peer(zone);
+        self.inner.partial.lock().unwrap_or_else(|e| e.into_inner()).insert(*d, m.clone());
+        let result = self.swarm(d, &m, manifest_peer, peers).await;
+        self.inner.partial.lock().unwrap_or_else(|e| e.into_inner()).remove(d);
+        result
+    }
+
+    async fn swarm(&self, d: &Digest, m: &Arc<WireManifest>, manifest_peer: SocketAddr, peers: &[(SocketAddr, bool)]) -> Result<(), TransferError> {
+        const HAVE_EVERY: Duration = Duration::from_millis(250);
+        const STALL: Duration = Duration::from_secs(5);
+        let store = &self.inner.store;
+        let n = m.pieces.len();
+        let mut dl = Download::new(n as u32, self.inner.cfg.swarm.clone());
+        let addrs: Vec<SocketAddr> = peers.iter().map(|&(a, zone)| {
+            dl.add_partial_peer(zone);
             a
         }).collect();
         let (tx, mut rx) = mpsc::channel::<(Assignment, Result<Vec<(u32, Bytes)>, Failure>)>(64);
+        let (have_tx, mut have_rx) = mpsc::channel::<(usize, Vec<bool>)>(64);
         let mut tasks: HashMap<(usize, u32), tokio::task::JoinHandle<()>> = HashMap::new();
         let started = Instant::now();
-        loop {
+        let mut last_have = Instant::now() - HAVE_EVERY;
+        let mut last_progress = Instant::now();
+        let refresh = |this: &Self, dl: &Download| {
+            for (i, &peer) in addrs.iter().enumerate() {
+                if dl.excluded(i) {
+                    continue;
+                }
+                let this = this.clone();
+                let have_tx = have_tx.clone();
+                let d = *d;
+                tokio::spawn(async move {
+                    if let Some(bits) = this.have(peer, &d, n).await {
+                        let _ = have_tx.send((i, bits)).await;
+                    }
+                });
+            }
+        };
+        let outcome = 'run: loop {
             if store.has(d) || dl.is_complete() {
-                break;
+                break Ok(());
             }
             if dl.is_stuck() {
-                for (_, t) in tasks.drain() {
-                    t.abort();
-                }
-                return Err(TransferError::NoPeer(*d));
+                break Err(TransferError::NoPeer(*d));
             }
             let now = Instant::now();
+            if now.duration_since(last_have) >= HAVE_EVERY {
+                last_have = now;
+                refresh(self, &dl);
+            }
+            if dl.can_progress() {
+                last_progress = now;
+            } else if now.duration_since(last_progress) > STALL {
+                break Err(TransferError::NoPeer(*d));
+            }
             for a in dl.expire(now) {
                 self.inner.counters.peer_timeouts.fetch_add(1, Ordering::Relaxed);
                 if let Some(t) = tasks.remove(&(a.peer, a.first)) {
@@ -403,7 +486,7 @@ impl Transfer {
             }
             for a in dl.poll(now) {
                 let this = self.clone();
-                let peer = peers[a.peer];
+                let peer = addrs[a.peer];
                 let m = m.clone();
                 let tx = tx.clone();
                 let digest = *d;
@@ -414,28 +497,29 @@ impl Transfer {
             }
             let tick = tokio::time::sleep(Duration::from_millis(50));
             tokio::select! {
+                Some((i, bits)) = have_rx.recv() => dl.set_have(i, bits),
                 Some((a, r)) = rx.recv() => {
                     tasks.remove(&(a.peer, a.first));
                     match r {
                         Ok(pieces) => {
                             let mut failed = None;
                             for (i, bytes) in pieces {
-                                let src = Source::Peer(peers[a.peer].to_string());
+                                let src = Source::Peer(addrs[a.peer].to_string());
                                 match store.put_piece(d, i as usize, bytes.to_vec(), to_hash(&m.pieces[i as usize]), src).await {
                                     Ok(PutOutcome::Stored | PutOutcome::Completed | PutOutcome::AlreadyPresent) => dl.on_piece(i),
                                     Ok(PutOutcome::InFlight) => {}
                                     Err(StoreError::PieceMismatch { .. }) => {
                                         self.inner.counters.corrupt_pieces.fetch_add(1, Ordering::Relaxed);
-                                        warn!(peer = %peers[a.peer], %d, piece = i, "peer sent a corrupt piece; excluded");
+                                        warn!(peer = %addrs[a.peer], %d, piece = i, "peer sent a corrupt piece; excluded");
                                         failed = Some(Failure::Corrupt);
                                         break;
                                     }
                                     Err(e @ StoreError::DigestMismatch { .. }) => {
                                         // Every piece matched the manifest, the blob did not: the manifest lied.
                                         warn!(%manifest_peer, "{e}");
-                                        return Err(TransferError::Peer { peer: manifest_peer, msg: e.to_string() });
+                                        break 'run Err(TransferError::Peer { peer: manifest_peer, msg: e.to_string() });
                                     }
-                                    Err(e) => return Err(e.into()),
+                                    Err(e) => break 'run Err(e.into()),
                                 }
                             }
                             match failed {
@@ -444,19 +528,23 @@ impl Transfer {
                             }
                         }
                         Err(f) => {
-                            self.inner.counters.peer_errors.fetch_add(1, Ordering::Relaxed);
+                            if f != Failure::NotYet {
+                                self.inner.counters.peer_errors.fetch_add(1, Ordering::Relaxed);
+                            }
                             dl.on_failure(a, f);
                         }
                     }
                 }
                 _ = tick => {}
             }
-        }
+        };
         for (_, t) in tasks.drain() {
             t.abort();
         }
-        info!(%d, size = m.size, elapsed_ms = started.elapsed().as_millis() as u64, "downloaded from peers");
-        Ok(())
+        if outcome.is_ok() {
+            info!(%d, size = m.size, elapsed_ms = started.elapsed().as_millis() as u64, "downloaded from peers");
+        }
+        outcome
     }
 
     async fn get_pieces(&self, peer: SocketAddr, d: &Digest, m: &WireManifest, a: Assignment) -> Result<Vec<(u32, Bytes)>, Failure> {
@@ -464,7 +552,7 @@ impl Transfer {
         let (st, mut recv) = self.exchange(peer, &req).await.map_err(|_| Failure::Error)?;
         match st {
             Status::Ok => {}
-            Status::NotFound => return Err(Failure::NotFound),
+            Status::NotFound => return Err(Failure::NotYet),
             _ => return Err(Failure::Error),
         }
         let mut out = Vec::with_capacity(a.count as usize);

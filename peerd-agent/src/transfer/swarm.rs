@@ -1,9 +1,10 @@
 //! Which piece to ask which peer for, and what to do when a peer fails: a plain state machine fed
 //! events and time (no I/O), so it is tested deterministically and can drive a simulation.
 //!
-//! - Pieces are requested in runs of up to `batch` contiguous pieces, in a per-download shuffled
-//!   order, so nodes that start together ask for different parts first and can then serve each
-//!   other (equivalent to rarest-first when every holder has the whole blob).
+//! - Each peer's pieces are known from its bitfield (`set_have`; a holder of the complete blob
+//!   has all). Pieces are requested rarest first, ties broken by a per-download shuffled order,
+//!   in runs of up to `batch` contiguous pieces the chosen peer has, so nodes downloading
+//!   together fetch different parts and serve each other (a swarm, as in BitTorrent).
 //! - Each run goes to the usable peer with the fewest requests in flight, same zone first.
 //! - A corrupt piece excludes the peer from this download at once; other failures (error, not
 //!   found, timeout) exclude it after `max_failures`. Its pieces go back to the queue.
@@ -37,6 +38,8 @@ impl Default for SwarmConfig {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
+    /// The peer does not have these pieces (its bitfield was stale): not held against it.
+    NotYet,
     /// Bytes did not match the manifest's blake3: the peer lied or its disk is bad.
     Corrupt,
     NotFound,
@@ -61,6 +64,7 @@ enum Piece {
 
 struct Peer {
     same_zone: bool,
+    have: Vec<bool>,
     in_flight: u32,
     failures: u32,
     excluded: bool,
@@ -99,10 +103,32 @@ impl Download {
         Self { cfg, pieces: vec![Piece::Missing; pieces as usize], order, peers: Vec::new(), flights: Vec::new(), done: 0 }
     }
 
-    /// Registers a peer that holds the blob; returns its index.
+    /// Registers a peer holding the whole blob; returns its index.
     pub fn add_peer(&mut self, same_zone: bool) -> usize {
-        self.peers.push(Peer { same_zone, in_flight: 0, failures: 0, excluded: false });
+        let i = self.add_partial_peer(same_zone);
+        self.peers[i].have.fill(true);
+        i
+    }
+
+    /// Registers a peer whose pieces are not known yet (see [`Download::set_have`]).
+    pub fn add_partial_peer(&mut self, same_zone: bool) -> usize {
+        self.peers.push(Peer { same_zone, have: vec![false; self.pieces.len()], in_flight: 0, failures: 0, excluded: false });
         self.peers.len() - 1
+    }
+
+    /// The peer's current bitfield (ignored if its length is wrong).
+    pub fn set_have(&mut self, peer: usize, have: Vec<bool>) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            if have.len() == self.pieces.len() {
+                p.have = have;
+            }
+        }
+    }
+
+    /// Whether any usable peer has a piece we still miss (otherwise waiting is all we can do).
+    pub fn can_progress(&self) -> bool {
+        self.flights.len() > 0
+            || self.pieces.iter().enumerate().any(|(i, p)| *p == Piece::Missing && self.peers.iter().any(|q| !q.excluded && q.have[i]))
     }
 
     pub fn is_complete(&self) -> bool {
@@ -118,12 +144,19 @@ impl Download {
         self.peers.get(peer).is_none_or(|p| p.excluded)
     }
 
-    /// The best peer with spare capacity, same zone first, fewest in flight.
-    fn pick(&self, not: Option<usize>) -> Option<usize> {
+    /// The best peer with spare capacity that has `piece`, same zone first, fewest in flight.
+    fn pick(&self, piece: u32, not: Option<usize>) -> Option<usize> {
         (0..self.peers.len())
             .filter(|&i| Some(i) != not)
-            .filter(|&i| !self.peers[i].excluded && self.peers[i].in_flight < self.cfg.max_in_flight_per_peer)
+            .filter(|&i| {
+                let p = &self.peers[i];
+                !p.excluded && p.in_flight < self.cfg.max_in_flight_per_peer && p.have[piece as usize]
+            })
             .min_by_key(|&i| (!self.peers[i].same_zone, self.peers[i].in_flight, i))
+    }
+
+    fn availability(&self, piece: u32) -> usize {
+        self.peers.iter().filter(|p| !p.excluded && p.have[piece as usize]).count()
     }
 
     /// New requests to send now.
@@ -131,13 +164,24 @@ impl Download {
         let mut out = Vec::new();
         let batch = self.cfg.batch.max(1);
         let n = self.pieces.len() as u32;
-        for bi in 0..self.order.len() {
-            let start = self.order[bi];
+        // Rarest first; the shuffled order breaks ties (and spreads nodes over the blob).
+        let mut order: Vec<(usize, u32)> = Vec::new();
+        for &start in &self.order {
             let end = (start + batch).min(n);
-            // The first missing run inside this batch.
+            if let Some(first) = (start..end).find(|&i| self.pieces[i as usize] == Piece::Missing) {
+                let avail = self.availability(first);
+                if avail > 0 {
+                    order.push((avail, start));
+                }
+            }
+        }
+        order.sort_by_key(|&(avail, _)| avail);
+        for (_, start) in order {
+            let end = (start + batch).min(n);
             let Some(first) = (start..end).find(|&i| self.pieces[i as usize] == Piece::Missing) else { continue };
-            let Some(peer) = self.pick(None) else { break };
-            let count = (first..end).take_while(|&i| self.pieces[i as usize] == Piece::Missing).count() as u32;
+            let Some(peer) = self.pick(first, None) else { continue };
+            let have = &self.peers[peer].have;
+            let count = (first..end).take_while(|&i| self.pieces[i as usize] == Piece::Missing && have[i as usize]).count() as u32;
             for i in first..first + count {
                 self.pieces[i as usize] = Piece::InFlight;
             }
@@ -154,7 +198,8 @@ impl Download {
                 let f = &self.flights[i];
                 if !f.hedged && now.duration_since(f.since) >= hedge_after {
                     let orig = f.a;
-                    if let Some(peer) = self.pick(Some(orig.peer)).filter(|&p| self.peers[p].in_flight == 0) {
+                    let holds_run = |p: usize| (orig.first..orig.first + orig.count).all(|i| self.peers[p].have[i as usize]);
+                    if let Some(peer) = self.pick(orig.first, Some(orig.peer)).filter(|&p| self.peers[p].in_flight == 0 && holds_run(p)) {
                         self.flights[i].hedged = true;
                         let a = Assignment { peer, ..orig };
                         self.peers[peer].in_flight += 1;
@@ -199,6 +244,15 @@ impl Download {
     /// Request `a` failed; pieces it did not deliver go back to the queue.
     pub fn on_failure(&mut self, a: Assignment, why: Failure) {
         self.end_flight(a);
+        if why == Failure::NotYet {
+            if let Some(p) = self.peers.get_mut(a.peer) {
+                for i in a.first..a.first + a.count {
+                    p.have[i as usize] = false;
+                }
+            }
+            self.requeue(a);
+            return;
+        }
         if let Some(p) = self.peers.get_mut(a.peer) {
             p.failures += 1;
             if why == Failure::Corrupt || p.failures >= self.cfg.max_failures {
@@ -313,6 +367,38 @@ mod tests {
         let (d, _) = simulate(10, &[false, false], |_, _| Some(Failure::NotFound));
         assert!(!d.is_complete());
         assert!(d.is_stuck());
+    }
+
+    #[test]
+    fn partial_peers_get_only_pieces_they_have_rarest_first() {
+        let mut d = Download::new(8, SwarmConfig { batch: 1, max_in_flight_per_peer: 8, ..Default::default() });
+        let seed = d.add_peer(false);
+        let partial = d.add_partial_peer(false);
+        d.set_have(partial, (0..8).map(|i| i < 4).collect());
+        let a = d.poll(Instant::now());
+        assert_eq!(a.len(), 8);
+        for x in &a {
+            if x.peer == partial {
+                assert!(x.first < 4, "{x:?}");
+            }
+        }
+        // Pieces 4..8 exist only at the seed: rarest, so they are requested first.
+        assert!(a[..4].iter().all(|x| x.first >= 4 && x.peer == seed), "{a:?}");
+    }
+
+    #[test]
+    fn stale_bitfield_is_not_a_failure() {
+        let mut d = Download::new(2, SwarmConfig { batch: 2, ..Default::default() });
+        let p = d.add_peer(false);
+        let a = d.poll(Instant::now());
+        for _ in 0..5 {
+            d.on_failure(a[0], Failure::NotYet);
+        }
+        assert!(!d.excluded(p));
+        assert!(!d.can_progress(), "the peer no longer claims the pieces");
+        d.set_have(p, vec![true, true]);
+        assert!(d.can_progress());
+        assert_eq!(d.poll(Instant::now()).len(), 1);
     }
 
     #[test]

@@ -38,7 +38,7 @@ fn addr(n: &Node) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn downloads_verified_pieces_from_several_peers() {
-    let (d, data) = blob((5 << 20) + 777, 1);
+    let (d, data) = blob((40 << 20) + 777, 1);
     let (a, b, c) = (node(SECRET).await, node(SECRET).await, node(SECRET).await);
     put(&a, &d, &data).await;
     put(&b, &d, &data).await;
@@ -47,7 +47,9 @@ async fn downloads_verified_pieces_from_several_peers() {
     assert_eq!(c.store.read_range(&d, 0, data.len() as u64).await.unwrap(), data);
     let from_a = a.t.counters().bytes_to_peers.load(Ordering::Relaxed);
     let from_b = b.t.counters().bytes_to_peers.load(Ordering::Relaxed);
-    assert_eq!(from_a + from_b, data.len() as u64, "each byte fetched once");
+    // Endgame hedging may fetch a few runs twice; never much more than the blob.
+    let total = from_a + from_b;
+    assert!(total >= data.len() as u64 && total <= data.len() as u64 * 5 / 4, "{total} bytes for {}", data.len());
     assert!(from_a > 0 && from_b > 0, "both holders served: {from_a} {from_b}");
 }
 

@@ -22,6 +22,8 @@ pub enum Request {
     /// Ask the node that owns this digest (rendezvous) to get it from upstream, with the
     /// requesting client's credentials; answered when the blob is complete and verified.
     Fetch { digest: [u8; 32], url: String, authorization: Option<String> },
+    /// Which pieces the peer holds (verified) right now: answered with a bitfield.
+    Have { digest: [u8; 32] },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +113,10 @@ impl Request {
                 put_str(&mut b, url)?;
                 put_str(&mut b, authorization.as_deref().unwrap_or(""))?;
             }
+            Request::Have { digest } => {
+                b.put_u8(4);
+                b.put_slice(digest);
+            }
         }
         if b.len() > MAX_REQUEST {
             return Err(WireError::TooLarge);
@@ -144,6 +150,7 @@ impl Request {
                 let auth = get_str(&mut b)?;
                 Request::Fetch { digest, url, authorization: (!auth.is_empty()).then_some(auth) }
             }
+            4 => Request::Have { digest: get_digest(&mut b)? },
             k => return Err(WireError::Kind(k)),
         };
         if b.has_remaining() {
@@ -201,6 +208,34 @@ impl WireManifest {
     }
 }
 
+/// A Have answer: `count u32`, then `ceil(count / 8)` bytes, piece i in bit `7 - i % 8` of byte
+/// `i / 8`.
+pub fn encode_have(bits: &[bool]) -> Bytes {
+    let mut b = BytesMut::with_capacity(5 + bits.len().div_ceil(8));
+    b.put_u8(Status::Ok as u8);
+    b.put_u32(bits.len() as u32);
+    for chunk in bits.chunks(8) {
+        let mut byte = 0u8;
+        for (j, &bit) in chunk.iter().enumerate() {
+            if bit {
+                byte |= 0x80 >> j;
+            }
+        }
+        b.put_u8(byte);
+    }
+    b.freeze()
+}
+
+pub fn decode_have(mut b: &[u8], expected: usize) -> Result<Vec<bool>, WireError> {
+    need(&b, 4)?;
+    let n = b.get_u32() as usize;
+    if n != expected {
+        return Err(WireError::Invalid("bitfield length"));
+    }
+    need(&b, n.div_ceil(8))?;
+    Ok((0..n).map(|i| b[i / 8] & (0x80 >> (i % 8)) != 0).collect())
+}
+
 /// A status-only answer, with an optional message.
 pub fn status_frame(s: Status, msg: &str) -> Bytes {
     let mut b = BytesMut::with_capacity(3 + msg.len());
@@ -222,6 +257,7 @@ mod tests {
             Request::Pieces { digest: d, first: 3, count: 8 },
             Request::Fetch { digest: d, url: "http://r/v2/a/blobs/sha256:x".into(), authorization: Some("Bearer t".into()) },
             Request::Fetch { digest: d, url: "u".into(), authorization: None },
+            Request::Have { digest: d },
         ] {
             assert_eq!(Request::decode(&r.encode().unwrap()).unwrap(), r);
         }
@@ -230,6 +266,10 @@ mod tests {
         assert_eq!(enc[0], Status::Ok as u8);
         assert_eq!(WireManifest::decode(&enc[1..]).unwrap(), m);
         assert_eq!(m.piece_len(2), 2_500_000 - 2 * (1 << 20));
+        let bits: Vec<bool> = (0..13).map(|i| i % 3 == 0).collect();
+        let enc = encode_have(&bits);
+        assert_eq!(decode_have(&enc[1..], 13).unwrap(), bits);
+        assert!(decode_have(&enc[1..], 12).is_err());
     }
 
     #[test]
