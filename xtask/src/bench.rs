@@ -7,7 +7,7 @@ use clap::Subcommand;
 
 use crate::{root, status};
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Subcommand, Clone)]
 pub enum Which {
     /// Cost the connect4/sock_ops programs add to connect(): none vs attached-but-not-redirected vs
     /// redirected (median, p99, ratios).
@@ -18,6 +18,20 @@ pub enum Which {
         /// Blob size in MiB.
         #[arg(long, default_value_t = 1024)]
         size_mib: u64,
+    },
+    /// One blob to N nodes over shaped links: direct from the registry vs BitTorrent (aria2) vs
+    /// peerd; completion p50/max vs S/B and origin egress.
+    Swarm {
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+        #[arg(long, value_delimiter = ',', default_value = "4,8")]
+        nodes: Vec<usize>,
+        /// Link rate in Mbit/s.
+        #[arg(long, default_value_t = 200)]
+        rate: u32,
+        /// Skip the BitTorrent baseline.
+        #[arg(long)]
+        no_bittorrent: bool,
     },
     /// Azure peerd's "random" workload: concurrent random-range readers of one blob, direct from
     /// the origin vs through the agent's /blobs/ proxy (cold, then warm).
@@ -36,6 +50,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::Connect => connect(),
         Which::Serve { size_mib } => crate::serve_bench::serve(size_mib),
         Which::Range { size_mib, readers, reads_per_reader } => crate::serve_bench::range(size_mib, readers, reads_per_reader),
+        Which::Swarm { size_mib, nodes, rate, no_bittorrent } => crate::swarm_bench::swarm(size_mib, &nodes, rate, !no_bittorrent),
     }
 }
 

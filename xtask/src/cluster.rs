@@ -25,6 +25,9 @@ pub enum Action {
         /// Added latency in ms: not supported on kernels without netem (refused if non-zero).
         #[arg(long, default_value_t = 0)]
         delay: u32,
+        /// Run release builds of the agent.
+        #[arg(long)]
+        release: bool,
     },
     /// Stop the agents and the registry and remove every namespace `up` made.
     Down,
@@ -32,23 +35,24 @@ pub enum Action {
 
 pub fn run(a: Action) -> Result<()> {
     match a {
-        Action::Up { nodes, rate, registry_rate, delay } => up(nodes, rate, registry_rate, delay),
+        Action::Up { nodes, rate, registry_rate, delay, release } => up(nodes, rate, registry_rate, delay, release),
         Action::Down => down(),
     }
 }
 
-fn up(nodes: usize, rate: u32, registry_rate: u32, delay: u32) -> Result<()> {
+fn up(nodes: usize, rate: u32, registry_rate: u32, delay: u32, release: bool) -> Result<()> {
     if std::path::Path::new(STATE).exists() {
         bail!("a cluster is already up ({STATE}); run `cargo xtask cluster down` first");
     }
     if delay != 0 {
         bail!("--delay needs the netem qdisc, which this kernel does not have; use --delay 0");
     }
-    crate::build(false)?;
+    crate::build(release)?;
     let dir = PathBuf::from("/var/tmp/peerd-xtask-cluster");
     std::fs::create_dir_all(&dir)?;
     let c = NetCluster::up(Spec { nodes, rate_mbit: rate, registry_rate_mbit: registry_rate, delay_ms: 0, prefix: PREFIX.into() });
-    let d = Deployment::start(&c, &crate::target_dir().join("debug/peerd"), &dir, &[]);
+    let bin = crate::target_dir().join(if release { "release/peerd" } else { "debug/peerd" });
+    let d = Deployment::start(&c, &bin, &dir, &[]);
     let mut pids = vec![d.registry.pid()];
     pids.extend(d.agents.iter().flatten().map(|p| p.pid()));
     std::fs::write(STATE, format!("{}\n{}\n", dir.display(), pids.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(" ")))?;

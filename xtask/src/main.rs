@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod cluster;
 mod serve_bench;
+mod swarm_bench;
 mod toolchain;
 
 #[derive(Parser)]
@@ -110,6 +111,15 @@ pub fn build(release: bool) -> Result<PathBuf> {
     }
     status(&mut cmd)?;
     Ok(obj)
+}
+
+/// Fails with an install hint when a benchmark's tool is missing.
+pub fn require_tool(tool: &str) -> Result<()> {
+    let found = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
+    if !found {
+        bail!("{tool} is not installed (apt-get install aria2 mktorrent opentracker)");
+    }
+    Ok(())
 }
 
 fn is_root() -> bool {

@@ -165,6 +165,9 @@ impl Transfer {
         transport.stream_receive_window((4u32 << 20).into());
         transport.receive_window((32u32 << 20).into());
         transport.send_window(32 << 20);
+        // BBR paces instead of filling queues until loss, which suits shaped node links with
+        // shallow buffers (Cubic backed off repeatedly on tbf-shaped links in bench swarm).
+        transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
         let transport = Arc::new(transport);
         server.transport_config(transport.clone());
         let mut client = identity.client_config()?;
@@ -431,11 +434,19 @@ impl Transfer {
     }
 
     async fn swarm(&self, d: &Digest, m: &Arc<WireManifest>, manifest_peer: SocketAddr, peers: &[(SocketAddr, bool)]) -> Result<(), TransferError> {
-        const HAVE_EVERY: Duration = Duration::from_millis(250);
+        const HAVE_EVERY: Duration = Duration::from_millis(100);
         const STALL: Duration = Duration::from_secs(5);
         let store = &self.inner.store;
         let n = m.pieces.len();
-        let mut dl = Download::new(n as u32, self.inner.cfg.swarm.clone());
+        // A different piece order on every node, so nodes downloading together hold different
+        // pieces early and can trade them.
+        let mut cfg = self.inner.cfg.swarm.clone();
+        let mut h = blake3::Hasher::new();
+        h.update(self.inner.cfg.node_id.as_bytes());
+        h.update(&self.inner.cfg.listen.to_string().into_bytes());
+        h.update(d.as_bytes());
+        cfg.seed = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap_or([1; 8]));
+        let mut dl = Download::new(n as u32, cfg);
         let addrs: Vec<SocketAddr> = peers.iter().map(|&(a, zone)| {
             dl.add_partial_peer(zone);
             a

@@ -26,7 +26,10 @@ pub struct SwarmConfig {
 impl Default for SwarmConfig {
     fn default() -> Self {
         Self {
-            batch: 4,
+            // One piece per request keeps choices fine-grained: a node commits little to one
+            // source and picks up pieces its peers finished a moment ago (bench swarm: batch 4
+            // left nodes waiting on the single complete source).
+            batch: 1,
             max_in_flight_per_peer: 4,
             request_timeout: Duration::from_secs(10),
             max_failures: 2,

@@ -1,0 +1,220 @@
+//! `bench swarm`: one blob to N nodes over shaped links, side by side in one run: (a) every node
+//! straight from the registry, (b) a BitTorrent swarm (aria2 + opentracker) seeded from the
+//! registry's namespace, (c) peerd. Per-node completion p50/max as multiples of the ideal S/B, and
+//! origin egress / S. Built on the same netcluster code as the tests and `cargo xtask cluster`.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use xtask::{
+    components::{run, sha256_hex, Proc},
+    netcluster::{Deployment, NetCluster, Spec, MIRROR_PORT},
+};
+
+use crate::bench::record;
+
+struct Row {
+    n: usize,
+    what: &'static str,
+    p50: f64,
+    max: f64,
+    egress: f64,
+    cpu: f64,
+}
+
+fn blob(size: u64) -> Vec<u8> {
+    let mut x: u64 = 0x1234_5678_9abc_def1;
+    let mut v = Vec::with_capacity(size as usize);
+    while (v.len() as u64) < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(size as usize);
+    v
+}
+
+/// Puts the blob straight into the registry's filesystem storage (no slow upload through a
+/// shaped link): the blob data and the repository's layer link.
+fn seed_registry(dir: &Path, hex: &str, file: &Path) -> Result<()> {
+    let root = dir.join("registry-data/docker/registry/v2");
+    let data = root.join(format!("blobs/sha256/{}/{hex}/data", &hex[..2]));
+    std::fs::create_dir_all(data.parent().context("parent")?)?;
+    std::fs::hard_link(file, &data).or_else(|_| std::fs::copy(file, &data).map(|_| ()))?;
+    let link = root.join(format!("repositories/bench/_layers/sha256/{hex}/link"));
+    std::fs::create_dir_all(link.parent().context("parent")?)?;
+    std::fs::write(link, format!("sha256:{hex}"))?;
+    Ok(())
+}
+
+/// Runs `curl URL | sha256sum` in every node at once; returns per-node seconds (fails if any
+/// node got wrong bytes).
+fn fetch_all(c: &NetCluster, url: &str, hex: &str) -> Result<Vec<f64>> {
+    let start = Instant::now();
+    let handles: Vec<_> = c
+        .nodes
+        .iter()
+        .map(|n| {
+            let ns = n.ns.clone();
+            let url = url.to_string();
+            std::thread::spawn(move || -> Result<(f64, String)> {
+                let t = Instant::now();
+                let out = Command::new("ip")
+                    .args(["netns", "exec", &ns, "bash", "-c", &format!("set -o pipefail; curl -sSf --max-time 900 '{url}' | sha256sum")])
+                    .output()?;
+                if !out.status.success() {
+                    bail!("{ns}: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                Ok((t.elapsed().as_secs_f64(), String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string()))
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    for h in handles {
+        let (t, sum) = h.join().map_err(|_| anyhow::anyhow!("fetch thread panicked"))??;
+        if sum != hex {
+            bail!("a node received wrong bytes ({sum})");
+        }
+        times.push(t);
+    }
+    let _ = start;
+    Ok(times)
+}
+
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter()
+        .map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let t: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            // SAFETY: sysconf has no preconditions.
+            t / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+        })
+        .sum()
+}
+
+fn stats(mut t: Vec<f64>, ideal: f64) -> (f64, f64) {
+    t.sort_by(|a, b| a.total_cmp(b));
+    (t[t.len() / 2] / ideal, t[t.len() - 1] / ideal)
+}
+
+/// BitTorrent baseline: opentracker and an aria2 seeder in the registry namespace, aria2
+/// leechers in every node (they keep seeding until all are done, as a real swarm would).
+fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<Vec<f64>> {
+    for tool in ["aria2c", "mktorrent", "opentracker"] {
+        crate::require_tool(tool)?;
+    }
+    let reg_ip = c.registry.ip;
+    let torrent = dir.join("blob.torrent");
+    let _ = std::fs::remove_file(&torrent);
+    run(Command::new("mktorrent").args(["-l", "20", "-a", &format!("http://{reg_ip}:6969/announce"), "-o"]).arg(&torrent).arg(file));
+    let info = run(Command::new("aria2c").arg("-S").arg(&torrent));
+    let hash = info.lines().find_map(|l| l.trim().strip_prefix("Info Hash: ")).context("info hash")?.trim().to_string();
+    let wl = dir.join("whitelist");
+    std::fs::write(&wl, format!("{hash}\n"))?;
+    let conf = dir.join("opentracker.conf");
+    std::fs::write(&conf, format!("listen.tcp {reg_ip}:6969\nlisten.udp {reg_ip}:6969\naccess.whitelist {}\n", wl.display()))?;
+    let mut procs: Vec<Proc> = Vec::new();
+    procs.push(Proc::spawn(Command::new("ip").args(["netns", "exec", &c.registry.ns, "opentracker", "-f"]).arg(&conf), dir.join("tracker.log")));
+    std::thread::sleep(Duration::from_millis(300));
+    let common = ["--enable-dht=false", "--bt-enable-lpd=false", "--enable-peer-exchange=true", "--seed-ratio=0.0", "--seed-time=100000", "--summary-interval=0", "--console-log-level=warn", "--file-allocation=none", "--bt-max-peers=64", "--check-integrity=false"];
+    let seed_dir = file.parent().context("dir")?;
+    procs.push(Proc::spawn(
+        Command::new("ip").args(["netns", "exec", &c.registry.ns, "aria2c"]).args(common).arg("--bt-seed-unverified=true").arg(format!("--dir={}", seed_dir.display())).arg(&torrent),
+        dir.join("seed.log"),
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    let mut done_files = Vec::new();
+    for (i, n) in c.nodes.iter().enumerate() {
+        let d = dir.join(format!("bt{i}"));
+        std::fs::create_dir_all(&d)?;
+        let marker = dir.join(format!("bt{i}.done"));
+        let _ = std::fs::remove_file(&marker);
+        let hook = dir.join(format!("bt{i}.sh"));
+        std::fs::write(&hook, format!("#!/bin/sh\ndate +%s.%N > {}\n", marker.display()))?;
+        run(Command::new("chmod").arg("+x").arg(&hook));
+        procs.push(Proc::spawn(
+            Command::new("ip").args(["netns", "exec", &n.ns, "aria2c"]).args(common).arg(format!("--dir={}", d.display())).arg(format!("--on-bt-download-complete={}", hook.display())).arg(&torrent),
+            dir.join(format!("bt{i}.log")),
+        ));
+        done_files.push(marker);
+    }
+    let mut times = vec![f64::NAN; c.nodes.len()];
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while times.iter().any(|t| t.is_nan()) {
+        for (i, m) in done_files.iter().enumerate() {
+            if times[i].is_nan() && m.exists() {
+                times[i] = start.elapsed().as_secs_f64();
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("BitTorrent swarm did not finish in 15 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(procs);
+    Ok(times)
+}
+
+pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, with_bt: bool) -> Result<()> {
+    crate::build(true)?;
+    let peerd = crate::target_dir().join("release/peerd");
+    let base = PathBuf::from(format!("/var/tmp/peerd-bench-swarm-{}", std::process::id()));
+    std::fs::create_dir_all(&base)?;
+    let size = size_mib << 20;
+    let data = blob(size);
+    let hex = sha256_hex(&data);
+    let file = base.join("blob.bin");
+    std::fs::write(&file, &data)?;
+    drop(data);
+    let ideal = size as f64 * 8.0 / (rate as f64 * 1e6);
+    let mut rows = Vec::new();
+    for &n in nodes {
+        let prefix = format!("pb{}", std::process::id() % 1000);
+        let dir = base.join(format!("n{n}"));
+        std::fs::create_dir_all(&dir)?;
+        let c = NetCluster::up(Spec { nodes: n, rate_mbit: rate, registry_rate_mbit: rate, delay_ms: 0, prefix });
+        seed_registry(&dir, &hex, &file)?;
+        // (a) direct, and (c) peerd, with the same registry process.
+        let dep = Deployment::start(&c, &peerd, &dir, &["--trust-cluster"]);
+        let reg = dep.registry_addr;
+        eprintln!("bench swarm: N={n} direct");
+        let e0 = c.registry_tx_bytes();
+        let t = fetch_all(&c, &format!("http://{reg}/v2/bench/blobs/sha256:{hex}"), &hex)?;
+        let (p50, max) = stats(t, ideal);
+        rows.push(Row { n, what: "direct from the registry", p50, max, egress: (c.registry_tx_bytes() - e0) as f64 / size as f64, cpu: f64::NAN });
+        eprintln!("bench swarm: N={n} peerd");
+        let pids: Vec<u32> = dep.agents.iter().flatten().map(|p| p.pid()).collect();
+        let (e0, c0) = (c.registry_tx_bytes(), cpu_of(&pids));
+        let t = fetch_all(&c, &format!("http://127.0.0.1:{MIRROR_PORT}/v2/bench/blobs/sha256:{hex}?ns={reg}"), &hex)?;
+        let (p50, max) = stats(t, ideal);
+        rows.push(Row { n, what: "peerd", p50, max, egress: (c.registry_tx_bytes() - e0) as f64 / size as f64, cpu: cpu_of(&pids) - c0 });
+        drop(dep);
+        if with_bt {
+            eprintln!("bench swarm: N={n} BitTorrent");
+            let e0 = c.registry_tx_bytes();
+            let t = bittorrent(&c, &dir, &file)?;
+            let (p50, max) = stats(t, ideal);
+            rows.push(Row { n, what: "BitTorrent (aria2 + opentracker)", p50, max, egress: (c.registry_tx_bytes() - e0) as f64 / size as f64, cpu: f64::NAN });
+        }
+        drop(c);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let _ = std::fs::remove_dir_all(&base);
+    let mut out = vec![format!(
+        "One {size_mib} MiB blob to N nodes, every link {rate} Mbit/s both ways (tc tbf), registry uplink {rate} Mbit/s, no added latency (no netem on this kernel). S/B = {ideal:.1} s. Times are per-node completion as multiples of S/B; egress is bytes the registry's link sent / S. CPU is the agents' user+sys seconds summed (2 cores: above ~2 s per second of wall time the CPU, not the links, bounds the result).\n\n| N | method | p50 / (S/B) | max / (S/B) | origin egress / S | agents' CPU s |\n|---|---|---|---|---|---|"
+    )];
+    for r in &rows {
+        let cpu = if r.cpu.is_nan() { "-".to_string() } else { format!("{:.1}", r.cpu) };
+        out.push(format!("| {} | {} | {:.2}x | {:.2}x | {:.2}x | {cpu} |", r.n, r.what, r.p50, r.max, r.egress));
+    }
+    let table = out.join("\n");
+    println!("{table}");
+    record("Swarm: one blob to N nodes", &table)
+}
