@@ -6,7 +6,8 @@ use clap::{Parser, Subcommand};
 use peerd_agent::{
     config,
     mirror::{Cluster, Mirror, MirrorConfig, Registries},
-    peers::StaticPeers,
+    gossip::{Gossip, GossipConfig},
+    peers::{GossipPeers, PeerDirectory, StaticPeers},
     store::{Store, StoreConfig},
     transfer::{Transfer, TransferConfig},
 };
@@ -76,6 +77,17 @@ struct AgentArgs {
     /// alone.
     #[arg(long = "peer", env = "PEERD_PEER", value_delimiter = ',')]
     peers: Vec<SocketAddr>,
+    /// Gossip seeds, `host:port` or `ip:port` (repeatable; a headless Service name resolves to
+    /// every agent). With seeds, peers and their content are found by gossip; without seeds and
+    /// without --peer, the agent runs alone.
+    #[arg(long = "seed", env = "PEERD_SEED", value_delimiter = ',')]
+    seeds: Vec<String>,
+    /// UDP address gossip listens on (used with --seed).
+    #[arg(long, env = "PEERD_GOSSIP_ADDR", default_value = "0.0.0.0:30001")]
+    gossip_addr: SocketAddr,
+    /// Topology zone of this node (peers in the same zone are preferred).
+    #[arg(long, env = "PEERD_ZONE", default_value = "")]
+    zone: String,
     /// File holding the cluster secret (peers authenticate with certificates derived from it).
     /// Default: <data-dir>/cluster-secret, generated when absent (fine for one node; a cluster
     /// shares one, e.g. from a Kubernetes Secret).
@@ -171,14 +183,29 @@ fn agent(args: AgentArgs) -> Result<()> {
         let secret_file = args.cluster_secret_file.clone().unwrap_or_else(|| args.data_dir.join("cluster-secret"));
         let secret = cluster_secret(&secret_file, args.cluster_secret_file.is_none())?;
         let node_id = args.node_id.clone().unwrap_or_else(hostname);
+        let secret_bytes = secret.clone();
         let mut tcfg = TransferConfig::new(args.peer_addr, node_id.clone(), secret);
         tcfg.upload_limit = args.upload_limit;
         tcfg.download_limit = args.download_limit;
         let transfer = Transfer::start(tcfg, store.clone()).context("starting the peer endpoint")?;
         let me = args.advertise_addr.unwrap_or(args.peer_addr);
-        let cluster = (!args.peers.is_empty()).then(|| Cluster {
+        let directory: Option<std::sync::Arc<dyn PeerDirectory>> = if !args.seeds.is_empty() {
+            let mut g = GossipConfig::new(me, secret_bytes.clone());
+            g.node_id = node_id.clone();
+            g.listen_addr = args.gossip_addr;
+            g.zone = args.zone.clone();
+            g.seeds = args.seeds.clone();
+            let gossip = std::sync::Arc::new(Gossip::start(g).await.context("starting gossip")?);
+            tokio::spawn(peerd_agent::peers::advertise(gossip.clone(), store.clone()));
+            Some(std::sync::Arc::new(GossipPeers { gossip, me, zone: args.zone.clone() }))
+        } else if !args.peers.is_empty() {
+            Some(std::sync::Arc::new(StaticPeers { me, peers: args.peers.clone() }))
+        } else {
+            None
+        };
+        let cluster = directory.map(|peers| Cluster {
             transfer: transfer.clone(),
-            peers: std::sync::Arc::new(StaticPeers { me, peers: args.peers.clone() }),
+            peers,
             peer_budget: Duration::from_secs(120),
             owner_budget: Duration::from_secs(600),
         });
@@ -194,6 +221,7 @@ fn agent(args: AgentArgs) -> Result<()> {
             registries = ?names,
             peer = %me,
             peers = args.peers.len(),
+            seeds = ?args.seeds,
             node = %node_id,
             "peerd agent started"
         );

@@ -37,3 +37,63 @@ impl PeerDirectory for StaticPeers {
         self.me
     }
 }
+
+/// Peers and content as gossip sees them: holders are the nodes advertising the digest
+/// (complete ones first, same zone first), members the live nodes.
+pub struct GossipPeers {
+    pub gossip: std::sync::Arc<crate::gossip::Gossip>,
+    pub me: SocketAddr,
+    pub zone: String,
+}
+
+impl PeerDirectory for GossipPeers {
+    fn holders(&self, d: &Digest) -> Vec<(SocketAddr, bool)> {
+        let mut h: Vec<(bool, bool, SocketAddr)> = self
+            .gossip
+            .who_has(d.as_bytes())
+            .into_iter()
+            .filter_map(|h| {
+                let addr = h.addr.filter(|a| *a != self.me)?;
+                let complete = matches!(h.kind, crate::gossip::Kind::Complete);
+                Some((!complete, &*h.zone != self.zone.as_str(), addr))
+            })
+            .collect();
+        h.sort();
+        h.into_iter().map(|(_, other_zone, a)| (a, !other_zone)).collect()
+    }
+
+    fn members(&self) -> Vec<SocketAddr> {
+        let mut m: Vec<SocketAddr> = self
+            .gossip
+            .peers()
+            .into_iter()
+            .filter(|p| p.state == crate::gossip::PeerState::Alive)
+            .filter_map(|p| p.addr)
+            .collect();
+        if !m.contains(&self.me) {
+            m.push(self.me);
+        }
+        m
+    }
+
+    fn me(&self) -> SocketAddr {
+        self.me
+    }
+}
+
+/// Keeps gossip's advertisement in step with the store (every second; only changed shards are
+/// re-sent). Blobs being fetched from upstream are not advertised: they are not readable yet.
+pub async fn advertise(gossip: std::sync::Arc<crate::gossip::Gossip>, store: crate::store::Store) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let blobs = store.list();
+        let complete: Vec<[u8; 32]> = blobs.iter().filter(|b| b.complete).map(|b| *b.digest.as_bytes()).collect();
+        let partial: Vec<[u8; 32]> = blobs
+            .iter()
+            .filter(|b| !b.complete && b.pieces_present > 0)
+            .map(|b| *b.digest.as_bytes())
+            .collect();
+        gossip.set_content(complete, partial).await;
+    }
+}

@@ -88,3 +88,31 @@ fn a_killed_agent_does_not_stop_the_other_nodes() {
         assert_eq!(h.join().unwrap().unwrap_or_else(|e| panic!("node {}: {e}", i + 1)), layer[7..]);
     }
 }
+
+#[test]
+fn gossip_from_one_dns_name_then_each_blob_once() {
+    require("curl");
+    let dir = tempfile::tempdir().unwrap();
+    let c = NetCluster::up(spec(&format!("pt{}c", std::process::id() % 10000), 4));
+    let d = Deployment::start_with(&c, peerd(), dir.path(), &["--trust-cluster"], xtask::netcluster::Discovery::Gossip);
+    let reg = d.registry_addr.to_string();
+    let image = Image::build(dir.path(), &[("big.bin", 8 << 20)]);
+    push(&c, &image, &reg);
+    // Membership converges within a few 100 ms gossip rounds; give it a bounded moment.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let before = d.registry_blob_gets().len();
+    for digest in &image.blobs {
+        for (i, r) in pull_everywhere(&c, &reg, digest, &[0, 1, 2, 3]).into_iter().enumerate() {
+            assert_eq!(r.unwrap_or_else(|e| panic!("node {i}: {e}")), digest[7..]);
+        }
+    }
+    let gets = d.registry_blob_gets()[before..].to_vec();
+    for digest in &image.blobs {
+        let n = gets.iter().filter(|l| l.contains(digest.as_str())).count();
+        assert_eq!(n, 1, "{digest} fetched {n} times (gossip membership should agree on one owner): {gets:?}");
+    }
+    // A later reader finds holders through gossip's content summaries (advertised each second).
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let log = d.agents[0].as_ref().unwrap().log_text();
+    assert!(!log.contains("gossip could not start"), "{log}");
+}

@@ -134,9 +134,26 @@ impl Drop for NetCluster {
     }
 }
 
+/// How agents find each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Discovery {
+    /// Every agent gets every other's address (`--peer`).
+    Static,
+    /// Gossip, seeded from one DNS name (served by dnsmasq in the registry namespace) that
+    /// resolves to every node, as a headless Service would.
+    Gossip,
+}
+
+/// The DNS name gossip seeds from in `Discovery::Gossip`.
+pub const SEED_NAME: &str = "peerd-seeds.cluster.test";
+pub const GOSSIP_PORT: u16 = 30001;
+
 /// Agents (and a registry) running inside a NetCluster.
 pub struct Deployment {
     pub registry: Proc,
+    pub dns: Option<Proc>,
+    /// /etc/netns/<ns> directories made for the nodes' resolv.conf (removed on drop).
+    pub netns_etc: Vec<PathBuf>,
     pub registry_addr: SocketAddr,
     pub agents: Vec<Option<Proc>>,
     pub mirror_port: u16,
@@ -150,6 +167,10 @@ impl Deployment {
     /// Starts docker-registry in the registry namespace and one agent per node, every agent
     /// knowing every other (static peers), sharing a cluster secret.
     pub fn start(c: &NetCluster, peerd: &Path, dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with(c, peerd, dir, extra, Discovery::Static)
+    }
+
+    pub fn start_with(c: &NetCluster, peerd: &Path, dir: &Path, extra: &[&str], discovery: Discovery) -> Self {
         crate::components::require("docker-registry");
         let reg_addr: SocketAddr = SocketAddr::new(c.registry.ip.into(), 5000);
         let cfg = dir.join("registry.yml");
@@ -169,6 +190,29 @@ impl Deployment {
         let secret = dir.join("cluster-secret");
         std::fs::write(&secret, b"netcluster test secret, 32 bytes!").expect("secret");
         let peers: Vec<String> = c.nodes.iter().map(|n| format!("{}:{PEER_PORT}", n.ip)).collect();
+        let (mut dns, mut netns_etc) = (None, Vec::new());
+        if discovery == Discovery::Gossip {
+            crate::components::require("dnsmasq");
+            let hosts = dir.join("seed-hosts");
+            let lines: String = c.nodes.iter().map(|n| format!("{} {SEED_NAME}\n", n.ip)).collect();
+            std::fs::write(&hosts, lines).expect("hosts file");
+            let mut p = Proc::spawn(
+                Command::new("ip").args(["netns", "exec", &c.registry.ns, "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-daemon", "--port=53"]).arg(format!("--listen-address={}", c.registry.ip)).arg("--bind-interfaces").arg(format!("--addn-hosts={}", hosts.display())).arg(format!("--pid-file={}", dir.join("dnsmasq.pid").display())),
+                dir.join("dnsmasq.log"),
+            );
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            if let Some(st) = p.child.as_mut().and_then(|ch| ch.try_wait().ok().flatten()) {
+                panic!("dnsmasq exited ({st}): {}", p.log_text());
+            }
+            dns = Some(p);
+            // `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf.
+            for n in &c.nodes {
+                let etc = PathBuf::from("/etc/netns").join(&n.ns);
+                std::fs::create_dir_all(&etc).expect("/etc/netns");
+                std::fs::write(etc.join("resolv.conf"), format!("nameserver {}\n", c.registry.ip)).expect("resolv.conf");
+                netns_etc.push(etc);
+            }
+        }
         let mut agents = Vec::new();
         for (i, n) in c.nodes.iter().enumerate() {
             let data = dir.join(format!("node{i}"));
@@ -182,8 +226,15 @@ impl Deployment {
             cmd.arg("--cluster-secret-file").arg(&secret);
             cmd.args(["--no-default-registries", "--registry", &format!("{reg_addr}=http://{reg_addr}")]);
             cmd.args(["--cache-size", "4GiB"]);
-            for p in &peers {
-                cmd.args(["--peer", p]);
+            match discovery {
+                Discovery::Static => {
+                    for p in &peers {
+                        cmd.args(["--peer", p]);
+                    }
+                }
+                Discovery::Gossip => {
+                    cmd.args(["--seed", &format!("{SEED_NAME}:{GOSSIP_PORT}"), "--gossip-addr", &format!("{}:{GOSSIP_PORT}", n.ip)]);
+                }
             }
             cmd.args(extra);
             cmd.env("RUST_LOG", "info");
@@ -191,13 +242,28 @@ impl Deployment {
             wait_in(&n.ns, SocketAddr::new(n.ip.into(), MIRROR_PORT), &mut proc);
             agents.push(Some(proc));
         }
-        Self { registry, registry_addr: reg_addr, agents, mirror_port: MIRROR_PORT, dir: dir.to_owned() }
+        Self { registry, dns, netns_etc, registry_addr: reg_addr, agents, mirror_port: MIRROR_PORT, dir: dir.to_owned() }
     }
 
     /// Access-log lines of blob GETs at the registry.
     pub fn registry_blob_gets(&self) -> Vec<String> {
         std::thread::sleep(std::time::Duration::from_millis(250));
         self.registry.log_text().lines().filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:")).map(str::to_owned).collect()
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        for a in self.agents.iter_mut().flatten() {
+            a.kill();
+        }
+        self.registry.kill();
+        if let Some(d) = &mut self.dns {
+            d.kill();
+        }
+        for e in &self.netns_etc {
+            let _ = std::fs::remove_dir_all(e);
+        }
     }
 }
 

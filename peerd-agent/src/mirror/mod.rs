@@ -583,7 +583,7 @@ impl Mirror {
                 // The owner has it now; everyone else who asked is downloading it too, so swarm
                 // with all of them (the owner first, as the one complete source).
                 let mut sources = vec![(owner, true)];
-                sources.extend(holders.iter().copied().filter(|(a, _)| *a != owner));
+                sources.extend(members.iter().filter(|a| **a != owner && **a != me).map(|a| (*a, true)));
                 c.transfer.download(d, &sources).await
             }
             .await;
