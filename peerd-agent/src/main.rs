@@ -25,6 +25,15 @@ enum Cmd {
     Agent(Box<AgentArgs>),
     /// Print the version, and whether this binary carries the kernel programs.
     Version,
+    /// Ask the local agent about itself: cache use, request counts, peers.
+    Status {
+        /// The agent's mirror address.
+        #[arg(long, env = "PEERD_MIRROR_ADDR", default_value = "127.0.0.1:30000")]
+        addr: SocketAddr,
+        /// Print the agent's JSON as is.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Every flag can also be set as `PEERD_<FLAG>` (e.g. PEERD_MIRROR_ADDR) or as a key in the
@@ -121,7 +130,54 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Agent(args) => agent(*args),
+        Cmd::Status { addr, json } => status(addr, json),
     }
+}
+
+/// `peerd status`: GET /status from the agent (plain HTTP on its mirror listener).
+fn status(addr: SocketAddr, json: bool) -> Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("no agent answering on {addr} (is `peerd agent` running?)"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).context("malformed answer")?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(body).context("agent sent invalid JSON")?;
+    let n = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!("peerd {}  peer address {}", v["version"].as_str().unwrap_or("?"), v["peer_addr"].as_str().filter(|s| !s.is_empty()).unwrap_or("(alone)"));
+    println!(
+        "cache: {:.2} / {:.2} GiB, {} blobs ({} complete), {} evictions",
+        gib(n("/cache/used_bytes")),
+        gib(n("/cache/budget_bytes")),
+        n("/cache/blobs"),
+        n("/cache/complete_blobs"),
+        n("/cache/evictions")
+    );
+    println!("requests: {} hits, {} from peers, {} misses", n("/requests/hits"), n("/requests/peer_hits"), n("/requests/misses"));
+    let peers = v["peers"].as_array().cloned().unwrap_or_default();
+    println!("peers: {}", peers.len());
+    if !peers.is_empty() {
+        println!("  {:<24} {:<22} {:<10} {:<10} {}", "ID", "ADDRESS", "ZONE", "STATE", "LAST SEEN");
+        for p in peers {
+            let seen = p["last_seen_ms"].as_u64().map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0)).unwrap_or_else(|| "-".into());
+            println!(
+                "  {:<24} {:<22} {:<10} {:<10} {}",
+                p["id"].as_str().unwrap_or(""),
+                p["addr"].as_str().unwrap_or(""),
+                p["zone"].as_str().unwrap_or(""),
+                p["state"].as_str().unwrap_or(""),
+                seen
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Exports the config file's keys as PEERD_* variables the environment does not already set.

@@ -4,7 +4,18 @@ use std::net::SocketAddr;
 
 use crate::store::Digest;
 
+/// One peer as `peerd status` shows it.
+pub struct PeerStatus {
+    pub id: String,
+    pub addr: String,
+    pub zone: String,
+    pub state: String,
+    pub last_seen_ms: Option<u64>,
+}
+
 pub trait PeerDirectory: Send + Sync + 'static {
+    /// Every known peer, for status output.
+    fn describe(&self) -> Vec<PeerStatus>;
     /// Peers' QUIC addresses that may hold `d` complete, with "same zone", best first. Peers that
     /// turn out not to have it answer NotFound and are skipped.
     fn holders(&self, d: &Digest) -> Vec<(SocketAddr, bool)>;
@@ -21,6 +32,14 @@ pub struct StaticPeers {
 }
 
 impl PeerDirectory for StaticPeers {
+    fn describe(&self) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .filter(|p| **p != self.me)
+            .map(|p| PeerStatus { id: String::new(), addr: p.to_string(), zone: String::new(), state: "configured".into(), last_seen_ms: None })
+            .collect()
+    }
+
     fn holders(&self, _d: &Digest) -> Vec<(SocketAddr, bool)> {
         self.peers.iter().filter(|p| **p != self.me).map(|p| (*p, true)).collect()
     }
@@ -47,6 +66,23 @@ pub struct GossipPeers {
 }
 
 impl PeerDirectory for GossipPeers {
+    fn describe(&self) -> Vec<PeerStatus> {
+        let mut v: Vec<PeerStatus> = self
+            .gossip
+            .peers()
+            .into_iter()
+            .map(|p| PeerStatus {
+                id: p.id.to_string(),
+                addr: p.addr.map(|a| a.to_string()).unwrap_or_default(),
+                zone: p.zone.to_string(),
+                state: if p.state == crate::gossip::PeerState::Alive { "alive".into() } else { "dead".into() },
+                last_seen_ms: Some(p.last_seen.elapsed().as_millis() as u64),
+            })
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
     fn holders(&self, d: &Digest) -> Vec<(SocketAddr, bool)> {
         let mut h: Vec<(bool, bool, SocketAddr)> = self
             .gossip

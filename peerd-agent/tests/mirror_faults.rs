@@ -127,6 +127,21 @@ async fn upstream_faults_never_reach_the_cache_and_every_wait_is_bounded() {
     assert_eq!(r.headers()["content-range"].to_str().unwrap(), format!("bytes 100-199/{}", body.len()));
     assert!(r.bytes().await.unwrap() == body[100..200]);
     assert_eq!(faulty.hits("GET /v2/good/"), before, "served from cache");
+
+    // Every fallback above is counted under its reason, and `peerd status` reports the cache.
+    let m = client.get(agent.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metric = |name: &str| -> u64 {
+        m.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("{name} missing:\n{m}"))
+    };
+    assert!(metric("peerd_cache_hits_total ") >= 1);
+    assert_eq!(metric("peerd_digest_mismatches_total "), 2, "the liar, twice");
+    assert!(metric("peerd_upstream_errors_total ") >= 3, "stall + truncated bodies");
+    assert!(metric("peerd_store_complete_blobs ") >= 1);
+    let out = std::process::Command::new(peerd()).args(["status", "--addr", &agent.addr.to_string(), "--json"]).output().unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && status.contains("\"complete_blobs\":1"), "{status}");
+    let out = std::process::Command::new(peerd()).args(["status", "--addr", &agent.addr.to_string()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 complete"), "{}", String::from_utf8_lossy(&out.stdout));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -195,6 +195,49 @@ impl Mirror {
         &self.inner.counters
     }
 
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.inner.cluster.as_ref()
+    }
+
+    /// What `peerd status` prints: this node, its cache, its peers.
+    fn status_json(&self) -> String {
+        let s = self.inner.store.stats();
+        let c = &self.inner.counters;
+        let mut peers = Vec::new();
+        let mut me = String::new();
+        if let Some(cl) = &self.inner.cluster {
+            me = cl.peers.me().to_string();
+            for p in cl.peers.describe() {
+                peers.push(format!(
+                    "{{\"id\":{},\"addr\":{},\"zone\":{},\"state\":{},\"last_seen_ms\":{}}}",
+                    json(&p.id),
+                    json(&p.addr),
+                    json(&p.zone),
+                    json(&p.state),
+                    p.last_seen_ms.map_or("null".to_string(), |v| v.to_string())
+                ));
+            }
+        }
+        format!(
+            "{{\"version\":{},\"peer_addr\":{},\"cache\":{{\"used_bytes\":{},\"budget_bytes\":{},\"blobs\":{},\"complete_blobs\":{},\"evictions\":{}}},\"requests\":{{\"hits\":{},\"peer_hits\":{},\"misses\":{}}},\"peers\":[{}]}}",
+            json(env!("CARGO_PKG_VERSION")),
+            json(&me),
+            s.used_bytes,
+            s.budget_bytes,
+            s.blobs,
+            s.complete_blobs,
+            s.evictions,
+            c.hits.load(Ordering::Relaxed),
+            c.hits_from_peers.load(Ordering::Relaxed),
+            c.misses.load(Ordering::Relaxed),
+            peers.join(",")
+        )
+    }
+
     /// Serves HTTP/1.1 on `listener` until the task is dropped.
     pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
         server::serve(self, listener).await
@@ -212,6 +255,16 @@ impl Mirror {
         let path = req.uri().path().to_string();
         if path == "/healthz" {
             return simple(200, "ok");
+        }
+        if path == "/metrics" {
+            let mut r = Response::new(Body::full(crate::metrics::render(self)));
+            set(r.headers_mut(), header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8");
+            return r;
+        }
+        if path == "/status" {
+            let mut r = Response::new(Body::full(self.status_json()));
+            set(r.headers_mut(), header::CONTENT_TYPE, "application/json");
+            return r;
         }
         if path.starts_with("/blobs/") {
             return self.proxy(head, &req).await;
@@ -884,6 +937,8 @@ async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Bytes
     }
     Ok(Bytes::from(buf))
 }
+
+use oci::json_string as json;
 
 fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();

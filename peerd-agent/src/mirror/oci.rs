@@ -137,7 +137,8 @@ pub fn error_body(code: &str, message: &str) -> String {
     )
 }
 
-fn json_string(s: &str) -> String {
+/// A JSON string literal.
+pub(crate) fn json_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {

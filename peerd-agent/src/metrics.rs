@@ -1,0 +1,58 @@
+//! Prometheus metrics (`GET /metrics` on the mirror listener): the reason-coded counters of the
+//! mirror and of peer transfer, and the store's gauges, rendered with prometheus-client from the
+//! modules' own atomics at scrape time (the hot paths only increment atomics).
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
+
+use crate::mirror::Mirror;
+
+fn counter(r: &mut Registry, name: &str, help: &str, v: &AtomicU64) {
+    r.register(name, help, ConstCounter::new(v.load(Ordering::Relaxed)));
+}
+
+/// The text exposition of every metric.
+pub fn render(m: &Mirror) -> String {
+    let mut r = Registry::with_prefix("peerd");
+    let c = m.counters();
+    counter(&mut r, "cache_hits", "Requests served from this node's cache", &c.hits);
+    counter(&mut r, "peer_hits", "Misses served after fetching the blob from peers", &c.hits_from_peers);
+    counter(&mut r, "cache_misses", "Requests for content not in the cache", &c.misses);
+    counter(&mut r, "served_from_cache_bytes", "Bytes sent to clients from the cache", &c.bytes_from_cache);
+    counter(&mut r, "upstream_bytes", "Bytes fetched from upstream registries and blob stores", &c.bytes_from_upstream);
+    counter(&mut r, "upstream_errors", "Upstream requests that failed (connect, timeout, body)", &c.upstream_errors);
+    counter(&mut r, "auth_checks", "Upstream access checks made for cached content", &c.auth_checks);
+    counter(&mut r, "auth_denied", "Requests refused because upstream denied or could not confirm access", &c.auth_denied);
+    counter(&mut r, "digest_mismatches", "Upstream bodies that did not match their digest", &c.digest_mismatch);
+    counter(&mut r, "cache_skipped", "Fetches relayed without caching (budget, concurrent writer)", &c.cache_skipped);
+    counter(&mut r, "prefetch_started", "Background whole-blob fetches started by range reads", &c.prefetch_started);
+    counter(&mut r, "prefetch_skipped", "Background fetches skipped at the concurrency bound", &c.prefetch_skipped);
+    counter(&mut r, "proxy_denied", "Requests for hosts that are not configured upstreams", &c.proxy_denied);
+    counter(&mut r, "owner_failures", "Rendezvous owners that could not provide a blob", &c.owner_failures);
+    if let Some(cl) = m.cluster() {
+        let t = cl.transfer.counters();
+        counter(&mut r, "peer_received_bytes", "Bytes received from peers", &t.bytes_from_peers);
+        counter(&mut r, "peer_sent_bytes", "Bytes sent to peers", &t.bytes_to_peers);
+        counter(&mut r, "peer_pieces", "Verified pieces received from peers", &t.pieces_from_peers);
+        counter(&mut r, "piece_verification_failures", "Pieces from peers that failed blake3 verification", &t.corrupt_pieces);
+        counter(&mut r, "peer_timeouts", "Piece requests to peers that timed out", &t.peer_timeouts);
+        counter(&mut r, "peer_errors", "Piece requests to peers that failed", &t.peer_errors);
+        counter(&mut r, "peer_refused", "Peer connections or requests refused (no cluster certificate, malformed)", &t.refused_requests);
+        counter(&mut r, "peer_fetches", "Upstream fetches done for peers as rendezvous owner", &t.fetches_for_peers);
+        r.register("members", "Live cluster members known to this node, itself included", ConstGauge::new(cl.peers.members().len() as i64));
+    }
+    let s = m.store().stats();
+    r.register("store_used_bytes", "Bytes reserved by cached blobs", ConstGauge::new(s.used_bytes as i64));
+    r.register("store_budget_bytes", "Cache budget", ConstGauge::new(s.budget_bytes as i64));
+    r.register("store_blobs", "Blobs in the cache, complete or partial", ConstGauge::new(s.blobs as i64));
+    r.register("store_complete_blobs", "Complete, verified blobs in the cache", ConstGauge::new(s.complete_blobs as i64));
+    r.register("store_evictions", "Blobs evicted to stay within the budget", ConstCounter::new(s.evictions));
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = encode(&mut out, &r);
+    out
+}
