@@ -240,7 +240,7 @@ fn agent_env_vars() -> Vec<String> {
 }
 
 /// Variables the chart renders for settings the agent does not implement yet (documented as such).
-const NOT_YET: &[&str] = &["PEERD_SEEDS", "PEERD_ZONE", "PEERD_TLS_INTERCEPT"];
+const NOT_YET: &[&str] = &["PEERD_TLS_INTERCEPT"];
 
 fn env(f: &Facts, name: &str) -> Option<String> {
     let key = format!("{AGENT}.env[{name}].value");
@@ -347,7 +347,7 @@ fn default_render_is_valid_and_wired() {
     assert_eq!(f.get("Service/peerd.spec.publishNotReadyAddresses"), "true");
     assert_eq!(f.s("Service/peerd.spec.ports[gossip].protocol"), "UDP");
     assert_eq!(f.get("Service/peerd.spec.ports[gossip].port"), "30001");
-    assert_eq!(env(&f, "PEERD_SEEDS").as_deref(), Some("peerd.kube-system.svc.cluster.local:30001"));
+    assert_eq!(env(&f, "PEERD_SEED").as_deref(), Some("peerd.kube-system.svc.cluster.local:30001"));
     assert_eq!(f.s("Service/peerd.spec.selector.app.kubernetes.io/name"), "peerd");
 
     // Defaults leave the agent's own defaults alone; flags not implemented yet are not rendered.
