@@ -6,6 +6,7 @@ mod support;
 use std::process::Command;
 
 use support::*;
+use xtask::components::Proc;
 use xtask::netcluster::{Deployment, NetCluster, Spec};
 
 fn spec(prefix: &str, nodes: usize) -> Spec {
@@ -115,4 +116,90 @@ fn gossip_from_one_dns_name_then_each_blob_once() {
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let log = d.agents[0].as_ref().unwrap().log_text();
     assert!(!log.contains("gossip could not start"), "{log}");
+}
+
+/// The gossip view of the agent in `ns`: (id, state) of every peer it lists.
+fn view(ns: &str) -> Vec<(String, String)> {
+    let out = Command::new("ip").args(["netns", "exec", ns, "curl", "-s", "--max-time", "2", "http://127.0.0.1:30000/status"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    v["peers"]
+        .as_array()
+        .map(|a| a.iter().map(|p| (p["id"].as_str().unwrap_or("").to_string(), p["state"].as_str().unwrap_or("").to_string())).collect())
+        .unwrap_or_default()
+}
+
+fn alive(v: &[(String, String)], me: &str) -> Vec<String> {
+    let mut a: Vec<String> = v.iter().filter(|(id, st)| st == "alive" && id != me).map(|(id, _)| id.clone()).collect();
+    a.sort();
+    a
+}
+
+/// Polls (bounded) until `cond` holds for every listed node's view.
+fn eventually(c: &NetCluster, nodes: &[usize], what: &str, cond: impl Fn(usize, &[(String, String)]) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let bad: Vec<usize> = nodes.iter().copied().filter(|&i| !cond(i, &view(&c.nodes[i].ns))).collect();
+        if bad.is_empty() {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: not true on nodes {bad:?}: {:?}", view(&c.nodes[bad[0]].ns));
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn gossip_membership_detects_death_heals_partitions_and_ignores_outsiders() {
+    require("curl");
+    let dir = tempfile::tempdir().unwrap();
+    // 8 members and one outsider (node 8) that shares the DNS name but not the secret.
+    let c = NetCluster::up(spec(&format!("pt{}d", std::process::id() % 10000), 9));
+    let mut d = Deployment::start_with(&c, peerd(), dir.path(), &[], xtask::netcluster::Discovery::Gossip);
+    if let Some(mut a) = d.agents[8].take() {
+        a.kill();
+    }
+    let wrong = dir.path().join("wrong-secret");
+    std::fs::write(&wrong, b"not the cluster's secret at all, 32+").unwrap();
+    let n8 = &c.nodes[8];
+    let mut outsider = Proc::spawn(
+        Command::new("ip").args(["netns", "exec", &n8.ns]).arg(peerd()).args(["agent", "--data-dir"]).arg(dir.path().join("outsider")).args([
+            "--mirror-addr",
+            "0.0.0.0:30000",
+            "--peer-addr",
+            &format!("{}:30002", n8.ip),
+            "--node-id",
+            "outsider",
+            "--seed",
+            &format!("{}:30001", xtask::netcluster::SEED_NAME),
+            "--gossip-addr",
+            &format!("{}:30001", n8.ip),
+            "--no-default-registries",
+        ]).arg("--cluster-secret-file").arg(&wrong),
+        dir.path().join("outsider.log"),
+    );
+    let members: Vec<usize> = (0..8).collect();
+    let all = |except: &[usize]| -> Vec<String> {
+        let mut v: Vec<String> = (0..8).filter(|i| !except.contains(i)).map(|i| format!("node{i}")).collect();
+        v.sort();
+        v
+    };
+    // 1. Everyone agrees on the 8 members; the outsider never appears and sees no one.
+    eventually(&c, &members, "membership", |i, v| alive(v, &format!("node{i}")) == all(&[i]));
+    for i in members.clone() {
+        assert!(view(&c.nodes[i].ns).iter().all(|(id, _)| id != "outsider"), "the outsider got into node {i}'s view");
+    }
+    assert!(alive(&view(&n8.ns), "outsider").is_empty(), "the outsider learned the members: {:?}", view(&n8.ns));
+    // 2. A killed node is detected.
+    if let Some(mut a) = d.agents[7].take() {
+        a.kill();
+    }
+    let live: Vec<usize> = (0..7).collect();
+    eventually(&c, &live, "node7 detected dead", |i, v| alive(v, &format!("node{i}")) == all(&[i, 7]));
+    // 3. A partition (node 6's link down) is detected and heals.
+    let sw_if = c.nodes[6].sw_if.clone();
+    run(Command::new("ip").args(["-n", &c.switch, "link", "set", &sw_if, "down"]));
+    let rest: Vec<usize> = (0..6).collect();
+    eventually(&c, &rest, "node6 cut off", |i, v| alive(v, &format!("node{i}")) == all(&[i, 6, 7]));
+    run(Command::new("ip").args(["-n", &c.switch, "link", "set", &sw_if, "up"]));
+    eventually(&c, &live, "partition healed", |i, v| alive(v, &format!("node{i}")) == all(&[i, 7]));
+    outsider.kill();
 }
