@@ -9,36 +9,9 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use xtask::components::{free_port, sha256_hex, Agent, Nginx};
+use xtask::components::{cpu_seconds, free_port, pseudo_random, sha256_hex, Agent, Nginx};
 
 use crate::bench::record;
-
-/// Deterministic pseudo-random bytes (xorshift), so runs are comparable.
-fn blob(size: u64) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut v = Vec::with_capacity(size as usize);
-    while (v.len() as u64) < size {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(size as usize);
-    v
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command (which may contain spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks / hz
-}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -74,7 +47,7 @@ fn setup(size_mib: u64) -> Result<Setup> {
     std::fs::create_dir_all(&dir)?;
     let guard = tempfile_dir::Dir(dir.clone());
     eprintln!("bench: writing a {size_mib} MiB blob");
-    let data = blob(size_mib << 20);
+    let data = pseudo_random(size_mib << 20, 0x9E37_79B9_7F4A_7C15);
     let hex = sha256_hex(&data);
     let root = dir.join("www");
     let rel = format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]);

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use xtask::{
-    components::{run, sha256_hex, Proc},
+    components::{cpu_seconds, pseudo_random, run, sha256_hex, Proc},
     netcluster::{Deployment, NetCluster, Spec, MIRROR_PORT},
 };
 
@@ -23,19 +23,6 @@ struct Row {
     max: f64,
     egress: f64,
     cpu: f64,
-}
-
-fn blob(size: u64) -> Vec<u8> {
-    let mut x: u64 = 0x1234_5678_9abc_def1;
-    let mut v = Vec::with_capacity(size as usize);
-    while (v.len() as u64) < size {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(size as usize);
-    v
 }
 
 /// Puts the blob straight into the registry's filesystem storage (no slow upload through a
@@ -86,16 +73,7 @@ fn fetch_all(c: &NetCluster, url: &str, hex: &str) -> Result<Vec<f64>> {
 }
 
 fn cpu_of(pids: &[u32]) -> f64 {
-    pids.iter()
-        .map(|p| {
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let t: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-            // SAFETY: sysconf has no preconditions.
-            t / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-        })
-        .sum()
+    pids.iter().map(|&p| cpu_seconds(p)).sum()
 }
 
 fn stats(mut t: Vec<f64>, ideal: f64) -> (f64, f64) {
@@ -168,7 +146,7 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, with_bt: bool) -> Result
     let base = PathBuf::from(format!("/var/tmp/peerd-bench-swarm-{}", std::process::id()));
     std::fs::create_dir_all(&base)?;
     let size = size_mib << 20;
-    let data = blob(size);
+    let data = pseudo_random(size, 0x1234_5678_9abc_def1);
     let hex = sha256_hex(&data);
     let file = base.join("blob.bin");
     std::fs::write(&file, &data)?;
