@@ -243,8 +243,9 @@ fn agent(args: AgentArgs) -> Result<()> {
         let mut tcfg = TransferConfig::new(args.peer_addr, node_id.clone(), secret);
         tcfg.upload_limit = args.upload_limit;
         tcfg.download_limit = args.download_limit;
-        let transfer = Transfer::start(tcfg, store.clone()).context("starting the peer endpoint")?;
         let me = args.advertise_addr.unwrap_or(args.peer_addr);
+        tcfg.advertise = me;
+        let transfer = Transfer::start(tcfg, store.clone()).context("starting the peer endpoint")?;
         let directory: Option<std::sync::Arc<dyn PeerDirectory>> = if !args.seeds.is_empty() {
             let mut g = GossipConfig::new(me, secret_bytes.clone());
             g.node_id = node_id.clone();

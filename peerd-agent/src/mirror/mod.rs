@@ -7,6 +7,7 @@
 //! body with the wrong digest.
 
 mod body;
+mod feed;
 mod server;
 pub mod oci;
 pub mod range;
@@ -542,7 +543,7 @@ impl Mirror {
         }
         let size = resp.content_length();
         let mut writer = match size {
-            Some(s) => match self.inner.store.writer(&d, s, source.clone()).await {
+            Some(s) => match feed::PieceFeed::new(&self.inner.store, &d, s, source.clone()).await {
                 Ok(w) => Some(w),
                 Err(e) => {
                     inc(&self.inner.counters.cache_skipped);
@@ -631,15 +632,35 @@ impl Mirror {
             if owner == me {
                 return false;
             }
-            let res = async {
-                c.transfer.ask_fetch(owner, d, url.as_str(), auth, c.owner_budget).await?;
-                // The owner has it now; everyone else who asked is downloading it too, so swarm
-                // with all of them (the owner first, as the one complete source).
-                let mut sources = vec![(owner, true)];
-                sources.extend(members.iter().filter(|a| **a != owner && **a != me).map(|a| (*a, true)));
-                c.transfer.download(d, &sources).await
-            }
-            .await;
+            // Ask the owner to fetch, and meanwhile swarm on the pieces it (and everyone else
+            // asking) already has: the owner serves pieces as they arrive from upstream.
+            let ask = {
+                let (t, d, url, auth, within) = (c.transfer.clone(), *d, url.to_string(), auth.map(str::to_owned), c.owner_budget);
+                tokio::spawn(async move { t.ask_fetch(owner, &d, &url, auth.as_deref(), within).await })
+            };
+            let mut sources = vec![(owner, true)];
+            sources.extend(members.iter().filter(|a| **a != owner && **a != me).map(|a| (*a, true)));
+            let started = std::time::Instant::now();
+            let res = loop {
+                match c.transfer.download(d, &sources).await {
+                    Ok(()) => break Ok(()),
+                    // Nobody has a manifest yet: the owner has not received upstream's answer.
+                    Err(transfer::TransferError::NoPeer(_)) if !ask.is_finished() && started.elapsed() < c.owner_budget => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => {
+                        // The owner finished (or failed) meanwhile: one last try if it succeeded.
+                        if ask.is_finished() {
+                            break match ask.await {
+                                Ok(Ok(())) => c.transfer.download(d, &sources).await,
+                                Ok(Err(ae)) => Err(ae),
+                                Err(_) => Err(e),
+                            };
+                        }
+                        break Err(e);
+                    }
+                }
+            };
             match res {
                 Ok(()) => return true,
                 Err(e) => {
@@ -683,7 +704,7 @@ impl Mirror {
             return Err(format!("upstream answered {}", resp.status()));
         }
         let size = resp.content_length().ok_or("upstream sent no Content-Length")?;
-        let mut w = self.inner.store.writer(&d, size, Source::Upstream(host)).await.map_err(|e| e.to_string())?;
+        let mut w = feed::PieceFeed::new(&self.inner.store, &d, size, Source::Upstream(host)).await.map_err(|e| e.to_string())?;
         while let Some(c) = resp.chunk().await.map_err(|e| e.to_string())? {
             self.inner.counters.bytes_from_upstream.fetch_add(c.len() as u64, Ordering::Relaxed);
             w.write(&c).await.map_err(|e| e.to_string())?;
@@ -732,7 +753,7 @@ impl Mirror {
                     return Err(format!("upstream answered {}", resp.status()));
                 }
                 let size = resp.content_length().ok_or("upstream sent no Content-Length")?;
-                let mut w = this.inner.store.writer(&d, size, source).await.map_err(|e| e.to_string())?;
+                let mut w = feed::PieceFeed::new(&this.inner.store, &d, size, source).await.map_err(|e| e.to_string())?;
                 while let Some(c) = resp.chunk().await.map_err(|e| e.to_string())? {
                     this.inner.counters.bytes_from_upstream.fetch_add(c.len() as u64, Ordering::Relaxed);
                     w.write(&c).await.map_err(|e| e.to_string())?;

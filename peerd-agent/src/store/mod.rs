@@ -419,6 +419,18 @@ impl Store {
         Some(Manifest { size: b.size, piece_size: b.piece_size, pieces })
     }
 
+    /// Size, piece size and the blake3 of each present piece of a blob filled piece by piece
+    /// (`declare` + `put_piece`), complete or not; peers use it as a partial manifest.
+    pub fn known_hashes(&self, d: &Digest) -> Option<(u64, u32, Vec<Option<blake3::Hash>>)> {
+        let b = self.get(d)?;
+        let st = lock(&b.state);
+        if st.streaming || st.dropped {
+            return None;
+        }
+        let hashes = (0..b.pieces()).map(|i| if st.present.get(i) { st.hashes[i] } else { None }).collect();
+        Some((b.size, b.piece_size, hashes))
+    }
+
     /// Piece size of blobs this store creates (peers must use the same to exchange pieces).
     pub fn piece_size(&self) -> u32 {
         self.inner.cfg.piece_size

@@ -57,6 +57,9 @@ pub trait Fetcher: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct TransferConfig {
     pub listen: SocketAddr,
+    /// The address peers know this node by (its `--advertise-addr`); used to split the work of
+    /// pulling fresh pieces among downloaders.
+    pub advertise: SocketAddr,
     pub node_id: String,
     pub secret: Vec<u8>,
     /// Streams a peer may have open to us at once (requests in flight).
@@ -76,6 +79,7 @@ impl TransferConfig {
     pub fn new(listen: SocketAddr, node_id: String, secret: Vec<u8>) -> Self {
         Self {
             listen,
+            advertise: listen,
             node_id,
             secret,
             max_streams_per_peer: 32,
@@ -317,7 +321,13 @@ impl Transfer {
         if let Some(m) = self.inner.store.manifest(d) {
             return Some(Arc::new(WireManifest { size: m.size, piece_size: m.piece_size, pieces: m.pieces.iter().map(|h| *h.as_bytes()).collect() }));
         }
-        self.inner.partial.lock().unwrap_or_else(|e| e.into_inner()).get(d).cloned()
+        if let Some(m) = self.inner.partial.lock().unwrap_or_else(|e| e.into_inner()).get(d).cloned() {
+            return Some(m);
+        }
+        // A blob arriving from upstream piece by piece: the hashes of the pieces so far (zero for
+        // the rest). Receivers fetch only pieces whose hash they know.
+        let (size, piece_size, hashes) = self.inner.store.known_hashes(d)?;
+        Some(Arc::new(WireManifest { size, piece_size, pieces: hashes.iter().map(|h| h.map_or([0; 32], |h| *h.as_bytes())).collect() }))
     }
 
     /// A peer's bitfield for `d`, bounded by the manifest timeout.
@@ -427,7 +437,9 @@ impl Transfer {
         }
         store.declare(d, m.size).await?;
         let m = Arc::new(m);
-        self.inner.partial.lock().unwrap_or_else(|e| e.into_inner()).insert(*d, m.clone());
+        if m.pieces.iter().all(|h| *h != [0; 32]) {
+            self.inner.partial.lock().unwrap_or_else(|e| e.into_inner()).insert(*d, m.clone());
+        }
         let result = self.swarm(d, &m, manifest_peer, peers).await;
         self.inner.partial.lock().unwrap_or_else(|e| e.into_inner()).remove(d);
         result
@@ -447,17 +459,37 @@ impl Transfer {
         h.update(d.as_bytes());
         cfg.seed = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap_or([1; 8]));
         let mut dl = Download::new(n as u32, cfg);
+        // Each piece is pulled from a single source first by one downloader, chosen by rendezvous
+        // over the other sources (the first source, the owner or a complete holder, excluded)
+        // and this node; the others get it from that downloader. Same views, same split.
+        let me = self.inner.cfg.advertise;
+        let mut downloaders: Vec<SocketAddr> = peers.iter().skip(1).map(|p| p.0).collect();
+        downloaders.push(me);
+        let designated: Vec<bool> = (0..n as u32)
+            .map(|i| {
+                let mut h = blake3::Hasher::new();
+                h.update(d.as_bytes());
+                h.update(&i.to_le_bytes());
+                let piece = Digest::from_sha256_bytes(*h.finalize().as_bytes());
+                owner(&piece, &downloaders) == Some(me)
+            })
+            .collect();
+        dl.set_designated(designated);
         let addrs: Vec<SocketAddr> = peers.iter().map(|&(a, zone)| {
             dl.add_partial_peer(zone);
             a
         }).collect();
         let (tx, mut rx) = mpsc::channel::<(Assignment, Result<Vec<(u32, Bytes)>, Failure>)>(64);
-        let (have_tx, mut have_rx) = mpsc::channel::<(usize, Vec<bool>)>(64);
+        let (have_tx, mut have_rx) = mpsc::channel::<(usize, Vec<bool>, Option<WireManifest>)>(64);
+        // Piece hashes known so far; a manifest from a node still fetching from upstream has gaps
+        // (zeros), filled in as its later manifests arrive. Pieces are only requested once their
+        // hash is known, so every stored piece was checked.
+        let mut hashes: Vec<Option<[u8; 32]>> = m.pieces.iter().map(|h| (*h != [0; 32]).then_some(*h)).collect();
         let mut tasks: HashMap<(usize, u32), tokio::task::JoinHandle<()>> = HashMap::new();
         let started = Instant::now();
         let mut last_have = Instant::now() - HAVE_EVERY;
         let mut last_progress = Instant::now();
-        let refresh = |this: &Self, dl: &Download| {
+        let refresh = |this: &Self, dl: &Download, need_hashes: bool| {
             for (i, &peer) in addrs.iter().enumerate() {
                 if dl.excluded(i) {
                     continue;
@@ -467,7 +499,12 @@ impl Transfer {
                 let d = *d;
                 tokio::spawn(async move {
                     if let Some(bits) = this.have(peer, &d, n).await {
-                        let _ = have_tx.send((i, bits)).await;
+                        let manifest = if need_hashes && bits.iter().any(|b| *b) {
+                            this.manifest_from(&d, &[peer]).await.map(|(_, m)| m)
+                        } else {
+                            None
+                        };
+                        let _ = have_tx.send((i, bits, manifest)).await;
                     }
                 });
             }
@@ -482,7 +519,7 @@ impl Transfer {
             let now = Instant::now();
             if now.duration_since(last_have) >= HAVE_EVERY {
                 last_have = now;
-                refresh(self, &dl);
+                refresh(self, &dl, hashes.iter().any(|h| h.is_none()));
             }
             if dl.can_progress() {
                 last_progress = now;
@@ -508,7 +545,17 @@ impl Transfer {
             }
             let tick = tokio::time::sleep(Duration::from_millis(50));
             tokio::select! {
-                Some((i, bits)) = have_rx.recv() => dl.set_have(i, bits),
+                Some((i, bits, manifest)) = have_rx.recv() => {
+                    if let Some(pm) = manifest.filter(|pm| pm.size == m.size && pm.pieces.len() == n) {
+                        for (h, new) in hashes.iter_mut().zip(&pm.pieces) {
+                            if h.is_none() && *new != [0; 32] {
+                                *h = Some(*new);
+                            }
+                        }
+                    }
+                    let known: Vec<bool> = bits.iter().zip(&hashes).map(|(b, h)| *b && h.is_some()).collect();
+                    dl.set_have_at(i, known, Instant::now());
+                }
                 Some((a, r)) = rx.recv() => {
                     tasks.remove(&(a.peer, a.first));
                     match r {
@@ -516,7 +563,8 @@ impl Transfer {
                             let mut failed = None;
                             for (i, bytes) in pieces {
                                 let src = Source::Peer(addrs[a.peer].to_string());
-                                match store.put_piece(d, i as usize, bytes.to_vec(), to_hash(&m.pieces[i as usize]), src).await {
+                                let Some(expected) = hashes[i as usize] else { break };
+                                match store.put_piece(d, i as usize, bytes.to_vec(), to_hash(&expected), src).await {
                                     Ok(PutOutcome::Stored | PutOutcome::Completed | PutOutcome::AlreadyPresent) => dl.on_piece(i),
                                     Ok(PutOutcome::InFlight) => {}
                                     Err(StoreError::PieceMismatch { .. }) => {

@@ -21,6 +21,10 @@ pub struct SwarmConfig {
     /// A run in flight this long may be duplicated to an idle peer in the endgame.
     pub hedge_after: Duration,
     pub seed: u64,
+    /// A piece only one peer has (typically the owner, as it arrives from upstream) is left to
+    /// the nodes designated for it (`set_designated`) for this long, so the single source sends
+    /// each piece about once and the downloaders trade it among themselves.
+    pub defer_single_source: Duration,
 }
 
 impl Default for SwarmConfig {
@@ -35,6 +39,7 @@ impl Default for SwarmConfig {
             max_failures: 2,
             hedge_after: Duration::from_millis(300),
             seed: 0x5eed,
+            defer_single_source: Duration::from_millis(400),
         }
     }
 }
@@ -82,6 +87,10 @@ struct Flight {
 pub struct Download {
     cfg: SwarmConfig,
     pieces: Vec<Piece>,
+    /// Pieces this node should pull from a single source right away (others wait a little).
+    designated: Vec<bool>,
+    /// When some peer was first seen holding each piece.
+    seen_at: Vec<Option<Instant>>,
     /// Batch start indices in request order.
     order: Vec<u32>,
     peers: Vec<Peer>,
@@ -103,7 +112,8 @@ impl Download {
         let batch = cfg.batch.max(1);
         let mut order: Vec<u32> = (0..pieces).step_by(batch as usize).collect();
         shuffle(&mut order, cfg.seed | 1);
-        Self { cfg, pieces: vec![Piece::Missing; pieces as usize], order, peers: Vec::new(), flights: Vec::new(), done: 0 }
+        let n = pieces as usize;
+        Self { cfg, pieces: vec![Piece::Missing; n], designated: vec![true; n], seen_at: vec![None; n], order, peers: Vec::new(), flights: Vec::new(), done: 0 }
     }
 
     /// Registers a peer holding the whole blob; returns its index.
@@ -120,11 +130,29 @@ impl Download {
     }
 
     /// The peer's current bitfield (ignored if its length is wrong).
-    pub fn set_have(&mut self, peer: usize, have: Vec<bool>) {
-        if let Some(p) = self.peers.get_mut(peer) {
-            if have.len() == self.pieces.len() {
-                p.have = have;
+    pub fn set_have_at(&mut self, peer: usize, have: Vec<bool>, now: Instant) {
+        if have.len() != self.pieces.len() {
+            return;
+        }
+        for (i, h) in have.iter().enumerate() {
+            if *h && self.seen_at[i].is_none() {
+                self.seen_at[i] = Some(now);
             }
+        }
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.have = have;
+        }
+    }
+
+    pub fn set_have(&mut self, peer: usize, have: Vec<bool>) {
+        self.set_have_at(peer, have, Instant::now());
+    }
+
+    /// Which pieces this node pulls from a single source without waiting (see
+    /// `SwarmConfig::defer_single_source`).
+    pub fn set_designated(&mut self, designated: Vec<bool>) {
+        if designated.len() == self.pieces.len() {
+            self.designated = designated;
         }
     }
 
@@ -173,6 +201,10 @@ impl Download {
             let end = (start + batch).min(n);
             if let Some(first) = (start..end).find(|&i| self.pieces[i as usize] == Piece::Missing) {
                 let avail = self.availability(first);
+                let fresh = self.seen_at[first as usize].is_some_and(|t| now.duration_since(t) < self.cfg.defer_single_source);
+                if avail == 1 && fresh && !self.designated[first as usize] {
+                    continue;
+                }
                 if avail > 0 {
                     order.push((avail, start));
                 }
@@ -387,6 +419,24 @@ mod tests {
         }
         // Pieces 4..8 exist only at the seed: rarest, so they are requested first.
         assert!(a[..4].iter().all(|x| x.first >= 4 && x.peer == seed), "{a:?}");
+    }
+
+    #[test]
+    fn single_source_pieces_wait_for_their_designated_node() {
+        let mut d = Download::new(4, SwarmConfig { batch: 1, max_in_flight_per_peer: 8, defer_single_source: Duration::from_millis(400), ..Default::default() });
+        let owner = d.add_partial_peer(false);
+        d.set_designated(vec![true, false, true, false]);
+        let t0 = Instant::now();
+        d.set_have_at(owner, vec![true; 4], t0);
+        let a = d.poll(t0);
+        let mut got: Vec<u32> = a.iter().map(|x| x.first).collect();
+        got.sort();
+        assert_eq!(got, vec![0, 2], "only designated pieces at first");
+        // Later, nobody else got them: fetch from the single source anyway.
+        let b = d.poll(t0 + Duration::from_millis(500));
+        let mut got: Vec<u32> = b.iter().map(|x| x.first).collect();
+        got.sort();
+        assert_eq!(got, vec![1, 3]);
     }
 
     #[test]
