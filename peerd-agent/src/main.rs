@@ -25,6 +25,14 @@ enum Cmd {
     Agent(Box<AgentArgs>),
     /// Print the version, and whether this binary carries the kernel programs.
     Version,
+    /// List or remove cached blobs on the local agent.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+        /// The agent's mirror address.
+        #[arg(long, global = true, env = "PEERD_MIRROR_ADDR", default_value = "127.0.0.1:30000")]
+        addr: SocketAddr,
+    },
     /// Ask the local agent about itself: cache use, request counts, peers.
     Status {
         /// The agent's mirror address.
@@ -39,6 +47,17 @@ enum Cmd {
 /// Every flag can also be set as `PEERD_<FLAG>` (e.g. PEERD_MIRROR_ADDR) or as a key in the
 /// config file (e.g. `mirror-addr = "..."`); the command line wins over the environment, which
 /// wins over the file. Repeatable flags take comma-separated environment values.
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Every blob: digest, size, complete or how many pieces.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove one blob (`sha256:<hex>`).
+    Rm { digest: String },
+}
+
 #[derive(clap::Args)]
 struct AgentArgs {
     /// TOML config file whose keys are these flags' long names.
@@ -131,19 +150,60 @@ fn main() -> Result<()> {
         }
         Cmd::Agent(args) => agent(*args),
         Cmd::Status { addr, json } => status(addr, json),
+        Cmd::Cache { action, addr } => cache(addr, action),
     }
 }
 
-/// `peerd status`: GET /status from the agent (plain HTTP on its mirror listener).
-fn status(addr: SocketAddr, json: bool) -> Result<()> {
+/// One request to the agent's admin API (plain HTTP on its mirror listener): (status, body).
+fn admin_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .with_context(|| format!("no agent answering on {addr} (is `peerd agent` running?)"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("GET /status HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).context("malformed answer")?;
+    let (head, body) = raw.split_once("\r\n\r\n").context("malformed answer")?;
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("malformed status line")?;
+    Ok((code, body.to_string()))
+}
+
+/// `peerd cache ls|rm`.
+fn cache(addr: SocketAddr, action: CacheAction) -> Result<()> {
+    match action {
+        CacheAction::Ls { json } => {
+            let (code, body) = admin_request(addr, "GET", "/cache")?;
+            anyhow::ensure!(code == 200, "agent answered {code}: {body}");
+            if json {
+                println!("{body}");
+                return Ok(());
+            }
+            let v: serde_json::Value = serde_json::from_str(&body).context("agent sent invalid JSON")?;
+            println!("{:<73} {:>12} {}", "DIGEST", "SIZE", "STATE");
+            for b in v.as_array().cloned().unwrap_or_default() {
+                let state = if b["complete"].as_bool().unwrap_or(false) {
+                    "complete".to_string()
+                } else {
+                    format!("{}/{} pieces", b["pieces_present"], b["pieces_total"])
+                };
+                println!("{:<73} {:>12} {state}", b["digest"].as_str().unwrap_or(""), b["size"]);
+            }
+            Ok(())
+        }
+        CacheAction::Rm { digest } => {
+            let (code, body) = admin_request(addr, "DELETE", &format!("/cache/{digest}"))?;
+            anyhow::ensure!(code == 204, "agent answered {code}: {body}");
+            println!("removed {digest}");
+            Ok(())
+        }
+    }
+}
+
+/// `peerd status`: GET /status from the agent.
+fn status(addr: SocketAddr, json: bool) -> Result<()> {
+    let (code, body) = admin_request(addr, "GET", "/status")?;
+    anyhow::ensure!(code == 200, "agent answered {code}: {body}");
+    let body = body.as_str();
     if json {
         println!("{body}");
         return Ok(());

@@ -204,6 +204,59 @@ impl Mirror {
         self.inner.cluster.as_ref()
     }
 
+    /// The admin API (openapi.yaml): cache listing and removal. Changes are accepted only from
+    /// this node (loopback), since the mirror port may be reachable from the network.
+    async fn admin(&self, req: &Request<()>, path: &str, peer: SocketAddr) -> Option<Resp> {
+        let rest = path.strip_prefix("/cache")?;
+        let m = req.method();
+        if rest.is_empty() || rest == "/" {
+            if *m != Method::GET {
+                return Some(error(405, "UNSUPPORTED", "GET /cache lists the cache"));
+            }
+            let items: Vec<String> = self
+                .inner
+                .store
+                .list()
+                .iter()
+                .map(|b| {
+                    format!(
+                        "{{\"digest\":{},\"size\":{},\"complete\":{},\"pieces_present\":{},\"pieces_total\":{}}}",
+                        json(&b.digest.to_string()),
+                        b.size,
+                        b.complete,
+                        b.pieces_present,
+                        b.pieces_total
+                    )
+                })
+                .collect();
+            let mut r = Response::new(Body::full(format!("[{}]", items.join(","))));
+            set(r.headers_mut(), header::CONTENT_TYPE, "application/json");
+            return Some(r);
+        }
+        let digest = rest.strip_prefix('/')?;
+        if *m != Method::DELETE {
+            return Some(error(405, "UNSUPPORTED", "DELETE /cache/<digest> removes a blob"));
+        }
+        if !peer.ip().is_loopback() {
+            return Some(error(403, "DENIED", "cache changes are accepted from this node only"));
+        }
+        let d: Digest = match digest.parse() {
+            Ok(d) => d,
+            Err(e) => return Some(error(400, "DIGEST_INVALID", &e.to_string())),
+        };
+        Some(match self.inner.store.remove(&d).await {
+            Ok(true) => {
+                let _ = std::fs::remove_file(self.inner.media_dir.join(d.hex()));
+                let mut r = Response::new(Body::Empty);
+                *r.status_mut() = StatusCode::NO_CONTENT;
+                r
+            }
+            Ok(false) | Err(crate::store::StoreError::NotFound(_)) => error(404, "BLOB_UNKNOWN", &format!("{d} is not cached")),
+            Err(crate::store::StoreError::Pinned(_)) => error(409, "BUSY", &format!("{d} is being read or written; try again")),
+            Err(e) => error(500, "INTERNAL", &e.to_string()),
+        })
+    }
+
     /// What `peerd status` prints: this node, its cache, its peers.
     fn status_json(&self) -> String {
         let s = self.inner.store.stats();
@@ -248,12 +301,15 @@ impl Mirror {
     pub async fn handle(&self, req: Request<()>, peer: SocketAddr) -> Resp {
         let span = tracing::debug_span!("request", method = %req.method(), path = %req.uri().path(), %peer);
         let _e = span.enter();
+        let path = req.uri().path().to_string();
+        if let Some(r) = self.admin(&req, &path, peer).await {
+            return r;
+        }
         let head = match *req.method() {
             Method::GET => false,
             Method::HEAD => true,
             _ => return error(405, "UNSUPPORTED", "only GET and HEAD are supported"),
         };
-        let path = req.uri().path().to_string();
         if path == "/healthz" {
             return simple(200, "ok");
         }
