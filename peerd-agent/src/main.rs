@@ -138,6 +138,8 @@ struct AgentArgs {
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LogFormat {
     Text,
+    /// One JSON object per line (for log collectors).
+    Json,
 }
 
 fn main() -> Result<()> {
@@ -271,13 +273,12 @@ fn default_cache_size(dir: &std::path::Path) -> u64 {
 }
 
 fn agent(args: AgentArgs) -> Result<()> {
-    let LogFormat::Text = args.log_format;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt().json().with_env_filter(filter).init(),
+    }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("create data dir {}", args.data_dir.display()))?;
     let registries = Registries::new(&args.registries, !args.no_default_registries)?;
