@@ -755,19 +755,25 @@ impl Mirror {
         if let Some(a) = authorization.as_deref().and_then(|a| header::HeaderValue::from_str(a).ok()) {
             fwd.insert(header::AUTHORIZATION, a);
         }
-        let mut resp = self.inner.upstream.send(Method::GET, url, &fwd).await.map_err(|e| e.to_string())?;
+        self.fetch_whole(d, url, &fwd, Source::Upstream(host)).await?;
+        info!(%d, "fetched from upstream for the cluster");
+        Ok(())
+    }
+
+    /// GETs a whole blob from upstream into the store (piece by piece, verified at the end). The
+    /// caller holds the digest's flight.
+    async fn fetch_whole(&self, d: Digest, url: reqwest::Url, fwd: &HeaderMap, source: Source) -> Result<(), String> {
+        let mut resp = self.inner.upstream.send(Method::GET, url, fwd).await.map_err(|e| e.to_string())?;
         if resp.status() != reqwest::StatusCode::OK {
             return Err(format!("upstream answered {}", resp.status()));
         }
         let size = resp.content_length().ok_or("upstream sent no Content-Length")?;
-        let mut w = feed::PieceFeed::new(&self.inner.store, &d, size, Source::Upstream(host)).await.map_err(|e| e.to_string())?;
+        let mut w = feed::PieceFeed::new(&self.inner.store, &d, size, source).await.map_err(|e| e.to_string())?;
         while let Some(c) = resp.chunk().await.map_err(|e| e.to_string())? {
             self.inner.counters.bytes_from_upstream.fetch_add(c.len() as u64, Ordering::Relaxed);
             w.write(&c).await.map_err(|e| e.to_string())?;
         }
-        w.finish().await.map_err(|e| e.to_string())?;
-        info!(%d, "fetched from upstream for the cluster");
-        Ok(())
+        w.finish().await.map_err(|e| e.to_string())
     }
 
     /// Joins or starts the upstream fetch of `d` on this node.
@@ -803,22 +809,7 @@ impl Mirror {
         tokio::spawn(async move {
             let _permit = permit;
             let _flight = flight;
-            let res: Result<(), String> = async {
-                let mut resp = this.inner.upstream.send(Method::GET, url, &fwd).await.map_err(|e| e.to_string())?;
-                if resp.status() != reqwest::StatusCode::OK {
-                    return Err(format!("upstream answered {}", resp.status()));
-                }
-                let size = resp.content_length().ok_or("upstream sent no Content-Length")?;
-                let mut w = feed::PieceFeed::new(&this.inner.store, &d, size, source).await.map_err(|e| e.to_string())?;
-                while let Some(c) = resp.chunk().await.map_err(|e| e.to_string())? {
-                    this.inner.counters.bytes_from_upstream.fetch_add(c.len() as u64, Ordering::Relaxed);
-                    w.write(&c).await.map_err(|e| e.to_string())?;
-                }
-                w.finish().await.map_err(|e| e.to_string())?;
-                Ok(())
-            }
-            .await;
-            match res {
+            match this.fetch_whole(d, url, &fwd, source).await {
                 Ok(()) => info!(%d, "prefetched"),
                 Err(e) => debug!(%d, "prefetch failed: {e}"),
             }

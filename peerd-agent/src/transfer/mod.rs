@@ -261,22 +261,16 @@ impl Transfer {
             Request::Pieces { digest, first, count } => {
                 let d = Digest::from_sha256_bytes(digest);
                 let (Some(m), Some(_pin)) = (self.manifest_of(&d), store.pin(&d)) else {
-                    send.write_all(&wire::status_frame(Status::NotFound, "not here")).await.map_err(|e| e.to_string())?;
-                    let _ = send.finish();
-                    return Ok(());
+                    return refuse(&mut send, Status::NotFound, "not here").await;
                 };
                 let n = m.pieces.len() as u32;
                 if first.checked_add(count).is_none_or(|end| end > n) {
-                    send.write_all(&wire::status_frame(Status::BadRequest, "pieces out of range")).await.map_err(|e| e.to_string())?;
-                    let _ = send.finish();
-                    return Ok(());
+                    return refuse(&mut send, Status::BadRequest, "pieces out of range").await;
                 }
                 // Only pieces verified and durable here; anything else is "not yet".
                 let have = store.present_pieces(&d).unwrap_or_default();
                 if (first..first + count).any(|i| !have.get(i as usize).copied().unwrap_or(false)) {
-                    send.write_all(&wire::status_frame(Status::NotFound, "not yet")).await.map_err(|e| e.to_string())?;
-                    let _ = send.finish();
-                    return Ok(());
+                    return refuse(&mut send, Status::NotFound, "not yet").await;
                 }
                 send.write_all(&[Status::Ok as u8]).await.map_err(|e| e.to_string())?;
                 for i in first..first + count {
@@ -628,6 +622,13 @@ impl Transfer {
         }
         Ok(out)
     }
+}
+
+/// Answers a request with a status and message only, and ends the stream.
+async fn refuse(send: &mut quinn::SendStream, status: Status, msg: &str) -> Result<(), String> {
+    send.write_all(&wire::status_frame(status, msg)).await.map_err(|e| e.to_string())?;
+    let _ = send.finish();
+    Ok(())
 }
 
 /// Rendezvous (highest random weight) hashing: the member that fetches `d` from upstream for the
