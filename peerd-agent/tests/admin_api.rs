@@ -88,3 +88,29 @@ async fn admin_api_matches_openapi_and_the_cli_works() {
     assert_eq!(c.get(agent.url(&format!("/v2/app/blobs/{layer}?ns={reg}"))).send().await.unwrap().bytes().await.unwrap().to_vec(), image.blob_bytes(&layer));
     assert_eq!(registry.blob_gets().len(), before + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preheat_fetches_every_blob_once_ahead_of_the_pull() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let image = Image::build(dir.path(), &[("a.bin", 2 << 20), ("b.bin", 100 << 10)]);
+    image.push(&registry, "team/app");
+    let reg = registry.name();
+    let agent = Agent::start(peerd(), dir.path(), &[format!("{reg}=http://{reg}")], &[]);
+    let before = registry.blob_gets().len();
+    let out = Command::new(peerd()).args(["preheat", &format!("{reg}/team/app:v1"), "--addr", &agent.addr.to_string()]).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("{} blobs", image.blobs.len())), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(registry.blob_gets().len() - before, image.blobs.len(), "each blob fetched once");
+    // The rollout's pulls are served from the cache.
+    let c = http_client();
+    let before = registry.blob_gets().len();
+    for d in &image.blobs {
+        let body = c.get(agent.url(&format!("/v2/team/app/blobs/{d}?ns={reg}"))).send().await.unwrap().bytes().await.unwrap();
+        assert_eq!(body.to_vec(), image.blob_bytes(d));
+    }
+    assert_eq!(registry.blob_gets().len(), before, "no blob GETs after preheat");
+    // A bad reference is a clear error.
+    let out = Command::new(peerd()).args(["preheat", "no-slash", "--addr", &agent.addr.to_string()]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("registry/name"));
+}
