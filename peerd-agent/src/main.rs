@@ -311,7 +311,14 @@ fn status(addr: SocketAddr, json: bool) -> Result<()> {
         return Ok(());
     }
     let v: serde_json::Value = serde_json::from_str(body).context("agent sent invalid JSON")?;
+    // A second sample a second later gives transfer rates.
+    std::thread::sleep(Duration::from_secs(1));
+    let later: serde_json::Value = admin_request(addr, "GET", "/status")
+        .ok()
+        .and_then(|(_, b)| serde_json::from_str(&b).ok())
+        .unwrap_or(serde_json::Value::Null);
     let n = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
+    let rate = |p: &str| later.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0).saturating_sub(n(p)) as f64 / 1048576.0;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     println!("peerd {}  peer address {}", v["version"].as_str().unwrap_or("?"), v["peer_addr"].as_str().filter(|s| !s.is_empty()).unwrap_or("(alone)"));
     println!(
@@ -323,6 +330,19 @@ fn status(addr: SocketAddr, json: bool) -> Result<()> {
         n("/cache/evictions")
     );
     println!("requests: {} hits, {} from peers, {} misses", n("/requests/hits"), n("/requests/peer_hits"), n("/requests/misses"));
+    println!(
+        "rates (MiB/s): upstream {:.1}, from peers {:.1}, to peers {:.1}, to clients {:.1}",
+        rate("/bytes/from_upstream"),
+        rate("/bytes/from_peers"),
+        rate("/bytes/to_peers"),
+        rate("/bytes/to_clients_from_cache")
+    );
+    let transfers = later["in_progress"].as_array().or(v["in_progress"].as_array()).cloned().unwrap_or_default();
+    println!("transfers in progress: {}", transfers.len());
+    for t in transfers {
+        let (have, all) = (t["pieces_present"].as_u64().unwrap_or(0), t["pieces_total"].as_u64().unwrap_or(1).max(1));
+        println!("  {}  {:5.1}% of {:.1} MiB", t["digest"].as_str().unwrap_or(""), have as f64 * 100.0 / all as f64, t["size"].as_u64().unwrap_or(0) as f64 / 1048576.0);
+    }
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
     println!("peers: {}", peers.len());
     if !peers.is_empty() {

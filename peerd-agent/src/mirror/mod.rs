@@ -276,8 +276,28 @@ impl Mirror {
                 ));
             }
         }
+        let in_progress: Vec<String> = self
+            .inner
+            .store
+            .list()
+            .iter()
+            .filter(|b| !b.complete)
+            .map(|b| {
+                format!(
+                    "{{\"digest\":{},\"size\":{},\"pieces_present\":{},\"pieces_total\":{}}}",
+                    json(&b.digest.to_string()),
+                    b.size,
+                    b.pieces_present,
+                    b.pieces_total
+                )
+            })
+            .collect();
+        let (from_peers, to_peers) = self.inner.cluster.as_ref().map_or((0, 0), |cl| {
+            let t = cl.transfer.counters();
+            (t.bytes_from_peers.load(Ordering::Relaxed), t.bytes_to_peers.load(Ordering::Relaxed))
+        });
         format!(
-            "{{\"version\":{},\"peer_addr\":{},\"cache\":{{\"used_bytes\":{},\"budget_bytes\":{},\"blobs\":{},\"complete_blobs\":{},\"evictions\":{}}},\"requests\":{{\"hits\":{},\"peer_hits\":{},\"misses\":{}}},\"peers\":[{}]}}",
+            "{{\"version\":{},\"peer_addr\":{},\"cache\":{{\"used_bytes\":{},\"budget_bytes\":{},\"blobs\":{},\"complete_blobs\":{},\"evictions\":{}}},\"requests\":{{\"hits\":{},\"peer_hits\":{},\"misses\":{}}},\"bytes\":{{\"from_upstream\":{},\"from_peers\":{},\"to_peers\":{},\"to_clients_from_cache\":{}}},\"in_progress\":[{}],\"peers\":[{}]}}",
             json(env!("CARGO_PKG_VERSION")),
             json(&me),
             s.used_bytes,
@@ -288,6 +308,11 @@ impl Mirror {
             c.hits.load(Ordering::Relaxed),
             c.hits_from_peers.load(Ordering::Relaxed),
             c.misses.load(Ordering::Relaxed),
+            c.bytes_from_upstream.load(Ordering::Relaxed),
+            from_peers,
+            to_peers,
+            c.bytes_from_cache.load(Ordering::Relaxed),
+            in_progress.join(","),
             peers.join(",")
         )
     }
