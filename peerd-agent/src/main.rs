@@ -212,27 +212,15 @@ fn cache(addr: SocketAddr, action: CacheAction) -> Result<()> {
     }
 }
 
-/// Splits `registry/name:tag` (or `@digest`) into (registry, name, reference).
-fn parse_image(image: &str) -> Result<(String, String, String)> {
-    let (registry, rest) = image.split_once('/').context("image must be registry/name:tag")?;
-    let (name, reference) = match rest.rsplit_once('@') {
-        Some((n, d)) => (n, d),
-        None => match rest.rsplit_once(':') {
-            Some((n, t)) if !t.contains('/') => (n, t),
-            _ => (rest, "latest"),
-        },
-    };
-    anyhow::ensure!(!registry.is_empty() && !name.is_empty(), "image must be registry/name:tag");
-    Ok((registry.to_string(), name.to_string(), reference.to_string()))
-}
-
-/// GET through the local mirror, body counted and dropped; returns (status, bytes, body if small).
-fn mirror_get(addr: SocketAddr, path: &str, accept: &str, mut progress: impl FnMut(u64)) -> Result<(u16, Vec<u8>)> {
-    use std::io::{BufRead, BufReader, Read, Write};
+/// `peerd preheat`: POST /preheat on the agent, which fetches the image's blobs through the
+/// normal miss path (peers, the rendezvous owner, upstream); progress lines become a bar.
+fn preheat(addr: SocketAddr, image: &str) -> Result<()> {
+    use std::io::{BufRead, BufReader, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .with_context(|| format!("no agent answering on {addr} (is `peerd agent` running?)"))?;
-    s.set_read_timeout(Some(Duration::from_secs(300)))?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    s.set_read_timeout(Some(Duration::from_secs(900)))?;
+    let q: String = image.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-._~/:@".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
+    s.write_all(format!("POST /preheat?image={q} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut r = BufReader::new(s);
     let mut line = String::new();
     r.read_line(&mut line)?;
@@ -244,61 +232,28 @@ fn mirror_get(addr: SocketAddr, path: &str, accept: &str, mut progress: impl FnM
             break;
         }
     }
-    let mut keep = Vec::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        progress(n as u64);
-        if keep.len() < (4 << 20) {
-            keep.extend_from_slice(&buf[..n]);
-        }
+    if code != 200 {
+        let mut body = String::new();
+        std::io::Read::read_to_string(&mut r, &mut body)?;
+        anyhow::bail!("agent answered {code}: {body}");
     }
-    Ok((code, keep))
-}
-
-/// `peerd preheat`: resolves the image through the local mirror (index -> manifests -> config and
-/// layers) and pulls every blob through it, with progress.
-fn preheat(addr: SocketAddr, image: &str) -> Result<()> {
-    const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
-    let (registry, name, reference) = parse_image(image)?;
-    let q = format!("?ns={registry}");
-    let mut manifests = vec![reference];
-    let mut blobs: Vec<(String, u64)> = Vec::new();
-    while let Some(r) = manifests.pop() {
-        let (code, body) = mirror_get(addr, &format!("/v2/{name}/manifests/{r}{q}"), ACCEPT, |_| {})?;
-        anyhow::ensure!(code == 200, "manifest {r}: the agent answered {code}: {}", String::from_utf8_lossy(&body));
-        let v: serde_json::Value = serde_json::from_slice(&body).context("manifest is not JSON")?;
-        for m in v["manifests"].as_array().into_iter().flatten() {
-            if let Some(d) = m["digest"].as_str() {
-                manifests.push(d.to_string());
-            }
-        }
-        for b in std::iter::once(&v["config"]).chain(v["layers"].as_array().into_iter().flatten()) {
-            if let (Some(d), Some(size)) = (b["digest"].as_str(), b["size"].as_u64()) {
-                if !blobs.iter().any(|(x, _)| x == d) {
-                    blobs.push((d.to_string(), size));
-                }
-            }
-        }
-    }
-    let total: u64 = blobs.iter().map(|b| b.1).sum();
-    let mut done = 0u64;
     let started = std::time::Instant::now();
-    for (i, (d, _)) in blobs.iter().enumerate() {
-        let (code, body) = mirror_get(addr, &format!("/v2/{name}/blobs/{d}{q}"), "*/*", |n| {
-            done += n;
-            let pct = if total > 0 { done as f64 * 100.0 / total as f64 } else { 100.0 };
-            let bar = "#".repeat((pct / 5.0) as usize);
-            eprint!("\r[{bar:<20}] {pct:5.1}%  {:.1}/{:.1} MiB  blob {}/{}", done as f64 / 1048576.0, total as f64 / 1048576.0, i + 1, blobs.len());
-        })?;
-        anyhow::ensure!(code == 200, "\nblob {d}: the agent answered {code}: {}", String::from_utf8_lossy(&body[..body.len().min(300)]));
+    for l in r.lines() {
+        let v: serde_json::Value = serde_json::from_str(&l?).context("agent sent invalid progress")?;
+        if let Some(e) = v["error"].as_str() {
+            eprintln!();
+            anyhow::bail!("preheat failed: {e}");
+        }
+        let (done, total) = (v["done_bytes"].as_u64().unwrap_or(0), v["total_bytes"].as_u64().unwrap_or(0));
+        if v["done"].as_bool() == Some(true) {
+            eprintln!();
+            println!("preheated {image}: {} blobs, {:.1} MiB in {:.1}s", v["blobs"], total as f64 / 1048576.0, started.elapsed().as_secs_f64());
+            return Ok(());
+        }
+        let pct = if total > 0 { done as f64 * 100.0 / total as f64 } else { 100.0 };
+        eprint!("\r[{:<20}] {pct:5.1}%  {:.1}/{:.1} MiB  blob {}/{}", "#".repeat((pct / 5.0) as usize), done as f64 / 1048576.0, total as f64 / 1048576.0, v["index"], v["blobs"]);
     }
-    eprintln!();
-    println!("preheated {image}: {} blobs, {:.1} MiB in {:.1}s", blobs.len(), total as f64 / 1048576.0, started.elapsed().as_secs_f64());
-    Ok(())
+    anyhow::bail!("the agent closed the connection before finishing")
 }
 
 /// `peerd status`: GET /status from the agent.

@@ -14,7 +14,7 @@ fn documented() -> Vec<(String, String, Vec<u16>)> {
     for line in text.lines() {
         if let Some(p) = line.strip_prefix("  /").and_then(|l| l.strip_suffix(':')) {
             path = format!("/{p}");
-        } else if let Some(m) = line.strip_prefix("    ").and_then(|l| l.strip_suffix(':')).filter(|m| ["get", "delete"].contains(m)) {
+        } else if let Some(m) = line.strip_prefix("    ").and_then(|l| l.strip_suffix(':')).filter(|m| ["get", "delete", "post"].contains(m)) {
             method = m.to_string();
             out.push((path.clone(), method.clone(), Vec::new()));
         } else if let Some(code) = line.trim_start().strip_prefix('"').and_then(|l| l.get(..3)).and_then(|c| c.parse().ok()) {
@@ -46,7 +46,7 @@ async fn admin_api_matches_openapi_and_the_cli_works() {
     assert_eq!(c.get(agent.url(&format!("/v2/app/blobs/{layer}?ns={reg}"))).send().await.unwrap().bytes().await.unwrap().to_vec(), image.blob_bytes(&layer));
 
     let docs = documented();
-    for p in ["/healthz", "/metrics", "/status", "/cache", "/cache/{digest}", "/v2/", "/v2/{name}/blobs/{digest}", "/blobs/{url}"] {
+    for p in ["/healthz", "/metrics", "/status", "/cache", "/cache/{digest}", "/preheat", "/v2/", "/v2/{name}/blobs/{digest}", "/blobs/{url}"] {
         assert!(docs.iter().any(|(path, _, _)| path == p), "{p} is not documented in openapi.yaml");
     }
     let code_of = |path: &str, method: &str| docs.iter().find(|(p, m, _)| p == path && m == method).map(|d| d.2.clone()).unwrap_or_default();
@@ -73,6 +73,11 @@ async fn admin_api_matches_openapi_and_the_cli_works() {
     let addr = agent.addr.to_string();
     let ls = Command::new(peerd()).args(["cache", "ls", "--addr", &addr]).output().unwrap();
     assert!(String::from_utf8_lossy(&ls.stdout).contains(&layer), "{}", String::from_utf8_lossy(&ls.stdout));
+    for (q, want) in [("", 400), ("?image=no-slash", 400), ("?image=unknown.example/x:1", 404)] {
+        let st = c.post(agent.url(&format!("/preheat{q}"))).send().await.unwrap().status().as_u16();
+        assert_eq!(st, want, "/preheat{q}");
+        assert!(code_of("/preheat", "post").contains(&st));
+    }
     let bad = c.delete(agent.url("/cache/sha256:nothex")).send().await.unwrap().status().as_u16();
     assert_eq!(bad, 400);
     assert!(code_of("/cache/{digest}", "delete").contains(&bad));

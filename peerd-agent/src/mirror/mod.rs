@@ -207,6 +207,19 @@ impl Mirror {
     /// The admin API (openapi.yaml): cache listing and removal. Changes are accepted only from
     /// this node (loopback), since the mirror port may be reachable from the network.
     async fn admin(&self, req: &Request<()>, path: &str, peer: SocketAddr) -> Option<Resp> {
+        if path == "/preheat" {
+            if *req.method() != Method::POST {
+                return Some(error(405, "UNSUPPORTED", "POST /preheat?image=registry/name:tag"));
+            }
+            if !peer.ip().is_loopback() {
+                return Some(error(403, "DENIED", "preheat is accepted from this node only"));
+            }
+            let image = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("image="))).map(percent_decode);
+            return Some(match image {
+                Some(i) => self.preheat(&i),
+                None => error(400, "IMAGE_INVALID", "missing ?image=registry/name:tag"),
+            });
+        }
         let rest = path.strip_prefix("/cache")?;
         let m = req.method();
         if rest.is_empty() || rest == "/" {
@@ -255,6 +268,76 @@ impl Mirror {
             Err(crate::store::StoreError::Pinned(_)) => error(409, "BUSY", &format!("{d} is being read or written; try again")),
             Err(e) => error(500, "INTERNAL", &e.to_string()),
         })
+    }
+
+    /// Fetches every blob of an image into the cluster (through the normal miss path: peers, the
+    /// rendezvous owner, upstream), streaming one JSON line of progress per blob and a last line
+    /// `{"done":true,...}` or `{"error":...}`.
+    fn preheat(&self, image: &str) -> Resp {
+        let Some((registry, name, reference)) = parse_image(image) else {
+            return error(400, "IMAGE_INVALID", "image must be registry/name:tag or registry/name@digest");
+        };
+        let Some(reg) = self.inner.cfg.registries.resolve(Some(&registry), None).cloned() else {
+            return error(404, "NAME_UNKNOWN", &format!("unknown registry {registry}; configure it with --registry NAME=URL"));
+        };
+        if !oci::valid_name(&name) {
+            return error(400, "NAME_INVALID", &format!("invalid repository name {name:?}"));
+        }
+        let (tx, body) = Body::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let line = |s: String| Ok(Bytes::from(s + "\n"));
+            let result: Result<(usize, u64), String> = async {
+                let mut accept = HeaderMap::new();
+                accept.insert(header::ACCEPT, header::HeaderValue::from_static(MANIFEST_TYPES));
+                let mut refs = vec![reference];
+                let mut blobs: Vec<(Digest, u64)> = Vec::new();
+                while let Some(r) = refs.pop() {
+                    let parsed = oci::parse_reference(&r).map_err(|e| e.message)?;
+                    let resp = this.manifest(false, &reg, &name, parsed, &accept).await;
+                    let status = resp.status();
+                    let bytes = collect(resp.into_body()).await.map_err(|e| e.to_string())?;
+                    if status != StatusCode::OK {
+                        return Err(format!("manifest {r}: {status}: {}", String::from_utf8_lossy(&bytes)));
+                    }
+                    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| format!("manifest {r}: {e}"))?;
+                    for m in v["manifests"].as_array().into_iter().flatten() {
+                        if let Some(d) = m["digest"].as_str() {
+                            refs.push(d.to_string());
+                        }
+                    }
+                    for b in std::iter::once(&v["config"]).chain(v["layers"].as_array().into_iter().flatten()) {
+                        if let (Some(Ok(d)), Some(size)) = (b["digest"].as_str().map(str::parse::<Digest>), b["size"].as_u64()) {
+                            if !blobs.iter().any(|(x, _)| *x == d) {
+                                blobs.push((d, size));
+                            }
+                        }
+                    }
+                }
+                let total: u64 = blobs.iter().map(|b| b.1).sum();
+                let mut done = 0u64;
+                for (i, (d, size)) in blobs.iter().enumerate() {
+                    let resp = this.blob(false, &reg, &name, *d, &HeaderMap::new()).await;
+                    let status = resp.status();
+                    let bytes = collect(resp.into_body()).await.map_err(|e| format!("blob {d}: {e}"))?;
+                    if status != StatusCode::OK {
+                        return Err(format!("blob {d}: {status}: {}", String::from_utf8_lossy(&bytes[..bytes.len().min(300)])));
+                    }
+                    done += size;
+                    let _ = tx.send(line(format!("{{\"blob\":{},\"index\":{},\"blobs\":{},\"done_bytes\":{done},\"total_bytes\":{total}}}", json(&d.to_string()), i + 1, blobs.len()))).await;
+                }
+                Ok((blobs.len(), total))
+            }
+            .await;
+            let last = match result {
+                Ok((n, total)) => format!("{{\"done\":true,\"blobs\":{n},\"total_bytes\":{total}}}"),
+                Err(e) => format!("{{\"error\":{}}}", json(&e)),
+            };
+            let _ = tx.send(line(last)).await;
+        });
+        let mut r = Response::new(body);
+        set(r.headers_mut(), header::CONTENT_TYPE, "application/x-ndjson");
+        r
     }
 
     /// What `peerd status` prints: this node, its cache, its peers.
@@ -324,8 +407,12 @@ impl Mirror {
 
     /// Answers one request.
     pub async fn handle(&self, req: Request<()>, peer: SocketAddr) -> Resp {
-        let span = tracing::debug_span!("request", method = %req.method(), path = %req.uri().path(), %peer);
-        let _e = span.enter();
+        use tracing::Instrument;
+        let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), %peer);
+        self.route(req, peer).instrument(span).await
+    }
+
+    async fn route(&self, req: Request<()>, peer: SocketAddr) -> Resp {
         let path = req.uri().path().to_string();
         if let Some(r) = self.admin(&req, &path, peer).await {
             return r;
@@ -1032,6 +1119,46 @@ async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Bytes
 }
 
 use oci::json_string as json;
+
+/// Reads a whole response body (manifests, or a blob being cached: streamed bodies are drained
+/// so the fetch completes; a cached file is not read, its length is known).
+async fn collect(body: Body) -> std::io::Result<Bytes> {
+    match body {
+        Body::Empty => Ok(Bytes::new()),
+        Body::Full(b) => Ok(b),
+        Body::Stream(mut rx) => {
+            let mut out = Vec::new();
+            while let Some(c) = rx.recv().await {
+                let c = c?;
+                if out.len() < MAX_MANIFEST {
+                    out.extend_from_slice(&c);
+                }
+            }
+            Ok(Bytes::from(out))
+        }
+        Body::File { file, offset, len, _pin } => {
+            if len > MAX_MANIFEST as u64 {
+                return Ok(Bytes::new());
+            }
+            let mut buf = vec![0u8; len as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, offset)?;
+            Ok(Bytes::from(buf))
+        }
+    }
+}
+
+/// Splits `registry/name:tag` (or `@digest`) into (registry, name, reference).
+pub fn parse_image(image: &str) -> Option<(String, String, String)> {
+    let (registry, rest) = image.split_once('/')?;
+    let (name, reference) = match rest.rsplit_once('@') {
+        Some((n, d)) => (n, d),
+        None => match rest.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, t),
+            _ => (rest, "latest"),
+        },
+    };
+    (!registry.is_empty() && !name.is_empty()).then(|| (registry.to_string(), name.to_string(), reference.to_string()))
+}
 
 fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();

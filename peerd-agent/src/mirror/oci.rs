@@ -66,7 +66,7 @@ pub fn parse(path: &str) -> Option<Result<Route, Rejection>> {
     })
 }
 
-fn parse_reference(s: &str) -> Result<Reference, Rejection> {
+pub fn parse_reference(s: &str) -> Result<Reference, Rejection> {
     if s.contains(':') {
         return s
             .parse::<Digest>()
