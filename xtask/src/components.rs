@@ -333,13 +333,21 @@ impl Containerd {
         }
     }
 
-    /// Removes the image and every blob, so the next pull must fetch everything again.
+    /// Removes the image and every blob, so the next pull must fetch everything again (waits,
+    /// bounded, until containerd's content store is really empty: removal and GC are async).
     pub fn forget(&self, reference: &str) {
-        let _ = self.ctr().args(["images", "rm", reference]).output();
-        let list = run(self.ctr().args(["content", "ls", "-q"]));
-        for d in list.split_whitespace() {
-            let _ = self.ctr().args(["content", "rm", d]).output();
+        let _ = self.ctr().args(["images", "rm", "--sync", reference]).output();
+        for _ in 0..50 {
+            let list = run(self.ctr().args(["content", "ls", "-q"]));
+            if list.split_whitespace().next().is_none() {
+                return;
+            }
+            for d in list.split_whitespace() {
+                let _ = self.ctr().args(["content", "rm", d]).output();
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
+        panic!("containerd still holds content after removing it: {}", run(self.ctr().args(["content", "ls"])));
     }
 
     /// sha256 of a blob in containerd's content store.
