@@ -99,8 +99,8 @@ fn gossip_from_one_dns_name_then_each_blob_once() {
     let reg = d.registry_addr.to_string();
     let image = Image::build(dir.path(), &[("big.bin", 8 << 20)]);
     push(&c, &image, &reg);
-    // Membership converges within a few 100 ms gossip rounds; give it a bounded moment.
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    // Wait (bounded) until every node sees the other three alive: owners are chosen from this view.
+    eventually(&c, &[0, 1, 2, 3], "membership", |i, v| alive(v, &format!("node{i}")).len() == 3);
     let before = d.registry_blob_gets().len();
     for digest in &image.blobs {
         for (i, r) in pull_everywhere(&c, &reg, digest, &[0, 1, 2, 3]).into_iter().enumerate() {
