@@ -64,42 +64,34 @@ pub fn run(which: Which) -> Result<()> {
     }
 }
 
-fn connect() -> Result<()> {
+/// Builds `bin` of `package` in release (with the kernel object) and returns what it printed.
+fn run_release_bin(package: &str, bin: &str, args: &[String]) -> Result<String> {
     let obj = crate::build_ebpf()?;
     status(
         Command::new("cargo")
             .current_dir(root())
             .env("PEERD_EBPF_OBJECT", &obj)
-            .args(["build", "--release", "-p", "bpf-tests", "--bin", "connect-bench"]),
+            .args(["build", "--release", "-p", package, "--bin", bin]),
     )?;
-    let out = Command::new(crate::target_dir().join("release/connect-bench"))
+    let out = Command::new(crate::target_dir().join("release").join(bin))
+        .args(args)
         .output()
-        .context("run connect-bench")?;
+        .with_context(|| format!("run {bin}"))?;
     if !out.status.success() {
-        bail!("connect-bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!("{bin} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let table = String::from_utf8(out.stdout)?;
     print!("{table}");
+    Ok(table)
+}
+
+fn connect() -> Result<()> {
+    let table = run_release_bin("bpf-tests", "connect-bench", &[])?;
     record("connect() overhead of the redirect programs", &table)
 }
 
 fn gossip(nodes: usize, blobs: usize) -> Result<()> {
-    let obj = crate::build_ebpf()?;
-    status(
-        Command::new("cargo")
-            .current_dir(root())
-            .env("PEERD_EBPF_OBJECT", &obj)
-            .args(["build", "--release", "-p", "peerd-agent", "--bin", "gossip-sim"]),
-    )?;
-    let out = Command::new(crate::target_dir().join("release/gossip-sim"))
-        .args(["--nodes", &nodes.to_string(), "--blobs", &blobs.to_string()])
-        .output()
-        .context("run gossip-sim")?;
-    if !out.status.success() {
-        bail!("gossip-sim failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let table = String::from_utf8(out.stdout)?;
-    print!("{table}");
+    let table = run_release_bin("peerd-agent", "gossip-sim", &["--nodes".into(), nodes.to_string(), "--blobs".into(), blobs.to_string()])?;
     record("Gossip: propagation, bandwidth, memory, lookup (simulated)", &format!(
         "{nodes} agents x {blobs} blobs each, in one process on tokio's paused clock, chitchat's in-memory transport (sealing overhead added to byte counts). Targets: p99 propagation <= 1 s, <= 20 KB/s per node, lookup p99 <= 10 us.\n\n{table}"
     ))

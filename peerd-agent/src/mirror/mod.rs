@@ -841,6 +841,13 @@ impl Mirror {
         false
     }
 
+    /// Whether `host` is a configured upstream (a registry's API host or a `--blob-host`): the
+    /// only hosts the proxy and peers' fetches may reach, so neither is an open relay.
+    fn upstream_host(&self, host: &str) -> bool {
+        self.inner.cfg.registries.hosts().any(|h| h.eq_ignore_ascii_case(host))
+            || self.inner.cfg.blob_hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+    }
+
     /// Fetches `d` from upstream into the store, once per node even when several peers ask at
     /// the same time (the store admits one writer; the others wait for it). Only configured
     /// upstream hosts: a peer cannot make this node fetch anything else.
@@ -850,10 +857,7 @@ impl Mirror {
         }
         let url = reqwest::Url::parse(&url).map_err(|e| format!("bad URL: {e}"))?;
         let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-        let allowed = matches!(url.scheme(), "http" | "https")
-            && (self.inner.cfg.registries.hosts().any(|h| h.eq_ignore_ascii_case(&host))
-                || self.inner.cfg.blob_hosts.iter().any(|h| h.eq_ignore_ascii_case(&host)));
-        if !allowed {
+        if !matches!(url.scheme(), "http" | "https") || !self.upstream_host(&host) {
             inc(&self.inner.counters.proxy_denied);
             return Err(format!("{host} is not a configured upstream"));
         }
@@ -958,9 +962,7 @@ impl Mirror {
             _ => return error(400, "BLOB_URL_INVALID", "expected /blobs/http(s)://host/path"),
         };
         let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-        let allowed = self.inner.cfg.registries.hosts().any(|h| h.eq_ignore_ascii_case(&host))
-            || self.inner.cfg.blob_hosts.iter().any(|h| h.eq_ignore_ascii_case(&host));
-        if !allowed {
+        if !self.upstream_host(&host) {
             inc(&self.inner.counters.proxy_denied);
             return error(403, "DENIED", &format!("host {host} is not a configured upstream (--registry or --blob-host)"));
         }
