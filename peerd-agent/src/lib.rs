@@ -6,6 +6,7 @@
 pub mod bpf;
 pub mod config;
 pub mod gossip;
+pub mod intercept;
 pub mod metrics;
 pub mod mirror;
 pub mod peers;
