@@ -6,7 +6,7 @@
 use std::{
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsFd, AsRawFd},
+    os::fd::{AsFd, AsRawFd, FromRawFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -142,6 +142,7 @@ pub struct Kernel {
     redirects: HashMap<MapData, Endpoint, Endpoint>,
     config: Array<MapData, Config>,
     bypass: Mutex<HashMap<MapData, u64, u8>>,
+    exempt: HashMap<MapData, u32, u8>,
     orig_dst: HashMap<MapData, Endpoint, Endpoint>,
     counters: PerCpuArray<MapData, u64>,
     guarded_ports: HashMap<MapData, u16, u8>,
@@ -171,6 +172,7 @@ impl Kernel {
             redirects: typed!(maps::REDIRECTS),
             config: typed!(maps::CONFIG),
             bypass: Mutex::new(typed!(maps::BYPASS)),
+            exempt: typed!(maps::EXEMPT),
             orig_dst: typed!(maps::ORIG_DST),
             counters: typed!(maps::COUNTERS),
             guarded_ports: typed!(maps::GUARDED_PORTS),
@@ -284,6 +286,46 @@ impl Kernel {
         let _ = map.remove(&cookie);
     }
 
+    /// Exempts the calling process from redirection: every connection it makes, from any thread,
+    /// goes where it was addressed. The kernel records the process itself (it knows the PID in the
+    /// root namespace, which an agent in a pod does not): a socket marked for registration connects
+    /// to `listener` (a local TCP listener), through a temporary redirect entry so the program sees
+    /// it. Returns the recorded PID, or `None` when the programs did not see the connect because
+    /// this process is outside the attached cgroup (and so needs no exemption).
+    pub fn exempt_self(&mut self, listener: SocketAddr) -> Result<Option<u32>, BpfError> {
+        let before: Vec<u32> = self.exempt.keys().filter_map(Result::ok).collect();
+        self.set_redirect(listener, listener)?;
+        let result = self.register_connect(listener);
+        let _ = self.remove_redirect(listener);
+        result?;
+        Ok(self.exempt.keys().filter_map(Result::ok).find(|k| !before.contains(k)))
+    }
+
+    fn register_connect(&self, to: SocketAddr) -> Result<(), BpfError> {
+        let domain = if to.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+        // SAFETY: plain socket(2); the fd is owned by OwnedFd right away.
+        let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(BpfError::Cookie(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        let cookie = socket_cookie(&fd)?;
+        {
+            let mut map = self.bypass.lock().unwrap_or_else(|e| e.into_inner());
+            map.insert(cookie, peerd_common::BYPASS_REGISTER, 0).map_err(map_err(maps::BYPASS))?;
+        }
+        let (addr, len) = sockaddr(to);
+        // SAFETY: addr is a properly initialised sockaddr_storage of length len.
+        let rc = unsafe { libc::connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_storage).cast(), len) };
+        let err = std::io::Error::last_os_error();
+        self.unbypass_cookie(cookie);
+        if rc != 0 {
+            return Err(BpfError::Cookie(err));
+        }
+        Ok(())
+    }
+
     /// Sums a reason-coded counter over all CPUs.
     pub fn counter(&self, counter: Counter) -> u64 {
         self.counters
@@ -326,6 +368,30 @@ impl Kernel {
             dropped_bytes: a.dropped_bytes + s.dropped_bytes,
         }))
     }
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in.
+            let sin = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
 }
 
 /// Removes a socket's bypass entry when dropped.

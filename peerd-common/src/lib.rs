@@ -10,8 +10,12 @@ pub mod maps {
     pub const REDIRECTS: &str = "REDIRECTS";
     /// `Array<Config>` with one element.
     pub const CONFIG: &str = "CONFIG";
-    /// `LruHashMap<u64, u8>`: socket cookies of the agent's own sockets, never redirected.
+    /// `LruHashMap<u64, u8>`: socket cookies of the agent's own sockets, never redirected. The
+    /// value [`crate::BYPASS_REGISTER`] also exempts the connecting process (see `EXEMPT`).
     pub const BYPASS: &str = "BYPASS";
+    /// `HashMap<u32, u8>`: thread-group ids (as the kernel's root PID namespace numbers them) of
+    /// agent processes, whose connections are never redirected. Filled by the kernel itself.
+    pub const EXEMPT: &str = "EXEMPT";
     /// `LruHashMap<u64, Endpoint>`: socket cookie -> original destination, between connect() and SYN.
     pub const PENDING: &str = "PENDING";
     /// `LruHashMap<Endpoint, Endpoint>`: client local endpoint -> original destination, while connected.
@@ -40,6 +44,12 @@ pub const MAX_TRACKED_CONNECTIONS: u32 = 65_536;
 pub const MAX_PEERS: u32 = 16_384;
 /// Capacity of the redirect table (registry endpoints).
 pub const MAX_REDIRECTS: u32 = 1_024;
+/// Capacity of `EXEMPT` (agent processes; more than one only while an agent restarts).
+pub const MAX_EXEMPT: u32 = 16;
+/// `BYPASS` value that exempts the calling process too. An agent in a pod cannot know its PID
+/// in the root PID namespace, which is what `bpf_get_current_pid_tgid` returns; so it connects
+/// one socket marked with this value and the kernel program records the caller's tgid.
+pub const BYPASS_REGISTER: u8 = 2;
 /// Capacity of the allowed-prefix trie.
 pub const MAX_ALLOWED_PREFIXES: u32 = 1_024;
 
@@ -131,10 +141,12 @@ pub enum Counter {
     XdpDropped = 7,
     /// connect() to a registry endpoint whose target family the socket cannot reach.
     FamilyMismatch = 8,
+    /// connect() to a registry endpoint by an exempt (agent) process, allowed untouched.
+    Exempt = 9,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::FailOpen,
@@ -145,6 +157,7 @@ impl Counter {
         Counter::XdpPassed,
         Counter::XdpDropped,
         Counter::FamilyMismatch,
+        Counter::Exempt,
     ];
 
     /// Stable metric label.
@@ -159,6 +172,7 @@ impl Counter {
             Counter::XdpPassed => "xdp_passed",
             Counter::XdpDropped => "xdp_dropped",
             Counter::FamilyMismatch => "family_mismatch",
+            Counter::Exempt => "exempt",
         }
     }
 }

@@ -6,14 +6,14 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap},
     programs::{SockAddrContext, SockOpsContext},
     EbpfContext,
 };
 use peerd_common::{
-    Config, Counter, Endpoint, MAX_REDIRECTS, MAX_TRACKED_CONNECTIONS,
+    Config, Counter, Endpoint, BYPASS_REGISTER, MAX_EXEMPT, MAX_REDIRECTS, MAX_TRACKED_CONNECTIONS,
 };
 
 use crate::counters;
@@ -32,6 +32,9 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "BYPASS")]
 static BYPASS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4096, 0);
 
+#[map(name = "EXEMPT")]
+static EXEMPT: HashMap<u32, u8> = HashMap::with_max_entries(MAX_EXEMPT, 0);
+
 #[map(name = "PENDING")]
 static PENDING: LruHashMap<u64, Endpoint> =
     LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
@@ -48,8 +51,19 @@ fn decide(ctx: &SockAddrContext, orig: &Endpoint) -> Option<Endpoint> {
     let target = unsafe { REDIRECTS.get(orig) }?;
     let target = *target;
 
+    // The agent's own connections (all its threads: the tgid is the process) go untouched.
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if unsafe { EXEMPT.get(&tgid) }.is_some() {
+        counters::add(Counter::Exempt, 1);
+        return None;
+    }
+
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if unsafe { BYPASS.get(&cookie) }.is_some() {
+    if let Some(v) = unsafe { BYPASS.get(&cookie) } {
+        if *v == BYPASS_REGISTER {
+            // Registration: the agent cannot name its root-namespace PID, the kernel can.
+            let _ = EXEMPT.insert(&tgid, &1, 0);
+        }
         counters::add(Counter::Bypassed, 1);
         return None;
     }
