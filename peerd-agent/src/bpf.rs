@@ -394,6 +394,20 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (ss, len as libc::socklen_t)
 }
 
+impl Kernel {
+    /// Every source seen on guarded ports, with its traffic summed over CPUs.
+    pub fn all_peer_stats(&self) -> Vec<(IpAddr, PeerStats)> {
+        self.peer_stats
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|k| {
+                let ip = socket_addr(&Endpoint { ip: k, port: 0, _pad: 0 }).ip();
+                self.peer_stats(ip).map(|s| (ip, s))
+            })
+            .collect()
+    }
+}
+
 /// Removes a socket's bypass entry when dropped.
 pub struct BypassGuard<'a> {
     kernel: &'a Kernel,

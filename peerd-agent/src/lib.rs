@@ -10,5 +10,6 @@ pub mod intercept;
 pub mod metrics;
 pub mod mirror;
 pub mod peers;
+pub mod redirect;
 pub mod store;
 pub mod transfer;

@@ -8,6 +8,7 @@ use peerd_agent::{
     mirror::{Cluster, Mirror, MirrorConfig, Registries},
     gossip::{Gossip, GossipConfig},
     peers::{GossipPeers, PeerDirectory, StaticPeers},
+    redirect::{Transparent, TransparentConfig},
     store::{Store, StoreConfig},
     transfer::{Transfer, TransferConfig},
 };
@@ -43,6 +44,11 @@ enum Cmd {
         #[arg(long, env = "PEERD_MIRROR_ADDR", default_value = "127.0.0.1:30000")]
         addr: SocketAddr,
     },
+    /// The intercept CA for `--tls-intercept`.
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
+    },
     /// Ask the local agent about itself: cache use, request counts, peers.
     Status {
         /// The agent's mirror address.
@@ -66,6 +72,14 @@ enum CacheAction {
     },
     /// Remove one blob (`sha256:<hex>`).
     Rm { digest: String },
+}
+
+#[derive(Subcommand)]
+enum CaAction {
+    /// Create a CA in DIR (ca.crt to install on nodes, ca.key for the agents' Secret).
+    Create { dir: PathBuf },
+    /// Print the CA certificate (PEM) of DIR.
+    Show { dir: PathBuf },
 }
 
 #[derive(clap::Args)]
@@ -143,6 +157,44 @@ struct AgentArgs {
     /// Log format.
     #[arg(long, env = "PEERD_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Transparent mode: redirect the node's connections to the configured registries (and blob
+    /// hosts) to this agent with eBPF, so no containerd configuration is needed. Needs root (or
+    /// CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN).
+    #[arg(long, env = "PEERD_TRANSPARENT")]
+    transparent: bool,
+    /// The cgroup whose processes are redirected, as /proc/<pid>/cgroup names it (default "/",
+    /// the whole node).
+    #[arg(long, env = "PEERD_CGROUP", default_value = "/")]
+    cgroup: String,
+    /// Where the cgroup v2 hierarchy is mounted (default: found in /proc/self/mountinfo, or
+    /// mounted when none is). In a pod, mount the host's /sys/fs/cgroup and name it here.
+    #[arg(long, env = "PEERD_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
+    /// Port on 127.0.0.1 and ::1 that redirected connections land on.
+    #[arg(long, env = "PEERD_REDIRECT_PORT", default_value_t = 30003)]
+    redirect_port: u16,
+    /// Milliseconds after the agent's last heartbeat at which the kernel stops redirecting.
+    #[arg(long, env = "PEERD_FAIL_OPEN_MS", default_value_t = 1000)]
+    fail_open_ms: u64,
+    /// Seconds between DNS resolutions of the registry hosts.
+    #[arg(long, env = "PEERD_DNS_REFRESH", default_value_t = 30)]
+    dns_refresh: u64,
+    /// Terminate redirected TLS with certificates from the cluster's intercept CA (nodes must
+    /// trust it; see the README). Without it, TLS is relayed untouched.
+    #[arg(long, env = "PEERD_TLS_INTERCEPT")]
+    tls_intercept: bool,
+    /// Directory of the intercept CA (ca.crt, ca.key). Default <data-dir>/intercept-ca, created
+    /// when absent; a cluster shares one (create it with `peerd ca create DIR`).
+    #[arg(long, env = "PEERD_TLS_CA_DIR")]
+    tls_ca_dir: Option<PathBuf>,
+    /// Interface for the XDP guard of the agent's UDP ports (repeatable; `none` for no guard).
+    /// Default in transparent mode: every interface with a global address.
+    #[arg(long = "guard-iface", env = "PEERD_GUARD_IFACE", value_delimiter = ',')]
+    guard_ifaces: Vec<String>,
+    /// Source prefix allowed to reach the agent's UDP ports, besides the guarded interfaces'
+    /// own subnets (repeatable), e.g. 10.0.0.0/8.
+    #[arg(long = "allow-cidr", env = "PEERD_ALLOW_CIDR", value_delimiter = ',', value_parser = peerd_agent::redirect::parse_cidr)]
+    allow_cidrs: Vec<(std::net::IpAddr, u8)>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -164,6 +216,15 @@ fn main() -> Result<()> {
         Cmd::Status { addr, json } => status(addr, json),
         Cmd::Cache { action, addr } => cache(addr, action),
         Cmd::Preheat { image, addr } => preheat(addr, &image),
+        Cmd::Ca { action: CaAction::Create { dir } } => {
+            let ca = peerd_agent::intercept::InterceptCa::create(&dir)?;
+            println!("created {} (install it in the nodes' trust store) and its key beside it", ca.ca_path().display());
+            Ok(())
+        }
+        Cmd::Ca { action: CaAction::Show { dir } } => {
+            print!("{}", peerd_agent::intercept::InterceptCa::load(&dir)?.ca_pem());
+            Ok(())
+        }
     }
 }
 
@@ -372,6 +433,8 @@ fn agent(args: AgentArgs) -> Result<()> {
             ..MirrorConfig::default()
         };
         let names: Vec<String> = cfg.registries.iter().map(|r| format!("{}={}", r.name, r.url)).collect();
+        let mirror_registries: Vec<peerd_agent::mirror::Registry> = cfg.registries.iter().cloned().collect();
+        let blob_hosts = cfg.blob_hosts.clone();
         let secret_file = args.cluster_secret_file.clone().unwrap_or_else(|| args.data_dir.join("cluster-secret"));
         let secret = cluster_secret(&secret_file, args.cluster_secret_file.is_none())?;
         let node_id = args.node_id.clone().unwrap_or_else(hostname);
@@ -407,6 +470,46 @@ fn agent(args: AgentArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(args.mirror_addr)
             .await
             .with_context(|| format!("bind mirror address {}", args.mirror_addr))?;
+        let transparent = if args.transparent {
+            let intercept = if args.tls_intercept {
+                let dir = args.tls_ca_dir.clone().unwrap_or_else(|| args.data_dir.join("intercept-ca"));
+                let (ca, created) = peerd_agent::intercept::InterceptCa::load_or_create(&dir)?;
+                if created {
+                    tracing::warn!(ca = %ca.ca_path().display(), "created an intercept CA for this node only; a cluster should share one (peerd ca create)");
+                }
+                tracing::info!(ca = %ca.ca_path().display(), "TLS interception on: nodes must trust this CA");
+                Some(std::sync::Arc::new(ca))
+            } else {
+                None
+            };
+            let guard_ifaces = match args.guard_ifaces.as_slice() {
+                [] => None,
+                [none] if none == "none" => Some(Vec::new()),
+                list => Some(list.to_vec()),
+            };
+            let mut udp_ports = vec![args.peer_addr.port()];
+            if !args.seeds.is_empty() {
+                udp_ports.push(args.gossip_addr.port());
+            }
+            let tcfg = TransparentConfig {
+                cgroup: args.cgroup.clone(),
+                cgroup_root: args.cgroup_root.clone(),
+                port: args.redirect_port,
+                stale_after: Duration::from_millis(args.fail_open_ms),
+                refresh: Duration::from_secs(args.dns_refresh.max(1)),
+                registries: mirror_registries.clone(),
+                blob_hosts: blob_hosts.clone(),
+                intercept,
+                guard_ifaces,
+                allow: args.allow_cidrs.clone(),
+                udp_ports,
+            };
+            let t = Transparent::start(tcfg, mirror.clone()).await.map_err(|e| anyhow::anyhow!("starting transparent mode: {e} ({e:?})"))?;
+            mirror.add_metrics_source(t.metrics_source());
+            Some(t)
+        } else {
+            None
+        };
         tracing::info!(
             data_dir = %args.data_dir.display(),
             mirror = %args.mirror_addr,
@@ -423,6 +526,9 @@ fn agent(args: AgentArgs) -> Result<()> {
             r = shutdown_signal() => r?,
         }
         tracing::info!("shutting down");
+        if let Some(t) = transparent {
+            t.shutdown();
+        }
         Ok(())
     })
 }

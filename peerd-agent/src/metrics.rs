@@ -11,6 +11,12 @@ use prometheus_client::{
 
 use crate::mirror::Mirror;
 
+/// Metrics owned by another part of the agent (transparent mode's kernel counters), rendered
+/// into the same exposition at scrape time.
+pub trait MetricsSource: Send + Sync {
+    fn render(&self, r: &mut Registry);
+}
+
 fn counter(r: &mut Registry, name: &str, help: &str, v: &AtomicU64) {
     r.register(name, help, ConstCounter::new(v.load(Ordering::Relaxed)));
 }
@@ -51,6 +57,9 @@ pub fn render(m: &Mirror) -> String {
     r.register("store_blobs", "Blobs in the cache, complete or partial", ConstGauge::new(s.blobs as i64));
     r.register("store_complete_blobs", "Complete, verified blobs in the cache", ConstGauge::new(s.complete_blobs as i64));
     r.register("store_evictions", "Blobs evicted to stay within the budget", ConstCounter::new(s.evictions));
+    for src in m.metrics_sources() {
+        src.render(&mut r);
+    }
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = encode(&mut out, &r);

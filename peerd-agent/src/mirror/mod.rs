@@ -25,6 +25,7 @@ use std::{
 };
 
 pub use body::Body;
+pub use server::{Handback, Stream};
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use sha2::Digest as _;
@@ -47,6 +48,13 @@ pub use upstream::{Registries, Registry, Upstream};
 const MAX_MANIFEST: usize = 4 << 20;
 /// Every manifest media type, for upstream checks of clients that sent no Accept.
 const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.v1+prettyjws, */*";
+/// Whether a request on a redirected connection is one the mirror answers: a GET or HEAD of a
+/// manifest or blob. Everything else (pushes, `/v2/`, catalog, tokens) goes to the registry as is.
+fn serves_redirected(req: &Request<()>) -> bool {
+    matches!(*req.method(), Method::GET | Method::HEAD)
+        && matches!(oci::parse(req.uri().path()), Some(Ok(Route::Blob { .. } | Route::Manifest { .. })))
+}
+
 /// Error bodies relayed from upstream are cut at this size.
 const MAX_ERROR_BODY: usize = 64 << 10;
 
@@ -167,6 +175,7 @@ struct Inner {
     flights: Mutex<HashMap<Digest, watch::Receiver<bool>>>,
     prefetch_slots: Arc<Semaphore>,
     counters: Counters,
+    metrics_sources: Mutex<Vec<Arc<dyn crate::metrics::MetricsSource>>>,
 }
 
 type Resp = Response<Body>;
@@ -188,12 +197,22 @@ impl Mirror {
                 flights: Mutex::new(HashMap::new()),
                 prefetch_slots: slots,
                 counters: Counters::default(),
+                metrics_sources: Mutex::new(Vec::new()),
             }),
         })
     }
 
     pub fn counters(&self) -> &Counters {
         &self.inner.counters
+    }
+
+    /// Adds metrics rendered with the mirror's own on `/metrics`.
+    pub fn add_metrics_source(&self, src: Arc<dyn crate::metrics::MetricsSource>) {
+        self.inner.metrics_sources.lock().unwrap_or_else(|e| e.into_inner()).push(src);
+    }
+
+    pub fn metrics_sources(&self) -> Vec<Arc<dyn crate::metrics::MetricsSource>> {
+        self.inner.metrics_sources.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn store(&self) -> &Store {
@@ -410,6 +429,32 @@ impl Mirror {
         use tracing::Instrument;
         let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), %peer);
         self.route(req, peer).instrument(span).await
+    }
+
+    /// Serves a connection the kernel redirected to the agent, meant for `registry`, for as long
+    /// as its requests are pulls; returns the rest of the connection when one is not.
+    pub async fn serve_redirected(&self, stream: Stream, peer: SocketAddr, registry: Registry) -> std::io::Result<Option<Handback>> {
+        server::connection(self.clone(), stream, peer, Some(registry)).await
+    }
+
+    /// A pull on a redirected connection. The Host header names the registry when it is one we
+    /// know (several registry names may share an address); otherwise the one whose address the
+    /// client dialled.
+    async fn handle_redirected(&self, req: Request<()>, peer: SocketAddr, dialled: &Registry) -> Resp {
+        use tracing::Instrument;
+        let span = tracing::info_span!("redirected", method = %req.method(), path = %req.uri().path(), %peer);
+        async {
+            let head = req.method() == Method::HEAD;
+            let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+            let reg = self.inner.cfg.registries.resolve(None, host).unwrap_or(dialled).clone();
+            match oci::parse(req.uri().path()) {
+                Some(Ok(Route::Blob { name, digest })) => self.blob(head, &reg, &name, digest, req.headers()).await,
+                Some(Ok(Route::Manifest { name, reference })) => self.manifest(head, &reg, &name, reference, req.headers()).await,
+                _ => error(404, "NOT_FOUND", "not a pull request"),
+            }
+        }
+        .instrument(span)
+        .await
     }
 
     async fn route(&self, req: Request<()>, peer: SocketAddr) -> Resp {

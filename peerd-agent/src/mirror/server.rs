@@ -6,17 +6,84 @@
 //! Limits: request heads over 16 KiB get 431, more than 64 headers 431; a connection idle for
 //! 60 s, or a head not complete within 10 s, is closed; a request with a body gets 405 and the
 //! connection is closed (nothing reads the body). Keep-alive unless the client asks otherwise.
-use std::{net::SocketAddr, os::fd::AsRawFd, time::Duration};
+//!
+//! Redirected connections (transparent mode) are served the same way as long as their requests
+//! are OCI pulls the mirror serves; at the first other request (a push, a body, `/v2/`, any other
+//! path) the connection is handed back with its unread bytes, to be relayed to the registry.
+use std::{
+    io::IoSlice,
+    net::SocketAddr,
+    os::fd::AsRawFd,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::{Buf, BytesMut};
 use ::http::{header, Request, Response};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt, Interest},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf},
     net::{TcpListener, TcpStream},
 };
 use tracing::debug;
 
-use super::{error, Body, Mirror};
+use super::{error, upstream::Registry, Body, Mirror};
+
+/// A client connection: plain TCP (cache hits go out with sendfile), or TLS terminated by the
+/// agent (transparent mode with `--tls-intercept`; hits are copied through the TLS stream).
+pub enum Stream {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The rest of a redirected connection the mirror does not serve: relay it to the registry,
+/// starting with `unread` (the request that was declined, and anything after it).
+pub struct Handback {
+    pub stream: Stream,
+    pub unread: BytesMut,
+}
 
 const MAX_HEAD: usize = 16 << 10;
 const MAX_HEADERS: usize = 64;
@@ -30,7 +97,7 @@ pub async fn serve(mirror: Mirror, listener: TcpListener) -> std::io::Result<()>
         let _ = stream.set_nodelay(true);
         let m = mirror.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(m, stream, peer).await {
+            if let Err(e) = connection(m, Stream::Tcp(stream), peer, None).await {
                 debug!(%peer, "connection ended: {e}");
             }
         });
@@ -38,7 +105,8 @@ pub async fn serve(mirror: Mirror, listener: TcpListener) -> std::io::Result<()>
 }
 
 enum Head {
-    Request(Request<()>, bool),
+    /// The request, keep-alive, and whether a body follows the head.
+    Request(Request<()>, bool, bool),
     Reject(u16, &'static str, &'static str),
 }
 
@@ -75,19 +143,26 @@ fn parse(buf: &[u8]) -> Result<Option<(usize, Head)>, ()> {
     let Ok(request) = b.body(()) else {
         return Ok(Some((n, Head::Reject(400, "BAD_REQUEST", "malformed request line or header"))));
     };
-    if has_body {
-        return Ok(Some((n, Head::Reject(405, "UNSUPPORTED", "request bodies are not accepted (GET and HEAD only)"))));
-    }
-    Ok(Some((n, Head::Request(request, keep_alive))))
+    Ok(Some((n, Head::Request(request, keep_alive, has_body))))
 }
 
-async fn connection(mirror: Mirror, mut stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
+/// Serves one connection. `redirected` names the registry a redirected connection was meant for;
+/// then a request the mirror does not serve ends the loop with a [`Handback`].
+pub(super) async fn connection(
+    mirror: Mirror,
+    mut stream: Stream,
+    peer: SocketAddr,
+    redirected: Option<Registry>,
+) -> std::io::Result<Option<Handback>> {
     let mut buf = BytesMut::with_capacity(4096);
     loop {
         // Read one request head: idle bound before the first byte, head bound after it.
         let head = loop {
             match parse(&buf) {
                 Ok(Some(h)) => break h,
+                // What the mirror cannot parse may still be the registry's business.
+                Ok(None) if buf.len() >= MAX_HEAD && redirected.is_some() => return Ok(Some(Handback { stream, unread: buf })),
+                Err(()) if redirected.is_some() => return Ok(Some(Handback { stream, unread: buf })),
                 Ok(None) if buf.len() >= MAX_HEAD => {
                     return reject(&mut stream, 431, "TOO_LARGE", "request head larger than 16 KiB").await;
                 }
@@ -96,32 +171,48 @@ async fn connection(mirror: Mirror, mut stream: TcpStream, peer: SocketAddr) -> 
             }
             let limit = if buf.is_empty() { IDLE } else { HEAD_TIMEOUT };
             match tokio::time::timeout(limit, stream.read_buf(&mut buf)).await {
-                Ok(Ok(0)) | Err(_) => return Ok(()),
+                Ok(Ok(0)) | Err(_) => return Ok(None),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(e),
             }
         };
         let (used, head) = head;
-        buf.advance(used.min(buf.len()));
-        let (req, keep_alive) = match head {
-            Head::Request(r, k) => (r, k),
+        let (req, keep_alive, has_body) = match head {
+            Head::Request(r, k, b) => (r, k, b),
+            Head::Reject(..) if redirected.is_some() => return Ok(Some(Handback { stream, unread: buf })),
             Head::Reject(status, code, msg) => return reject(&mut stream, status, code, msg).await,
         };
+        if let Some(reg) = &redirected {
+            if has_body || !super::serves_redirected(&req) {
+                return Ok(Some(Handback { stream, unread: buf }));
+            }
+            buf.advance(used.min(buf.len()));
+            let is_head = req.method() == http::Method::HEAD;
+            let resp = mirror.handle_redirected(req, peer, reg).await;
+            if !write_response(&mut stream, resp, is_head, keep_alive).await? || !keep_alive {
+                return Ok(None);
+            }
+            continue;
+        }
+        buf.advance(used.min(buf.len()));
+        if has_body {
+            return reject(&mut stream, 405, "UNSUPPORTED", "request bodies are not accepted (GET and HEAD only)").await;
+        }
         let is_head = req.method() == http::Method::HEAD;
         let resp = mirror.handle(req, peer).await;
         if !write_response(&mut stream, resp, is_head, keep_alive).await? || !keep_alive {
-            return Ok(());
+            return Ok(None);
         }
     }
 }
 
-async fn reject(stream: &mut TcpStream, status: u16, code: &str, msg: &str) -> std::io::Result<()> {
+async fn reject(stream: &mut Stream, status: u16, code: &str, msg: &str) -> std::io::Result<Option<Handback>> {
     write_response(stream, error(status, code, msg), false, false).await?;
-    Ok(())
+    Ok(None)
 }
 
 /// Writes a response; returns whether the connection may carry another request.
-async fn write_response(stream: &mut TcpStream, resp: Response<Body>, is_head: bool, keep_alive: bool) -> std::io::Result<bool> {
+async fn write_response(stream: &mut Stream, resp: Response<Body>, is_head: bool, keep_alive: bool) -> std::io::Result<bool> {
     let (parts, body) = resp.into_parts();
     let length_known = parts.headers.contains_key(header::CONTENT_LENGTH);
     // Without a length, the end of a streamed body is marked by closing the connection.
@@ -167,10 +258,42 @@ async fn write_response(stream: &mut TcpStream, resp: Response<Body>, is_head: b
         }
         Body::File { file, offset, len, _pin } => {
             stream.write_all(&head).await?;
-            send_file(stream, &file, offset, len).await?;
+            match stream {
+                Stream::Tcp(s) => send_file(s, &file, offset, len).await?,
+                Stream::Tls(s) => copy_file(s.as_mut(), file, offset, len).await?,
+            }
         }
     }
+    stream.flush().await?;
     Ok(keep)
+}
+
+/// A file range through a userspace stream (TLS: the bytes have to be encrypted anyway).
+async fn copy_file(out: &mut (impl AsyncWrite + Unpin), file: std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut f = file;
+        let mut left = len;
+        if let Err(e) = f.seek(SeekFrom::Start(offset)) {
+            let _ = tx.blocking_send(Err(e));
+            return;
+        }
+        while left > 0 {
+            let mut chunk = vec![0u8; left.min(256 << 10) as usize];
+            let r = f.read_exact(&mut chunk).map(|_| chunk);
+            let failed = r.is_err();
+            left = left.saturating_sub(r.as_ref().map(|c| c.len() as u64).unwrap_or(0));
+            if tx.blocking_send(r).is_err() || failed {
+                return;
+            }
+        }
+    });
+    while let Some(chunk) = rx.recv().await {
+        out.write_all(&chunk?).await?;
+    }
+    let _ = reader.await;
+    Ok(())
 }
 
 /// sendfile(2) from the cache file to the socket: the bytes never enter userspace.
