@@ -112,8 +112,9 @@ mod tests {
             s.read_to_end(&mut got).await.unwrap();
             // Answer after the client's half-close: its length and a reversed copy.
             s.write_all(&(got.len() as u64).to_be_bytes()).await.unwrap();
-            got.reverse();
-            s.write_all(&got).await.unwrap();
+            let mut rev = got.clone();
+            rev.reverse();
+            s.write_all(&rev).await.unwrap();
             got
         });
         let relay_task = tokio::spawn(async move {
