@@ -129,6 +129,8 @@ impl Transparent {
         kernel.set_stale_after(cfg.stale_after)?;
         kernel.heartbeat()?;
         let root = match &cfg.cgroup_root {
+            // A hybrid host's v2 hierarchy sits at <root>/unified.
+            Some(p) if !p.join("cgroup.procs").exists() && p.join("unified/cgroup.procs").exists() => p.join("unified"),
             Some(p) => p.clone(),
             None => cgroup_root()?,
         };
