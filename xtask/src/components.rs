@@ -125,7 +125,7 @@ impl Registry {
             let file = dir.join("htpasswd");
             let mut lines = String::new();
             for (u, p) in users {
-                lines.push_str(&run(Command::new("htpasswd").args(["-Bbn", u, p])).trim().to_string());
+                lines.push_str(run(Command::new("htpasswd").args(["-Bbn", u, p])).trim());
                 lines.push('\n');
             }
             std::fs::write(&file, lines).unwrap();
@@ -207,6 +207,19 @@ impl Image {
         ]));
     }
 
+    /// Pushes to `registry_host` (`host:port`, HTTP or HTTPS; certificates are not checked:
+    /// this only sets up the test) as `repo:tag`, with skopeo run inside `netns` if given: a
+    /// registry in a NetCluster is reachable only from inside its namespaces.
+    pub fn push_to(&self, netns: Option<&str>, registry_host: &str, repo: &str) {
+        require("skopeo");
+        run(command_in("skopeo", netns, None).args([
+            "copy",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:{}", self.layout.display(), self.tag),
+            &format!("docker://{registry_host}/{repo}:{}", self.tag),
+        ]));
+    }
+
     pub fn blob_bytes(&self, digest: &str) -> Vec<u8> {
         std::fs::read(self.layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))).unwrap()
     }
@@ -267,15 +280,44 @@ impl Agent {
     }
 }
 
-/// Debian's containerd with its own root, state and socket.
+/// A command for `program` run inside network namespace `netns` (`ip netns exec`, which execs:
+/// the child's pid is the program's) and cgroup `cgroup_procs` (that cgroup's `cgroup.procs`),
+/// each only if given.
+pub fn command_in(program: impl AsRef<std::ffi::OsStr>, netns: Option<&str>, cgroup_procs: Option<&Path>) -> Command {
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    };
+    if let Some(procs) = cgroup_procs {
+        crate::cgroup::enter_on_spawn(procs, &mut c);
+    }
+    c
+}
+
+/// Debian's containerd with its own root, state and socket, optionally inside a node's network
+/// namespace and cgroup (and then so is every `ctr`: in containerd 1.6 `ctr images pull` resolves
+/// and fetches in the ctr process itself, containerd only stores and unpacks).
 pub struct Containerd {
     pub sock: PathBuf,
     pub hosts: PathBuf,
     pub proc: Proc,
+    pub netns: Option<String>,
+    /// `cgroup.procs` of the cgroup containerd and every ctr run in.
+    pub cgroup_procs: Option<PathBuf>,
 }
 
 impl Containerd {
     pub fn start(dir: &Path) -> Self {
+        Self::start_in(dir, None, None)
+    }
+
+    /// Starts containerd (state under `dir/containerd`) in `netns` and `cgroup` when given. The
+    /// cgroup must outlive this (its drop kills whatever is left inside).
+    pub fn start_in(dir: &Path, netns: Option<&str>, cgroup: Option<&crate::cgroup::Cgroup>) -> Self {
         require("containerd");
         require("ctr");
         let root = dir.join("containerd");
@@ -292,17 +334,23 @@ impl Containerd {
             ),
         )
         .unwrap();
-        let proc = Proc::spawn(Command::new("containerd").arg("--config").arg(&cfg), root.join("containerd.log"));
+        let cgroup_procs = cgroup.map(|c| c.procs_path());
+        let mut cmd = command_in("containerd", netns, cgroup_procs.as_deref());
+        let mut proc = Proc::spawn(cmd.arg("--config").arg(&cfg), root.join("containerd.log"));
         let deadline = Instant::now() + Duration::from_secs(20);
         while !sock.exists() {
+            if let Some(st) = proc.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("containerd exited ({st}): {}", proc.log_text());
+            }
             assert!(Instant::now() < deadline, "containerd did not start: {}", proc.log_text());
             std::thread::sleep(Duration::from_millis(50));
         }
-        Self { sock, hosts: root.join("hosts"), proc }
+        Self { sock, hosts: root.join("hosts"), proc, netns: netns.map(str::to_owned), cgroup_procs }
     }
 
+    /// `ctr --address <sock>`, in containerd's namespace and cgroup.
     pub fn ctr(&self) -> Command {
-        let mut c = Command::new("ctr");
+        let mut c = command_in("ctr", self.netns.as_deref(), self.cgroup_procs.as_deref());
         c.arg("--address").arg(&self.sock);
         c
     }
@@ -318,19 +366,30 @@ impl Containerd {
         .unwrap();
     }
 
+    /// Pulls over plain HTTP with the hosts.toml files of `mirror` (the mirror mode).
     pub fn pull(&self, reference: &str) -> Result<String, String> {
-        let out = self
-            .ctr()
-            .args(["images", "pull", "--plain-http", "--hosts-dir"])
-            .arg(&self.hosts)
-            .arg(reference)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        let mut cmd = self.ctr();
+        cmd.args(["images", "pull", "--plain-http", "--hosts-dir"]).arg(&self.hosts).arg(reference);
+        output_of(cmd)
+    }
+
+    /// Pulls with no hosts.toml at all (no `--hosts-dir`, so no mirror configured: what
+    /// transparent mode must work with). `plain_http`: `--plain-http` (ctr 1.6 otherwise speaks
+    /// HTTPS only, even to an IP:port, and does not fall back).
+    pub fn pull_plain(&self, reference: &str, plain_http: bool) -> Result<String, String> {
+        self.pull_with(reference, plain_http, &[])
+    }
+
+    /// `pull_plain` with extra environment for ctr, e.g. `("SSL_CERT_FILE", ca.pem)`: Go on Linux
+    /// then trusts exactly the certificates in that file (instead of the system's).
+    pub fn pull_with(&self, reference: &str, plain_http: bool, env: &[(&str, &str)]) -> Result<String, String> {
+        let mut cmd = self.ctr();
+        cmd.args(["images", "pull"]);
+        if plain_http {
+            cmd.arg("--plain-http");
         }
+        cmd.arg(reference).envs(env.iter().copied());
+        output_of(cmd)
     }
 
     /// Removes the image and every blob, so the next pull must fetch everything again (waits,
@@ -355,6 +414,58 @@ impl Containerd {
         let out = self.ctr().args(["content", "get", digest]).output().unwrap();
         assert!(out.status.success(), "ctr content get {digest}: {}", String::from_utf8_lossy(&out.stderr));
         out.stdout
+    }
+}
+
+/// Stdout of a finished command, or its stdout and stderr as the error.
+fn output_of(mut cmd: Command) -> Result<String, String> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// A certificate authority for tests (ECDSA P-256, made with rcgen): its certificate is written
+/// to `ca_pem_path` for clients to trust (`SSL_CERT_FILE` for Go programs and the agent), and it
+/// issues server certificates.
+pub struct TestCa {
+    pub dir: PathBuf,
+    pub ca_pem_path: PathBuf,
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    /// A fresh CA; files go to `dir` (created).
+    pub fn create(dir: &Path) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        std::fs::create_dir_all(dir).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name.push(DnType::CommonName, "peerd test CA");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let issuer = rcgen::CertifiedIssuer::self_signed(p, KeyPair::generate().expect("CA key")).expect("CA certificate");
+        let ca_pem_path = dir.join("ca.pem");
+        std::fs::write(&ca_pem_path, issuer.pem()).unwrap();
+        Self { dir: dir.to_owned(), ca_pem_path, issuer }
+    }
+
+    /// A server certificate for DNS name `name` (unless it is an IP address) and `ips`, written
+    /// as `<dir>/<name>.crt` and `<dir>/<name>.key` (PEM, PKCS#8 key). Returns (cert, key).
+    pub fn issue(&self, name: &str, ips: &[std::net::IpAddr]) -> (PathBuf, PathBuf) {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair, SanType};
+        let mut p = CertificateParams::new(vec![name.to_string()]).unwrap_or_else(|e| panic!("certificate name {name:?}: {e}"));
+        p.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().expect("server key");
+        let cert = p.signed_by(&key, &self.issuer).expect("server certificate");
+        let stem = name.replace(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == '-'), "_");
+        let (crt, keyf) = (self.dir.join(format!("{stem}.crt")), self.dir.join(format!("{stem}.key")));
+        std::fs::write(&crt, cert.pem()).unwrap();
+        std::fs::write(&keyf, key.serialize_pem()).unwrap();
+        (crt, keyf)
     }
 }
 

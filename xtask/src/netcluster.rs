@@ -12,7 +12,10 @@ use std::{
     process::Command,
 };
 
-use crate::components::{run, Proc};
+use crate::{
+    cgroup::Cgroup,
+    components::{command_in, run, Proc, TestCa},
+};
 
 /// Shape of the cluster.
 #[derive(Clone, Debug)]
@@ -148,20 +151,86 @@ pub enum Discovery {
 pub const SEED_NAME: &str = "peerd-seeds.cluster.test";
 pub const GOSSIP_PORT: u16 = 30001;
 
+/// What `Deployment::start_opts` sets up besides registry and agents in their defaults.
+pub struct Options<'a> {
+    pub discovery: Discovery,
+    /// Serve the registry over HTTPS with a certificate of this CA (for its IP and
+    /// `registry_name`); the agents then get `SSL_CERT_FILE` pointing at the CA.
+    pub registry_tls: Option<&'a TestCa>,
+    /// A DNS name for the registry, resolvable in every node's namespace (an
+    /// `/etc/netns/<ns>/hosts` that `ip netns exec` mounts over /etc/hosts); `registry_host`,
+    /// `registry_url` and the agents' `--registry` then use it instead of the IP.
+    pub registry_name: Option<String>,
+    /// Start the agents now (false: only record how, for `start_agent` later; and tests of the
+    /// harness itself need no peerd binary).
+    pub start_agents: bool,
+    /// Arguments for node i's agent after the shared `extra` (e.g. `--cgroup <node cgroup>`).
+    pub extra_per_node: Vec<Vec<String>>,
+    /// If not empty, agent i runs in cgroup i (one per node).
+    pub agent_cgroups: Vec<&'a Cgroup>,
+    /// Environment for every agent (after the defaults `RUST_LOG=info` and, with TLS,
+    /// `SSL_CERT_FILE`, which these override).
+    pub agent_env: Vec<(String, String)>,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Self {
+            discovery: Discovery::Static,
+            registry_tls: None,
+            registry_name: None,
+            start_agents: true,
+            extra_per_node: Vec::new(),
+            agent_cgroups: Vec::new(),
+            agent_env: Vec::new(),
+        }
+    }
+}
+
+/// /etc/netns/<ns> directories, removed on drop.
+struct EtcGuard(Vec<PathBuf>);
+
+impl Drop for EtcGuard {
+    fn drop(&mut self) {
+        for e in &self.0 {
+            let _ = std::fs::remove_dir_all(e);
+        }
+    }
+}
+
+/// How one agent is started, kept to start it again the same way after `kill_agent`.
+struct AgentLaunch {
+    ns: String,
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    cgroup_procs: Option<PathBuf>,
+    /// Where it listens once up (its mirror).
+    addr: SocketAddr,
+    starts: u32,
+}
+
 /// Agents (and a registry) running inside a NetCluster.
 pub struct Deployment {
     pub registry: Proc,
     pub dns: Option<Proc>,
-    /// /etc/netns/<ns> directories made for the nodes' resolv.conf (removed on drop).
+    /// /etc/netns/<ns> directories made for the nodes' resolv.conf and hosts (removed on drop).
     pub netns_etc: Vec<PathBuf>,
     pub registry_addr: SocketAddr,
+    /// The registry as image references name it: `<registry_name or IP>:5000`.
+    pub registry_host: String,
+    /// `http://<registry_host>` or `https://<registry_host>`.
+    pub registry_url: String,
+    /// Agent i (None while not running).
     pub agents: Vec<Option<Proc>>,
     pub mirror_port: u16,
     pub dir: PathBuf,
+    launches: Vec<AgentLaunch>,
 }
 
 pub const MIRROR_PORT: u16 = 30000;
 pub const PEER_PORT: u16 = 30002;
+pub const REGISTRY_PORT: u16 = 5000;
 
 impl Deployment {
     /// Starts docker-registry in the registry namespace and one agent per node, every agent
@@ -171,13 +240,56 @@ impl Deployment {
     }
 
     pub fn start_with(c: &NetCluster, peerd: &Path, dir: &Path, extra: &[&str], discovery: Discovery) -> Self {
+        Self::start_opts(c, peerd, dir, extra, Options { discovery, ..Options::default() })
+    }
+
+    /// The general form: `extra` goes to every agent, the rest is in `opts`.
+    pub fn start_opts(c: &NetCluster, peerd: &Path, dir: &Path, extra: &[&str], opts: Options<'_>) -> Self {
         crate::components::require("docker-registry");
-        let reg_addr: SocketAddr = SocketAddr::new(c.registry.ip.into(), 5000);
+        assert!(opts.agent_cgroups.is_empty() || opts.agent_cgroups.len() == c.nodes.len(), "agent_cgroups: one per node");
+        let reg_addr: SocketAddr = SocketAddr::new(c.registry.ip.into(), REGISTRY_PORT);
+        let registry_host = format!("{}:{REGISTRY_PORT}", opts.registry_name.as_deref().map_or(c.registry.ip.to_string(), str::to_owned));
+        let scheme = if opts.registry_tls.is_some() { "https" } else { "http" };
+        let registry_url = format!("{scheme}://{registry_host}");
+
+        // Files `ip netns exec` mounts over /etc/<file>: written before anything starts there.
+        let mut etc: Vec<(&str, &str, String)> = Vec::new();
+        if let Some(name) = &opts.registry_name {
+            // Replaces /etc/hosts entirely, so localhost is listed again.
+            let hosts = format!("127.0.0.1 localhost\n::1 localhost ip6-localhost\n{} {name}\n", c.registry.ip);
+            for n in c.nodes.iter().chain([&c.registry]) {
+                etc.push((&n.ns, "hosts", hosts.clone()));
+            }
+        }
+        if opts.discovery == Discovery::Gossip {
+            for n in &c.nodes {
+                etc.push((&n.ns, "resolv.conf", format!("nameserver {}\n", c.registry.ip)));
+            }
+        }
+        // Removed by this guard if anything below panics, by Deployment's drop otherwise.
+        let mut netns_etc = EtcGuard(Vec::new());
+        for (ns, file, text) in etc {
+            let d = PathBuf::from("/etc/netns").join(ns);
+            if !netns_etc.0.contains(&d) {
+                netns_etc.0.push(d.clone());
+            }
+            std::fs::create_dir_all(&d).expect("/etc/netns");
+            std::fs::write(d.join(file), text).expect("/etc/netns file");
+        }
+
+        let mut tls = String::new();
+        let mut agent_env = vec![("RUST_LOG".to_string(), "info".to_string())];
+        if let Some(ca) = opts.registry_tls {
+            let (crt, key) = ca.issue(opts.registry_name.as_deref().unwrap_or("registry"), &[c.registry.ip.into()]);
+            tls = format!("  tls:\n    certificate: {}\n    key: {}\n", crt.display(), key.display());
+            agent_env.push(("SSL_CERT_FILE".into(), ca.ca_pem_path.display().to_string()));
+        }
+        agent_env.extend(opts.agent_env.iter().cloned());
         let cfg = dir.join("registry.yml");
         std::fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  accesslog:\n    disabled: false\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {reg_addr}\n",
+                "version: 0.1\nlog:\n  accesslog:\n    disabled: false\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {reg_addr}\n{tls}",
                 dir.join("registry-data").display()
             ),
         )
@@ -190,8 +302,8 @@ impl Deployment {
         let secret = dir.join("cluster-secret");
         std::fs::write(&secret, b"netcluster test secret, 32 bytes!").expect("secret");
         let peers: Vec<String> = c.nodes.iter().map(|n| format!("{}:{PEER_PORT}", n.ip)).collect();
-        let (mut dns, mut netns_etc) = (None, Vec::new());
-        if discovery == Discovery::Gossip {
+        let mut dns = None;
+        if opts.discovery == Discovery::Gossip {
             crate::components::require("dnsmasq");
             let hosts = dir.join("seed-hosts");
             let lines: String = c.nodes.iter().map(|n| format!("{} {SEED_NAME}\n", n.ip)).collect();
@@ -205,44 +317,109 @@ impl Deployment {
                 panic!("dnsmasq exited ({st}): {}", p.log_text());
             }
             dns = Some(p);
-            // `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf.
-            for n in &c.nodes {
-                let etc = PathBuf::from("/etc/netns").join(&n.ns);
-                std::fs::create_dir_all(&etc).expect("/etc/netns");
-                std::fs::write(etc.join("resolv.conf"), format!("nameserver {}\n", c.registry.ip)).expect("resolv.conf");
-                netns_etc.push(etc);
-            }
         }
-        let mut agents = Vec::new();
+        let mut launches = Vec::new();
         for (i, n) in c.nodes.iter().enumerate() {
             let data = dir.join(format!("node{i}"));
             std::fs::create_dir_all(&data).expect("node dir");
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", &n.ns]).arg(peerd).arg("agent");
-            cmd.arg("--data-dir").arg(&data);
-            cmd.args(["--mirror-addr", &format!("0.0.0.0:{MIRROR_PORT}")]);
-            cmd.args(["--peer-addr", &format!("{}:{PEER_PORT}", n.ip)]);
-            cmd.args(["--node-id", &format!("node{i}")]);
-            cmd.arg("--cluster-secret-file").arg(&secret);
-            cmd.args(["--no-default-registries", "--registry", &format!("{reg_addr}=http://{reg_addr}")]);
-            cmd.args(["--cache-size", "4GiB"]);
-            match discovery {
+            let mut args: Vec<String> = vec!["agent".into(), "--data-dir".into(), data.display().to_string()];
+            let mut arg = |a: &[&str]| args.extend(a.iter().map(|s| s.to_string()));
+            arg(&["--mirror-addr", &format!("0.0.0.0:{MIRROR_PORT}")]);
+            arg(&["--peer-addr", &format!("{}:{PEER_PORT}", n.ip)]);
+            arg(&["--node-id", &format!("node{i}")]);
+            arg(&["--cluster-secret-file", &secret.display().to_string()]);
+            arg(&["--no-default-registries", "--registry", &format!("{registry_host}={registry_url}")]);
+            arg(&["--cache-size", "4GiB"]);
+            match opts.discovery {
                 Discovery::Static => {
                     for p in &peers {
-                        cmd.args(["--peer", p]);
+                        arg(&["--peer", p]);
                     }
                 }
                 Discovery::Gossip => {
-                    cmd.args(["--seed", &format!("{SEED_NAME}:{GOSSIP_PORT}"), "--gossip-addr", &format!("{}:{GOSSIP_PORT}", n.ip)]);
+                    arg(&["--seed", &format!("{SEED_NAME}:{GOSSIP_PORT}"), "--gossip-addr", &format!("{}:{GOSSIP_PORT}", n.ip)]);
                 }
             }
-            cmd.args(extra);
-            cmd.env("RUST_LOG", "info");
-            let mut proc = Proc::spawn(&mut cmd, dir.join(format!("agent{i}.log")));
-            wait_in(&n.ns, SocketAddr::new(n.ip.into(), MIRROR_PORT), &mut proc);
-            agents.push(Some(proc));
+            arg(extra);
+            args.extend(opts.extra_per_node.get(i).cloned().unwrap_or_default());
+            launches.push(AgentLaunch {
+                ns: n.ns.clone(),
+                program: peerd.to_owned(),
+                args,
+                env: agent_env.clone(),
+                cgroup_procs: opts.agent_cgroups.get(i).map(|cg| cg.procs_path()),
+                addr: SocketAddr::new(n.ip.into(), MIRROR_PORT),
+                starts: 0,
+            });
         }
-        Self { registry, dns, netns_etc, registry_addr: reg_addr, agents, mirror_port: MIRROR_PORT, dir: dir.to_owned() }
+        let mut d = Self {
+            registry,
+            dns,
+            netns_etc: std::mem::take(&mut netns_etc.0),
+            registry_addr: reg_addr,
+            registry_host,
+            registry_url,
+            agents: c.nodes.iter().map(|_| None).collect(),
+            mirror_port: MIRROR_PORT,
+            dir: dir.to_owned(),
+            launches,
+        };
+        if opts.start_agents {
+            for i in 0..c.nodes.len() {
+                d.start_agent(i);
+            }
+        }
+        d
+    }
+
+    /// Starts node i's agent with the command line, environment and cgroup it was deployed
+    /// with, and waits (bounded) until its mirror listens. Logs: `agent<i>.log`, then
+    /// `agent<i>.<n>.log` for the n-th restart (earlier logs are kept).
+    pub fn start_agent(&mut self, i: usize) {
+        assert!(self.agents[i].is_none(), "agent {i} is already running");
+        let l = &mut self.launches[i];
+        let mut cmd = command_in(&l.program, Some(&l.ns), l.cgroup_procs.as_deref());
+        cmd.args(&l.args).envs(l.env.iter().map(|(k, v)| (k, v)));
+        let log = match l.starts {
+            0 => self.dir.join(format!("agent{i}.log")),
+            n => self.dir.join(format!("agent{i}.{n}.log")),
+        };
+        l.starts += 1;
+        let mut proc = Proc::spawn(&mut cmd, log);
+        wait_in(&l.ns, l.addr, &mut proc);
+        self.agents[i] = Some(proc);
+    }
+
+    /// SIGKILLs node i's agent (a crash: no chance to clean up) and reaps it; no-op if it is
+    /// not running.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut a) = self.agents[i].take() {
+            a.kill();
+        }
+    }
+
+    /// SIGTERMs node i's agent (an orderly stop) and waits for it, at most `within`, then
+    /// SIGKILLs it. Returns its exit status, None if it had to be killed or was not running.
+    pub fn stop_agent(&mut self, i: usize, within: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let mut a = self.agents[i].take()?;
+        let child = a.child.as_mut()?;
+        // SAFETY: kill(2) on our own child, not yet reaped (so the pid is still its).
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(st)) = child.try_wait() {
+                a.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        a.kill();
+        None
+    }
+
+    /// The full command line node i's agent is (re)started with, after the program.
+    pub fn agent_args(&self, i: usize) -> &[String] {
+        &self.launches[i].args
     }
 
     /// Access-log lines of blob GETs at the registry.
