@@ -1,0 +1,215 @@
+//! Transparent mode end to end, with real parts: nodes are network namespaces with their own
+//! cgroup, containerd and `ctr` run inside both and pull with NO hosts.toml and no mirror
+//! setting; the agents (in the same cgroups, so their own upstream fetches must be exempt) are
+//! started with `--transparent` and redirect the registry's address to themselves.
+//!
+//! - plain HTTP: node 0's pull is served by its agent (the registry sees the agent, not
+//!   containerd); node 1's layers come from node 0 over QUIC (the registry sees no blob GET);
+//!   a killed agent and a hung (SIGSTOPped) agent both leave pulls working, straight to the
+//!   registry, the hung one after the fail-open bound;
+//! - HTTPS (a test CA that ctr trusts through SSL_CERT_FILE): without `--tls-intercept` the bytes
+//!   pass through untouched (the registry sees containerd); with it, the agent serves the pull.
+mod support;
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use support::*;
+use xtask::{
+    cgroup::Cgroup,
+    netcluster::{Deployment, NetCluster, Options, Spec},
+};
+
+fn cluster(tag: &str, nodes: usize) -> NetCluster {
+    require_root();
+    let prefix = format!("tp{}{tag}", std::process::id() % 10000);
+    NetCluster::up(Spec { nodes, rate_mbit: 1000, registry_rate_mbit: 1000, delay_ms: 0, prefix })
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "transparent mode tests need root (eBPF, namespaces, cgroups)");
+}
+
+/// The transparent-mode flags for each node: its own cgroup.
+fn per_node(cgroups: &[Cgroup]) -> Vec<Vec<String>> {
+    cgroups
+        .iter()
+        .map(|cg| vec!["--cgroup-root".into(), cg.root.display().to_string(), "--cgroup".into(), cg.name()])
+        .collect()
+}
+
+/// Blob GETs the registry logged since `before`, as (client user agent) per line.
+fn blob_get_agents(d: &Deployment, before: usize) -> Vec<String> {
+    d.registry_blob_gets()[before..]
+        .iter()
+        .map(|l| l.rsplit('"').nth(1).unwrap_or("").to_string())
+        .collect()
+}
+
+/// One counter from the agent's /metrics, read inside the node's namespace (0 if absent).
+fn metric(ns: &str, line_prefix: &str) -> u64 {
+    let out = Command::new("ip").args(["netns", "exec", ns, "curl", "-sS", "--max-time", "5", "http://127.0.0.1:30000/metrics"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|l| l.starts_with(line_prefix) && l[line_prefix.len()..].starts_with(' '))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok().map(|v| v as u64))
+        .sum()
+}
+
+/// Waits (bounded) until the agent's redirect table holds the registry.
+fn wait_redirecting(ns: &str) {
+    for _ in 0..100 {
+        if metric(ns, "peerd_redirected_endpoints") > 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("agent in {ns} never started redirecting");
+}
+
+fn check_content(ctd: &Containerd, image: &Image) {
+    for b in &image.blobs {
+        assert_eq!(sha256_hex(&ctd.content(b)), b[7..], "containerd holds wrong bytes for {b}");
+    }
+}
+
+#[test]
+fn plain_http_pulls_are_served_shared_and_fail_open() {
+    require("curl");
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster("a", 2);
+    let cgroups: Vec<Cgroup> = (0..2).map(|i| Cgroup::create(&format!("tpa{i}"))).collect();
+    let opts = Options {
+        extra_per_node: per_node(&cgroups),
+        agent_cgroups: cgroups.iter().collect(),
+        ..Options::default()
+    };
+    let mut d = Deployment::start_opts(&c, peerd(), dir.path(), &["--transparent"], opts);
+    let ctds: Vec<Containerd> = (0..2)
+        .map(|i| {
+            let cd = dir.path().join(format!("ctd{i}"));
+            std::fs::create_dir_all(&cd).unwrap();
+            Containerd::start_in(&cd, Some(&c.nodes[i].ns), Some(&cgroups[i]))
+        })
+        .collect();
+    let image = Image::build(dir.path(), &[("a.bin", 3 << 20), ("b.bin", 5 << 20)]);
+    image.push_to(Some(&c.registry.ns), &d.registry_host, "app");
+    let reference = format!("{}/app:{}", d.registry_host, image.tag);
+    for n in &c.nodes {
+        wait_redirecting(&n.ns);
+    }
+
+    // Node 0: the agent serves the pull and fetches upstream itself (exempt from the redirect).
+    let before = d.registry_blob_gets().len();
+    ctds[0].pull_plain(&reference, true).unwrap_or_else(|e| panic!("node 0 pull: {e}\nagent: {}", d.agents[0].as_ref().unwrap().log_text()));
+    check_content(&ctds[0], &image);
+    let agents = blob_get_agents(&d, before);
+    assert!(!agents.is_empty() && agents.iter().all(|a| a.starts_with("peerd/")), "registry should see only the agent: {agents:?}");
+    assert!(metric(&c.nodes[0].ns, "peerd_redirected_connections_total{outcome=\"http\"}") > 0);
+    assert!(metric(&c.nodes[0].ns, "peerd_kernel_events_total{reason=\"exempt\"}") > 0, "the agent's own upstream connects were exempt");
+
+    // Node 1: the layers come from node 0 over QUIC; the registry serves no blob.
+    let before = d.registry_blob_gets().len();
+    ctds[1].pull_plain(&reference, true).unwrap_or_else(|e| panic!("node 1 pull: {e}"));
+    check_content(&ctds[1], &image);
+    assert_eq!(blob_get_agents(&d, before), Vec::<String>::new(), "node 1's layers should come from node 0");
+    let layer_bytes: u64 = image.blobs.iter().map(|b| image.blob_bytes(b).len() as u64).sum();
+    let from_peers = metric(&c.nodes[1].ns, "peerd_peer_received_bytes_total");
+    assert!(from_peers >= layer_bytes / 2, "node 1 got {from_peers} bytes from peers, blobs total {layer_bytes}");
+
+    // Killed agent: its programs go with it; the pull goes straight to the registry.
+    d.kill_agent(1);
+    ctds[1].forget(&reference);
+    let before = d.registry_blob_gets().len();
+    let t = Instant::now();
+    ctds[1].pull_plain(&reference, true).unwrap_or_else(|e| panic!("pull with the agent dead: {e}"));
+    let dead = t.elapsed();
+    check_content(&ctds[1], &image);
+    let agents = blob_get_agents(&d, before);
+    assert!(agents.len() >= image.blobs.len() && agents.iter().all(|a| a.starts_with("containerd/")), "direct pull expected: {agents:?}");
+
+    // Hung agent: redirects stop within the fail-open bound (1 s), then pulls go direct.
+    d.start_agent(1);
+    wait_redirecting(&c.nodes[1].ns);
+    let pid = d.agents[1].as_ref().unwrap().pid() as i32;
+    let kernel_pid = hung_agent_pid(&c.nodes[1].ns, pid);
+    // SAFETY: signals to a process this test started.
+    unsafe { libc::kill(kernel_pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(1300));
+    ctds[1].forget(&reference);
+    let before = d.registry_blob_gets().len();
+    let r = ctds[1].pull_plain(&reference, true);
+    // SAFETY: as above.
+    unsafe { libc::kill(kernel_pid, libc::SIGCONT) };
+    r.unwrap_or_else(|e| panic!("pull with the agent hung: {e}"));
+    check_content(&ctds[1], &image);
+    let agents = blob_get_agents(&d, before);
+    assert!(agents.iter().all(|a| a.starts_with("containerd/")), "direct pull expected while hung: {agents:?}");
+    assert!(metric(&c.nodes[1].ns, "peerd_kernel_events_total{reason=\"fail_open\"}") > 0, "the kernel counted the fail-open");
+    eprintln!("pull with the agent killed: {dead:?}");
+}
+
+/// The agent's PID: `ip netns exec` execs it, so the child PID is the agent itself.
+fn hung_agent_pid(_ns: &str, pid: i32) -> i32 {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), "peerd", "expected the agent at pid {pid}");
+    pid
+}
+
+#[test]
+fn https_passes_through_untouched_and_is_served_with_tls_intercept() {
+    require("curl");
+    let dir = tempfile::tempdir().unwrap();
+    let test_ca = TestCa::create(&dir.path().join("test-ca"));
+    let ca_dir = dir.path().join("intercept-ca");
+    let out = Command::new(peerd()).args(["ca", "create"]).arg(&ca_dir).output().unwrap();
+    assert!(out.status.success(), "peerd ca create: {}", String::from_utf8_lossy(&out.stderr));
+    // The node trusts the registry's CA, and (for the intercept half) the cluster's.
+    let bundle = dir.path().join("bundle.pem");
+    let mut pem = std::fs::read(&test_ca.ca_pem_path).unwrap();
+    pem.extend(std::fs::read(ca_dir.join("ca.crt")).unwrap());
+    std::fs::write(&bundle, pem).unwrap();
+
+    for (k, intercept) in [false, true].into_iter().enumerate() {
+        let c = cluster(&format!("b{k}"), 1);
+        let cg = Cgroup::create(&format!("tpb{k}"));
+        let mut extra = vec!["--transparent".to_string()];
+        if intercept {
+            extra.extend(["--tls-intercept".into(), "--tls-ca-dir".into(), ca_dir.display().to_string()]);
+        }
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let sub = dir.path().join(format!("run{k}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let opts = Options {
+            registry_tls: Some(&test_ca),
+            registry_name: Some("registry.test".into()),
+            extra_per_node: per_node(std::slice::from_ref(&cg)),
+            agent_cgroups: vec![&cg],
+            ..Options::default()
+        };
+        let d = Deployment::start_opts(&c, peerd(), &sub, &extra, opts);
+        let ctd = Containerd::start_in(&sub, Some(&c.nodes[0].ns), Some(&cg));
+        let image = Image::build(&sub, &[("s.bin", 2 << 20)]);
+        image.push_to(Some(&c.registry.ns), &d.registry_host, "app");
+        wait_redirecting(&c.nodes[0].ns);
+        let reference = format!("{}/app:{}", d.registry_host, image.tag);
+        let before = d.registry_blob_gets().len();
+        let env = [("SSL_CERT_FILE", bundle.to_str().unwrap())];
+        ctd.pull_with(&reference, false, &env).unwrap_or_else(|e| panic!("HTTPS pull (intercept {intercept}): {e}\nagent: {}", d.agents[0].as_ref().unwrap().log_text()));
+        check_content(&ctd, &image);
+        let agents = blob_get_agents(&d, before);
+        let ns = &c.nodes[0].ns;
+        if intercept {
+            assert!(!agents.is_empty() && agents.iter().all(|a| a.starts_with("peerd/")), "the agent should serve: {agents:?}");
+            assert!(metric(ns, "peerd_redirected_connections_total{outcome=\"tls_intercepted\"}") > 0);
+            assert_eq!(metric(ns, "peerd_redirected_connections_total{outcome=\"tls_passthrough\"}"), 0);
+        } else {
+            assert!(!agents.is_empty() && agents.iter().all(|a| a.starts_with("containerd/")), "untouched pass-through expected: {agents:?}");
+            assert!(metric(ns, "peerd_redirected_connections_total{outcome=\"tls_passthrough\"}") > 0);
+            assert_eq!(metric(ns, "peerd_cache_misses_total"), 0, "the agent must not have seen the requests");
+        }
+    }
+}
