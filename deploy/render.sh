@@ -19,6 +19,8 @@ render() {
 #   kubectl -n kube-system create secret generic peerd-cluster-secret \
 #     --from-literal=cluster-secret="$(head -c 48 /dev/urandom | base64 -w0)"
 #   kubectl apply -f deploy/manifests/peerd.yaml
+# Transparent mode: check PEERD_CGROUP (containerd's cgroup on your nodes) and add PEERD_ALLOW_CIDR
+# (other nodes' subnets) if nodes are in several subnets; see deploy/README.md.
 HEAD
   helm template peerd "$here/helm/peerd" --namespace kube-system \
     --set clusterSecret.create=false --set clusterSecret.existingSecret=peerd-cluster-secret

@@ -240,7 +240,8 @@ fn agent_env_vars() -> Vec<String> {
 }
 
 /// Variables the chart renders for settings the agent does not implement yet (documented as such).
-const NOT_YET: &[&str] = &["PEERD_TLS_INTERCEPT"];
+/// None today: every variable the chart renders is a flag of `peerd agent`.
+const NOT_YET: &[&str] = &[];
 
 fn env(f: &Facts, name: &str) -> Option<String> {
     let key = format!("{AGENT}.env[{name}].value");
@@ -253,14 +254,29 @@ fn chart_lints() {
     let chart = chart.to_str().unwrap();
     run("helm", &["lint", "--strict", chart], None);
     run("helm", &["lint", "--strict", chart, "--set", "mode=hosts-toml"], None);
-    // Bad values are refused at render time, not at the node.
-    for bad in ["mode=ebpf", "registries={nonsense}", "clusterSecret.create=false"] {
+    run("helm", &["lint", "--strict", chart, "--set", "tlsIntercept.enabled=true,tlsIntercept.existingSecret=ca"], None);
+    // Bad values are refused at render time, not at the node, with a message naming the value.
+    for (bad, says) in [
+        ("mode=ebpf", "mode must be"),
+        ("registries={nonsense}", "NAME=URL"),
+        ("clusterSecret.create=false", "clusterSecret.existingSecret"),
+        // An intercept CA per node (the agent's default) is one no node trusts.
+        ("tlsIntercept.enabled=true", "tlsIntercept.existingSecret"),
+        ("tlsIntercept=true", "tlsIntercept.enabled"),
+        ("mode=hosts-toml,tlsIntercept.enabled=true,tlsIntercept.existingSecret=ca", "mode=transparent"),
+        ("allowedCIDRs={10.0.0.0/8,10.1.0.0/16 evil}", "allowedCIDRs"),
+        (r"allowedCIDRs={10.0.0.0/8\,10.1.0.0/16}", "allowedCIDRs"),
+        ("guardInterfaces={none,eth0}", "guardInterfaces"),
+        (r"guardInterfaces={eth0\,eth1}", "guardInterfaces"),
+    ] {
         let out = Command::new("helm")
             .args(["template", "peerd", chart, "--set", bad])
             .env("PATH", tools_path())
             .output()
             .unwrap();
         assert!(!out.status.success(), "helm template --set {bad} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "helm template --set {bad}: the error should mention {says:?}:\n{err}");
     }
 }
 
@@ -293,19 +309,32 @@ fn default_render_is_valid_and_wired() {
     assert!(!f.has(&format!("{DS}.initContainers.#")), "the default mode has no init container");
     assert_eq!(f.len(&format!("{DS}.containers")), 1);
 
-    // Mounts: bpffs, cgroup read-only, data dir, containerd's content read-only.
-    let mount = |name: &str| {
-        let path = f.s(&format!("{AGENT}.volumeMounts[{name}].mountPath"));
-        let ro = f.raw(&format!("{AGENT}.volumeMounts[{name}].readOnly")) == Some("true");
-        let host = f.raw(&format!("{DS}.volumes[{name}].hostPath.path")).map(|p| json_string(p).unwrap());
-        (path, ro, host)
-    };
-    assert_eq!(mount("bpffs"), ("/sys/fs/bpf".into(), false, Some("/sys/fs/bpf".into())));
-    assert_eq!(mount("cgroup"), ("/sys/fs/cgroup".into(), true, Some("/sys/fs/cgroup".into())));
-    assert_eq!(mount("data"), ("/var/lib/peerd".into(), false, Some("/var/lib/peerd".into())));
+    // Mounts: the host's cgroup hierarchy read-only away from the pod's own /sys/fs/cgroup (its
+    // cgroup namespace's view), data dir, containerd's content read-only. No bpffs: the agent
+    // pins nothing (its programs detach when it exits, which is how fail-open on death works).
+    assert_eq!(
+        f.names(&format!("{AGENT}.volumeMounts")),
+        ["data", "cluster-secret", "containerd-content", "host-cgroup"]
+    );
+    assert_eq!(mount(&f, "host-cgroup"), ("/host/sys/fs/cgroup".into(), true, Some("/sys/fs/cgroup".into())));
+    assert_eq!(f.s(&format!("{DS}.volumes[host-cgroup].hostPath.type")), "Directory");
+    assert_eq!(mount(&f, "data"), ("/var/lib/peerd".into(), false, Some("/var/lib/peerd".into())));
     let content = "/var/lib/containerd/io.containerd.content.v1.content";
-    assert_eq!(mount("containerd-content"), (content.into(), true, Some(content.into())));
+    assert_eq!(mount(&f, "containerd-content"), (content.into(), true, Some(content.into())));
+    assert_eq!(env(&f, "PEERD_CONTAINERD_CONTENT_DIR").as_deref(), Some(content));
+    assert_eq!(env(&f, "PEERD_NO_CONTAINERD_CONTENT"), None);
+    assert!(!yaml.contains("/sys/fs/bpf"), "bpffs is mounted, but the agent pins nothing");
+    assert!(!f.has(&format!("{AGENT}.securityContext.appArmorProfile.type")), "AppArmor: the runtime's default");
     assert_eq!(env(&f, "PEERD_DATA_DIR").as_deref(), Some("/var/lib/peerd"));
+
+    // Transparent mode: on, attached to containerd's cgroup (not "/": pods in their own network
+    // namespace would be rewritten to their own loopback) of the host's hierarchy as mounted.
+    assert_eq!(env(&f, "PEERD_TRANSPARENT").as_deref(), Some("true"));
+    assert_eq!(env(&f, "PEERD_CGROUP_ROOT"), Some(mount(&f, "host-cgroup").0));
+    assert_eq!(env(&f, "PEERD_CGROUP").as_deref(), Some("/system.slice/containerd.service"));
+    assert_eq!(env(&f, "PEERD_REDIRECT_PORT").as_deref(), Some("30003"));
+    assert_eq!(f.get(&format!("{AGENT}.ports[redirect].containerPort")), "30003");
+    assert_eq!(f.s(&format!("{AGENT}.ports[redirect].protocol")), "TCP");
 
     // The cluster secret: random, created here, mounted, passed as a file.
     let secret = json_string(f.get("Secret/peerd-cluster-secret.data.cluster-secret")).unwrap();
@@ -350,11 +379,32 @@ fn default_render_is_valid_and_wired() {
     assert_eq!(env(&f, "PEERD_SEED").as_deref(), Some("peerd.kube-system.svc.cluster.local:30001"));
     assert_eq!(f.s("Service/peerd.spec.selector.app.kubernetes.io/name"), "peerd");
 
-    // Defaults leave the agent's own defaults alone; flags not implemented yet are not rendered.
-    for absent in ["PEERD_REGISTRY", "PEERD_CACHE_SIZE", "PEERD_TRUST_CLUSTER", "PEERD_ZONE", "PEERD_TLS_INTERCEPT"] {
+    // Defaults leave the agent's own defaults alone; TLS interception is opt-in.
+    for absent in [
+        "PEERD_REGISTRY",
+        "PEERD_CACHE_SIZE",
+        "PEERD_TRUST_CLUSTER",
+        "PEERD_ZONE",
+        "PEERD_PEER",
+        "PEERD_TLS_INTERCEPT",
+        "PEERD_TLS_CA_DIR",
+        "PEERD_FAIL_OPEN_MS",
+        "PEERD_DNS_REFRESH",
+        "PEERD_GUARD_IFACE",
+        "PEERD_ALLOW_CIDR",
+    ] {
         assert_eq!(env(&f, absent), None, "{absent} should not be set by default");
     }
+    assert!(!f.has(&format!("{DS}.volumes[intercept-ca].secret.secretName")));
     only_known_env(&f);
+}
+
+/// A volume mount of the agent: (mountPath, readOnly, the volume's hostPath if any).
+fn mount(f: &Facts, name: &str) -> (String, bool, Option<String>) {
+    let path = f.s(&format!("{AGENT}.volumeMounts[{name}].mountPath"));
+    let ro = f.raw(&format!("{AGENT}.volumeMounts[{name}].readOnly")) == Some("true");
+    let host = f.raw(&format!("{DS}.volumes[{name}].hostPath.path")).map(|p| json_string(p).unwrap());
+    (path, ro, host)
 }
 
 /// Every PEERD_* variable the chart sets is a flag of the agent or a documented "not yet".
@@ -384,10 +434,18 @@ fn values_reach_the_agent_env() {
         "blobHosts={acct.blob.core.windows.net}",
         "peers={10.0.0.2:30002,10.0.0.3:30002}",
         "zone=eu-1a",
-        "tlsIntercept=true",
+        "tlsIntercept.enabled=true",
+        "tlsIntercept.existingSecret=peerd-intercept-ca",
         "mirrorPort=31000",
         "peerPort=31002",
+        "redirectPort=31003",
+        "redirectCgroup=/system.slice/k3s.service",
+        "failOpenMs=500",
+        "dnsRefresh=10",
+        "guardInterfaces={eth0,ens5}",
+        "allowedCIDRs={10.1.0.0/16,10.2.0.0/16,fd00::/8}",
         "uploadLimit=50M",
+        "appArmorProfile.type=Unconfined",
     ]);
     validate(&yaml);
     let f = Facts::of(&yaml);
@@ -400,7 +458,33 @@ fn values_reach_the_agent_env() {
     assert_eq!(e("PEERD_PEER"), "10.0.0.2:30002,10.0.0.3:30002");
     assert_eq!(e("PEERD_ADVERTISE_ADDR"), "$(HOST_IP):31002");
     assert_eq!(e("PEERD_ZONE"), "eu-1a");
+    // A static peer list replaces gossip: the agent ignores --peer when it has seeds.
+    assert_eq!(env(&f, "PEERD_SEED"), None);
+    assert_eq!(e("PEERD_TRANSPARENT"), "true");
+    assert_eq!(e("PEERD_CGROUP"), "/system.slice/k3s.service");
+    assert_eq!(e("PEERD_REDIRECT_PORT"), "31003");
+    assert_eq!(f.get(&format!("{AGENT}.ports[redirect].containerPort")), "31003");
+    assert_eq!(e("PEERD_FAIL_OPEN_MS"), "500");
+    assert_eq!(e("PEERD_DNS_REFRESH"), "10");
+    assert_eq!(e("PEERD_GUARD_IFACE"), "eth0,ens5");
+    assert_eq!(e("PEERD_ALLOW_CIDR"), "10.1.0.0/16,10.2.0.0/16,fd00::/8");
+    assert_eq!(f.s(&format!("{AGENT}.securityContext.appArmorProfile.type")), "Unconfined");
+    // TLS interception: the CA from the named Secret, both keys, read-only, key not world-readable
+    // (the agent warns otherwise), at the directory PEERD_TLS_CA_DIR names.
     assert_eq!(e("PEERD_TLS_INTERCEPT"), "true");
+    let (ca_dir, ro, host) = mount(&f, "intercept-ca");
+    assert!(ro && host.is_none());
+    assert_eq!(e("PEERD_TLS_CA_DIR"), ca_dir);
+    assert_eq!(f.s(&format!("{DS}.volumes[intercept-ca].secret.secretName")), "peerd-intercept-ca");
+    assert_eq!(f.get(&format!("{DS}.volumes[intercept-ca].secret.defaultMode")), "256"); // 0400
+    let items: Vec<(String, String)> = (0..f.len(&format!("{DS}.volumes[intercept-ca].secret.items")))
+        .map(|i| {
+            let item = format!("{DS}.volumes[intercept-ca].secret.items[{i}]");
+            (f.s(&format!("{item}.key")), f.s(&format!("{item}.path")))
+        })
+        .collect();
+    assert_eq!(items, [("ca.crt".into(), "ca.crt".into()), ("ca.key".into(), "ca.key".into())]);
+    assert!(!f.has(&format!("{DS}.volumes[intercept-ca].secret.optional")), "a missing CA must fail the mount");
     assert_eq!(e("PEERD_UPLOAD_LIMIT"), "50M");
     assert_eq!(e("PEERD_MIRROR_ADDR"), "127.0.0.1:31000");
     assert_eq!(e("PEERD_PEER_ADDR"), "0.0.0.0:31002");
@@ -412,6 +496,19 @@ fn values_reach_the_agent_env() {
     assert!(pos("HOST_IP") < pos("PEERD_ADVERTISE_ADDR"));
     only_known_env(&f);
 
+    // containerd's content store elsewhere (k3s), or not shared at all.
+    let k3s = "/var/lib/rancher/k3s/agent/containerd/io.containerd.content.v1.content";
+    let f = Facts::of(&render(&[&format!("containerdContentDir={k3s}")]));
+    assert_eq!(mount(&f, "containerd-content"), (k3s.into(), true, Some(k3s.into())));
+    assert_eq!(env(&f, "PEERD_CONTAINERD_CONTENT_DIR").as_deref(), Some(k3s));
+    let yaml = render(&["containerdContentDir="]);
+    validate(&yaml);
+    let f = Facts::of(&yaml);
+    assert!(!f.has(&format!("{DS}.volumes[containerd-content].hostPath.path")));
+    assert_eq!(env(&f, "PEERD_CONTAINERD_CONTENT_DIR"), None);
+    assert_eq!(env(&f, "PEERD_NO_CONTAINERD_CONTENT").as_deref(), Some("true"));
+    only_known_env(&f);
+
     // An existing Secret instead of a created one.
     let yaml = render(&["clusterSecret.create=false", "clusterSecret.existingSecret=mine"]);
     let f = Facts::of(&yaml);
@@ -421,17 +518,22 @@ fn values_reach_the_agent_env() {
 
 #[test]
 fn hosts_toml_mode() {
-    let yaml = render(&["mode=hosts-toml", "registries={my.registry:5000=https://my.registry:5000}"]);
+    let yaml = render(&["mode=hosts-toml", "registries={my.registry:5000=https://my.registry:5000}", "allowedCIDRs={10.0.0.0/8}"]);
     validate(&yaml);
     assert!(!yaml.contains("privileged: true"));
     let f = Facts::of(&yaml);
     let init = format!("{DS}.initContainers[hosts-toml-install]");
     let side = format!("{DS}.containers[hosts-toml]");
 
-    // The agent needs no capability and no kernel mounts here.
+    // The agent needs no capability, no kernel mounts and no transparent-mode settings here.
     assert!(!f.has(&format!("{AGENT}.securityContext.capabilities.add.#")));
     assert_eq!(f.list(&format!("{AGENT}.securityContext.capabilities.drop")), ["ALL"]);
-    assert!(!f.has(&format!("{AGENT}.volumeMounts[bpffs].mountPath")));
+    assert!(!f.has(&format!("{AGENT}.volumeMounts[host-cgroup].mountPath")));
+    assert!(!f.has(&format!("{AGENT}.ports[redirect].containerPort")));
+    for absent in ["PEERD_TRANSPARENT", "PEERD_CGROUP_ROOT", "PEERD_CGROUP", "PEERD_REDIRECT_PORT", "PEERD_GUARD_IFACE", "PEERD_ALLOW_CIDR"] {
+        assert_eq!(env(&f, absent), None, "{absent} is for transparent mode");
+    }
+    assert!(env(&f, "PEERD_SEED").is_some(), "gossip in hosts-toml mode too");
     assert_eq!(f.s(&format!("{DS}.volumes[containerd-certs].hostPath.path")), "/etc/containerd/certs.d");
 
     // The init container installs, for the listed registries and the agent's defaults.
@@ -680,12 +782,23 @@ fn systemd_unit_uses_real_flags() {
         let var = if var == "PEERD_REGISTRY" || known.contains(&var) { var } else { String::new() };
         assert!(!var.is_empty(), "the unit passes {word}, which `peerd agent` does not have");
     }
-    for line in unit.lines().filter(|l| l.starts_with("Environment=")) {
-        for assignment in line["Environment=".len()..].split_whitespace() {
+    // Settings, and the commented examples (transparent mode) too.
+    let settings: Vec<&str> =
+        unit.lines().filter_map(|l| l.trim_start_matches(['#', ' ']).strip_prefix("Environment=")).collect();
+    assert!(settings.iter().any(|s| s.contains("PEERD_TRANSPARENT=true")), "no transparent-mode example");
+    for line in settings {
+        for assignment in line.split_whitespace() {
             let name = assignment.trim_matches('"').split('=').next().unwrap();
             if name.starts_with("PEERD_") {
                 assert!(known.iter().any(|k| k == name), "the unit sets {name}, not a flag of `peerd agent`");
             }
+        }
+    }
+    // Root limited to a bounding set that still holds what transparent mode needs.
+    for key in ["CapabilityBoundingSet=", "AmbientCapabilities="] {
+        let line = unit.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key}"));
+        for cap in ["CAP_BPF", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"] {
+            assert!(line.split(['=', ' ']).any(|w| w == cap), "{key} lacks {cap}: {line}");
         }
     }
 }

@@ -65,4 +65,31 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- if and (not .Values.clusterSecret.create) (not .Values.clusterSecret.existingSecret) -}}
 {{- fail "clusterSecret.create=false needs clusterSecret.existingSecret" -}}
 {{- end -}}
+{{- if not (kindIs "map" .Values.tlsIntercept) -}}
+{{- fail "tlsIntercept is a map: set tlsIntercept.enabled=true and tlsIntercept.existingSecret=<Secret with ca.crt and ca.key>" -}}
 {{- end -}}
+{{- if .Values.tlsIntercept.enabled -}}
+{{- if ne .Values.mode "transparent" -}}
+{{- fail "tlsIntercept.enabled needs mode=transparent (in hosts-toml mode containerd talks plain HTTP to the agent; there is no TLS to intercept)" -}}
+{{- end -}}
+{{- if not .Values.tlsIntercept.existingSecret -}}
+{{- fail "tlsIntercept.enabled=true needs tlsIntercept.existingSecret: the name of a Secret with keys ca.crt and ca.key made by `peerd ca create` (see values.yaml); without one every agent would make its own CA, which no node trusts" -}}
+{{- end -}}
+{{- end -}}
+{{- range .Values.allowedCIDRs -}}
+{{- if not (regexMatch "^[0-9a-fA-F:.]+(/[0-9]{1,3})?$" (toString .)) -}}
+{{- fail (printf "allowedCIDRs: %q is not an address or ADDRESS/PREFIX" (toString .)) -}}
+{{- end -}}
+{{- end -}}
+{{- range .Values.guardInterfaces -}}
+{{- if not (regexMatch "^[A-Za-z0-9_.:@-]{1,15}$" (toString .)) -}}
+{{- fail (printf "guardInterfaces: %q is not an interface name" (toString .)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (has "none" .Values.guardInterfaces) (gt (len .Values.guardInterfaces) 1) -}}
+{{- fail "guardInterfaces: [none] disables the guard; it cannot be combined with interface names" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where the intercept CA Secret is mounted (PEERD_TLS_CA_DIR). */}}
+{{- define "peerd.interceptCaDir" -}}/etc/peerd/intercept-ca{{- end -}}
