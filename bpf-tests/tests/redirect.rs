@@ -254,3 +254,27 @@ impl Node {
         }
     }
 }
+
+/// Only connect() calls in the agent's network namespace are redirected: elsewhere 127.0.0.1 is
+/// another namespace's loopback (a pod with its own network would be cut off from the registry).
+#[test]
+fn other_network_namespaces_are_not_redirected() -> Result<()> {
+    let mut node = Node::new(false)?;
+    node.kernel.set_redirect(node.registry, node.agent)?;
+    node.kernel.set_stale_after(Duration::from_secs(60))?;
+    node.kernel.heartbeat()?;
+    // The agent "lives" in the test's own namespace: the probe's connect is left alone.
+    let here = TcpListener::bind("127.0.0.1:0")?;
+    node.kernel.set_netns_of(&here)?;
+    node.kernel.heartbeat()?;
+    assert_eq!(node.connect(node.registry)?.by, "origin");
+    assert_eq!(node.kernel.counter(Counter::OtherNetns), 1);
+    assert_eq!(node.kernel.counter(Counter::Redirected), 0);
+    // The agent in the probe's namespace: redirected as usual.
+    let there = node.ns.run(|| Ok(TcpListener::bind("127.0.0.1:0")?))?;
+    node.kernel.set_netns_of(&there)?;
+    node.kernel.heartbeat()?;
+    assert_eq!(node.connect(node.registry)?.by, "agent");
+    assert_eq!(node.kernel.counter(Counter::Redirected), 1);
+    Ok(())
+}

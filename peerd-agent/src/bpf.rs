@@ -149,6 +149,7 @@ pub struct Kernel {
     allowed: LpmTrie<MapData, [u32; 4], u8>,
     peer_stats: PerCpuHashMap<MapData, [u32; 4], PeerStats>,
     stale_after_ns: u64,
+    netns_cookie: u64,
 }
 
 impl Kernel {
@@ -179,6 +180,7 @@ impl Kernel {
             allowed: typed!(maps::ALLOWED),
             peer_stats: typed!(maps::PEER_STATS),
             stale_after_ns: peerd_common::DEFAULT_STALE_AFTER_NS,
+            netns_cookie: 0,
             ebpf,
         };
         for name in [programs::CONNECT4, programs::CONNECT6] {
@@ -244,11 +246,36 @@ impl Kernel {
         self.write_config(Config { stale_after_ns: self.stale_after_ns, ..cfg })
     }
 
+    /// Redirects only connect() calls made in the network namespace of `socket` (the agent's:
+    /// the rewrite target, 127.0.0.1, means the caller's own loopback). Unset: every namespace.
+    pub fn set_netns_of(&mut self, socket: impl AsFd) -> Result<u64, BpfError> {
+        let mut cookie: u64 = 0;
+        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+        // SAFETY: a live socket; cookie/len point to properly sized storage.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_fd().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NETNS_COOKIE,
+                (&mut cookie as *mut u64).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(BpfError::Cookie(std::io::Error::last_os_error()));
+        }
+        self.netns_cookie = cookie;
+        let cfg = self.config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        self.write_config(Config { netns_cookie: cookie, ..cfg })?;
+        Ok(cookie)
+    }
+
     /// Proves the agent is alive; redirects are only active within the bound of the last call.
     pub fn heartbeat(&mut self) -> Result<(), BpfError> {
         self.write_config(Config {
             heartbeat_ns: monotonic_ns(),
             stale_after_ns: self.stale_after_ns,
+            netns_cookie: self.netns_cookie,
         })
     }
 

@@ -104,6 +104,10 @@ pub struct Config {
     pub heartbeat_ns: u64,
     /// A heartbeat older than this fails open: connections go to their original destination.
     pub stale_after_ns: u64,
+    /// The agent's network namespace (its netns cookie). Only connect() calls made in it are
+    /// redirected: the rewrite target is 127.0.0.1 *of the caller's namespace*, so a pod in its
+    /// own namespace must keep its connection (it would reach its own loopback). Zero: any.
+    pub netns_cookie: u64,
 }
 
 /// Default fail-open bound.
@@ -143,10 +147,13 @@ pub enum Counter {
     FamilyMismatch = 8,
     /// connect() to a registry endpoint by an exempt (agent) process, allowed untouched.
     Exempt = 9,
+    /// connect() to a registry endpoint from another network namespace than the agent's, allowed
+    /// untouched (a pod with its own network).
+    OtherNetns = 10,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Redirected,
         Counter::FailOpen,
@@ -158,6 +165,7 @@ impl Counter {
         Counter::XdpDropped,
         Counter::FamilyMismatch,
         Counter::Exempt,
+        Counter::OtherNetns,
     ];
 
     /// Stable metric label.
@@ -173,6 +181,7 @@ impl Counter {
             Counter::XdpDropped => "xdp_dropped",
             Counter::FamilyMismatch => "family_mismatch",
             Counter::Exempt => "exempt",
+            Counter::OtherNetns => "other_netns",
         }
     }
 }
@@ -192,7 +201,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<Endpoint>(), 20);
-        assert_eq!(core::mem::size_of::<Config>(), 16);
+        assert_eq!(core::mem::size_of::<Config>(), 24);
         assert_eq!(core::mem::size_of::<PeerStats>(), 32);
     }
 

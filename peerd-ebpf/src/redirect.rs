@@ -6,7 +6,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_current_pid_tgid, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap},
     programs::{SockAddrContext, SockOpsContext},
@@ -51,6 +51,13 @@ fn decide(ctx: &SockAddrContext, orig: &Endpoint) -> Option<Endpoint> {
     let target = unsafe { REDIRECTS.get(orig) }?;
     let target = *target;
 
+    let cfg = CONFIG.get(0)?;
+    // Only the agent's network namespace: elsewhere 127.0.0.1 is somebody else's loopback.
+    if cfg.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != cfg.netns_cookie {
+        counters::add(Counter::OtherNetns, 1);
+        return None;
+    }
+
     // The agent's own connections (all its threads: the tgid is the process) go untouched.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if unsafe { EXEMPT.get(&tgid) }.is_some() {
@@ -69,7 +76,6 @@ fn decide(ctx: &SockAddrContext, orig: &Endpoint) -> Option<Endpoint> {
     }
 
     // Fail open unless the agent has proven it is alive within the bound.
-    let cfg = CONFIG.get(0)?;
     let now = unsafe { bpf_ktime_get_ns() };
     if cfg.heartbeat_ns == 0 || now.saturating_sub(cfg.heartbeat_ns) > cfg.stale_after_ns {
         counters::add(Counter::FailOpen, 1);

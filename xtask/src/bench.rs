@@ -42,6 +42,18 @@ pub enum Which {
         #[arg(long, default_value_t = 10_000)]
         blobs: usize,
     },
+    /// Transparent mode on one node: a cached image pulled through the eBPF redirect vs through
+    /// hosts.toml vs straight from the registry.
+    Redirect {
+        /// Layer sizes in MiB.
+        #[arg(long, value_delimiter = ',', default_value = "96,32,1")]
+        layers: Vec<u64>,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Link rate in Mbit/s (node and registry).
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+    },
     /// Azure peerd's "random" workload: concurrent random-range readers of one blob, direct from
     /// the origin vs through the agent's /blobs/ proxy (cold, then warm).
     Range {
@@ -60,6 +72,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::Serve { size_mib } => crate::serve_bench::serve(size_mib),
         Which::Range { size_mib, readers, reads_per_reader } => crate::serve_bench::range(size_mib, readers, reads_per_reader),
         Which::Gossip { nodes, blobs } => gossip(nodes, blobs),
+        Which::Redirect { layers, rounds, rate } => crate::redirect_bench::redirect(&layers, rounds.max(1), rate),
         Which::Swarm { size_mib, nodes, rate, no_bittorrent } => crate::swarm_bench::swarm(size_mib, &nodes, rate, !no_bittorrent),
     }
 }

@@ -168,6 +168,12 @@ impl Image {
     /// Builds an image with one layer per entry of `layers` (file name, size in bytes of random
     /// content).
     pub fn build(dir: &Path, layers: &[(&str, usize)]) -> Self {
+        Self::build_with(dir, layers, false)
+    }
+
+    /// As [`Image::build`]; with `incompressible`, layer files are pseudo-random bytes, so the
+    /// gzip'd layer blobs are as large as the files (benchmarks that move real sizes).
+    pub fn build_with(dir: &Path, layers: &[(&str, usize)], incompressible: bool) -> Self {
         require("umoci");
         let layout = dir.join("layout");
         let tag = "v1".to_string();
@@ -177,7 +183,11 @@ impl Image {
         for (i, (name, size)) in layers.iter().enumerate() {
             let bundle = dir.join(format!("bundle{i}"));
             run(Command::new("umoci").args(["unpack", "--rootless", "--image", &img]).arg(&bundle));
-            let data: Vec<u8> = (0..*size).map(|j| (j as u64 * 2654435761 % 251) as u8 ^ (i as u8)).collect();
+            let data: Vec<u8> = if incompressible {
+                pseudo_random(*size as u64, i as u64 + 1)
+            } else {
+                (0..*size).map(|j| (j as u64 * 2654435761 % 251) as u8 ^ (i as u8)).collect()
+            };
             std::fs::write(bundle.join("rootfs").join(name), data).unwrap();
             run(Command::new("umoci").args(["repack", "--image", &img]).arg(&bundle));
             let _ = std::fs::remove_dir_all(&bundle);

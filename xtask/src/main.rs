@@ -13,6 +13,7 @@ mod bench;
 mod cluster;
 mod serve_bench;
 mod swarm_bench;
+mod redirect_bench;
 mod toolchain;
 
 #[derive(Parser)]

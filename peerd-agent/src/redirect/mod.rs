@@ -150,6 +150,8 @@ impl Transparent {
                 Err(source) => return Err(RedirectError::Listen { addr, source }),
             }
         }
+        // Only this network namespace is redirected (the listeners are on its loopback).
+        kernel.set_netns_of(&listeners[0])?;
         kernel.attach_cgroup(&cgroup)?;
         // Registration goes to a throwaway listener, so no stray connection reaches the real one.
         let probe = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
