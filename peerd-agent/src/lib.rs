@@ -5,6 +5,7 @@
 
 pub mod bpf;
 pub mod config;
+pub mod containerd;
 pub mod gossip;
 pub mod intercept;
 pub mod metrics;

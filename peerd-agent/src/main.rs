@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use peerd_agent::{
     config,
+    containerd::{ContainerdConfig, ContainerdContent},
     mirror::{Cluster, Mirror, MirrorConfig, Registries},
     gossip::{Gossip, GossipConfig},
     peers::{GossipPeers, PeerDirectory, StaticPeers},
@@ -195,6 +196,13 @@ struct AgentArgs {
     /// own subnets (repeatable), e.g. 10.0.0.0/8.
     #[arg(long = "allow-cidr", env = "PEERD_ALLOW_CIDR", value_delimiter = ',', value_parser = peerd_agent::redirect::parse_cidr)]
     allow_cidrs: Vec<(std::net::IpAddr, u8)>,
+    /// containerd's content directory: its blobs are advertised to peers and served to them from
+    /// these files (read-only). Off, with an info log, when the directory does not exist.
+    #[arg(long, env = "PEERD_CONTAINERD_CONTENT_DIR", default_value = peerd_agent::containerd::DEFAULT_DIR)]
+    containerd_content_dir: PathBuf,
+    /// Do not share the blobs in containerd's content store with peers.
+    #[arg(long, env = "PEERD_NO_CONTAINERD_CONTENT")]
+    no_containerd_content: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -445,6 +453,13 @@ fn agent(args: AgentArgs) -> Result<()> {
         let me = args.advertise_addr.unwrap_or(args.peer_addr);
         tcfg.advertise = me;
         let transfer = Transfer::start(tcfg, store.clone()).context("starting the peer endpoint")?;
+        let containerd = match args.no_containerd_content {
+            true => None,
+            false => ContainerdContent::start(ContainerdConfig::new(&args.containerd_content_dir, store.piece_size())).await,
+        };
+        if let Some(c) = &containerd {
+            transfer.set_containerd(c.clone());
+        }
         let directory: Option<std::sync::Arc<dyn PeerDirectory>> = if !args.seeds.is_empty() {
             let mut g = GossipConfig::new(me, secret_bytes.clone());
             g.node_id = node_id.clone();
@@ -452,7 +467,7 @@ fn agent(args: AgentArgs) -> Result<()> {
             g.zone = args.zone.clone();
             g.seeds = args.seeds.clone();
             let gossip = std::sync::Arc::new(Gossip::start(g).await.context("starting gossip")?);
-            tokio::spawn(peerd_agent::peers::advertise(gossip.clone(), store.clone()));
+            tokio::spawn(peerd_agent::peers::advertise(gossip.clone(), store.clone(), containerd.clone()));
             Some(std::sync::Arc::new(GossipPeers { gossip, me, zone: args.zone.clone() }))
         } else if !args.peers.is_empty() {
             Some(std::sync::Arc::new(StaticPeers { me, peers: args.peers.clone() }))

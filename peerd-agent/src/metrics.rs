@@ -50,6 +50,18 @@ pub fn render(m: &Mirror) -> String {
         counter(&mut r, "peer_refused", "Peer connections or requests refused (no cluster certificate, malformed)", &t.refused_requests);
         counter(&mut r, "peer_fetches", "Upstream fetches done for peers as rendezvous owner", &t.fetches_for_peers);
         r.register("members", "Live cluster members known to this node, itself included", ConstGauge::new(cl.peers.members().len() as i64));
+        if let Some(cc) = cl.transfer.containerd() {
+            let c = cc.counters();
+            counter(&mut r, "containerd_verified", "Blobs in containerd's content store verified (sha256) and hashed into pieces on first use", &c.verified);
+            counter(&mut r, "containerd_verify_failed", "Blobs in containerd's content store whose content did not match their name (never served)", &c.verify_failed);
+            counter(&mut r, "containerd_changed", "Blobs in containerd's content store withdrawn because they changed or vanished while in use", &c.changed);
+            counter(&mut r, "containerd_removed", "Blobs removed from containerd's content store and withdrawn", &c.removed);
+            counter(&mut r, "containerd_read_errors", "Reads of containerd's content store that failed", &c.read_errors);
+            counter(&mut r, "containerd_sent_bytes", "Bytes sent to peers from containerd's content store", &c.bytes_served);
+            counter(&mut r, "containerd_scan_errors", "Scans of containerd's content store that could not list it", &c.scan_errors);
+            counter(&mut r, "containerd_scan_truncated", "Entries of containerd's content store ignored past the per-scan bound", &c.scan_truncated);
+            r.register("containerd_blobs", "Blobs of containerd's content store advertised to peers", ConstGauge::new(cc.len() as i64));
+        }
     }
     let s = m.store().stats();
     r.register("store_used_bytes", "Bytes reserved by cached blobs", ConstGauge::new(s.used_bytes as i64));

@@ -117,14 +117,23 @@ impl PeerDirectory for GossipPeers {
     }
 }
 
-/// Keeps gossip's advertisement in step with the store (every second; only changed shards are
-/// re-sent). Blobs being fetched from upstream are not advertised: they are not readable yet.
-pub async fn advertise(gossip: std::sync::Arc<crate::gossip::Gossip>, store: crate::store::Store) {
+/// Keeps gossip's advertisement in step with the store and the node's containerd content store
+/// (every second; only changed shards are re-sent). Blobs being fetched from upstream are not
+/// advertised: they are not readable yet. containerd's blobs count as complete; one removed from
+/// containerd leaves the advertisement after the next scan.
+pub async fn advertise(
+    gossip: std::sync::Arc<crate::gossip::Gossip>,
+    store: crate::store::Store,
+    containerd: Option<std::sync::Arc<crate::containerd::ContainerdContent>>,
+) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tick.tick().await;
         let blobs = store.list();
-        let complete: Vec<[u8; 32]> = blobs.iter().filter(|b| b.complete).map(|b| *b.digest.as_bytes()).collect();
+        let mut complete: Vec<[u8; 32]> = blobs.iter().filter(|b| b.complete).map(|b| *b.digest.as_bytes()).collect();
+        if let Some(c) = &containerd {
+            complete.extend(c.digests().iter().map(|d| *d.as_bytes()));
+        }
         let partial: Vec<[u8; 32]> = blobs
             .iter()
             .filter(|b| !b.complete && b.pieces_present > 0)

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::containerd::ContainerdContent;
 use crate::store::{Digest, PutOutcome, Source, Store, StoreError};
 use swarm::{Assignment, Download, Failure, SwarmConfig};
 use wire::{Request, Status, WireManifest};
@@ -116,6 +117,8 @@ struct Inner {
     client: quinn::ClientConfig,
     store: Store,
     fetcher: OnceLock<Arc<dyn Fetcher>>,
+    /// Blobs in the node's containerd content store, served when the store lacks them.
+    containerd: OnceLock<Arc<ContainerdContent>>,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
     /// Manifests of blobs being downloaded from peers, so this node serves the pieces it already
     /// has to others while it fetches the rest.
@@ -186,6 +189,7 @@ impl Transfer {
                 client,
                 store,
                 fetcher: OnceLock::new(),
+                containerd: OnceLock::new(),
                 conns: Mutex::new(HashMap::new()),
                 partial: Mutex::new(HashMap::new()),
                 upload,
@@ -209,6 +213,16 @@ impl Transfer {
     /// Installs the upstream fetcher used to answer peers' `Fetch` requests.
     pub fn set_fetcher(&self, f: Arc<dyn Fetcher>) {
         let _ = self.inner.fetcher.set(f);
+    }
+
+    /// Serves peers the blobs of the node's containerd content store too (those the store does
+    /// not hold), straight from containerd's files.
+    pub fn set_containerd(&self, c: Arc<ContainerdContent>) {
+        let _ = self.inner.containerd.set(c);
+    }
+
+    pub fn containerd(&self) -> Option<&Arc<ContainerdContent>> {
+        self.inner.containerd.get()
     }
 
     async fn accept_loop(&self) {
@@ -252,7 +266,11 @@ impl Transfer {
         match req {
             Request::Manifest { digest } => {
                 let d = Digest::from_sha256_bytes(digest);
-                let frame = match self.manifest_of(&d) {
+                let m = match self.containerd_manifest(&d, true).await {
+                    Some(m) => Some(Arc::new(WireManifest { size: m.size, piece_size: m.piece_size, pieces: m.pieces.iter().map(|h| *h.as_bytes()).collect() })),
+                    None => self.manifest_of(&d),
+                };
+                let frame = match m {
                     Some(m) => m.encode(),
                     None => wire::status_frame(Status::NotFound, "not here"),
                 };
@@ -260,6 +278,32 @@ impl Transfer {
             }
             Request::Pieces { digest, first, count } => {
                 let d = Digest::from_sha256_bytes(digest);
+                if let (Some(m), Some(c)) = (self.containerd_manifest(&d, false).await, self.inner.containerd.get()) {
+                    if first.checked_add(count).is_none_or(|end| end as usize > m.pieces.len()) {
+                        return refuse(&mut send, Status::BadRequest, "pieces out of range").await;
+                    }
+                    // Read and checked before the status goes out: a file that changed since it
+                    // was verified is answered "not found" (and withdrawn), never sent.
+                    let pieces = match c.read_pieces(&d, first, count).await {
+                        Ok(p) => p,
+                        Err(e) => {
+                            debug!(%d, "not serving from containerd: {e}");
+                            return refuse(&mut send, Status::NotFound, "not here").await;
+                        }
+                    };
+                    send.write_all(&[Status::Ok as u8]).await.map_err(|e| e.to_string())?;
+                    for bytes in pieces {
+                        let len = bytes.len() as u64;
+                        if let Some(l) = &self.inner.upload {
+                            l.take(len).await;
+                        }
+                        send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+                        self.inner.counters.bytes_to_peers.fetch_add(len, Ordering::Relaxed);
+                    }
+                    send.finish().map_err(|e| e.to_string())?;
+                    let _ = send.stopped().await;
+                    return Ok(());
+                }
                 let (Some(m), Some(_pin)) = (self.manifest_of(&d), store.pin(&d)) else {
                     return refuse(&mut send, Status::NotFound, "not here").await;
                 };
@@ -286,9 +330,12 @@ impl Transfer {
             }
             Request::Have { digest } => {
                 let d = Digest::from_sha256_bytes(digest);
-                let frame = match (self.manifest_of(&d), store.present_pieces(&d)) {
-                    (Some(_), Some(bits)) => wire::encode_have(&bits),
-                    _ => wire::status_frame(Status::NotFound, "not here"),
+                let frame = match self.containerd_manifest(&d, false).await {
+                    Some(m) => wire::encode_have(&vec![true; m.pieces.len()]),
+                    None => match (self.manifest_of(&d), store.present_pieces(&d)) {
+                        (Some(_), Some(bits)) => wire::encode_have(&bits),
+                        _ => wire::status_frame(Status::NotFound, "not here"),
+                    },
                 };
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
@@ -308,6 +355,25 @@ impl Transfer {
         send.finish().map_err(|e| e.to_string())?;
         let _ = send.stopped().await;
         Ok(())
+    }
+
+    /// The manifest of `d` from the node's containerd content store, when the store does not hold
+    /// `d` complete (the store's copy is preferred: no file outside our control is read).
+    /// Verification starts on first use; with `wait` the answer waits for it briefly (less than a
+    /// peer's manifest timeout: a peer gets "not found" and goes elsewhere rather than timing out;
+    /// the hashing goes on and the next request finds it ready).
+    async fn containerd_manifest(&self, d: &Digest, wait: bool) -> Option<Arc<crate::store::Manifest>> {
+        const VERIFY_WAIT: Duration = Duration::from_millis(300);
+        let c = self.inner.containerd.get()?;
+        if !c.contains(d) || self.inner.store.has(d) {
+            return None;
+        }
+        if wait {
+            tokio::time::timeout(VERIFY_WAIT, c.manifest(d)).await.ok()?.ok()
+        } else {
+            c.prepare(d);
+            c.cached_manifest(d)
+        }
     }
 
     /// The manifest of a complete blob, or of one being downloaded from peers.

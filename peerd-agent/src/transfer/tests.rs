@@ -104,6 +104,35 @@ async fn a_dead_peer_does_not_stall_the_download() {
     assert!(me.store.has(&d));
 }
 
+/// A node serving from its containerd content store (no copy in its store): the right bytes,
+/// verified as usual by the receiver; a file not matching its name and a removed one are "not
+/// found", so the downloader goes elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_blobs_from_containerds_content_store() {
+    let (d, data) = blob((3 << 20) + 4321, 5);
+    let (a, me) = (node(SECRET).await, node(SECRET).await);
+    let ctd = tempfile::tempdir().unwrap();
+    let blobs = ctd.path().join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::write(blobs.join(d.hex()), &data).unwrap();
+    let (liar, _) = blob(1000, 6);
+    std::fs::write(blobs.join(liar.hex()), b"not what the name says").unwrap();
+    let c = crate::containerd::ContainerdContent::start(crate::containerd::ContainerdConfig::new(ctd.path(), a.store.piece_size())).await.unwrap();
+    a.t.set_containerd(c.clone());
+    me.t.download(&d, &[(addr(&a), true)]).await.unwrap();
+    assert_eq!(me.store.read_range(&d, 0, data.len() as u64).await.unwrap(), data);
+    assert!(!a.store.has(&d), "served without a copy in the store");
+    assert_eq!(c.counters().bytes_served.load(Ordering::Relaxed), data.len() as u64);
+    assert!(matches!(me.t.download(&liar, &[(addr(&a), true)]).await, Err(TransferError::NoPeer(_))));
+    assert_eq!(c.counters().verify_failed.load(Ordering::Relaxed), 1);
+    let (gone, gone_data) = blob(2 << 20, 7);
+    std::fs::write(blobs.join(gone.hex()), &gone_data).unwrap();
+    c.scan().unwrap();
+    std::fs::remove_file(blobs.join(gone.hex())).unwrap();
+    c.scan().unwrap();
+    assert!(matches!(me.t.download(&gone, &[(addr(&a), true)]).await, Err(TransferError::NoPeer(_))));
+}
+
 #[test]
 fn rendezvous_owner_is_stable_and_spread() {
     let members: Vec<SocketAddr> = (1..=8).map(|i| format!("198.18.0.{i}:30001").parse().unwrap()).collect();
