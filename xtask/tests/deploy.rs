@@ -331,7 +331,7 @@ fn default_render_is_valid_and_wired() {
     // namespace would be rewritten to their own loopback) of the host's hierarchy as mounted.
     assert_eq!(env(&f, "PEERD_TRANSPARENT").as_deref(), Some("true"));
     assert_eq!(env(&f, "PEERD_CGROUP_ROOT"), Some(mount(&f, "host-cgroup").0));
-    assert_eq!(env(&f, "PEERD_CGROUP").as_deref(), Some("/system.slice/containerd.service"));
+    assert_eq!(env(&f, "PEERD_CGROUP").as_deref(), Some("/"));
     assert_eq!(env(&f, "PEERD_REDIRECT_PORT").as_deref(), Some("30003"));
     assert_eq!(f.get(&format!("{AGENT}.ports[redirect].containerPort")), "30003");
     assert_eq!(f.s(&format!("{AGENT}.ports[redirect].protocol")), "TCP");
