@@ -5,11 +5,38 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::{
     encoding::text::encode,
-    metrics::{counter::ConstCounter, gauge::ConstGauge},
+    metrics::{
+        counter::ConstCounter,
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{exponential_buckets, Histogram},
+    },
     registry::Registry,
 };
 
 use crate::mirror::Mirror;
+
+/// Latency of whole-blob fetches by where the blob came from ("cluster": peers or the blob's
+/// owner; "upstream": this node's own pull-through), seconds from the miss to a verified blob.
+#[derive(Debug)]
+pub struct FetchLatency(Family<Vec<(String, String)>, Histogram, fn() -> Histogram>);
+
+fn fetch_buckets() -> Histogram {
+    // 10 ms .. ~164 s, doubling.
+    Histogram::new(exponential_buckets(0.01, 2.0, 15))
+}
+
+impl Default for FetchLatency {
+    fn default() -> Self {
+        Self(Family::new_with_constructor(fetch_buckets))
+    }
+}
+
+impl FetchLatency {
+    pub fn observe(&self, source: &str, elapsed: std::time::Duration) {
+        self.0.get_or_create(&vec![("source".to_string(), source.to_string())]).observe(elapsed.as_secs_f64());
+    }
+}
 
 /// Metrics owned by another part of the agent (transparent mode's kernel counters), rendered
 /// into the same exposition at scrape time.
@@ -69,6 +96,7 @@ pub fn render(m: &Mirror) -> String {
     r.register("store_blobs", "Blobs in the cache, complete or partial", ConstGauge::new(s.blobs as i64));
     r.register("store_complete_blobs", "Complete, verified blobs in the cache", ConstGauge::new(s.complete_blobs as i64));
     r.register("store_evictions", "Blobs evicted to stay within the budget", ConstCounter::new(s.evictions));
+    r.register("blob_fetch_seconds", "Seconds from a miss to a verified blob, by source (cluster: peers or the owner; upstream: this node)", c.fetch_seconds.0.clone());
     for src in m.metrics_sources() {
         src.render(&mut r);
     }

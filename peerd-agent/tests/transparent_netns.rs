@@ -125,6 +125,8 @@ fn plain_http_pulls_are_served_shared_and_fail_open() {
     assert_eq!(blob_get_agents(&d, before), Vec::<String>::new(), "node 1's layers should come from the cluster");
     let blob_bytes: u64 = image.blobs.iter().map(|b| image.blob_bytes(b).len() as u64).sum();
     let crossed: u64 = c.nodes.iter().map(|n| metric(&n.ns, "peerd_peer_received_bytes_total")).sum();
+    let from_cluster: u64 = c.nodes.iter().map(|n| metric(&n.ns, "peerd_blob_fetch_seconds_count{source=\"cluster\"}")).sum();
+    assert!(from_cluster > 0, "fetch latency histogram recorded no cluster fetch");
     // The XDP guard sits on each node's interface and let the other node's QUIC packets through.
     for n in &c.nodes {
         assert!(metric(&n.ns, "peerd_kernel_events_total{reason=\"xdp_passed\"}") > 0, "no packets counted by the guard in {}", n.ns);

@@ -117,6 +117,7 @@ pub struct Counters {
     pub prefetch_started: AtomicU64,
     pub prefetch_skipped: AtomicU64,
     pub proxy_denied: AtomicU64,
+    pub fetch_seconds: crate::metrics::FetchLatency,
 }
 
 fn inc(c: &AtomicU64) {
@@ -534,7 +535,9 @@ impl Mirror {
             if let Err(r) = self.authorize(&reg.name, name, url.clone(), h).await {
                 return r;
             }
+            let started = Instant::now();
             if self.from_cluster(&d, &url, &fwd).await {
+                self.inner.counters.fetch_seconds.observe("cluster", started.elapsed());
                 inc(&self.inner.counters.hits_from_peers);
                 let size = self.stored_size(&d).unwrap_or(0);
                 return self.serve_stored(&d, size, range_header(h), head, "application/octet-stream");
@@ -747,6 +750,7 @@ impl Mirror {
                 return self.relay(Method::GET, url, fwd).await;
             }
         };
+        let started = Instant::now();
         let mut resp = match self.inner.upstream.send(Method::GET, url, fwd).await {
             Ok(r) => r,
             Err(e) => return self.upstream_failed(e),
@@ -812,6 +816,7 @@ impl Mirror {
             if let Some(last) = held {
                 let _ = tx.send(Ok(last)).await;
             }
+            this.inner.counters.fetch_seconds.observe("upstream", started.elapsed());
         });
         let mut r = Response::new(body);
         let hs = r.headers_mut();
