@@ -440,6 +440,12 @@ impl Shared {
                     return self.relay_plain(stream, dst, &[]).await;
                 }
             };
+            // Only the registry's own names: an address shared with other sites (a CDN) carries
+            // their TLS too, which is none of our business.
+            if !names_registry(&reg, &name) {
+                self.counters.tls_passthrough.fetch_add(1, Ordering::Relaxed);
+                return self.relay_plain(stream, dst, &[]).await;
+            }
             let config = ca.server_config(&name).map_err(|e| std::io::Error::other(e.to_string()))?;
             let tls = match tokio_rustls::TlsAcceptor::from(config).accept(stream).await {
                 Ok(t) => t,
@@ -497,6 +503,21 @@ impl Shared {
     }
 }
 
+/// Whether a TLS server name (or an address literal, when the client sent none) is one the
+/// registry answers to: its API host or its name.
+fn names_registry(reg: &Registry, name: &str) -> bool {
+    let name = name.trim_end_matches('.').trim_matches(['[', ']']).to_ascii_lowercase();
+    let host_of = |s: &str| -> String {
+        let s = s.trim_matches(['[', ']']);
+        match s.parse::<SocketAddr>() {
+            Ok(a) => a.ip().to_string(),
+            Err(_) => s.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map(|(h, _)| h).unwrap_or(s).trim_matches(['[', ']']).to_ascii_lowercase(),
+        }
+    };
+    let api = reg.url.host_str().map(host_of).unwrap_or_default();
+    name == api || name == host_of(&reg.name)
+}
+
 /// Peeks until the ClientHello's SNI is known (bounded in time and size), leaving the bytes in
 /// the socket for the TLS acceptor.
 async fn read_sni(stream: &TcpStream) -> std::io::Result<Sni> {
@@ -522,4 +543,23 @@ async fn read_sni(stream: &TcpStream) -> std::io::Result<Sni> {
 
 fn timeout(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no {what} within {FIRST_BYTES:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mirror::Registries;
+
+    #[test]
+    fn intercepts_only_the_registrys_own_names() {
+        let regs = Registries::new(&["docker.io=https://registry-1.docker.io", "10.0.0.5:5000=https://10.0.0.5:5000", "[2001:db8::5]:443=https://[2001:db8::5]"], false).unwrap();
+        let r = |n: &str| regs.resolve(Some(n), None).unwrap().clone();
+        assert!(names_registry(&r("docker.io"), "registry-1.docker.io"));
+        assert!(names_registry(&r("docker.io"), "Registry-1.Docker.io."));
+        assert!(names_registry(&r("docker.io"), "docker.io"));
+        assert!(!names_registry(&r("docker.io"), "www.example.com"));
+        assert!(names_registry(&r("10.0.0.5:5000"), "10.0.0.5"));
+        assert!(!names_registry(&r("10.0.0.5:5000"), "10.0.0.6"));
+        assert!(names_registry(&r("[2001:db8::5]:443"), "2001:db8::5"));
+    }
 }
