@@ -151,7 +151,8 @@ fn run(args: &[String]) -> Result<()> {
          \x20 [host.\"http://127.0.0.1:30000\"]\n\
          \x20   capabilities = [\"pull\", \"resolve\"]\n\n\
          or try it by hand: curl http://127.0.0.1:30000/v2/library/alpine/manifests/latest?ns=docker.io\n\
-         Other registries: -- --registry NAME=URL. Stop with Ctrl-C.\n",
+         Other registries: -- --registry NAME=URL. No containerd configuration at all (as root): -- --transparent.\n\
+         Stop with Ctrl-C.\n",
         data.display()
     );
     status(
