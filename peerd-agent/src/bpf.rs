@@ -100,22 +100,19 @@ pub fn monotonic_ns() -> u64 {
 
 /// The kernel's socket cookie (`SO_COOKIE`), the identity the programs see.
 pub fn socket_cookie(fd: impl AsFd) -> Result<u64, BpfError> {
-    let mut cookie: u64 = 0;
+    sockopt_u64(fd, libc::SO_COOKIE).map_err(BpfError::Cookie)
+}
+
+/// A u64 socket option of SOL_SOCKET (SO_COOKIE, SO_NETNS_COOKIE).
+fn sockopt_u64(fd: impl AsFd, opt: libc::c_int) -> std::io::Result<u64> {
+    let mut v: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: fd is a live socket; cookie/len point to properly sized storage.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
+    // SAFETY: fd is a live socket; v/len point to properly sized storage.
+    let rc = unsafe { libc::getsockopt(fd.as_fd().as_raw_fd(), libc::SOL_SOCKET, opt, (&mut v as *mut u64).cast(), &mut len) };
     if rc != 0 {
-        return Err(BpfError::Cookie(std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(v)
 }
 
 /// Finds the first mounted cgroup v2 hierarchy (pure v2 at /sys/fs/cgroup, or hybrid's
@@ -249,21 +246,7 @@ impl Kernel {
     /// Redirects only connect() calls made in the network namespace of `socket` (the agent's:
     /// the rewrite target, 127.0.0.1, means the caller's own loopback). Unset: every namespace.
     pub fn set_netns_of(&mut self, socket: impl AsFd) -> Result<u64, BpfError> {
-        let mut cookie: u64 = 0;
-        let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-        // SAFETY: a live socket; cookie/len point to properly sized storage.
-        let rc = unsafe {
-            libc::getsockopt(
-                socket.as_fd().as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_NETNS_COOKIE,
-                (&mut cookie as *mut u64).cast(),
-                &mut len,
-            )
-        };
-        if rc != 0 {
-            return Err(BpfError::Cookie(std::io::Error::last_os_error()));
-        }
+        let cookie = sockopt_u64(socket, libc::SO_NETNS_COOKIE).map_err(BpfError::Cookie)?;
         self.netns_cookie = cookie;
         let cfg = self.config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
         self.write_config(Config { netns_cookie: cookie, ..cfg })?;
