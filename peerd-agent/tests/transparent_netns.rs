@@ -8,7 +8,8 @@
 //!   a killed agent and a hung (SIGSTOPped) agent both leave pulls working, straight to the
 //!   registry, the hung one after the fail-open bound;
 //! - HTTPS (a test CA that ctr trusts through SSL_CERT_FILE): without `--tls-intercept` the bytes
-//!   pass through untouched (the registry sees containerd); with it, the agent serves the pull.
+//!   pass through untouched (the registry sees containerd); with it, the agent serves the pull;
+//! - the redirect table follows the registry name's DNS answer (a hosts file, re-read).
 mod support;
 
 use std::{
@@ -230,4 +231,66 @@ fn https_passes_through_untouched_and_is_served_with_tls_intercept() {
             assert_eq!(metric(ns, "peerd_cache_misses_total"), 0, "the agent must not have seen the requests");
         }
     }
+}
+
+/// The redirect table follows DNS: when the registry's name stops resolving to its address, that
+/// address is no longer redirected (pulls by address go straight to the registry), and when it
+/// resolves there again, it is redirected again.
+#[test]
+fn the_redirect_table_follows_dns() {
+    require("curl");
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster("c", 1);
+    let cg = Cgroup::create("tpc0");
+    let opts = Options {
+        registry_name: Some("registry.test".into()),
+        extra_per_node: per_node(std::slice::from_ref(&cg)),
+        agent_cgroups: vec![&cg],
+        ..Options::default()
+    };
+    let d = Deployment::start_opts(&c, peerd(), dir.path(), &["--transparent", "--dns-refresh", "1"], opts);
+    let ctd = Containerd::start_in(dir.path(), Some(&c.nodes[0].ns), Some(&cg));
+    let image = Image::build(dir.path(), &[("s.bin", 1 << 20)]);
+    image.push_to(Some(&c.registry.ns), &d.registry_host, "app");
+    let ns = &c.nodes[0].ns;
+    wait_redirecting(ns);
+    // Pulled by address: redirected while the name resolves to it.
+    let by_addr = format!("{}/app:{}", d.registry_addr, image.tag);
+    let pull_agents = || {
+        ctd.forget(&by_addr);
+        let before = d.registry_blob_gets().len();
+        ctd.pull_plain(&by_addr, true).unwrap_or_else(|e| panic!("pull: {e}"));
+        check_content(&ctd, &image);
+        blob_get_agents(&d, before)
+    };
+    let first = pull_agents();
+    assert!(!first.is_empty() && first.iter().all(|a| a.starts_with("peerd/")), "redirected at first: {first:?}");
+
+    // The name moves elsewhere (the file `ip netns exec` mounted over /etc/hosts, rewritten in place).
+    let hosts = std::path::PathBuf::from("/etc/netns").join(ns).join("hosts");
+    let original = std::fs::read_to_string(&hosts).unwrap();
+    std::fs::write(&hosts, original.replace(&c.registry.ip.to_string(), "198.18.254.254")).unwrap();
+    let target = format!("peerd_redirect_target{{endpoint=\"{}\"}}", d.registry_addr);
+    let wait_target = |present: bool| {
+        for _ in 0..100 {
+            if (metric(ns, &target) == 1) == present {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the agent did not follow the DNS change (want {target} present: {present})");
+    };
+    wait_target(false);
+    let direct = pull_agents();
+    assert!(!direct.is_empty() && direct.iter().all(|a| a.starts_with("containerd/")), "direct once the name moved: {direct:?}");
+
+    // And back.
+    std::fs::write(&hosts, &original).unwrap();
+    wait_target(true);
+    let http = "peerd_redirected_connections_total{outcome=\"http\"}";
+    let served_before = metric(ns, http);
+    let again = pull_agents();
+    // The agent still holds the blobs from the first pull: no registry GET at all this time.
+    assert!(again.iter().all(|a| a.starts_with("peerd/")), "redirected again: {again:?}");
+    assert!(metric(ns, http) > served_before, "the pull reached the agent again");
 }

@@ -308,11 +308,13 @@ impl Shared {
             info!(registry = %a, "no longer redirecting (gone from DNS)");
             now.remove(&a);
         }
-        *self.redirected.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        // Which registry each redirected address belongs to: this round's answers, and the
+        // previous round's for addresses kept through a failed resolution.
         let mut regs = self.registries.write().unwrap_or_else(|e| e.into_inner());
-        for (a, r) in by_addr {
-            regs.insert(a, r);
-        }
+        let kept: Vec<(SocketAddr, Registry)> = regs.iter().filter(|(a, _)| now.contains(a) && !by_addr.contains_key(a)).map(|(a, r)| (*a, r.clone())).collect();
+        *regs = by_addr;
+        regs.extend(kept);
+        *self.redirected.lock().unwrap_or_else(|e| e.into_inner()) = now;
     }
 }
 
@@ -332,7 +334,15 @@ impl crate::metrics::MetricsSource for Shared {
                 peers.get_or_create(&l("dropped")).inc_by(s.dropped_bytes);
             }
         });
-        redirects.set(self.redirected.lock().unwrap_or_else(|e| e.into_inner()).len() as i64);
+        let targets: Family<Vec<(String, String)>, Gauge> = Family::default();
+        {
+            let set = self.redirected.lock().unwrap_or_else(|e| e.into_inner());
+            redirects.set(set.len() as i64);
+            for a in set.iter() {
+                targets.get_or_create(&vec![("endpoint".into(), a.to_string())]).set(1);
+            }
+        }
+        r.register("redirect_target", "Each registry endpoint in the kernel's redirect table (value 1)", targets);
         r.register("kernel_events", "Kernel program decisions by reason (redirected, fail_open, exempt, xdp_dropped, ...)", kernel);
         r.register("guard_bytes", "Bytes to the agent's UDP ports per source, passed or dropped by the XDP guard", peers);
         r.register("redirected_endpoints", "Registry endpoints in the kernel's redirect table", redirects);
