@@ -213,10 +213,7 @@ fn agent_sockets_bypass_the_redirect() -> Result<()> {
     node.kernel.bypass_cookie(cookie)?;
     child.stdin.take().context("stdin")?.write_all(b"go\n")?;
     // Put stdout back for serve() to read the rest.
-    let rest = {
-        let a = node.serve_partial(child, stdout)?;
-        a
-    };
+    let rest = node.serve_partial(child, stdout)?;
     assert_eq!(rest, "origin", "the agent's own socket must reach the real registry");
     assert_eq!(node.kernel.counter(Counter::Bypassed), 1);
     assert_eq!(node.kernel.counter(Counter::Redirected), 0);

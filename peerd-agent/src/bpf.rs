@@ -430,6 +430,11 @@ impl Drop for BypassGuard<'_> {
     }
 }
 
+/// Size of the embedded kernel object (for `peerd version`).
+pub fn object_len() -> usize {
+    OBJECT.len()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -456,9 +461,4 @@ mod tests {
             Err(e) => assert!(matches!(e, BpfError::NoCgroup2)),
         }
     }
-}
-
-/// Size of the embedded kernel object (for `peerd version`).
-pub fn object_len() -> usize {
-    OBJECT.len()
 }

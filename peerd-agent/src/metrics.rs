@@ -19,7 +19,9 @@ use crate::mirror::Mirror;
 /// Latency of whole-blob fetches by where the blob came from ("cluster": peers or the blob's
 /// owner; "upstream": this node's own pull-through), seconds from the miss to a verified blob.
 #[derive(Debug)]
-pub struct FetchLatency(Family<Vec<(String, String)>, Histogram, fn() -> Histogram>);
+pub struct FetchLatency(Family<Labels, Histogram, fn() -> Histogram>);
+
+type Labels = Vec<(String, String)>;
 
 fn fetch_buckets() -> Histogram {
     // 10 ms .. ~164 s, doubling.

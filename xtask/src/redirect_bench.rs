@@ -95,7 +95,7 @@ fn run(peerd: &Path, dir: &Path, layers_mib: &[u64], rounds: usize, rate: u32) -
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
-    let m: Vec<f64> = times.iter_mut().map(|v| med(v)).collect();
+    let m: Vec<f64> = times.iter_mut().map(med).collect();
     let mut out = format!(
         "One image of {} blobs, {:.1} MiB in all (pseudo-random layers {layers_mib:?} MiB), node and registry links {rate} Mbit/s (tbf), `ctr content fetch` (no unpack), median of {rounds} interleaved rounds; the agent's cache warm for (b) and (c). The registry logged only containerd's GETs in the measured rounds (direct case), none by the agent.\n\n",
         image.blobs.len(),
