@@ -168,6 +168,11 @@ fn plain_http_pulls_are_served_shared_and_fail_open() {
     let agents = blob_get_agents(&d, before);
     assert!(agents.iter().all(|a| a.starts_with("containerd/")), "direct pull expected while hung: {agents:?}");
     assert!(metric(&c.nodes[1].ns, "peerd_kernel_events_total{reason=\"fail_open\"}") > 0, "the kernel counted the fail-open");
+    // A clean stop (SIGTERM) detaches the programs and says so.
+    let st = d.stop_agent(1, Duration::from_secs(10)).expect("the agent should exit on SIGTERM");
+    assert!(st.success(), "agent exit: {st}");
+    let log = std::fs::read_to_string(dir.path().join("agent1.1.log")).unwrap_or_default();
+    assert!(log.contains("programs detached"), "no detach in the log: {log}");
     eprintln!("pull with the agent killed: {dead:?}");
 }
 
