@@ -38,8 +38,10 @@ fn seed_registry(dir: &Path, hex: &str, file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs `curl URL | sha256sum` in every node at once; returns per-node seconds (fails if any
-/// node got wrong bytes).
+/// Runs `curl URL | openssl dgst -sha256` in every node at once; returns per-node seconds (fails
+/// if any node got wrong bytes). openssl uses the CPU's SHA extensions (~0.2 s of CPU for 256 MiB
+/// here, coreutils' sha256sum ~0.8 s): with N nodes finishing together on 2 cores, a slow
+/// checker would add seconds to every peerd completion time that are not peerd's.
 fn fetch_all(c: &NetCluster, url: &str, hex: &str) -> Result<Vec<f64>> {
     let start = Instant::now();
     let handles: Vec<_> = c
@@ -51,7 +53,7 @@ fn fetch_all(c: &NetCluster, url: &str, hex: &str) -> Result<Vec<f64>> {
             std::thread::spawn(move || -> Result<(f64, String)> {
                 let t = Instant::now();
                 let out = Command::new("ip")
-                    .args(["netns", "exec", &ns, "bash", "-c", &format!("set -o pipefail; curl -sSf --max-time 900 '{url}' | sha256sum")])
+                    .args(["netns", "exec", &ns, "bash", "-c", &format!("set -o pipefail; curl -sSf --max-time 900 '{url}' | openssl dgst -sha256 -r")])
                     .output()?;
                 if !out.status.success() {
                     bail!("{ns}: {}", String::from_utf8_lossy(&out.stderr));
@@ -70,6 +72,52 @@ fn fetch_all(c: &NetCluster, url: &str, hex: &str) -> Result<Vec<f64>> {
     }
     let _ = start;
     Ok(times)
+}
+
+/// Per-node link counters from the switch side: (node upload, node download) bytes. One `ip`
+/// call for all nodes (the switch namespace holds every node's peer interface).
+fn link_bytes(switch: &str, sw_ifs: &[String]) -> Vec<(u64, u64)> {
+    let out = run(Command::new("ip").args(["-n", switch, "-s", "-o", "link", "show"]));
+    sw_ifs
+        .iter()
+        .map(|sw_if| {
+            let line = out.lines().find(|l| l.contains(&format!(" {sw_if}@"))).unwrap_or("");
+            // -o: "... RX: bytes packets ... \    <rx bytes> ... TX: ... \    <tx bytes> ..."
+            let nums: Vec<u64> = line.split("\\").filter_map(|p| p.split_whitespace().next().and_then(|x| x.parse().ok())).collect();
+            // The switch side receives what the node uploads and transmits what it downloads.
+            (nums.first().copied().unwrap_or(0), nums.get(1).copied().unwrap_or(0))
+        })
+        .collect()
+}
+
+/// `PEERD_BENCH_TRACE=1`: samples every node's link every 500 ms while `f` runs and prints a
+/// timeline (Mbit/s up/down per node) and totals to stderr. Diagnostics only.
+fn traced<T>(c: &NetCluster, f: impl FnOnce() -> T) -> T {
+    if std::env::var_os("PEERD_BENCH_TRACE").is_none() {
+        return f();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (stop, switch, ifs) = (stop.clone(), c.switch.clone(), c.nodes.iter().map(|n| n.sw_if.clone()).collect::<Vec<_>>());
+        std::thread::spawn(move || {
+            let t0 = Instant::now();
+            let mut last = link_bytes(&switch, &ifs);
+            let first = last.clone();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(500));
+                let now = link_bytes(&switch, &ifs);
+                let cells: Vec<String> = now.iter().zip(&last).map(|(a, b)| format!("{:3.0}/{:3.0}", (a.0 - b.0) as f64 * 16e-6, (a.1 - b.1) as f64 * 16e-6)).collect();
+                eprintln!("t={:5.1}s up/down Mbit/s: {}", t0.elapsed().as_secs_f64(), cells.join(" "));
+                last = now;
+            }
+            let tot: Vec<String> = last.iter().zip(&first).map(|(a, b)| format!("{:.2}/{:.2}", (a.0 - b.0) as f64 / 268435456.0, (a.1 - b.1) as f64 / 268435456.0)).collect();
+            eprintln!("totals up/down in S: {}", tot.join(" "));
+        })
+    };
+    let r = f();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = sampler.join();
+    r
 }
 
 fn cpu_of(pids: &[u32]) -> f64 {
@@ -141,6 +189,7 @@ fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<Vec<f64>> {
 }
 
 pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, with_bt: bool) -> Result<()> {
+    crate::require_tool("openssl")?;
     crate::build(true)?;
     let peerd = crate::target_dir().join("release/peerd");
     let base = PathBuf::from(format!("/var/tmp/peerd-bench-swarm-{}", std::process::id()));
@@ -162,15 +211,53 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, with_bt: bool) -> Result
         // (a) direct, and (c) peerd, with the same registry process.
         let dep = Deployment::start(&c, &peerd, &dir, &["--trust-cluster"]);
         let reg = dep.registry_addr;
-        eprintln!("bench swarm: N={n} direct");
-        let e0 = c.registry_tx_bytes();
-        let t = fetch_all(&c, &format!("http://{reg}/v2/bench/blobs/sha256:{hex}"), &hex)?;
-        let (p50, max) = stats(t, ideal);
-        rows.push(Row { n, what: "direct from the registry", p50, max, egress: (c.registry_tx_bytes() - e0) as f64 / size as f64, cpu: f64::NAN });
+        // PEERD_BENCH_ONLY_PEERD=1 (iterating on peerd): no direct run.
+        if std::env::var_os("PEERD_BENCH_ONLY_PEERD").is_none() {
+            eprintln!("bench swarm: N={n} direct");
+            let e0 = c.registry_tx_bytes();
+            let t = fetch_all(&c, &format!("http://{reg}/v2/bench/blobs/sha256:{hex}"), &hex)?;
+            let (p50, max) = stats(t, ideal);
+            rows.push(Row { n, what: "direct from the registry", p50, max, egress: (c.registry_tx_bytes() - e0) as f64 / size as f64, cpu: f64::NAN });
+        }
         eprintln!("bench swarm: N={n} peerd");
         let pids: Vec<u32> = dep.agents.iter().flatten().map(|p| p.pid()).collect();
         let (e0, c0) = (c.registry_tx_bytes(), cpu_of(&pids));
-        let t = fetch_all(&c, &format!("http://127.0.0.1:{MIRROR_PORT}/v2/bench/blobs/sha256:{hex}?ns={reg}"), &hex)?;
+        // PEERD_BENCH_PERF=<file>: a system-wide perf profile of the peerd run (diagnostics).
+        let perf = std::env::var_os("PEERD_BENCH_PERF").map(|out| {
+            Proc::spawn(Command::new("perf").args(["record", "-F", "499", "-a", "-g", "-o"]).arg(out), base.join(format!("perf-n{n}.log")))
+        });
+        let t = traced(&c, || fetch_all(&c, &format!("http://127.0.0.1:{MIRROR_PORT}/v2/bench/blobs/sha256:{hex}?ns={reg}"), &hex))?;
+        if let Some(p) = perf {
+            let _ = Command::new("kill").args(["-INT", &p.pid().to_string()]).status();
+            let stat = format!("/proc/{}/stat", p.pid());
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline && std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            drop(p);
+        }
+        if std::env::var_os("PEERD_BENCH_TRACE").is_some() {
+            let per: Vec<String> = t.iter().zip(&pids).map(|(t, p)| format!("{:.2}x/{:.1}cpu", t / ideal, cpu_seconds(*p))).collect();
+            eprintln!("peerd per node (time/S/B, agent CPU s): {}", per.join(" "));
+            // UDP datagrams the kernel dropped for full socket buffers, per node.
+            let drops: Vec<String> = c
+                .nodes
+                .iter()
+                .map(|n| {
+                    let snmp = run(Command::new("ip").args(["netns", "exec", &n.ns, "cat", "/proc/net/snmp"]));
+                    let udp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Udp:")).collect();
+                    let (h, v) = (udp.first().copied().unwrap_or(""), udp.get(1).copied().unwrap_or(""));
+                    h.split_whitespace().zip(v.split_whitespace()).find(|(k, _)| *k == "RcvbufErrors").map_or("?".into(), |(_, v)| v.to_string())
+                })
+                .collect();
+            eprintln!("UDP RcvbufErrors per node: {}", drops.join(" "));
+            let keep = base.join(format!("logs-n{n}"));
+            let _ = std::fs::create_dir_all(&keep);
+            for i in 0..n {
+                let _ = std::fs::copy(dir.join(format!("agent{i}.log")), keep.join(format!("agent{i}.log")));
+            }
+            let _ = std::fs::copy(dir.join("registry.log"), keep.join("registry.log"));
+        }
         let (p50, max) = stats(t, ideal);
         rows.push(Row { n, what: "peerd", p50, max, egress: (c.registry_tx_bytes() - e0) as f64 / size as f64, cpu: cpu_of(&pids) - c0 });
         drop(dep);
@@ -184,7 +271,12 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, with_bt: bool) -> Result
         drop(c);
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let _ = std::fs::remove_dir_all(&base);
+    if std::env::var_os("PEERD_BENCH_TRACE").is_some() {
+        eprintln!("logs kept in {}", base.display());
+        let _ = std::fs::remove_file(&file);
+    } else {
+        let _ = std::fs::remove_dir_all(&base);
+    }
     let mut out = vec![format!(
         "One {size_mib} MiB blob to N nodes, every link {rate} Mbit/s both ways (tc tbf), registry uplink {rate} Mbit/s, no added latency (no netem on this kernel). S/B = {ideal:.1} s. Times are per-node completion as multiples of S/B; egress is bytes the registry's link sent / S. CPU is the agents' user+sys seconds summed (2 cores: above ~2 s per second of wall time the CPU, not the links, bounds the result).\n\n| N | method | p50 / (S/B) | max / (S/B) | origin egress / S | agents' CPU s |\n|---|---|---|---|---|---|"
     )];

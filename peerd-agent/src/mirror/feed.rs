@@ -4,7 +4,17 @@
 //! let receivers check that pieces travelled intact. The blob becomes complete, and servable to
 //! any client, only when the last piece lands and the whole-blob sha256 matches (`put_piece`);
 //! until then clients are never served from it. On failure the partial blob is removed.
+//!
+//! Up to `IN_FLIGHT` pieces are hashed and written at once, off the reading task: the upstream
+//! body keeps being read while a piece is synced to disk (a stalled reader lets the TCP window
+//! close, and upstream is the one link every node waits on).
+use std::collections::VecDeque;
+
+use tokio::task::JoinHandle;
+
 use crate::store::{Digest, PutOutcome, Source, Store, StoreError};
+
+const IN_FLIGHT: usize = 4;
 
 pub struct PieceFeed {
     store: Store,
@@ -14,20 +24,36 @@ pub struct PieceFeed {
     next: usize,
     source: Source,
     done: bool,
+    pending: VecDeque<JoinHandle<Result<PutOutcome, StoreError>>>,
 }
 
 impl PieceFeed {
     pub async fn new(store: &Store, d: &Digest, size: u64, source: Source) -> Result<Self, StoreError> {
         store.declare(d, size).await?;
         let piece_size = store.piece_size() as usize;
-        Ok(Self { store: store.clone(), d: *d, piece_size, buf: Vec::with_capacity(piece_size), next: 0, source, done: false })
+        Ok(Self { store: store.clone(), d: *d, piece_size, buf: Vec::with_capacity(piece_size), next: 0, source, done: false, pending: VecDeque::new() })
     }
 
-    async fn put(&mut self, piece: Vec<u8>) -> Result<PutOutcome, StoreError> {
-        let hash = blake3::hash(&piece);
-        let i = self.next;
+    /// Starts storing `piece`; waits for the oldest write while `max` are outstanding.
+    async fn put(&mut self, piece: Vec<u8>, max: usize) -> Result<(), StoreError> {
+        let (store, d, i, source) = (self.store.clone(), self.d, self.next, self.source.clone());
         self.next += 1;
-        self.store.put_piece(&self.d, i, piece, hash, self.source.clone()).await
+        self.pending.push_back(tokio::spawn(async move {
+            let hash = blake3::hash(&piece);
+            store.put_piece(&d, i, piece, hash, source).await
+        }));
+        while self.pending.len() > max {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_one(&mut self) -> Result<(), StoreError> {
+        let Some(t) = self.pending.pop_front() else { return Ok(()) };
+        match t.await {
+            Ok(r) => r.map(|_| ()),
+            Err(e) => Err(StoreError::Io { context: format!("storing a piece of {}", self.d), source: std::io::Error::other(e.to_string()) }),
+        }
     }
 
     pub async fn write(&mut self, mut data: &[u8]) -> Result<(), StoreError> {
@@ -37,7 +63,7 @@ impl PieceFeed {
             data = &data[take..];
             if self.buf.len() == self.piece_size {
                 let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(self.piece_size));
-                if let Err(e) = self.put(piece).await {
+                if let Err(e) = self.put(piece, IN_FLIGHT).await {
                     self.abandon();
                     return Err(e);
                 }
@@ -50,7 +76,13 @@ impl PieceFeed {
     pub async fn finish(mut self) -> Result<(), StoreError> {
         if !self.buf.is_empty() {
             let piece = std::mem::take(&mut self.buf);
-            if let Err(e) = self.put(piece).await {
+            if let Err(e) = self.put(piece, IN_FLIGHT).await {
+                self.abandon();
+                return Err(e);
+            }
+        }
+        while !self.pending.is_empty() {
+            if let Err(e) = self.settle_one().await {
                 self.abandon();
                 return Err(e);
             }
@@ -67,6 +99,9 @@ impl PieceFeed {
 
     fn abandon(&mut self) {
         self.done = true;
+        for t in self.pending.drain(..) {
+            t.abort();
+        }
         let (store, d) = (self.store.clone(), self.d);
         tokio::spawn(async move {
             if !store.has(&d) {

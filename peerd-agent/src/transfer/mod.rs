@@ -175,11 +175,19 @@ impl Transfer {
         // BBR paces instead of filling queues until loss, which suits shaped node links with
         // shallow buffers (Cubic backed off repeatedly on tbf-shaped links in bench swarm).
         transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        // Tried and dropped (bench swarm, N=4, back to back): streams in write order instead of
+        // round-robin, ACK frequency 1 in 8, a 1472-byte MTU bound: slower (1.8x vs 1.6x S/B).
         let transport = Arc::new(transport);
         server.transport_config(transport.clone());
         let mut client = identity.client_config()?;
         client.transport_config(transport);
-        let endpoint = quinn::Endpoint::server(server, cfg.listen).map_err(|source| TransferError::Bind { addr: cfg.listen, source })?;
+        let endpoint = {
+            let bind = |source| TransferError::Bind { addr: cfg.listen, source };
+            let socket = std::net::UdpSocket::bind(cfg.listen).map_err(bind)?;
+            socket_buffers(&socket, SOCKET_BUFFER);
+            let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+            quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime).map_err(bind)?
+        };
         let upload = cfg.upload_limit.map(RateLimit::new);
         let download = cfg.download_limit.map(RateLimit::new);
         let t = Transfer {
@@ -324,7 +332,8 @@ impl Transfer {
                     if let Some(l) = &self.inner.upload {
                         l.take(len).await;
                     }
-                    send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+                    // Handed to quinn as is (write_all would copy it into quinn's buffer).
+                    send.write_chunk(Bytes::from(bytes)).await.map_err(|e| e.to_string())?;
                     self.inner.counters.bytes_to_peers.fetch_add(len, Ordering::Relaxed);
                 }
             }
@@ -519,28 +528,34 @@ impl Transfer {
         h.update(d.as_bytes());
         cfg.seed = u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap_or([1; 8]));
         let mut dl = Download::new(n as u32, cfg);
-        // Each piece is pulled from a single source first by one downloader, chosen by rendezvous
-        // over the other sources (the first source, the owner or a complete holder, excluded)
-        // and this node; the others get it from that downloader. Same views, same split.
-        let me = self.inner.cfg.advertise;
-        let mut downloaders: Vec<SocketAddr> = peers.iter().skip(1).map(|p| p.0).collect();
-        downloaders.push(me);
-        let designated: Vec<bool> = (0..n as u32)
-            .map(|i| {
-                let mut h = blake3::Hasher::new();
-                h.update(d.as_bytes());
-                h.update(&i.to_le_bytes());
-                let piece = Digest::from_sha256_bytes(*h.finalize().as_bytes());
-                owner(&piece, &downloaders) == Some(me)
-            })
-            .collect();
-        dl.set_designated(designated);
         let addrs: Vec<SocketAddr> = peers.iter().map(|&(a, zone)| {
             dl.add_partial_peer(zone);
             a
         }).collect();
-        let (tx, mut rx) = mpsc::channel::<(Assignment, Result<Vec<(u32, Bytes)>, Failure>)>(64);
+        // The first source is the owner (still receiving from upstream) or a complete holder:
+        // while incomplete it is asked only for what nobody else has. Each piece only it has is
+        // pulled first by one downloader, chosen by rendezvous over this node and the peers
+        // downloading too; the others get it from that downloader. Same views, same split.
+        dl.set_origin(0);
+        let key = |a: &SocketAddr| {
+            let mut h = blake3::Hasher::new();
+            h.update(d.as_bytes());
+            h.update(a.to_string().as_bytes());
+            u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8]))
+        };
+        dl.set_keys(key(&self.inner.cfg.advertise), &addrs.iter().map(key).collect::<Vec<_>>());
+        let (tx, mut rx) = mpsc::channel::<(Assignment, Result<Vec<(u32, Vec<u8>)>, Failure>)>(64);
         let (have_tx, mut have_rx) = mpsc::channel::<(usize, Vec<bool>, Option<WireManifest>)>(64);
+        let (stored_tx, mut stored_rx) = mpsc::channel::<(usize, u32, Stored)>(64);
+        let mut storing: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+        let fatal = |e: StoreError| match e {
+            // Every piece matched the manifest, the blob did not: the manifest lied.
+            StoreError::DigestMismatch { .. } => {
+                warn!(%manifest_peer, "{e}");
+                TransferError::Peer { peer: manifest_peer, msg: e.to_string() }
+            }
+            e => e.into(),
+        };
         // Piece hashes known so far; a manifest from a node still fetching from upstream has gaps
         // (zeros), filled in as its later manifests arrive. Pieces are only requested once their
         // hash is known, so every stored piece was checked.
@@ -549,18 +564,26 @@ impl Transfer {
         let started = Instant::now();
         let mut last_have = Instant::now() - HAVE_EVERY;
         let mut last_progress = Instant::now();
-        let refresh = |this: &Self, dl: &Download, need_hashes: bool| {
+        // At most one manifest request at a time, and only to a peer whose bitfield shows pieces
+        // with hashes we lack (a manifest is 32 bytes per piece; bitfields are 1 bit).
+        let manifest_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let refresh = |this: &Self, dl: &Download, unknown: Option<Arc<Vec<bool>>>| {
             for (i, &peer) in addrs.iter().enumerate() {
-                if dl.excluded(i) {
+                // A peer holding everything has nothing new to say.
+                if dl.excluded(i) || dl.holds_all(i) {
                     continue;
                 }
                 let this = this.clone();
                 let have_tx = have_tx.clone();
                 let d = *d;
+                let (unknown, busy) = (unknown.clone(), manifest_busy.clone());
                 tokio::spawn(async move {
                     if let Some(bits) = this.have(peer, &d, n).await {
-                        let manifest = if need_hashes && bits.iter().any(|b| *b) {
-                            this.manifest_from(&d, &[peer]).await.map(|(_, m)| m)
+                        let wanted = unknown.is_some_and(|u| bits.iter().zip(u.iter()).any(|(b, u)| *b && *u));
+                        let manifest = if wanted && !busy.swap(true, Ordering::AcqRel) {
+                            let m = this.manifest_from(&d, &[peer]).await.map(|(_, m)| m);
+                            busy.store(false, Ordering::Release);
+                            m
                         } else {
                             None
                         };
@@ -570,8 +593,22 @@ impl Transfer {
             }
         };
         let outcome = 'run: loop {
-            if store.has(d) || dl.is_complete() {
+            if store.has(d) {
                 break Ok(());
+            }
+            if dl.is_complete() {
+                // Every piece is stored, but the writer of the last one may still be checking
+                // the whole blob's sha256 (a duplicate of that piece reports "already present"
+                // meanwhile): wait for the writers, then the blob must be complete.
+                for t in storing.drain(..) {
+                    let _ = t.await;
+                }
+                while let Ok((_, _, r)) = stored_rx.try_recv() {
+                    if let Stored::Fatal(e) = r {
+                        break 'run Err(fatal(e));
+                    }
+                }
+                break if store.has(d) { Ok(()) } else { Err(TransferError::Store(StoreError::NotFound(*d))) };
             }
             if dl.is_stuck() {
                 break Err(TransferError::NoPeer(*d));
@@ -579,7 +616,8 @@ impl Transfer {
             let now = Instant::now();
             if now.duration_since(last_have) >= HAVE_EVERY {
                 last_have = now;
-                refresh(self, &dl, hashes.iter().any(|h| h.is_none()));
+                let unknown = hashes.iter().any(|h| h.is_none()).then(|| Arc::new(hashes.iter().map(|h| h.is_none()).collect()));
+                refresh(self, &dl, unknown);
             }
             if dl.can_progress() {
                 last_progress = now;
@@ -620,31 +658,32 @@ impl Transfer {
                     tasks.remove(&(a.peer, a.first));
                     match r {
                         Ok(pieces) => {
-                            let mut failed = None;
-                            for (i, bytes) in pieces {
-                                let src = Source::Peer(addrs[a.peer].to_string());
-                                let Some(expected) = hashes[i as usize] else { break };
-                                match store.put_piece(d, i as usize, bytes.to_vec(), to_hash(&expected), src).await {
-                                    Ok(PutOutcome::Stored | PutOutcome::Completed | PutOutcome::AlreadyPresent) => dl.on_piece(i),
-                                    Ok(PutOutcome::InFlight) => {}
-                                    Err(StoreError::PieceMismatch { .. }) => {
-                                        self.inner.counters.corrupt_pieces.fetch_add(1, Ordering::Relaxed);
-                                        warn!(peer = %addrs[a.peer], %d, piece = i, "peer sent a corrupt piece; excluded");
-                                        failed = Some(Failure::Corrupt);
+                            // Verified and written off the loop, so requests keep flowing while
+                            // pieces are hashed and synced; the peer is free for more meanwhile.
+                            let got: Vec<u32> = pieces.iter().map(|p| p.0).collect();
+                            dl.on_received(a, &got);
+                            let jobs: Vec<(u32, Vec<u8>, Option<[u8; 32]>)> = pieces.into_iter().map(|(i, b)| (i, b, hashes[i as usize])).collect();
+                            let (store, d, src, stored_tx) = (store.clone(), *d, Source::Peer(addrs[a.peer].to_string()), stored_tx.clone());
+                            storing.push(tokio::spawn(async move {
+                                for (i, bytes, expected) in jobs {
+                                    let r = match expected {
+                                        None => Stored::Skipped,
+                                        Some(h) => match store.put_piece(&d, i as usize, bytes, to_hash(&h), src.clone()).await {
+                                            Ok(PutOutcome::Stored | PutOutcome::Completed | PutOutcome::AlreadyPresent) => Stored::Yes,
+                                            // Another writer has it claimed and reports it.
+                                            Ok(PutOutcome::InFlight) => Stored::Elsewhere,
+                                            Err(StoreError::PieceMismatch { .. }) => Stored::Corrupt,
+                                            Err(e) => Stored::Fatal(e),
+                                        },
+                                    };
+                                    let stop = matches!(r, Stored::Corrupt | Stored::Fatal(_));
+                                    let _ = stored_tx.send((a.peer, i, r)).await;
+                                    if stop {
                                         break;
                                     }
-                                    Err(e @ StoreError::DigestMismatch { .. }) => {
-                                        // Every piece matched the manifest, the blob did not: the manifest lied.
-                                        warn!(%manifest_peer, "{e}");
-                                        break 'run Err(TransferError::Peer { peer: manifest_peer, msg: e.to_string() });
-                                    }
-                                    Err(e) => break 'run Err(e.into()),
                                 }
-                            }
-                            match failed {
-                                Some(f) => dl.on_failure(a, f),
-                                None => dl.on_done(a),
-                            }
+                            }));
+                            storing.retain(|t| !t.is_finished());
                         }
                         Err(f) => {
                             if f != Failure::NotYet {
@@ -654,10 +693,27 @@ impl Transfer {
                         }
                     }
                 }
+                Some((peer, i, r)) = stored_rx.recv() => {
+                    match r {
+                        Stored::Yes => dl.on_piece(i),
+                        Stored::Elsewhere => {}
+                        Stored::Skipped => dl.on_unstored(i),
+                        Stored::Corrupt => {
+                            self.inner.counters.corrupt_pieces.fetch_add(1, Ordering::Relaxed);
+                            warn!(peer = %addrs[peer], %d, piece = i, "peer sent a corrupt piece; excluded");
+                            dl.on_corrupt(peer);
+                            dl.on_unstored(i);
+                        }
+                        Stored::Fatal(e) => break 'run Err(fatal(e)),
+                    }
+                }
                 _ = tick => {}
             }
         };
         for (_, t) in tasks.drain() {
+            t.abort();
+        }
+        for t in storing {
             t.abort();
         }
         if outcome.is_ok() {
@@ -666,7 +722,7 @@ impl Transfer {
         outcome
     }
 
-    async fn get_pieces(&self, peer: SocketAddr, d: &Digest, m: &WireManifest, a: Assignment) -> Result<Vec<(u32, Bytes)>, Failure> {
+    async fn get_pieces(&self, peer: SocketAddr, d: &Digest, m: &WireManifest, a: Assignment) -> Result<Vec<(u32, Vec<u8>)>, Failure> {
         let req = Request::Pieces { digest: *d.as_bytes(), first: a.first, count: a.count };
         let (st, mut recv) = self.exchange(peer, &req).await.map_err(|_| Failure::Error)?;
         match st {
@@ -677,6 +733,8 @@ impl Transfer {
         let mut out = Vec::with_capacity(a.count as usize);
         for i in a.first..a.first + a.count {
             let len = m.piece_len(i) as usize;
+            // read_exact drains every chunk quinn has in one poll; read_chunk returned one
+            // datagram's worth per poll, a task wake-up per packet (bench swarm: much more CPU).
             let mut buf = vec![0u8; len];
             recv.read_exact(&mut buf).await.map_err(|_| Failure::Error)?;
             if let Some(l) = &self.inner.download {
@@ -684,10 +742,44 @@ impl Transfer {
             }
             self.inner.counters.bytes_from_peers.fetch_add(len as u64, Ordering::Relaxed);
             self.inner.counters.pieces_from_peers.fetch_add(1, Ordering::Relaxed);
-            out.push((i, Bytes::from(buf)));
+            out.push((i, buf));
         }
         Ok(out)
     }
+}
+
+/// UDP socket buffers of the peer endpoint. The kernel's default (208 KiB) holds ~8 ms of a
+/// 200 Mbit/s link: an agent that is not scheduled for longer (a busy node) drops datagrams,
+/// which QUIC then resends (bench swarm, N=8 on 2 shared cores: ~4,000 datagrams dropped per
+/// node and 1.27 x S received per node with the default, none and 1.05 x S with 8 MiB).
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// Sets both socket buffers to `bytes`: with CAP_NET_ADMIN past `net.core.{r,w}mem_max`
+/// (SO_*BUFFORCE), else up to it. Best effort: a smaller buffer only costs resends.
+fn socket_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    let v = bytes.min(i32::MAX as usize) as libc::c_int;
+    let set = |opt: libc::c_int| {
+        // SAFETY: a valid socket fd and a c_int option value of the right size.
+        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&v as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t) == 0 }
+    };
+    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+        if !set(force) && !set(plain) {
+            debug!("could not size a peer socket buffer to {bytes} bytes");
+        }
+    }
+}
+
+/// What became of a received piece (reported back to the swarm loop by its store task).
+enum Stored {
+    Yes,
+    /// Another writer holds the piece's claim (and reports it).
+    Elsewhere,
+    /// Its hash is not known (cannot happen: pieces are asked for only once it is).
+    Skipped,
+    Corrupt,
+    Fatal(StoreError),
 }
 
 /// Answers a request with a status and message only, and ends the stream.

@@ -5,11 +5,19 @@
 //!   has all). Pieces are requested rarest first, ties broken by a per-download shuffled order,
 //!   in runs of up to `batch` contiguous pieces the chosen peer has, so nodes downloading
 //!   together fetch different parts and serve each other (a swarm, as in BitTorrent).
-//! - Each run goes to the usable peer with the fewest requests in flight, same zone first.
+//! - Each run goes to the usable peer with the fewest requests in flight, same zone first, ties
+//!   spread by the per-download seed.
+//! - The origin (`set_origin`: the node still receiving the blob from upstream) is the scarcest
+//!   uplink: each fresh piece should leave it once. While its bitfield is incomplete it is asked
+//!   only for pieces no other usable peer has, and a piece only it has is asked by that piece's
+//!   designated downloader (`set_designated`); others wait for the designated node to have it
+//!   (`defer_single_source` bounds the wait, and an excluded designated node is not waited
+//!   for). Once the origin holds the whole blob it is an ordinary peer.
 //! - A corrupt piece excludes the peer from this download at once; other failures (error, not
 //!   found, timeout) exclude it after `max_failures`. Its pieces go back to the queue.
-//! - Endgame: when nothing is left to assign, an idle peer duplicates the oldest in-flight run
-//!   (a hedge against a slow peer); whichever copy lands first wins.
+//! - Endgame: when nothing is left to assign and every piece exists somewhere, an idle peer
+//!   duplicates an in-flight run older than `hedge_after` (a hedge against a slow peer; never
+//!   onto an incomplete origin); whichever copy lands first wins.
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -25,6 +33,9 @@ pub struct SwarmConfig {
     /// the nodes designated for it (`set_designated`) for this long, so the single source sends
     /// each piece about once and the downloaders trade it among themselves.
     pub defer_single_source: Duration,
+    /// No new requests while this many received pieces wait to be stored (writes slower than
+    /// the network must not pile up pieces in memory).
+    pub max_storing: u32,
 }
 
 impl Default for SwarmConfig {
@@ -37,9 +48,17 @@ impl Default for SwarmConfig {
             max_in_flight_per_peer: 4,
             request_timeout: Duration::from_secs(10),
             max_failures: 2,
-            hedge_after: Duration::from_millis(300),
+            // Several pieces share a node's link at once, so a healthy request takes a while
+            // (4 x 7 peers x 1 MiB at 25 MB/s is over a second); a shorter hedge duplicated
+            // healthy transfers (bench swarm).
+            hedge_after: Duration::from_millis(1500),
             seed: 0x5eed,
-            defer_single_source: Duration::from_millis(400),
+            // A liveness bound, not a pacing knob: the origin's uplink is as fast as upstream,
+            // so a designated node's request can queue there for a second; falling back sooner
+            // made every node pull the same fresh pieces from the origin (bench swarm: the
+            // owner uploaded 1.8 x S at N=8).
+            defer_single_source: Duration::from_secs(3),
+            max_storing: 16,
         }
     }
 }
@@ -67,11 +86,21 @@ pub struct Assignment {
 enum Piece {
     Missing,
     InFlight,
+    /// Received, being verified and written (`on_received`); not asked for again meanwhile.
+    Storing,
     Done,
 }
 
 struct Peer {
     same_zone: bool,
+    /// Receiving the blob from upstream (see the module docs).
+    origin: bool,
+    /// Has answered with a bitfield: it holds or downloads the blob, so it can be designated.
+    active: bool,
+    /// Rendezvous key (the same for this peer on every node), see `set_keys`.
+    key: u64,
+    /// `have` is all true (kept with `have`: asked for every candidate piece on every poll).
+    complete: bool,
     have: Vec<bool>,
     in_flight: u32,
     failures: u32,
@@ -87,8 +116,11 @@ struct Flight {
 pub struct Download {
     cfg: SwarmConfig,
     pieces: Vec<Piece>,
-    /// Pieces this node should pull from a single source right away (others wait a little).
-    designated: Vec<bool>,
+    /// Who pulls each piece from a single source first: `None` this node, `Some(peer)` that
+    /// peer (this node waits for it), `Some(usize::MAX)` someone this node does not talk to.
+    designated: Vec<Option<usize>>,
+    /// This node's rendezvous key, when designation is by rendezvous (`set_keys`).
+    my_key: Option<u64>,
     /// When some peer was first seen holding each piece.
     seen_at: Vec<Option<Instant>>,
     /// Batch start indices in request order.
@@ -96,6 +128,14 @@ pub struct Download {
     peers: Vec<Peer>,
     flights: Vec<Flight>,
     done: u32,
+}
+
+/// A rendezvous weight of (node key, piece): splitmix64's finaliser of their mix.
+pub fn rendezvous(key: u64, piece: u32) -> u64 {
+    let mut z = key ^ u64::from(piece).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 fn shuffle(v: &mut [u32], mut seed: u64) {
@@ -113,19 +153,20 @@ impl Download {
         let mut order: Vec<u32> = (0..pieces).step_by(batch as usize).collect();
         shuffle(&mut order, cfg.seed | 1);
         let n = pieces as usize;
-        Self { cfg, pieces: vec![Piece::Missing; n], designated: vec![true; n], seen_at: vec![None; n], order, peers: Vec::new(), flights: Vec::new(), done: 0 }
+        Self { cfg, pieces: vec![Piece::Missing; n], designated: vec![None; n], my_key: None, seen_at: vec![None; n], order, peers: Vec::new(), flights: Vec::new(), done: 0 }
     }
 
     /// Registers a peer holding the whole blob; returns its index.
     pub fn add_peer(&mut self, same_zone: bool) -> usize {
         let i = self.add_partial_peer(same_zone);
         self.peers[i].have.fill(true);
+        self.peers[i].complete = true;
         i
     }
 
     /// Registers a peer whose pieces are not known yet (see [`Download::set_have`]).
     pub fn add_partial_peer(&mut self, same_zone: bool) -> usize {
-        self.peers.push(Peer { same_zone, have: vec![false; self.pieces.len()], in_flight: 0, failures: 0, excluded: false });
+        self.peers.push(Peer { same_zone, origin: false, active: false, key: 0, complete: false, have: vec![false; self.pieces.len()], in_flight: 0, failures: 0, excluded: false });
         self.peers.len() - 1
     }
 
@@ -140,7 +181,9 @@ impl Download {
             }
         }
         if let Some(p) = self.peers.get_mut(peer) {
+            p.complete = have.iter().all(|h| *h);
             p.have = have;
+            p.active = true;
         }
     }
 
@@ -151,14 +194,75 @@ impl Download {
     /// Which pieces this node pulls from a single source without waiting (see
     /// `SwarmConfig::defer_single_source`).
     pub fn set_designated(&mut self, designated: Vec<bool>) {
+        self.set_designated_peers(designated.into_iter().map(|mine| if mine { None } else { Some(usize::MAX) }).collect());
+    }
+
+    /// Per piece, who pulls it from a single source first: `None` this node, `Some(peer)` that
+    /// peer (an index from `add_peer`; if it gets excluded this node stops waiting for it).
+    pub fn set_designated_peers(&mut self, designated: Vec<Option<usize>>) {
         if designated.len() == self.pieces.len() {
             self.designated = designated;
         }
     }
 
+    /// Designation by rendezvous: each piece's designated downloader is the highest
+    /// `mix(key, piece)` among this node (`me`) and the peers that answered with a bitfield (so
+    /// they are downloading or holding the blob), not excluded and not the origin. Keys must be
+    /// the same for a node on every node (e.g. derived from its advertised address), so nodes
+    /// with the same view agree with no coordination. Overrides `set_designated`.
+    pub fn set_keys(&mut self, me: u64, peers: &[u64]) {
+        self.my_key = Some(me);
+        for (p, k) in self.peers.iter_mut().zip(peers) {
+            p.key = *k;
+        }
+    }
+
+    /// Who pulls `piece` from a single source first (see `designated`).
+    fn designated_for(&self, piece: u32) -> Option<usize> {
+        let Some(me) = self.my_key else { return self.designated[piece as usize] };
+        let mut best = (rendezvous(me, piece), None);
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.active && !p.excluded && !p.origin {
+                let w = rendezvous(p.key, piece);
+                if w > best.0 {
+                    best = (w, Some(i));
+                }
+            }
+        }
+        best.1
+    }
+
+    /// Whether `peer`'s bitfield says it holds every piece (its bitfield will not change).
+    pub fn holds_all(&self, peer: usize) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.complete)
+    }
+
+    /// Marks `peer` as the origin: the node receiving the blob from upstream (module docs).
+    pub fn set_origin(&mut self, peer: usize) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.origin = true;
+        }
+    }
+
+    /// An origin still receiving the blob: asked only for what nobody else has.
+    fn restricted(&self, peer: usize) -> bool {
+        let p = &self.peers[peer];
+        p.origin && !p.complete
+    }
+
+    /// Whether this node should wait before pulling `piece` from its single source.
+    fn waits_for_designated(&self, piece: u32, now: Instant) -> bool {
+        let fresh = self.seen_at[piece as usize].is_some_and(|t| now.duration_since(t) < self.cfg.defer_single_source);
+        match self.designated_for(piece) {
+            None => false,
+            Some(p) => fresh && self.peers.get(p).is_none_or(|q| !q.excluded),
+        }
+    }
+
     /// Whether any usable peer has a piece we still miss (otherwise waiting is all we can do).
     pub fn can_progress(&self) -> bool {
-        self.flights.len() > 0
+        !self.flights.is_empty()
+            || self.pieces.contains(&Piece::Storing)
             || self.pieces.iter().enumerate().any(|(i, p)| *p == Piece::Missing && self.peers.iter().any(|q| !q.excluded && q.have[i]))
     }
 
@@ -175,15 +279,23 @@ impl Download {
         self.peers.get(peer).is_none_or(|p| p.excluded)
     }
 
-    /// The best peer with spare capacity that has `piece`, same zone first, fewest in flight.
+    /// The best peer with spare capacity that has `piece`, same zone first, fewest in flight,
+    /// ties spread by the seed (so the lowest index is not everyone's favourite). A restricted
+    /// origin only when no other usable peer has the piece (even a busy one: then we wait).
     fn pick(&self, piece: u32, not: Option<usize>) -> Option<usize> {
+        let holds = |i: usize| {
+            let p = &self.peers[i];
+            Some(i) != not && !p.excluded && p.have[piece as usize]
+        };
+        let others = (0..self.peers.len()).any(|i| holds(i) && !self.restricted(i));
+        let seed = self.cfg.seed;
         (0..self.peers.len())
-            .filter(|&i| Some(i) != not)
-            .filter(|&i| {
-                let p = &self.peers[i];
-                !p.excluded && p.in_flight < self.cfg.max_in_flight_per_peer && p.have[piece as usize]
+            .filter(|&i| holds(i) && self.peers[i].in_flight < self.cfg.max_in_flight_per_peer)
+            .filter(|&i| !(others && self.restricted(i)))
+            .min_by_key(|&i| {
+                let tie = (seed ^ (u64::from(piece) << 20) ^ i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+                (!self.peers[i].same_zone, self.peers[i].in_flight, tie, i)
             })
-            .min_by_key(|&i| (!self.peers[i].same_zone, self.peers[i].in_flight, i))
     }
 
     fn availability(&self, piece: u32) -> usize {
@@ -193,6 +305,9 @@ impl Download {
     /// New requests to send now.
     pub fn poll(&mut self, now: Instant) -> Vec<Assignment> {
         let mut out = Vec::new();
+        if self.pieces.iter().filter(|p| **p == Piece::Storing).count() >= self.cfg.max_storing as usize {
+            return out;
+        }
         let batch = self.cfg.batch.max(1);
         let n = self.pieces.len() as u32;
         // Rarest first; the shuffled order breaks ties (and spreads nodes over the blob).
@@ -201,8 +316,7 @@ impl Download {
             let end = (start + batch).min(n);
             if let Some(first) = (start..end).find(|&i| self.pieces[i as usize] == Piece::Missing) {
                 let avail = self.availability(first);
-                let fresh = self.seen_at[first as usize].is_some_and(|t| now.duration_since(t) < self.cfg.defer_single_source);
-                if avail == 1 && fresh && !self.designated[first as usize] {
+                if avail == 1 && self.waits_for_designated(first, now) {
                     continue;
                 }
                 if avail > 0 {
@@ -225,8 +339,10 @@ impl Download {
             self.flights.push(Flight { a, since: now, hedged: false });
             out.push(a);
         }
-        // Endgame: duplicate old runs to idle peers.
-        if !self.pieces.contains(&Piece::Missing) {
+        // Endgame: duplicate old runs to idle peers (not while pieces are still to appear: the
+        // origin is still receiving, and a long queue there is expected, not a stall).
+        let all_exist = (0..n).all(|i| self.pieces[i as usize] == Piece::Done || self.availability(i) > 0);
+        if !self.pieces.contains(&Piece::Missing) && all_exist {
             let hedge_after = self.cfg.hedge_after;
             let mut i = 0;
             while i < self.flights.len() {
@@ -234,7 +350,7 @@ impl Download {
                 if !f.hedged && now.duration_since(f.since) >= hedge_after {
                     let orig = f.a;
                     let holds_run = |p: usize| (orig.first..orig.first + orig.count).all(|i| self.peers[p].have[i as usize]);
-                    if let Some(peer) = self.pick(orig.first, Some(orig.peer)).filter(|&p| self.peers[p].in_flight == 0 && holds_run(p)) {
+                    if let Some(peer) = self.pick(orig.first, Some(orig.peer)).filter(|&p| self.peers[p].in_flight == 0 && holds_run(p) && !self.restricted(p)) {
                         self.flights[i].hedged = true;
                         let a = Assignment { peer, ..orig };
                         self.peers[peer].in_flight += 1;
@@ -270,6 +386,40 @@ impl Download {
         }
     }
 
+    /// Request `a` delivered `pieces` (the rest of its run, if any, did not come): the peer is
+    /// free for new requests while they are verified and stored; report each with `on_piece`
+    /// or `on_unstored`.
+    pub fn on_received(&mut self, a: Assignment, pieces: &[u32]) {
+        self.end_flight(a);
+        for &i in pieces {
+            if let Some(p) = self.pieces.get_mut(i as usize) {
+                if *p == Piece::InFlight {
+                    *p = Piece::Storing;
+                }
+            }
+        }
+        self.requeue(a);
+    }
+
+    /// A received piece was not stored (it did not match, or another writer had it claimed):
+    /// unless stored meanwhile or in flight elsewhere, it is missing again.
+    pub fn on_unstored(&mut self, index: u32) {
+        let elsewhere = self.flights.iter().any(|f| f.a.first <= index && index < f.a.first + f.a.count);
+        if let Some(p) = self.pieces.get_mut(index as usize) {
+            if *p == Piece::Storing {
+                *p = if elsewhere { Piece::InFlight } else { Piece::Missing };
+            }
+        }
+    }
+
+    /// `peer` sent bytes that did not match the manifest: excluded from this download.
+    pub fn on_corrupt(&mut self, peer: usize) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.failures += 1;
+            p.excluded = true;
+        }
+    }
+
     /// Request `a` ended (all its pieces were reported through `on_piece`, or it failed).
     pub fn on_done(&mut self, a: Assignment) {
         self.end_flight(a);
@@ -284,6 +434,7 @@ impl Download {
                 for i in a.first..a.first + a.count {
                     p.have[i as usize] = false;
                 }
+                p.complete = false;
             }
             self.requeue(a);
             return;
@@ -457,10 +608,13 @@ mod tests {
     #[test]
     fn timeouts_requeue_and_endgame_hedges() {
         let mut d = Download::new(2, SwarmConfig { batch: 2, max_in_flight_per_peer: 1, request_timeout: Duration::from_secs(5), hedge_after: Duration::from_millis(100), ..Default::default() });
-        let slow = d.add_peer(false);
-        let fast = d.add_peer(false);
+        let a = d.add_peer(false);
+        let b = d.add_peer(false);
         let t0 = Instant::now();
         let first = d.poll(t0);
+        // Ties are spread by the seed: whichever got the run is the slow one.
+        let slow = first[0].peer;
+        let fast = if slow == a { b } else { a };
         assert_eq!(first, vec![Assignment { peer: slow, first: 0, count: 2 }]);
         // Nothing missing; the other peer is idle but the run is young: no hedge yet.
         assert!(d.poll(t0 + Duration::from_millis(50)).is_empty());
@@ -490,5 +644,164 @@ mod tests {
         assert_eq!(again.len(), 1);
         assert!(again[0].peer == p1 || again[0].peer == p0);
         assert_eq!((again[0].first, again[0].count), (0, 4));
+    }
+
+    #[test]
+    fn incomplete_origin_serves_only_what_nobody_else_has() {
+        let mut d = Download::new(4, SwarmConfig { batch: 1, max_in_flight_per_peer: 8, ..Default::default() });
+        let origin = d.add_partial_peer(false);
+        let peer = d.add_partial_peer(false);
+        d.set_origin(origin);
+        let t0 = Instant::now();
+        d.set_have_at(origin, vec![true, true, true, false], t0);
+        d.set_have_at(peer, vec![true, false, false, false], t0);
+        let a = d.poll(t0);
+        // Piece 0 is at a peer too: never from the origin. 1 and 2 only the origin has.
+        for x in &a {
+            assert_eq!(x.peer, if x.first == 0 { peer } else { origin }, "{a:?}");
+        }
+        assert_eq!(a.len(), 3);
+    }
+
+    #[test]
+    fn busy_peer_is_waited_for_rather_than_asking_the_origin() {
+        let mut d = Download::new(3, SwarmConfig { batch: 1, max_in_flight_per_peer: 1, ..Default::default() });
+        let origin = d.add_partial_peer(false);
+        let peer = d.add_partial_peer(false);
+        d.set_origin(origin);
+        let t0 = Instant::now();
+        d.set_have_at(origin, vec![true, true, false], t0);
+        d.set_have_at(peer, vec![true, true, false], t0);
+        let a = d.poll(t0);
+        assert_eq!(a.len(), 1, "one slot at the peer, none at the origin: {a:?}");
+        assert_eq!(a[0].peer, peer);
+        // Once the origin holds everything it is an ordinary peer.
+        d.set_have_at(origin, vec![true; 3], t0);
+        let b = d.poll(t0);
+        assert!(b.iter().all(|x| x.peer == origin) && !b.is_empty(), "{b:?}");
+    }
+
+    #[test]
+    fn complete_origin_may_be_hedged_to_but_not_an_incomplete_one() {
+        let cfg = SwarmConfig { batch: 1, max_in_flight_per_peer: 1, hedge_after: Duration::from_millis(100), ..Default::default() };
+        let mut d = Download::new(1, cfg);
+        let origin = d.add_partial_peer(false);
+        let peer = d.add_partial_peer(false);
+        d.set_origin(origin);
+        let t0 = Instant::now();
+        d.set_have_at(origin, vec![true], t0);
+        d.set_have_at(peer, vec![true], t0);
+        let a = d.poll(t0);
+        assert_eq!(a, vec![Assignment { peer, first: 0, count: 1 }]);
+        // The origin is complete (it holds the one piece), so in the endgame it hedges.
+        assert_eq!(d.poll(t0 + Duration::from_millis(200)), vec![Assignment { peer: origin, first: 0, count: 1 }]);
+        let mut d = Download::new(2, SwarmConfig { batch: 1, max_in_flight_per_peer: 1, hedge_after: Duration::from_millis(100), ..Default::default() });
+        let origin = d.add_partial_peer(false);
+        let peer = d.add_partial_peer(false);
+        d.set_origin(origin);
+        d.set_have_at(origin, vec![true, false], t0);
+        d.set_have_at(peer, vec![true, false], t0);
+        assert_eq!(d.poll(t0).len(), 1);
+        // Piece 1 exists nowhere yet: not the endgame, no hedge.
+        assert!(d.poll(t0 + Duration::from_secs(1)).is_empty());
+    }
+
+    #[test]
+    fn rendezvous_designation_splits_fresh_pieces_among_active_downloaders() {
+        // Three nodes download from one origin; each runs its own Download with the same keys.
+        let keys = [11u64, 22, 33];
+        let pieces = 300u32;
+        let t0 = Instant::now();
+        let mut mine = Vec::new();
+        for me in 0..3 {
+            let mut d = Download::new(pieces, SwarmConfig { batch: 1, max_in_flight_per_peer: 1000, ..Default::default() });
+            let origin = d.add_partial_peer(false);
+            let others: Vec<usize> = (0..3).filter(|&j| j != me).collect();
+            let idx: Vec<usize> = others.iter().map(|_| d.add_partial_peer(false)).collect();
+            d.set_origin(origin);
+            let mut ks = vec![999u64];
+            ks.extend(others.iter().map(|&j| keys[j]));
+            d.set_keys(keys[me], &ks);
+            d.set_have_at(origin, vec![true; pieces as usize], t0);
+            for &i in &idx {
+                d.set_have_at(i, vec![false; pieces as usize], t0);
+            }
+            let got: Vec<u32> = d.poll(t0).iter().map(|a| a.first).collect();
+            assert!(got.len() > 60 && got.len() < 140, "about a third each: {}", got.len());
+            mine.push(got);
+        }
+        // Every piece designated exactly once.
+        let mut all: Vec<u32> = mine.concat();
+        all.sort();
+        assert_eq!(all, (0..pieces).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn inactive_or_excluded_peers_are_not_waited_for() {
+        let t0 = Instant::now();
+        let mut d = Download::new(50, SwarmConfig { batch: 1, max_in_flight_per_peer: 1000, ..Default::default() });
+        let origin = d.add_partial_peer(false);
+        let other = d.add_partial_peer(false);
+        d.set_origin(origin);
+        d.set_keys(1, &[2, 3]);
+        d.set_have_at(origin, vec![true; 50], t0);
+        // The other node never answered with a bitfield (it is not downloading): all ours.
+        assert_eq!(d.poll(t0).len(), 50);
+        let mut d = Download::new(50, SwarmConfig { batch: 1, max_in_flight_per_peer: 1000, ..Default::default() });
+        let origin = d.add_partial_peer(false);
+        let other2 = d.add_partial_peer(false);
+        assert_eq!(other, other2);
+        d.set_origin(origin);
+        d.set_keys(1, &[2, 3]);
+        d.set_have_at(origin, vec![true; 50], t0);
+        d.set_have_at(other2, vec![false; 50], t0);
+        let first = d.poll(t0).len();
+        assert!(first > 5 && first < 45, "split with the active peer: {first}");
+        // It fails twice: excluded, and its share is no longer waited for.
+        let probe = Assignment { peer: other2, first: 0, count: 1 };
+        d.on_failure(probe, Failure::Error);
+        d.on_failure(probe, Failure::Error);
+        assert!(d.excluded(other2));
+        assert_eq!(d.poll(t0).len(), 50 - first);
+        // Without any of that, the fallback after `defer_single_source` still applies.
+    }
+
+    #[test]
+    fn received_pieces_are_not_asked_again_while_stored() {
+        let mut d = Download::new(3, SwarmConfig { batch: 1, max_in_flight_per_peer: 1, max_storing: 2, ..Default::default() });
+        let p = d.add_peer(false);
+        let t0 = Instant::now();
+        let a = d.poll(t0);
+        assert_eq!(a.len(), 1);
+        d.on_received(a[0], &[a[0].first]);
+        // The peer is free again; the stored piece is not asked again.
+        let b = d.poll(t0);
+        assert_eq!(b.len(), 1);
+        assert_ne!(b[0].first, a[0].first);
+        assert!(d.can_progress());
+        d.on_received(b[0], &[b[0].first]);
+        // Two pieces waiting for the disk: no more requests.
+        assert!(d.poll(t0).is_empty());
+        // One did not match: missing again (and its sender is out).
+        d.on_corrupt(p);
+        d.on_unstored(a[0].first);
+        d.on_piece(b[0].first);
+        assert!(d.is_stuck());
+        let q = d.add_peer(false);
+        let c = d.poll(t0);
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].peer, q);
+        assert!(c[0].first != b[0].first);
+    }
+
+    #[test]
+    fn complete_peers_are_recognised() {
+        let mut d = Download::new(2, SwarmConfig::default());
+        let p = d.add_partial_peer(false);
+        assert!(!d.holds_all(p));
+        d.set_have(p, vec![true, true]);
+        assert!(d.holds_all(p));
+        d.on_failure(Assignment { peer: p, first: 1, count: 1 }, Failure::NotYet);
+        assert!(!d.holds_all(p), "a stale bitfield is corrected");
     }
 }
