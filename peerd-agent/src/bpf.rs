@@ -74,7 +74,8 @@ pub fn socket_addr(e: &Endpoint) -> SocketAddr {
     }
 }
 
-fn canonical_ip(ip: IpAddr) -> IpAddr {
+/// IPv4-mapped IPv6 as plain IPv4: the one form the kernel maps and the agent compare.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
         v4 => v4,

@@ -519,7 +519,7 @@ fn agent(args: AgentArgs) -> Result<()> {
                 allow: args.allow_cidrs.clone(),
                 udp_ports,
             };
-            let t = Transparent::start(tcfg, mirror.clone()).await.map_err(|e| anyhow::anyhow!("starting transparent mode: {e} ({e:?})"))?;
+            let t = Transparent::start(tcfg, mirror.clone()).await.context("starting transparent mode")?;
             mirror.add_metrics_source(t.metrics_source());
             Some(t)
         } else {

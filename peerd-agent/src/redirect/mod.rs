@@ -485,19 +485,22 @@ impl Shared {
         Ok(())
     }
 
-    async fn relay_plain(&self, client: TcpStream, dst: SocketAddr, first: &[u8]) -> std::io::Result<()> {
-        let up = relay::connect(dst).await.inspect_err(|_| {
+    /// Connects to the original destination; a failure is counted as a relay error.
+    async fn dial(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
+        relay::connect(dst).await.inspect_err(|_| {
             self.counters.relay_errors.fetch_add(1, Ordering::Relaxed);
-        })?;
+        })
+    }
+
+    async fn relay_plain(&self, client: TcpStream, dst: SocketAddr, first: &[u8]) -> std::io::Result<()> {
+        let up = self.dial(dst).await?;
         relay::splice_both(client, up, first).await.map(|_| ())
     }
 
     /// The rest of an intercepted connection, re-encrypted to the real registry (verified
     /// against the system's CAs under the name the client asked for).
     async fn relay_tls(&self, h: Handback, dst: SocketAddr, name: &str) -> std::io::Result<()> {
-        let up = relay::connect(dst).await.inspect_err(|_| {
-            self.counters.relay_errors.fetch_add(1, Ordering::Relaxed);
-        })?;
+        let up = self.dial(dst).await?;
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(std::io::Error::other)?
@@ -517,15 +520,9 @@ impl Shared {
 /// registry answers to: its API host or its name.
 fn names_registry(reg: &Registry, name: &str) -> bool {
     let name = name.trim_end_matches('.').trim_matches(['[', ']']).to_ascii_lowercase();
-    let host_of = |s: &str| -> String {
-        let s = s.trim_matches(['[', ']']);
-        match s.parse::<SocketAddr>() {
-            Ok(a) => a.ip().to_string(),
-            Err(_) => s.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()).map(|(h, _)| h).unwrap_or(s).trim_matches(['[', ']']).to_ascii_lowercase(),
-        }
-    };
-    let api = reg.url.host_str().map(host_of).unwrap_or_default();
-    name == api || name == host_of(&reg.name)
+    let host = |s: &str| targets::split_host_port(s, 0).map(|(h, _)| h);
+    let api = reg.url.host_str().and_then(|h| host(h.trim_matches(['[', ']'])));
+    Some(&name) == api.as_ref() || Some(&name) == host(&reg.name).as_ref()
 }
 
 /// Peeks until the ClientHello's SNI is known (bounded in time and size), leaving the bytes in

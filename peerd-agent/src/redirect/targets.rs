@@ -48,7 +48,7 @@ pub fn targets<'a>(registries: impl Iterator<Item = &'a Registry>, blob_hosts: &
 }
 
 /// `host`, `host:port`, `[v6]:port`, `v6` -> (host, port).
-fn split_host_port(s: &str, default_port: u16) -> Option<(String, u16)> {
+pub(super) fn split_host_port(s: &str, default_port: u16) -> Option<(String, u16)> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Some((ip.to_string(), default_port));
     }
@@ -82,7 +82,7 @@ pub async fn resolve(targets: &[Target]) -> (BTreeMap<SocketAddr, Registry>, BTr
             }
         };
         for a in addrs {
-            let a = canonical(a);
+            let a = SocketAddr::new(crate::bpf::canonical_ip(a.ip()), a.port());
             all.insert(a);
             if let Some(r) = &t.registry {
                 registries.entry(a).or_insert_with(|| r.clone());
@@ -90,16 +90,6 @@ pub async fn resolve(targets: &[Target]) -> (BTreeMap<SocketAddr, Registry>, BTr
         }
     }
     (registries, all, failures)
-}
-
-fn canonical(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => a,
-        },
-        v4 => v4,
-    }
 }
 
 /// What to add to and remove from the kernel's table to go from `old` to `new`. Addresses that
