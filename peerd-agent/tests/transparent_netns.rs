@@ -230,6 +230,13 @@ fn https_passes_through_untouched_and_is_served_with_tls_intercept() {
             assert!(!agents.is_empty() && agents.iter().all(|a| a.starts_with("peerd/")), "the agent should serve: {agents:?}");
             assert!(metric(ns, "peerd_redirected_connections_total{outcome=\"tls_intercepted\"}") > 0);
             assert_eq!(metric(ns, "peerd_redirected_connections_total{outcome=\"tls_passthrough\"}"), 0);
+            // Again: cache hits, copied from the store through the TLS stream.
+            ctd.forget(&reference);
+            let before = d.registry_blob_gets().len();
+            ctd.pull_with(&reference, false, &env).unwrap_or_else(|e| panic!("HTTPS pull from the cache: {e}"));
+            check_content(&ctd, &image);
+            assert_eq!(blob_get_agents(&d, before), Vec::<String>::new(), "the second pull should be served from the cache");
+            assert!(metric(ns, "peerd_cache_hits_total") >= image.blobs.len() as u64);
         } else {
             assert!(!agents.is_empty() && agents.iter().all(|a| a.starts_with("containerd/")), "untouched pass-through expected: {agents:?}");
             assert!(metric(ns, "peerd_redirected_connections_total{outcome=\"tls_passthrough\"}") > 0);

@@ -270,29 +270,13 @@ async fn write_response(stream: &mut Stream, resp: Response<Body>, is_head: bool
 
 /// A file range through a userspace stream (TLS: the bytes have to be encrypted anyway).
 async fn copy_file(out: &mut (impl AsyncWrite + Unpin), file: std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
-    let reader = tokio::task::spawn_blocking(move || {
-        let mut f = file;
-        let mut left = len;
-        if let Err(e) = f.seek(SeekFrom::Start(offset)) {
-            let _ = tx.blocking_send(Err(e));
-            return;
-        }
-        while left > 0 {
-            let mut chunk = vec![0u8; left.min(256 << 10) as usize];
-            let r = f.read_exact(&mut chunk).map(|_| chunk);
-            let failed = r.is_err();
-            left = left.saturating_sub(r.as_ref().map(|c| c.len() as u64).unwrap_or(0));
-            if tx.blocking_send(r).is_err() || failed {
-                return;
-            }
-        }
-    });
-    while let Some(chunk) = rx.recv().await {
-        out.write_all(&chunk?).await?;
+    use tokio::io::AsyncSeekExt;
+    let mut f = tokio::fs::File::from_std(file);
+    f.seek(std::io::SeekFrom::Start(offset)).await?;
+    let sent = tokio::io::copy(&mut f.take(len), out).await?;
+    if sent != len {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cache file shorter than expected"));
     }
-    let _ = reader.await;
     Ok(())
 }
 
