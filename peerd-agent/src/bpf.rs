@@ -6,7 +6,7 @@
 use std::{
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsFd, AsRawFd, FromRawFd},
+    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -313,28 +313,16 @@ impl Kernel {
     }
 
     fn register_connect(&self, to: SocketAddr) -> Result<(), BpfError> {
-        let domain = if to.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
-        // SAFETY: plain socket(2); the fd is owned by OwnedFd right away.
-        let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(BpfError::Cookie(std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a fresh, valid descriptor nobody else owns.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-        let cookie = socket_cookie(&fd)?;
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::for_address(to), Type::STREAM, None).map_err(BpfError::Cookie)?;
+        let cookie = socket_cookie(&socket)?;
         {
             let mut map = self.bypass.lock().unwrap_or_else(|e| e.into_inner());
             map.insert(cookie, peerd_common::BYPASS_REGISTER, 0).map_err(map_err(maps::BYPASS))?;
         }
-        let (addr, len) = sockaddr(to);
-        // SAFETY: addr is a properly initialised sockaddr_storage of length len.
-        let rc = unsafe { libc::connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_storage).cast(), len) };
-        let err = std::io::Error::last_os_error();
+        let connected = socket.connect(&to.into());
         self.unbypass_cookie(cookie);
-        if rc != 0 {
-            return Err(BpfError::Cookie(err));
-        }
-        Ok(())
+        connected.map_err(BpfError::Cookie)
     }
 
     /// Sums a reason-coded counter over all CPUs.
@@ -379,30 +367,6 @@ impl Kernel {
             dropped_bytes: a.dropped_bytes + s.dropped_bytes,
         }))
     }
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in.
-            let sin = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            // SAFETY: as above, for sockaddr_in6.
-            let sin6 = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = a.port().to_be();
-            sin6.sin6_addr.s6_addr = a.ip().octets();
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (ss, len as libc::socklen_t)
 }
 
 impl Kernel {
