@@ -571,19 +571,9 @@ fn hosts_toml_mode() {
     script_edge_cases(&script);
 }
 
-struct Tmp(PathBuf);
-impl Tmp {
-    fn new(tag: &str) -> Tmp {
-        let p = std::env::temp_dir().join(format!("peerd-deploy-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Tmp(p)
-    }
-}
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A directory removed on drop.
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("peerd-deploy-{tag}-")).tempdir().unwrap()
 }
 
 /// Runs `cmd` (a rendered container command: sh /peerd/hosts-toml.sh ... /host/containerd-certs.d ...)
@@ -623,10 +613,10 @@ fn tree(dir: &Path) -> Vec<(String, String)> {
 }
 
 fn script_lifecycle(shell: &[&str], script_text: &str, install: &[String], uninstall: &[String]) {
-    let tmp = Tmp::new(&format!("life-{}", shell[0]));
-    let script = tmp.0.join("hosts-toml.sh");
+    let tmp = temp_dir(&format!("life-{}", shell[0]));
+    let script = tmp.path().join("hosts-toml.sh");
     std::fs::write(&script, script_text).unwrap();
-    let certs = tmp.0.join("certs.d");
+    let certs = tmp.path().join("certs.d");
     // The node before: docker.io has its own hosts.toml, another registry has one we do not touch.
     std::fs::create_dir_all(certs.join("docker.io")).unwrap();
     std::fs::create_dir_all(certs.join("internal.example")).unwrap();
@@ -696,10 +686,10 @@ fn script_lifecycle(shell: &[&str], script_text: &str, install: &[String], unins
 
 fn script_edge_cases(script_text: &str) {
     let sh = ["busybox", "sh"];
-    let tmp = Tmp::new("edge");
-    let script = tmp.0.join("hosts-toml.sh");
+    let tmp = temp_dir("edge");
+    let script = tmp.path().join("hosts-toml.sh");
     std::fs::write(&script, script_text).unwrap();
-    let certs = tmp.0.join("certs.d");
+    let certs = tmp.path().join("certs.d");
     let cmd = |args: &[&str]| -> Vec<String> {
         ["sh", "/peerd/hosts-toml.sh"].iter().chain(args).map(|s| s.to_string()).collect()
     };

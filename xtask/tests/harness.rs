@@ -7,7 +7,7 @@
 //! Everything is removed by Drop guards, also when an assertion fails.
 use std::{
     net::IpAddr,
-    path::{Path, PathBuf},
+    path::Path,
     time::Duration,
 };
 
@@ -18,21 +18,8 @@ use xtask::{
 };
 
 /// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("peerd-harness-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn temp_dir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("peerd-harness-{tag}-")).tempdir().unwrap()
 }
 
 fn cluster(tag: &str, nodes: usize) -> NetCluster {
@@ -58,13 +45,13 @@ fn blob_gets_from(d: &Deployment, before: usize, from: IpAddr, image: &Image) {
 
 #[test]
 fn plain_http_pull_from_inside_a_node_namespace_and_cgroup_without_hosts_toml() {
-    let dir = TempDir::new("plain");
+    let dir = temp_dir("plain");
     let c = cluster("a", 1);
     let node = &c.nodes[0];
     let cg = Cgroup::create("n0");
-    let d = Deployment::start_opts(&c, Path::new("/nonexistent/peerd"), &dir.0, &[], registry_only(None, None));
+    let d = Deployment::start_opts(&c, Path::new("/nonexistent/peerd"), dir.path(), &[], registry_only(None, None));
     assert_eq!(d.registry_url, format!("http://{}:5000", c.registry.ip));
-    let ctd = Containerd::start_in(&dir.0, Some(&node.ns), Some(&cg));
+    let ctd = Containerd::start_in(dir.path(), Some(&node.ns), Some(&cg));
     assert!(cg.pids().contains(&ctd.proc.pid()), "containerd {} not in {:?}: {:?}", ctd.proc.pid(), cg.path, cg.pids());
 
     // Commands made like ctr's run in the node's namespace and cgroup (and see the cgroup path).
@@ -77,7 +64,7 @@ fn plain_http_pull_from_inside_a_node_namespace_and_cgroup_without_hosts_toml() 
     assert!(inside.contains(&format!("inet {}/", node.ip)), "{inside}");
     assert!(inside.contains("path-visible"), "{inside}");
 
-    let image = Image::build(&dir.0, &[("a.bin", 200_000)]);
+    let image = Image::build(dir.path(), &[("a.bin", 200_000)]);
     image.push_to(Some(&node.ns), &d.registry_host, "app");
     let before = d.registry_blob_gets().len();
     let reference = format!("{}/app:v1", d.registry_host);
@@ -91,15 +78,15 @@ fn plain_http_pull_from_inside_a_node_namespace_and_cgroup_without_hosts_toml() 
 
 #[test]
 fn https_pull_trusting_the_test_ca_through_ssl_cert_file() {
-    let dir = TempDir::new("tls");
+    let dir = temp_dir("tls");
     let c = cluster("b", 1);
     let node = &c.nodes[0];
     let cg = Cgroup::create("n0");
-    let ca = TestCa::create(&dir.0.join("ca"));
-    let d = Deployment::start_opts(&c, Path::new("/nonexistent/peerd"), &dir.0, &[], registry_only(Some(&ca), Some("registry.test")));
+    let ca = TestCa::create(&dir.path().join("ca"));
+    let d = Deployment::start_opts(&c, Path::new("/nonexistent/peerd"), dir.path(), &[], registry_only(Some(&ca), Some("registry.test")));
     assert_eq!(d.registry_url, "https://registry.test:5000");
-    let ctd = Containerd::start_in(&dir.0, Some(&node.ns), Some(&cg));
-    let image = Image::build(&dir.0, &[("a.bin", 200_000)]);
+    let ctd = Containerd::start_in(dir.path(), Some(&node.ns), Some(&cg));
+    let image = Image::build(dir.path(), &[("a.bin", 200_000)]);
     image.push_to(Some(&node.ns), &d.registry_host, "app");
     let ca_pem = ca.ca_pem_path.to_str().unwrap();
 
@@ -131,13 +118,13 @@ fn fake_agent() {
 
 #[test]
 fn agents_run_in_their_cgroups_and_restart_with_the_same_command_line() {
-    let dir = TempDir::new("agents");
+    let dir = temp_dir("agents");
     let c = cluster("c", 2);
     let cgs = [Cgroup::create("n0"), Cgroup::create("n1")];
     // `peerd` here is a script: it records its arguments (and whether the cgroup they name
     // exists in its mount namespace), then becomes this test binary's `fake_agent`.
-    let script = dir.0.join("fake-peerd");
-    let args_log = dir.0.join("args.log");
+    let script = dir.path().join("fake-peerd");
+    let args_log = dir.path().join("args.log");
     std::fs::write(
         &script,
         r#"#!/bin/sh
@@ -163,7 +150,7 @@ exec "$FAKE_AGENT_EXE" fake_agent --exact --nocapture --test-threads=1 -q
         ],
         ..Options::default()
     };
-    let mut d = Deployment::start_opts(&c, &script, &dir.0, &["--trust-cluster"], opts);
+    let mut d = Deployment::start_opts(&c, &script, dir.path(), &["--trust-cluster"], opts);
     for (i, cg) in cgs.iter().enumerate() {
         let pid = d.agents[i].as_ref().unwrap().pid();
         assert_eq!(cg.pids(), vec![pid], "agent {i} (pid {pid}) not alone in {:?}", cg.path);
@@ -184,7 +171,7 @@ exec "$FAKE_AGENT_EXE" fake_agent --exact --nocapture --test-threads=1 -q
     let lines: Vec<String> = std::fs::read_to_string(&args_log).unwrap().lines().filter(|l| !l.starts_with("visible")).map(str::to_owned).collect();
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert_eq!(lines[2], d.agent_args(0).join(" "), "restarted differently");
-    assert!(dir.0.join("agent0.1.log").exists(), "the restart's log");
+    assert!(dir.path().join("agent0.1.log").exists(), "the restart's log");
 
     let st = d.stop_agent(1, Duration::from_secs(5)).expect("the agent ends on SIGTERM");
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), Some(libc::SIGTERM), "{st}");
