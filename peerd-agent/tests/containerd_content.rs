@@ -15,7 +15,7 @@ async fn metrics(client: &reqwest::Client, agent: &Agent) -> String {
 }
 
 fn metric(m: &str, name: &str) -> u64 {
-    m.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or_else(|| panic!("{name} missing:\n{m}"))
+    metric_value(m, name).unwrap_or_else(|| panic!("{name} missing:\n{m}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

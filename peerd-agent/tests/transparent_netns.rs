@@ -51,13 +51,9 @@ fn blob_get_agents(d: &Deployment, before: usize) -> Vec<String> {
 }
 
 /// One counter from the agent's /metrics, read inside the node's namespace (0 if absent).
-fn metric(ns: &str, line_prefix: &str) -> u64 {
+fn metric(ns: &str, name: &str) -> u64 {
     let out = Command::new("ip").args(["netns", "exec", ns, "curl", "-sS", "--max-time", "5", "http://127.0.0.1:30000/metrics"]).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .filter(|l| l.starts_with(line_prefix) && l[line_prefix.len()..].starts_with(' '))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok().map(|v| v as u64))
-        .sum()
+    metric_value(&String::from_utf8_lossy(&out.stdout), name).unwrap_or(0)
 }
 
 /// Waits (bounded) until the agent's redirect table holds the registry.
@@ -154,15 +150,17 @@ fn plain_http_pulls_are_served_shared_and_fail_open() {
     d.start_agent(1);
     wait_redirecting(&c.nodes[1].ns);
     let pid = d.agents[1].as_ref().unwrap().pid() as i32;
-    let kernel_pid = hung_agent_pid(&c.nodes[1].ns, pid);
+    // `ip netns exec` execs the agent, so the child's PID is the agent itself.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), "peerd", "expected the agent at pid {pid}");
     // SAFETY: signals to a process this test started.
-    unsafe { libc::kill(kernel_pid, libc::SIGSTOP) };
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
     std::thread::sleep(Duration::from_millis(1300));
     ctds[1].forget(&reference);
     let before = d.registry_blob_gets().len();
     let r = ctds[1].pull_plain(&reference, true);
     // SAFETY: as above.
-    unsafe { libc::kill(kernel_pid, libc::SIGCONT) };
+    unsafe { libc::kill(pid, libc::SIGCONT) };
     r.unwrap_or_else(|e| panic!("pull with the agent hung: {e}"));
     check_content(&ctds[1], &image);
     let agents = blob_get_agents(&d, before);
@@ -174,13 +172,6 @@ fn plain_http_pulls_are_served_shared_and_fail_open() {
     let log = std::fs::read_to_string(dir.path().join("agent1.1.log")).unwrap_or_default();
     assert!(log.contains("programs detached"), "no detach in the log: {log}");
     eprintln!("pull with the agent killed: {dead:?}");
-}
-
-/// The agent's PID: `ip netns exec` execs it, so the child PID is the agent itself.
-fn hung_agent_pid(_ns: &str, pid: i32) -> i32 {
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    assert_eq!(comm.trim(), "peerd", "expected the agent at pid {pid}");
-    pid
 }
 
 #[test]
