@@ -4,7 +4,7 @@
 use std::{
     fs::File,
     os::fd::AsRawFd,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
 };
@@ -32,49 +32,9 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A child cgroup v2 directory; removed on drop (any process still in it is killed first).
-pub struct TestCgroup {
-    pub path: PathBuf,
-    mounted: Option<PathBuf>,
-}
-
-impl TestCgroup {
-    pub fn new() -> Result<Self> {
-        let (root, mounted) = match peerd_agent::bpf::cgroup2_mount() {
-            Ok(root) => (root, None),
-            Err(_) => {
-                let dir = std::env::temp_dir().join(unique("peerd-cg2-"));
-                std::fs::create_dir_all(&dir)?;
-                run("mount", &["-t", "cgroup2", "none", &dir.to_string_lossy()])?;
-                (dir.clone(), Some(dir))
-            }
-        };
-        let path = root.join(unique("peerd-test-"));
-        std::fs::create_dir(&path).with_context(|| format!("mkdir {path:?}"))?;
-        Ok(Self { path, mounted })
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
-            for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-                // SAFETY: kill on a pid we put in our own cgroup.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        for _ in 0..100 {
-            if std::fs::remove_dir(&self.path).is_ok() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        if let Some(m) = &self.mounted {
-            let _ = run("umount", &[&m.to_string_lossy()]);
-            let _ = std::fs::remove_dir(m);
-        }
-    }
-}
+/// A throwaway cgroup v2 directory (processes left in it killed, removed on drop): the same
+/// helper the multi-node harness uses.
+pub use xtask::cgroup::Cgroup;
 
 /// A network namespace with loopback up; deleted on drop.
 pub struct Netns {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use bpf_tests::{require_root, Netns, TestCgroup};
+use bpf_tests::{require_root, Netns, Cgroup};
 use peerd_agent::bpf::Kernel;
 use peerd_common::Counter;
 
@@ -18,7 +18,7 @@ use peerd_common::Counter;
 struct Joined(String);
 
 impl Joined {
-    fn join(cg: &TestCgroup) -> Result<Self> {
+    fn join(cg: &Cgroup) -> Result<Self> {
         let own = std::fs::read_to_string("/proc/self/cgroup")?;
         let rel = own.lines().find_map(|l| l.strip_prefix("0::")).context("cgroup v2 path")?.to_string();
         std::fs::write(cg.path.join("cgroup.procs"), std::process::id().to_string())?;
@@ -56,7 +56,7 @@ fn accept_one(ls: &[(&'static str, &TcpListener)]) -> Result<&'static str> {
 fn exempt_process_reaches_the_registry_others_are_redirected() -> Result<()> {
     require_root();
     let ns = Netns::new()?;
-    let cg = TestCgroup::new()?;
+    let cg = Cgroup::create("bpf");
     let mut kernel = Kernel::load()?;
     kernel.attach_cgroup(&cg.path)?;
     kernel.set_stale_after(Duration::from_secs(60))?;
@@ -108,7 +108,7 @@ fn exempt_process_reaches_the_registry_others_are_redirected() -> Result<()> {
 
     // Outside the attached cgroup, registration is not needed and says so.
     let mut kernel2 = Kernel::load()?;
-    let other = TestCgroup::new()?;
+    let other = Cgroup::create("bpf");
     kernel2.attach_cgroup(&other.path)?;
     let none = ns.run(|| {
         let l = TcpListener::bind("127.0.0.1:0")?;

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use bpf_tests::{require_root, Netns, TestCgroup};
+use bpf_tests::{require_root, Netns, Cgroup};
 use peerd_agent::bpf::Kernel;
 use peerd_common::Counter;
 
@@ -16,7 +16,7 @@ use peerd_common::Counter;
 /// the programs attached to a cgroup the probe joins.
 struct Node {
     ns: Netns,
-    cg: TestCgroup,
+    cg: Cgroup,
     kernel: Kernel,
     listeners: Vec<(&'static str, TcpListener)>,
     registry: SocketAddr,
@@ -51,7 +51,7 @@ impl Node {
             Ok(v)
         })?;
         let agent = listeners[0].1.local_addr()?;
-        let cg = TestCgroup::new()?;
+        let cg = Cgroup::create("bpf");
         let mut kernel = Kernel::load()?;
         kernel.attach_cgroup(&cg.path)?;
         Ok(Self { ns, cg, kernel, listeners, registry: registry.parse()?, agent })

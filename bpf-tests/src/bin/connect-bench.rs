@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::Result;
-use bpf_tests::{Netns, TestCgroup};
+use bpf_tests::{Netns, Cgroup};
 use peerd_agent::bpf::Kernel;
 
 const ROUNDS: usize = 10;
@@ -20,8 +20,8 @@ fn main() -> Result<()> {
     let ns = Netns::new()?;
     // Two sibling cgroups: one without programs (baseline), one with them attached. The process
     // hops between them, so the cases interleave in rounds and share the machine's noise.
-    let plain = TestCgroup::new()?;
-    let attached = TestCgroup::new()?;
+    let plain = Cgroup::create("bpf");
+    let attached = Cgroup::create("bpf");
     bpf_tests::enter_netns(&ns.name)?;
 
     let registry = listener("127.0.0.2:5000")?;
@@ -34,7 +34,7 @@ fn main() -> Result<()> {
     kernel.heartbeat()?;
     kernel.set_redirect(registry, agent)?;
 
-    let join = |cg: &TestCgroup| std::fs::write(cg.path.join("cgroup.procs"), std::process::id().to_string());
+    let join = |cg: &Cgroup| std::fs::write(cg.path.join("cgroup.procs"), std::process::id().to_string());
     join(&attached)?;
     sample(registry, WARMUP)?;
     let mut cases: [Vec<f64>; 3] = Default::default();
