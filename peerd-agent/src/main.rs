@@ -138,6 +138,11 @@ struct AgentArgs {
     /// UDP address gossip listens on (used with --seed).
     #[arg(long, env = "PEERD_GOSSIP_ADDR", default_value = "0.0.0.0:30001")]
     gossip_addr: SocketAddr,
+    /// Bytes per second chitchat's anti-entropy may send in steady state (0 = no limit). Every
+    /// exchange carries a digest of all members (~10 bytes each), so large clusters exchange
+    /// less often instead of sending more; content changes travel as rumors either way.
+    #[arg(long, env = "PEERD_GOSSIP_BUDGET", default_value_t = 16_000)]
+    gossip_budget: u64,
     /// Topology zone of this node (peers in the same zone are preferred).
     #[arg(long, env = "PEERD_ZONE", default_value = "")]
     zone: String,
@@ -466,6 +471,7 @@ fn agent(args: AgentArgs) -> Result<()> {
             g.listen_addr = args.gossip_addr;
             g.zone = args.zone.clone();
             g.seeds = args.seeds.clone();
+            g.budget = args.gossip_budget;
             let gossip = std::sync::Arc::new(Gossip::start(g).await.context("starting gossip")?);
             tokio::spawn(peerd_agent::peers::advertise(gossip.clone(), store.clone(), containerd.clone()));
             Some(std::sync::Arc::new(GossipPeers { gossip, me, zone: args.zone.clone() }))

@@ -42,6 +42,9 @@ struct Args {
     /// Gossip interval in milliseconds.
     #[arg(long, default_value_t = 100)]
     interval_ms: u64,
+    /// Anti-entropy byte budget per node per second (0 = unlimited), as `--gossip-budget`.
+    #[arg(long, default_value_t = 16_000)]
+    budget: u64,
     /// Packet loss (0..1) for the lossy propagation run.
     #[arg(long, default_value_t = 0.05)]
     loss: f64,
@@ -65,6 +68,7 @@ fn main() -> std::process::ExitCode {
         nodes: args.nodes.max(2),
         blobs: args.blobs,
         interval: Duration::from_millis(args.interval_ms),
+        budget: args.budget,
         loss: args.loss,
         seed: args.seed,
         max_wait: Duration::from_secs(args.max_wait_s),

@@ -162,6 +162,11 @@ impl<K: Clone + Eq + Hash> Index<K> {
     }
 
     /// Number of (node, fingerprint) entries held.
+    /// The slot of a node, if indexed.
+    pub fn slot_of(&self, key: &K) -> Option<Slot> {
+        self.slots.get(key).copied()
+    }
+
     pub fn len(&self) -> usize {
         self.tables.iter().flatten().map(Vec::len).sum()
     }

@@ -3,9 +3,14 @@
 //! Every node publishes a few small keys (peer address, zone, version, and its content summary
 //! in 256 shards, see `summary`), gossips them sealed with the cluster secret (`seal`,
 //! `transport`), and folds what it hears into a local inverted index (`index`), so "who has
-//! digest D" never leaves the process. Encoding and invariants: PROTOCOL.md.
+//! digest D" never leaves the process. Small content changes are also pushed as rumors
+//! (`rumor`) so they reach everyone within a few rounds, while chitchat's anti-entropy, whose
+//! every exchange carries a digest of all members, is held to a byte budget (`pace`).
+//! Encoding and invariants: PROTOCOL.md.
 
 pub mod index;
+pub mod pace;
+pub mod rumor;
 pub mod seal;
 pub mod sim;
 pub mod summary;
@@ -16,12 +21,13 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use async_trait::async_trait;
 use chitchat::transport::Transport;
 use chitchat::{
     ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, ListenerHandle,
     ProtocolVersion, spawn_chitchat,
 };
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -31,6 +37,7 @@ pub use seal::CounterSnapshot;
 pub use summary::{ContentChange, Digest, Kind};
 
 use index::{Index, KeyView};
+use rumor::{RumorCounters, Rumors};
 use seal::Counters;
 use summary::{KeyUpdate, LocalContent};
 
@@ -56,9 +63,13 @@ pub struct GossipConfig {
     /// `ip:port` or `host:port` (a headless Service resolves to every agent pod).
     pub seeds: Vec<String>,
     pub secret: Vec<u8>,
-    /// 100 ms: p99 propagation to 1,000 nodes takes about log3(1000) ~ 7 rounds, so 100 ms keeps
-    /// it under 1 s; the cost is digest traffic that grows with the cluster (PROTOCOL.md).
+    /// The round: chitchat's gossip interval and the rumor tick. 100 ms: a rumor reaches 1,000
+    /// nodes in about log3(1000) ~ 7 rounds, under 1 s.
     pub gossip_interval: Duration,
+    /// Steady-state gossip bytes per second per node that chitchat's anti-entropy may use
+    /// (`pace`; 0 = unlimited). Small clusters never reach it; large ones exchange digests less
+    /// often instead of sending more.
+    pub budget: u64,
     /// How long a dead node stays listed (as dead) before it is forgotten.
     pub dead_node_grace_period: Duration,
     /// How often DNS seeds are re-resolved (every second while no peer is known).
@@ -78,6 +89,7 @@ impl GossipConfig {
             seeds: Vec::new(),
             secret: secret.into(),
             gossip_interval: Duration::from_millis(100),
+            budget: 16_000,
             dead_node_grace_period: Duration::from_secs(60 * 60),
             seed_refresh: Duration::from_secs(30),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -151,6 +163,31 @@ struct View {
     peers: HashMap<Slot, PeerInfo>,
     /// Last heartbeat seen per slot, to tell when a peer was last heard from.
     heartbeats: HashMap<Slot, u64>,
+    /// chitchat's max version per slot: how far the index is for that node (rumors older than
+    /// this are already in it).
+    versions: HashMap<Slot, u64>,
+}
+
+impl View {
+    fn known_version(&self, id: &ChitchatId) -> Option<u64> {
+        self.index.slot_of(id).and_then(|slot| self.versions.get(&slot).copied())
+    }
+
+    fn live_members(&self) -> usize {
+        1 + self.peers.values().filter(|p| p.state == PeerState::Alive).count()
+    }
+}
+
+/// Where rumor datagrams go out: sealed UDP, or the simulator's network.
+#[async_trait]
+pub trait RumorSender: Send + Sync + 'static {
+    async fn send(&self, to: SocketAddr, payload: &[u8]);
+}
+
+/// The rumor side of a transport: a sender and the inbox of received payloads.
+pub struct RumorLink {
+    pub sender: Arc<dyn RumorSender>,
+    pub inbox: mpsc::Receiver<(SocketAddr, Vec<u8>)>,
 }
 
 /// A running gossip member.
@@ -158,6 +195,7 @@ pub struct Gossip {
     handle: Arc<ChitchatHandle>,
     view: Arc<RwLock<View>>,
     local: Mutex<LocalContent>,
+    rumors: Arc<Mutex<Rumors>>,
     counters: Arc<Counters>,
     tasks: Vec<JoinHandle<()>>,
     _listener: ListenerHandle,
@@ -171,14 +209,18 @@ impl Gossip {
         }
         let counters = Arc::new(Counters::default());
         let transport = transport::SealedUdpTransport::new(&config.secret, counters.clone());
-        Self::start_with_transport(config, &transport, counters).await
+        let link = transport
+            .rumor_link()
+            .ok_or_else(|| GossipError::Config("rumor link already taken".into()))?;
+        Self::start_with_transport(config, &transport, counters, link).await
     }
 
-    /// Joins over any chitchat transport (the simulator's in-memory one).
+    /// Joins over any chitchat transport and rumor link (the simulator's in-memory ones).
     pub async fn start_with_transport(
         config: GossipConfig,
         transport: &dyn Transport,
         counters: Arc<Counters>,
+        link: RumorLink,
     ) -> Result<Gossip, GossipError> {
         let advertise = config.advertise_addr();
         let generation = SystemTime::now()
@@ -193,6 +235,9 @@ impl Gossip {
             seed_nodes: config.seeds.clone(),
             failure_detector_config: FailureDetectorConfig {
                 initial_interval: config.gossip_interval,
+                // 100 inter-arrival samples per peer (chitchat's default keeps 1,000: 8 MB per
+                // node at 1,000 peers) still cover a minute or more of history when paced.
+                sampling_window_size: 100,
                 dead_node_grace_period: config.dead_node_grace_period,
                 ..FailureDetectorConfig::default()
             },
@@ -207,7 +252,11 @@ impl Gossip {
             (KEY_ZONE.to_string(), config.zone.clone()),
             (KEY_VERSION.to_string(), config.version.clone()),
         ];
-        let handle = spawn_chitchat(chitchat_config, initial, transport)
+        let paced = pace::Paced::open(transport, config.listen_addr, config.budget, counters.clone())
+            .await
+            .map_err(|e| GossipError::Start(e.into()))?;
+        let me = chitchat_config.chitchat_id.clone();
+        let handle = spawn_chitchat(chitchat_config, initial, &paced)
             .await
             .map_err(|e| GossipError::Start(e.into()))?;
         let handle = Arc::new(handle);
@@ -219,14 +268,18 @@ impl Gossip {
             guard.subscribe_event("", move |_| changed.notify_one())
         };
         let view = Arc::new(RwLock::new(View::default()));
+        let seed = me.generation_id ^ u64::from_le_bytes(blake3::hash(me.node_id.as_bytes()).as_bytes()[..8].try_into().unwrap_or_default());
+        let rumors = Arc::new(Mutex::new(Rumors::new(me, seed)));
         let tasks = vec![
-            tokio::spawn(refresh_loop(handle.clone(), view.clone(), changed, config.gossip_interval)),
+            tokio::spawn(refresh_loop(handle.clone(), view.clone(), rumors.clone(), changed, config.gossip_interval)),
             tokio::spawn(seed_loop(handle.clone(), config.seeds.clone(), advertise, config.seed_refresh)),
+            tokio::spawn(rumor_loop(view.clone(), rumors.clone(), link, config.gossip_interval)),
         ];
         Ok(Gossip {
             handle,
             view,
             local: Mutex::new(LocalContent::default()),
+            rumors,
             counters,
             tasks,
             _listener: listener,
@@ -243,32 +296,35 @@ impl Gossip {
         complete: impl IntoIterator<Item = Digest>,
         partial: impl IntoIterator<Item = Digest>,
     ) {
-        let updates = match self.local.lock() {
+        let (updates, changes) = match self.local.lock() {
             Ok(mut local) => {
                 local.set(complete, partial);
-                local.take_updates()
+                (local.take_updates(), local.take_changes())
             }
             Err(_) => return,
         };
-        self.publish(updates).await;
+        self.publish(updates, changes).await;
     }
 
     /// Applies incremental changes (a blob finished, started, was evicted).
     pub async fn apply(&self, changes: impl IntoIterator<Item = ContentChange>) {
-        let updates = match self.local.lock() {
+        let (updates, changes) = match self.local.lock() {
             Ok(mut local) => {
                 local.apply(changes);
-                local.take_updates()
+                (local.take_updates(), local.take_changes())
             }
             Err(_) => return,
         };
-        self.publish(updates).await;
+        self.publish(updates, changes).await;
     }
 
-    async fn publish(&self, updates: Vec<KeyUpdate>) {
+    /// Writes the changed shards to chitchat, then rumors the per-blob changes (`None`: too
+    /// many, anti-entropy alone carries them) tagged with the version that includes them.
+    async fn publish(&self, updates: Vec<KeyUpdate>, changes: Option<Vec<ContentChange>>) {
         if updates.is_empty() {
             return;
         }
+        let members = self.view.read().map(|view| view.live_members()).unwrap_or(1);
         let chitchat = self.handle.chitchat();
         let mut chitchat = chitchat.lock().await;
         let state = chitchat.self_node_state();
@@ -280,6 +336,13 @@ impl Gossip {
                         state.delete(&key)
                     }
                 }
+            }
+        }
+        let version = state.max_version();
+        if let Ok(mut rumors) = self.rumors.lock() {
+            match changes {
+                Some(changes) => rumors.publish(&changes, version, members),
+                None => rumors.counters.bulk_skipped += 1,
             }
         }
     }
@@ -298,6 +361,11 @@ impl Gossip {
         let Ok(view) = self.view.read() else { return Vec::new() };
         let mut slots = Vec::new();
         view.index.lookup(digest, &mut slots);
+        if let Ok(rumors) = self.rumors.lock() {
+            if !rumors.overlay().is_empty() {
+                rumors.overlay().adjust(digest, &mut slots, |id| view.index.slot_of(id));
+            }
+        }
         slots
             .into_iter()
             .filter_map(|(slot, kind)| {
@@ -317,6 +385,14 @@ impl Gossip {
         self.counters.snapshot()
     }
 
+    /// Rumor counters and the overlay's size.
+    pub fn rumor_stats(&self) -> (RumorCounters, usize) {
+        match self.rumors.lock() {
+            Ok(rumors) => (rumors.counters, rumors.overlay().len()),
+            Err(_) => (RumorCounters::default(), 0),
+        }
+    }
+
     /// (index entries, index table bytes, undecodable shard values seen).
     pub fn index_stats(&self) -> (usize, usize, u64) {
         match self.view.read() {
@@ -327,7 +403,7 @@ impl Gossip {
 
     /// Rebuilds the local view now instead of at the next change or tick.
     pub async fn refresh(&self) {
-        refresh(&self.handle, &self.view).await;
+        refresh(&self.handle, &self.view, &self.rumors).await;
     }
 
     /// Leaves: stops gossiping (peers will see this node die) and the background tasks.
@@ -352,6 +428,7 @@ impl Drop for Gossip {
 async fn refresh_loop(
     handle: Arc<ChitchatHandle>,
     view: Arc<RwLock<View>>,
+    rumors: Arc<Mutex<Rumors>>,
     changed: Arc<Notify>,
     interval: Duration,
 ) {
@@ -360,17 +437,49 @@ async fn refresh_loop(
             _ = changed.notified() => {}
             _ = tokio::time::sleep(interval) => {}
         }
-        refresh(&handle, &view).await;
+        refresh(&handle, &view, &rumors).await;
     }
 }
 
-async fn refresh(handle: &ChitchatHandle, view: &RwLock<View>) {
+/// Each round: hot rumors out to random live peers; received ones in as they come.
+async fn rumor_loop(view: Arc<RwLock<View>>, rumors: Arc<Mutex<Rumors>>, link: RumorLink, interval: Duration) {
+    let RumorLink { sender, mut inbox } = link;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let peers: Vec<SocketAddr> = match view.read() {
+                    Ok(view) => view.peers.values().filter(|p| p.state == PeerState::Alive).map(|p| p.gossip_addr).collect(),
+                    Err(_) => return,
+                };
+                let out = match rumors.lock() {
+                    Ok(mut rumors) => rumors.poll_transmit(&peers),
+                    Err(_) => return,
+                };
+                for (to, payload) in out {
+                    sender.send(to, &payload).await;
+                }
+            }
+            received = inbox.recv() => {
+                let Some((from, payload)) = received else { return };
+                let Ok(view) = view.read() else { return };
+                let Ok(mut rumors) = rumors.lock() else { return };
+                if let Err(error) = rumors.receive(&payload, Instant::now(), view.live_members(), |id| view.known_version(id)) {
+                    debug!(%from, %error, "undecodable rumor");
+                }
+            }
+        }
+    }
+}
+
+async fn refresh(handle: &ChitchatHandle, view: &RwLock<View>, rumors: &Mutex<Rumors>) {
     let chitchat = handle.chitchat();
     let chitchat = chitchat.lock().await;
     let me = chitchat.self_chitchat_id().clone();
     let live: HashSet<&ChitchatId> = chitchat.live_nodes().collect();
     let Ok(mut view) = view.write() else { return };
-    let View { index, peers, heartbeats } = &mut *view;
+    let View { index, peers, heartbeats, versions } = &mut *view;
     let now = Instant::now();
     let mut present = HashSet::with_capacity(chitchat.node_states().len());
     for (id, state) in chitchat.node_states() {
@@ -391,6 +500,7 @@ async fn refresh(handle: &ChitchatHandle, view: &RwLock<View>) {
                 continue;
             }
         };
+        versions.insert(slot, state.max_version());
         let alive = if live.contains(id) { PeerState::Alive } else { PeerState::Dead };
         let heartbeat = u64::from(state.heartbeat());
         let peer = peers.entry(slot).or_insert_with(|| PeerInfo {
@@ -424,6 +534,10 @@ async fn refresh(handle: &ChitchatHandle, view: &RwLock<View>) {
     index.retain(|id| present.contains(id));
     peers.retain(|slot, _| index.key(*slot).is_some());
     heartbeats.retain(|slot, _| index.key(*slot).is_some());
+    versions.retain(|slot, _| index.key(*slot).is_some());
+    if let Ok(mut rumors) = rumors.lock() {
+        rumors.prune(now, |id| index.slot_of(id).and_then(|slot| versions.get(&slot).copied()));
+    }
 }
 
 /// Gossips with seed addresses we do not know yet: at start, then every `every` (every second
@@ -503,6 +617,19 @@ mod tests {
             }
         }
         assert!(met, "members did not meet");
+        // A later single change travels as a rumor over the sealed socket.
+        let dc = [3u8; 32];
+        a.apply([ContentChange::Complete(dc)]).await;
+        let mut rumored = false;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if b.rumor_stats().0.received_new > 0 {
+                rumored = true;
+                break;
+            }
+        }
+        assert!(rumored, "no rumor arrived: {:?}", b.rumor_stats());
+        assert!(b.who_has(&dc).iter().any(|h| &*h.id == "n41001"));
         tokio::time::sleep(Duration::from_millis(300)).await;
         for member in [&a, &b] {
             assert!(member.peers().iter().all(|p| &*p.id != "n41003"));

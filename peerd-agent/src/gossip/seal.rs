@@ -15,6 +15,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 /// Largest UDP payload over IPv4.
 pub const MAX_DATAGRAM: usize = 65_507;
 const MAGIC: [u8; 2] = *b"pg";
+/// Rumor datagrams (`rumor`): same seal, another magic, never handed to chitchat.
+const MAGIC_RUMOR: [u8; 2] = *b"pr";
 const VERSION: u8 = 1;
 const HEADER: usize = 3;
 const TAG: usize = 16;
@@ -29,6 +31,31 @@ const MAX_FRAGMENTS: u8 = 2;
 /// Messages being reassembled at once; the oldest is dropped beyond this.
 const MAX_PENDING: usize = 64;
 const KEY_CONTEXT: &str = "peerd 2025 gossip datagram key v1";
+
+/// What a sealed datagram carries; the magic that says so is authenticated (part of the AAD).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    Chitchat,
+    Rumor,
+}
+
+impl Channel {
+    fn magic(self) -> [u8; 2] {
+        match self {
+            Channel::Chitchat => MAGIC,
+            Channel::Rumor => MAGIC_RUMOR,
+        }
+    }
+}
+
+/// The channel a datagram claims (checked when it is opened).
+pub fn channel_of(datagram: &[u8]) -> Option<Channel> {
+    match datagram.get(..2)? {
+        m if m == MAGIC => Some(Channel::Chitchat),
+        m if m == MAGIC_RUMOR => Some(Channel::Rumor),
+        _ => None,
+    }
+}
 
 /// Why a datagram was dropped; each has a counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +86,10 @@ pub struct Counters {
     pub evicted: AtomicU64,
     pub undecodable: AtomicU64,
     pub oversize: AtomicU64,
+    /// chitchat SYNs not sent because the gossip budget was spent (`pace`).
+    pub paced: AtomicU64,
+    /// Rumor datagrams that could not be queued to the rumor task (it was behind).
+    pub rumor_backlog: AtomicU64,
     pub datagrams_sent: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub datagrams_received: AtomicU64,
@@ -75,6 +106,8 @@ pub struct CounterSnapshot {
     pub evicted: u64,
     pub undecodable: u64,
     pub oversize: u64,
+    pub paced: u64,
+    pub rumor_backlog: u64,
     pub datagrams_sent: u64,
     pub bytes_sent: u64,
     pub datagrams_received: u64,
@@ -117,6 +150,8 @@ impl Counters {
             evicted: get(&self.evicted),
             undecodable: get(&self.undecodable),
             oversize: get(&self.oversize),
+            paced: get(&self.paced),
+            rumor_backlog: get(&self.rumor_backlog),
             datagrams_sent: get(&self.datagrams_sent),
             bytes_sent: get(&self.bytes_sent),
             datagrams_received: get(&self.datagrams_received),
@@ -147,6 +182,11 @@ impl Sealer {
 
     /// Seals one chitchat message into one or two datagrams.
     pub fn seal(&mut self, message: &[u8]) -> Result<Vec<Vec<u8>>, Drop> {
+        self.seal_on(Channel::Chitchat, message)
+    }
+
+    /// Seals one message of `channel` into one or two datagrams.
+    pub fn seal_on(&mut self, channel: Channel, message: &[u8]) -> Result<Vec<Vec<u8>>, Drop> {
         let count = message.len().div_ceil(MAX_FRAGMENT).max(1);
         let count = u8::try_from(count).map_err(|_| Drop::Oversize)?;
         if count > MAX_FRAGMENTS {
@@ -164,7 +204,7 @@ impl Sealer {
             let mut nonce = [0u8; NONCE_LEN];
             self.rng.fill(&mut nonce).map_err(|_| Drop::Oversize)?;
             let mut datagram = Vec::with_capacity(chunk.len() + OVERHEAD);
-            datagram.extend_from_slice(&MAGIC);
+            datagram.extend_from_slice(&channel.magic());
             datagram.push(VERSION);
             datagram.extend_from_slice(&nonce);
             let body_start = datagram.len();
@@ -189,7 +229,7 @@ impl Sealer {
 
     /// Opens one datagram into (message id, index, count, payload).
     pub fn open(&self, datagram: &mut [u8]) -> Result<(u32, u8, u8, Vec<u8>), Drop> {
-        if datagram.len() < OVERHEAD || datagram[..2] != MAGIC {
+        if datagram.len() < OVERHEAD || channel_of(datagram).is_none() {
             return Err(Drop::NotSealed);
         }
         if datagram[2] != VERSION {
@@ -283,6 +323,18 @@ mod tests {
             assert_eq!(got.unwrap(), message);
         }
         assert!(sealer.seal(&vec![0; 2 * MAX_FRAGMENT + 1]).is_err());
+    }
+
+    #[test]
+    fn the_channel_is_authenticated() {
+        let mut sealer = Sealer::new(b"secret");
+        let mut rumor = sealer.seal_on(Channel::Rumor, b"rumor").unwrap().remove(0);
+        assert_eq!(channel_of(&rumor), Some(Channel::Rumor));
+        let mut relabelled = rumor.clone();
+        relabelled[..2].copy_from_slice(&MAGIC);
+        assert_eq!(channel_of(&relabelled), Some(Channel::Chitchat));
+        assert_eq!(sealer.open(&mut relabelled), Err(Drop::AuthFailed));
+        assert_eq!(sealer.open(&mut rumor).unwrap().3, b"rumor");
     }
 
     #[test]

@@ -19,15 +19,19 @@ use chitchat::ChitchatEnvelope;
 use chitchat::transport::{ChannelTransport, RecvOutcome, SendOutcome, Socket, Transport};
 use tokio::time::Instant;
 
+use tokio::sync::mpsc;
+
 use super::seal::{Counters, MAX_DATAGRAM, OVERHEAD};
 use super::summary::{self, ContentChange, Digest};
-use super::{Gossip, GossipConfig};
+use super::{Gossip, GossipConfig, RumorLink, RumorSender};
 
 #[derive(Debug, Clone)]
 pub struct SimOptions {
     pub nodes: usize,
     pub blobs: usize,
     pub interval: Duration,
+    /// Anti-entropy byte budget per node (`GossipConfig::budget`).
+    pub budget: u64,
     /// Packet loss during the lossy propagation run.
     pub loss: f64,
     pub seed: u64,
@@ -70,6 +74,9 @@ struct Net {
     side_b: Mutex<HashSet<SocketAddr>>,
     rng: Mutex<Option<Rng>>,
     sent: Mutex<HashMap<SocketAddr, u64>>,
+    /// Bytes of rumors among `sent`.
+    rumor_bytes: AtomicU64,
+    inboxes: Mutex<HashMap<SocketAddr, mpsc::Sender<(SocketAddr, Vec<u8>)>>>,
 }
 
 impl Net {
@@ -93,6 +100,42 @@ impl Net {
 
     fn total_sent(&self) -> u64 {
         self.sent.lock().map(|s| s.values().sum()).unwrap_or(0)
+    }
+
+    fn count_sent(&self, from: SocketAddr, bytes: u64) {
+        if let Ok(mut sent) = self.sent.lock() {
+            *sent.entry(from).or_default() += bytes;
+        }
+    }
+
+    fn rumor_link(self: &Arc<Self>, addr: SocketAddr) -> RumorLink {
+        let (tx, inbox) = mpsc::channel(1_024);
+        if let Ok(mut inboxes) = self.inboxes.lock() {
+            inboxes.insert(addr, tx);
+        }
+        RumorLink { sender: Arc::new(SimRumors { addr, net: self.clone() }), inbox }
+    }
+}
+
+/// Rumors over the simulated network: same loss, partition and byte accounting as chitchat's.
+struct SimRumors {
+    addr: SocketAddr,
+    net: Arc<Net>,
+}
+
+#[async_trait]
+impl RumorSender for SimRumors {
+    async fn send(&self, to: SocketAddr, payload: &[u8]) {
+        let bytes = (payload.len() + OVERHEAD) as u64;
+        self.net.count_sent(self.addr, bytes);
+        self.net.rumor_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if !self.net.delivers(self.addr, to) {
+            return;
+        }
+        let inbox = self.net.inboxes.lock().ok().and_then(|i| i.get(&to).cloned());
+        if let Some(inbox) = inbox {
+            let _ = inbox.try_send((self.addr, payload.to_vec()));
+        }
     }
 }
 
@@ -135,9 +178,7 @@ impl Socket for SimSocket {
             let sink: SocketAddr = (Ipv4Addr::UNSPECIFIED, 9).into();
             self.inner.send(sink, envelope).await?
         };
-        if let Ok(mut sent) = self.net.sent.lock() {
-            *sent.entry(self.addr).or_default() += account(outcome.num_bytes_sent);
-        }
+        self.net.count_sent(self.addr, account(outcome.num_bytes_sent));
         Ok(outcome)
     }
 
@@ -206,7 +247,9 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
         config.zone = format!("z{}", i % 3);
         config.seeds = seeds.clone();
         config.gossip_interval = opts.interval;
-        let gossip = match Gossip::start_with_transport(config, &transport, Arc::new(Counters::default())).await {
+        config.budget = opts.budget;
+        let link = net.rumor_link(addr_of(i));
+        let gossip = match Gossip::start_with_transport(config, &transport, Arc::new(Counters::default()), link).await {
             Ok(gossip) => gossip,
             Err(error) => return format!("node {i} failed to start: {error}\n"),
         };

@@ -144,7 +144,13 @@ pub struct LocalContent {
     published: [BTreeSet<u8>; 2],
     /// Entries left out because a shard exceeded `MAX_SHARD_ENTRIES`.
     pub truncated: u64,
+    /// Per-blob changes since the last `take_changes`, for rumors; `None` once there were more
+    /// than `MAX_TRACKED_CHANGES` (a bulk change: anti-entropy carries it).
+    changes: Option<Vec<ContentChange>>,
 }
+
+/// Per-blob changes remembered between two `take_changes`.
+pub const MAX_TRACKED_CHANGES: usize = 64;
 
 impl Default for LocalContent {
     fn default() -> Self {
@@ -153,6 +159,7 @@ impl Default for LocalContent {
             dirty: Default::default(),
             published: Default::default(),
             truncated: 0,
+            changes: Some(Vec::new()),
         }
     }
 }
@@ -174,11 +181,25 @@ impl LocalContent {
                 next[1][digest[0] as usize].insert(digest);
             }
         }
-        for kind in 0..2 {
-            for shard in 0..SHARDS {
-                if next[kind][shard] != self.shards[kind][shard] {
-                    self.dirty[kind].insert(shard as u8);
+        for shard in 0..SHARDS {
+            let (old, new) = ([&self.shards[0][shard], &self.shards[1][shard]], [&next[0][shard], &next[1][shard]]);
+            if old == new {
+                continue;
+            }
+            for kind in Kind::ALL {
+                let k = kind.index();
+                if old[k] != new[k] {
+                    self.dirty[k].insert(shard as u8);
                 }
+            }
+            let mut noted = Vec::new();
+            noted.extend(new[0].difference(old[0]).map(|d| ContentChange::Complete(*d)));
+            noted.extend(new[1].difference(old[1]).map(|d| ContentChange::Partial(*d)));
+            noted.extend(
+                old[0].iter().chain(old[1]).filter(|d| !new[0].contains(*d) && !new[1].contains(*d)).map(|d| ContentChange::Removed(*d)),
+            );
+            for change in noted {
+                self.note(change);
             }
         }
         self.shards = next;
@@ -197,6 +218,7 @@ impl LocalContent {
             if into == Some(Kind::Partial) && self.shards[0][shard as usize].contains(&digest) {
                 continue;
             }
+            let mut any = false;
             for kind in Kind::ALL {
                 let set = &mut self.shards[kind.index()][shard as usize];
                 let changed = if Some(kind) == into {
@@ -206,9 +228,28 @@ impl LocalContent {
                 };
                 if changed {
                     self.dirty[kind.index()].insert(shard);
+                    any = true;
                 }
             }
+            if any {
+                self.note(change);
+            }
         }
+    }
+
+    fn note(&mut self, change: ContentChange) {
+        if let Some(changes) = &mut self.changes {
+            if changes.len() < MAX_TRACKED_CHANGES {
+                changes.push(change);
+            } else {
+                self.changes = None;
+            }
+        }
+    }
+
+    /// The per-blob changes since the last call; `None` after a bulk change.
+    pub fn take_changes(&mut self) -> Option<Vec<ContentChange>> {
+        self.changes.replace(Vec::new())
     }
 
     /// Whether this node advertises the digest (and how).
@@ -257,6 +298,29 @@ mod tests {
         d[1] = b;
         d[2] = c;
         d
+    }
+
+    #[test]
+    fn per_blob_changes_are_tracked_until_a_bulk_change() {
+        let mut local = LocalContent::default();
+        let (a, b, c) = (digest(1, 0, 0, 1), digest(1, 0, 1, 2), digest(9, 9, 9, 3));
+        local.set([a], [b]);
+        let mut got = local.take_changes().unwrap();
+        got.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(got, vec![ContentChange::Complete(a), ContentChange::Partial(b)]);
+        local.set([a, b], [c]);
+        let mut got = local.take_changes().unwrap();
+        got.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(got, vec![ContentChange::Complete(b), ContentChange::Partial(c)]);
+        local.set([b], []);
+        let mut got = local.take_changes().unwrap();
+        got.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(got, vec![ContentChange::Removed(a), ContentChange::Removed(c)]);
+        local.apply([ContentChange::Complete(b), ContentChange::Removed(c)]);
+        assert_eq!(local.take_changes(), Some(vec![]), "no-op changes are not rumored");
+        local.set((0..=MAX_TRACKED_CHANGES as u8).map(|i| digest(i, i, i, i)), []);
+        assert_eq!(local.take_changes(), None);
+        assert_eq!(local.take_changes(), Some(vec![]));
     }
 
     #[test]

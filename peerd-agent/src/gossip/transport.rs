@@ -10,29 +10,83 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use chitchat::ChitchatEnvelope;
 use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport, UdpSocket as PlainSocket};
 use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use super::seal::{Counters, MAX_DATAGRAM, Reassembly, Sealer};
+use super::seal::{Channel, Counters, MAX_DATAGRAM, Reassembly, Sealer};
+use super::{RumorLink, RumorSender};
 
 /// Relays kept at once; past this the oldest is closed (and re-created if that peer comes back).
 const MAX_RELAYS: usize = 4_096;
 
-/// A chitchat transport that seals every datagram with the cluster secret.
+/// Rumor datagrams waiting for the rumor task; more are dropped (counted).
+const RUMOR_INBOX: usize = 1_024;
+
+/// A chitchat transport that seals every datagram with the cluster secret. Rumors share its
+/// public socket under their own magic (`seal::Channel::Rumor`).
 pub struct SealedUdpTransport {
     secret: Vec<u8>,
     counters: Arc<Counters>,
+    shared: Arc<OnceLock<Arc<Shared>>>,
+    rumor_tx: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+    rumor_rx: Mutex<Option<mpsc::Receiver<(SocketAddr, Vec<u8>)>>>,
 }
 
 impl SealedUdpTransport {
     pub fn new(secret: &[u8], counters: Arc<Counters>) -> Self {
-        Self { secret: secret.to_vec(), counters }
+        let (rumor_tx, rumor_rx) = mpsc::channel(RUMOR_INBOX);
+        Self {
+            secret: secret.to_vec(),
+            counters,
+            shared: Arc::new(OnceLock::new()),
+            rumor_tx,
+            rumor_rx: Mutex::new(Some(rumor_rx)),
+        }
+    }
+
+    /// The rumor side of this transport (once; sends go nowhere until the socket is open).
+    pub fn rumor_link(&self) -> Option<RumorLink> {
+        let inbox = self.rumor_rx.lock().ok()?.take()?;
+        Some(RumorLink { sender: Arc::new(SealedRumors(self.shared.clone())), inbox })
+    }
+}
+
+struct SealedRumors(Arc<OnceLock<Arc<Shared>>>);
+
+#[async_trait]
+impl RumorSender for SealedRumors {
+    async fn send(&self, to: SocketAddr, payload: &[u8]) {
+        let Some(shared) = self.0.get() else { return };
+        let sealed = match shared.sealer.lock() {
+            Ok(mut sealer) => sealer.seal_on(Channel::Rumor, payload),
+            Err(_) => return,
+        };
+        match sealed {
+            Ok(datagrams) => {
+                for datagram in datagrams {
+                    send_sealed(shared, &datagram, to).await;
+                }
+            }
+            Err(reason) => shared.counters.count(reason),
+        }
+    }
+}
+
+async fn send_sealed(shared: &Shared, datagram: &[u8], to: SocketAddr) {
+    use std::sync::atomic::Ordering::Relaxed;
+    match shared.public.send_to(datagram, to).await {
+        Ok(sent) => {
+            shared.counters.datagrams_sent.fetch_add(1, Relaxed);
+            shared.counters.bytes_sent.fetch_add(sent as u64, Relaxed);
+        }
+        Err(error) => debug!(%to, %error, "gossip send failed"),
     }
 }
 
@@ -49,6 +103,7 @@ struct Shared {
     sealer: Mutex<Sealer>,
     counters: Arc<Counters>,
     relays: Mutex<Relays>,
+    rumor_tx: mpsc::Sender<(SocketAddr, Vec<u8>)>,
 }
 
 #[derive(Default)]
@@ -96,7 +151,9 @@ impl Transport for SealedUdpTransport {
             sealer: Mutex::new(Sealer::new(&self.secret)),
             counters: self.counters.clone(),
             relays: Mutex::new(Relays::default()),
+            rumor_tx: self.rumor_tx.clone(),
         });
+        let _ = self.shared.set(shared.clone());
         let receiver = tokio::spawn(receive_loop(shared.clone()));
         Ok(Box::new(SealedSocket { shared, inner, receiver }))
     }
@@ -190,14 +247,7 @@ async fn relay_loop(shared: Arc<Shared>, socket: Arc<UdpSocket>, peer: SocketAdd
             }
         };
         for datagram in datagrams {
-            match shared.public.send_to(&datagram, peer).await {
-                Ok(sent) => {
-                    use std::sync::atomic::Ordering::Relaxed;
-                    shared.counters.datagrams_sent.fetch_add(1, Relaxed);
-                    shared.counters.bytes_sent.fetch_add(sent as u64, Relaxed);
-                }
-                Err(error) => debug!(%peer, %error, "gossip send failed"),
-            }
+            send_sealed(&shared, &datagram, peer).await;
         }
     }
 }
@@ -217,6 +267,7 @@ async fn receive_loop(shared: Arc<Shared>) {
         };
         shared.counters.datagrams_received.fetch_add(1, Relaxed);
         shared.counters.bytes_received.fetch_add(len as u64, Relaxed);
+        let channel = super::seal::channel_of(&buf[..len]);
         let opened = match shared.sealer.lock() {
             Ok(sealer) => sealer.open(&mut buf[..len]),
             Err(_) => return,
@@ -229,6 +280,12 @@ async fn receive_loop(shared: Arc<Shared>) {
             }
         };
         let Some(message) = reassembly.push(from, fragment, &shared.counters) else { continue };
+        if channel == Some(Channel::Rumor) {
+            if shared.rumor_tx.try_send((from, message)).is_err() {
+                shared.counters.rumor_backlog.fetch_add(1, Relaxed);
+            }
+            continue;
+        }
         let Ok(relay) = relay_for(&shared, from).await else { continue };
         let socket = shared
             .relays
