@@ -465,6 +465,7 @@ fn agent(args: AgentArgs) -> Result<()> {
         if let Some(c) = &containerd {
             transfer.set_containerd(c.clone());
         }
+        let mut gossip_metrics: Option<std::sync::Arc<Gossip>> = None;
         let directory: Option<std::sync::Arc<dyn PeerDirectory>> = if !args.seeds.is_empty() {
             let mut g = GossipConfig::new(me, secret_bytes.clone());
             g.node_id = node_id.clone();
@@ -474,6 +475,7 @@ fn agent(args: AgentArgs) -> Result<()> {
             g.budget = args.gossip_budget;
             let gossip = std::sync::Arc::new(Gossip::start(g).await.context("starting gossip")?);
             tokio::spawn(peerd_agent::peers::advertise(gossip.clone(), store.clone(), containerd.clone()));
+            gossip_metrics = Some(gossip.clone());
             Some(std::sync::Arc::new(GossipPeers { gossip, me, zone: args.zone.clone() }))
         } else if !args.peers.is_empty() {
             Some(std::sync::Arc::new(StaticPeers { me, peers: args.peers.clone() }))
@@ -488,6 +490,9 @@ fn agent(args: AgentArgs) -> Result<()> {
         });
         let mirror = Mirror::new(cfg, store, args.data_dir.join("mirror"), cluster)?;
         transfer.set_fetcher(std::sync::Arc::new(mirror.clone()));
+        if let Some(gossip) = gossip_metrics {
+            mirror.add_metrics_source(gossip);
+        }
         let listener = tokio::net::TcpListener::bind(args.mirror_addr)
             .await
             .with_context(|| format!("bind mirror address {}", args.mirror_addr))?;

@@ -116,6 +116,15 @@ fn gossip_from_one_dns_name_then_each_blob_once() {
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let log = d.agents[0].as_ref().unwrap().log_text();
     assert!(!log.contains("gossip could not start"), "{log}");
+    // Each node's newly complete blobs went out as rumors (a handful of changes, not a bulk
+    // set), and every node received some it did not know yet.
+    for (i, node) in c.nodes.iter().enumerate().take(4) {
+        let out = Command::new("ip").args(["netns", "exec", &node.ns, "curl", "-s", "--max-time", "5", "http://127.0.0.1:30000/metrics"]).output().unwrap();
+        let metrics = String::from_utf8_lossy(&out.stdout);
+        let published = metric_value(&metrics, "peerd_gossip_rumors_total{event=\"published\"}").unwrap_or(0);
+        let learned = metric_value(&metrics, "peerd_gossip_rumors_total{event=\"received_new\"}").unwrap_or(0);
+        assert!(published > 0 && learned > 0, "node {i}: published {published}, learned {learned} rumors:\n{metrics}");
+    }
 }
 
 /// The gossip view of the agent in `ns`: (id, state) of every peer it lists.

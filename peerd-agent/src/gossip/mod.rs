@@ -415,6 +415,63 @@ impl Gossip {
     }
 }
 
+/// Gossip's reason-coded counters for `/metrics`: datagrams dropped by reason, traffic, paced
+/// SYNs, rumor events, members and index size.
+impl crate::metrics::MetricsSource for Gossip {
+    fn render(&self, r: &mut prometheus_client::registry::Registry) {
+        use prometheus_client::metrics::{counter::ConstCounter, family::Family, gauge::Gauge};
+        let c = self.counters();
+        let dropped: Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter> = Family::default();
+        for (reason, v) in [
+            ("not_sealed", c.not_sealed),
+            ("unknown_version", c.unknown_version),
+            ("auth_failed", c.auth_failed),
+            ("bad_fragment", c.bad_fragment),
+            ("evicted", c.evicted),
+            ("undecodable", c.undecodable),
+            ("oversize", c.oversize),
+            ("rumor_backlog", c.rumor_backlog),
+        ] {
+            dropped.get_or_create(&vec![("reason".into(), reason.into())]).inc_by(v);
+        }
+        r.register("gossip_dropped_datagrams", "Gossip datagrams dropped, by reason", dropped);
+        r.register("gossip_sent_bytes", "Sealed gossip bytes sent (chitchat and rumors)", ConstCounter::new(c.bytes_sent));
+        r.register("gossip_received_bytes", "Gossip bytes received", ConstCounter::new(c.bytes_received));
+        r.register("gossip_paced_syns", "chitchat SYNs not sent because the anti-entropy budget was spent", ConstCounter::new(c.paced));
+        let (rc, overlay_len) = self.rumor_stats();
+        let rumors: Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter> = Family::default();
+        for (event, v) in [
+            ("published", rc.published),
+            ("bulk_skipped", rc.bulk_skipped),
+            ("received_new", rc.received_new),
+            ("received_stale", rc.received_stale),
+            ("undecodable", rc.undecodable),
+            ("datagram_sent", rc.datagrams_sent),
+            ("hot_overflow", rc.hot_overflow),
+            ("overlay_full", rc.overlay_full),
+        ] {
+            rumors.get_or_create(&vec![("event".into(), event.into())]).inc_by(v);
+        }
+        r.register("gossip_rumors", "Rumor events (published, received_new, received_stale, ...)", rumors);
+        let overlay = Gauge::<i64>::default();
+        overlay.set(overlay_len as i64);
+        r.register("gossip_rumor_overlay_entries", "Rumored changes not yet in chitchat's state", overlay);
+        let members: Family<Vec<(String, String)>, Gauge> = Family::default();
+        let (alive, dead) = self.peers().iter().fold((0i64, 0i64), |(a, d), p| match p.state {
+            PeerState::Alive => (a + 1, d),
+            PeerState::Dead => (a, d + 1),
+        });
+        members.get_or_create(&vec![("state".into(), "alive".into())]).set(alive);
+        members.get_or_create(&vec![("state".into(), "dead".into())]).set(dead);
+        r.register("gossip_peers", "Peers known by gossip, by state", members);
+        let (entries, _, undecodable) = self.index_stats();
+        let index = Gauge::<i64>::default();
+        index.set(entries as i64);
+        r.register("gossip_index_entries", "(peer, blob fingerprint) pairs in the content index", index);
+        r.register("gossip_undecodable_shards", "Peers' summary shards that failed to decode", ConstCounter::new(undecodable));
+    }
+}
+
 impl Drop for Gossip {
     fn drop(&mut self) {
         for task in &self.tasks {

@@ -240,6 +240,7 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
     let mut nodes = Vec::with_capacity(opts.nodes);
     let seeds: Vec<String> = (0..opts.nodes.min(3)).map(|i| addr_of(i).to_string()).collect();
     let mut contents: Vec<Vec<Digest>> = Vec::with_capacity(opts.nodes);
+    let mut counters: Vec<Arc<Counters>> = Vec::with_capacity(opts.nodes);
     for i in 0..opts.nodes {
         let mut config = GossipConfig::new(SocketAddr::new(addr_of(i).ip(), 30002), b"simulated cluster secret".to_vec());
         config.node_id = format!("n{i}");
@@ -249,7 +250,8 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
         config.gossip_interval = opts.interval;
         config.budget = opts.budget;
         let link = net.rumor_link(addr_of(i));
-        let gossip = match Gossip::start_with_transport(config, &transport, Arc::new(Counters::default()), link).await {
+        counters.push(Arc::new(Counters::default()));
+        let gossip = match Gossip::start_with_transport(config, &transport, counters[i].clone(), link).await {
             Ok(gossip) => gossip,
             Err(error) => return format!("node {i} failed to start: {error}\n"),
         };
@@ -290,13 +292,19 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
     let index_bytes = nodes.first().map_or(0, |n| n.index_stats().1);
 
     // Steady state: nothing changes for 10 s.
-    let before = net.total_sent();
+    let paced = || counters.iter().map(|c| c.paced.load(Ordering::Relaxed)).sum::<u64>();
+    let (before, rumor_before, paced_before) = (net.total_sent(), net.rumor_bytes.load(Ordering::Relaxed), paced());
     let window = Duration::from_secs(10);
     tokio::time::sleep(window).await;
-    let steady = (net.total_sent() - before) as f64 / opts.nodes as f64 / window.as_secs_f64();
+    let per_node_s = |bytes: u64| bytes as f64 / opts.nodes as f64 / window.as_secs_f64();
+    let steady = per_node_s(net.total_sent() - before);
+    let steady_rumors = per_node_s(net.rumor_bytes.load(Ordering::Relaxed) - rumor_before);
+    let paced_per_s = (paced() - paced_before) as f64 / opts.nodes as f64 / window.as_secs_f64();
 
     let mid = opts.nodes / 2;
+    let rumor_before = net.rumor_bytes.load(Ordering::Relaxed);
     let clean = propagation(&nodes, mid, rng.digest(), Duration::from_secs(30)).await;
+    let rumor_cost = net.rumor_bytes.load(Ordering::Relaxed) - rumor_before;
     net.loss_ppm.store((opts.loss * 1e6) as u64, Ordering::Relaxed);
     let lossy = propagation(&nodes, mid, rng.digest(), Duration::from_secs(30)).await;
     net.loss_ppm.store(0, Ordering::Relaxed);
@@ -350,7 +358,7 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
 
     let n = opts.nodes;
     let mut out = String::new();
-    let _ = writeln!(out, "gossip-sim: {n} nodes x {} blobs, gossip every {} ms, seed {}", opts.blobs, opts.interval.as_millis(), opts.seed);
+    let _ = writeln!(out, "gossip-sim: {n} nodes x {} blobs, gossip every {} ms, anti-entropy budget {} B/s, seed {}", opts.blobs, opts.interval.as_millis(), opts.budget, opts.seed);
     let _ = writeln!(out);
     let _ = writeln!(out, "| metric | result | target |");
     let _ = writeln!(out, "|---|---|---|");
@@ -359,7 +367,9 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
     let _ = writeln!(out, "| new advertisement reaches 50% / 99% / 100% | {} / {} / {} | p99 <= 1000 ms |", ms(percentile(&clean, 50.0)), ms(percentile(&clean, 99.0)), if clean.len() == n - 1 { ms(clean.last().copied()) } else { format!("{}/{} nodes", clean.len(), n - 1) });
     let _ = writeln!(out, "| same with {:.0}% packet loss | {} / {} / {} | |", opts.loss * 100.0, ms(percentile(&lossy, 50.0)), ms(percentile(&lossy, 99.0)), if lossy.len() == n - 1 { ms(lossy.last().copied()) } else { format!("{}/{} nodes", lossy.len(), n - 1) });
     let _ = writeln!(out, "| partition (halves, 5 s): other side saw it / all after heal | {leaked} nodes / {} | 0 / |", ms(healed));
-    let _ = writeln!(out, "| steady state bytes sent per node | {:.1} KB/s | <= 20 KB/s |", steady / 1000.0);
+    let _ = writeln!(out, "| steady state bytes sent per node (of which rumors) | {:.1} KB/s ({:.1} KB/s) | <= 20 KB/s |", steady / 1000.0, steady_rumors / 1000.0);
+    let _ = writeln!(out, "| SYNs held back by the {} B/s budget, per node | {paced_per_s:.1}/s | |", opts.budget);
+    let _ = writeln!(out, "| rumor bytes to spread one advertisement, per node | {:.0} B | |", rumor_cost as f64 / n as f64);
     let _ = writeln!(out, "| heap per node (all state, index, tasks) | {:.1} MB | |", heap_per_node as f64 / 1e6);
     let _ = writeln!(out, "| index tables per node | {:.1} MB | |", index_bytes as f64 / 1e6);
     let _ = writeln!(out, "| who_has p50 / p99 (20,000 lookups, half hits) | {:.2} us / {:.2} us | p99 <= 10 us |", percentile(&lookups, 50.0).unwrap_or_default().as_secs_f64() * 1e6, percentile(&lookups, 99.0).unwrap_or_default().as_secs_f64() * 1e6);
