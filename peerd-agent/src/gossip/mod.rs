@@ -252,7 +252,7 @@ impl Gossip {
             (KEY_ZONE.to_string(), config.zone.clone()),
             (KEY_VERSION.to_string(), config.version.clone()),
         ];
-        let paced = pace::Paced::open(transport, config.listen_addr, config.budget, counters.clone())
+        let paced = pace::Paced::open(transport, config.listen_addr, config.budget, config.gossip_interval, counters.clone())
             .await
             .map_err(|e| GossipError::Start(e.into()))?;
         let me = chitchat_config.chitchat_id.clone();

@@ -4,9 +4,14 @@
 //! member after chitchat's compression, three exchanges per round: at 1,000 nodes and 100 ms that
 //! is over half a megabyte per second per node, whatever the content. Content changes travel as
 //! rumors (`rumor`), so anti-entropy only has to converge eventually and keep the failure
-//! detector fed. This wrapper around chitchat's socket sends a SYN only while a token bucket of
-//! `budget / 2` bytes per second has tokens (a SYN-ACK answering it costs about as much again); a
-//! SYN over budget is not sent (counted as `paced`), which chitchat sees as a lost datagram. Small
+//! detector fed. This wrapper around chitchat's socket charges every message it sends (SYNs,
+//! SYN-ACKs answering others, ACKs) to a token bucket of `budget` bytes per second and lets a
+//! round's SYNs go only while the bucket has tokens; the SYNs of a round over budget are not sent
+//! (counted as `paced`), which chitchat sees as lost datagrams. Answers are never held (the asker
+//! paid for the exchange), so a node that answers much initiates less, and the total it sends
+//! stays near the budget. Whole rounds are admitted or held, never single SYNs: chitchat sends a
+//! round's SYNs to live nodes first, then maybe to a dead node and a seed, and those last two are
+//! how partitions heal, so admitting only the first SYN of each round would starve them. Small
 //! clusters stay unpaced (a digest of 8 members is tiny); large ones gossip less often, in
 //! proportion to their size. While a node is catching up (SYN-ACKs or ACKs bring large deltas,
 //! e.g. after joining), its SYNs are not paced: that traffic is state it lacks, not overhead.
@@ -32,35 +37,49 @@ const CATCH_UP_HOLD: Duration = Duration::from_secs(2);
 /// The token bucket (sans-IO).
 #[derive(Debug)]
 pub struct Pacer {
-    /// Bytes of SYN per second; 0: unpaced.
+    /// Bytes per second of everything sent; 0: unpaced.
     rate: f64,
     burst: f64,
     tokens: f64,
     last: Instant,
     catching_up_until: Option<Instant>,
+    /// SYNs until then belong to the current round, which was admitted (true) or held.
+    round_until: Option<(Instant, bool)>,
+    /// Shorter than a gossip interval, longer than the sending of one round.
+    round: Duration,
 }
 
 impl Pacer {
-    /// `budget`: steady-state gossip bytes per second per node (0 = unlimited).
-    pub fn new(budget: u64, now: Instant) -> Self {
-        let rate = budget as f64 / 2.0;
-        // One second's worth, at least one 1,000-member digest.
-        let burst = rate.max(12_000.0);
-        Self { rate, burst, tokens: burst, last: now, catching_up_until: None }
+    /// `budget`: steady-state gossip bytes per second per node (0 = unlimited); `interval`:
+    /// chitchat's gossip interval.
+    pub fn new(budget: u64, interval: Duration, now: Instant) -> Self {
+        let rate = budget as f64;
+        // One second's worth, at least one round of 1,000-member digests.
+        let burst = rate.max(60_000.0);
+        Self { rate, burst, tokens: burst, last: now, catching_up_until: None, round_until: None, round: interval / 2 }
     }
 
-    /// Whether a SYN may go now.
+    /// Whether a SYN may go now: every SYN of an admitted round, or the first of a new round
+    /// while the bucket has tokens.
     pub fn admit_syn(&mut self, now: Instant) -> bool {
         if self.rate == 0.0 || self.catching_up_until.is_some_and(|until| now < until) {
             return true;
         }
+        if let Some((until, admitted)) = self.round_until {
+            if now < until {
+                return admitted;
+            }
+        }
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.tokens > 0.0
+        let admitted = self.tokens > 0.0;
+        self.round_until = Some((now + self.round, admitted));
+        admitted
     }
 
-    /// Charges a SYN that was sent (may go into debt: its size is known only once encoded).
+    /// Charges a message that was sent (may go into debt: its size is known only once encoded,
+    /// and answers are sent whatever the balance).
     pub fn charge(&mut self, bytes: usize) {
         if self.rate > 0.0 {
             self.tokens -= bytes as f64;
@@ -79,6 +98,7 @@ impl Pacer {
 pub struct Paced {
     socket: std::sync::Mutex<Option<Box<dyn Socket>>>,
     budget: u64,
+    interval: Duration,
     counters: Arc<Counters>,
 }
 
@@ -87,10 +107,11 @@ impl Paced {
         inner: &dyn Transport,
         listen_addr: SocketAddr,
         budget: u64,
+        interval: Duration,
         counters: Arc<Counters>,
     ) -> anyhow::Result<Paced> {
         let socket = inner.open(listen_addr).await?;
-        Ok(Paced { socket: std::sync::Mutex::new(Some(socket)), budget, counters })
+        Ok(Paced { socket: std::sync::Mutex::new(Some(socket)), budget, interval, counters })
     }
 }
 
@@ -105,7 +126,7 @@ impl Transport for Paced {
             .ok_or_else(|| anyhow::anyhow!("paced socket already taken"))?;
         Ok(Box::new(PacedSocket {
             inner,
-            pacer: Arc::new(Mutex::new(Pacer::new(self.budget, Instant::now()))),
+            pacer: Arc::new(Mutex::new(Pacer::new(self.budget, self.interval, Instant::now()))),
             counters: self.counters.clone(),
         }))
     }
@@ -130,9 +151,7 @@ impl Socket for PacedSocket {
             return Ok(SendOutcome { num_bytes_sent: 0 });
         }
         let outcome = self.inner.send(to, envelope).await?;
-        if syn {
-            self.pacer.lock().await.charge(outcome.num_bytes_sent);
-        }
+        self.pacer.lock().await.charge(outcome.num_bytes_sent);
         Ok(outcome)
     }
 
@@ -156,38 +175,51 @@ mod tests {
     #[test]
     fn unlimited_budget_never_paces() {
         let now = Instant::now();
-        let mut p = Pacer::new(0, now);
+        let mut p = Pacer::new(0, ROUND, now);
         for _ in 0..1_000 {
             assert!(p.admit_syn(now));
             p.charge(60_000);
         }
     }
 
+    const ROUND: Duration = Duration::from_millis(100);
+
     #[test]
-    fn syns_are_held_to_half_the_budget_over_time() {
+    fn whole_rounds_are_held_to_the_budget_over_time() {
         let start = Instant::now();
-        let mut p = Pacer::new(16_000, start);
-        let syn = 10_000; // a ~1,000-member digest
+        let mut p = Pacer::new(16_000, ROUND, start);
+        let syn = 10_000; // a ~200-member digest
         let mut sent = 0usize;
-        // Chitchat offers 3 SYNs every 100 ms for 100 s.
-        for round in 0..1_000u64 {
-            let now = start + Duration::from_millis(100 * round);
-            for _ in 0..3 {
-                if p.admit_syn(now) {
-                    p.charge(syn);
-                    sent += syn;
-                }
-            }
+        let mut rounds = 0;
+        // chitchat offers 4 SYNs (3 live nodes and a dead one) every 100 ms for 1,000 s, and
+        // answers others' SYNs: 500 bytes per round, never held.
+        for round in 0..10_000u64 {
+            let now = start + ROUND * round as u32;
+            p.charge(500);
+            sent += 500;
+            let admitted: Vec<bool> = (0..4)
+                .map(|i| {
+                    let ok = p.admit_syn(now + Duration::from_micros(i * 50));
+                    if ok {
+                        p.charge(syn);
+                        sent += syn;
+                    }
+                    ok
+                })
+                .collect();
+            assert!(admitted.iter().all(|a| *a) || admitted.iter().all(|a| !*a), "round {round} split: {admitted:?}");
+            rounds += usize::from(admitted[0]);
         }
-        let per_second = sent as f64 / 100.0;
-        assert!(per_second <= 8_000.0 + 12_000.0 / 100.0 + syn as f64 / 100.0, "{per_second} B/s");
-        assert!(per_second >= 7_000.0, "{per_second} B/s: budget left unused");
+        let per_second = sent as f64 / 1_000.0;
+        assert!(per_second <= 16_000.0 + 60_000.0 / 1_000.0 + 4.0 * syn as f64 / 1_000.0, "{per_second} B/s");
+        assert!(per_second >= 15_000.0, "{per_second} B/s: budget left unused");
+        assert!(rounds > 0 && rounds < 10_000);
     }
 
     #[test]
     fn small_syns_are_not_paced_and_catching_up_lifts_the_limit() {
         let start = Instant::now();
-        let mut p = Pacer::new(16_000, start);
+        let mut p = Pacer::new(16_000, ROUND, start);
         // An 8-member cluster: ~100-byte SYNs, 30 per second, far under budget.
         for round in 0..100u64 {
             let now = start + Duration::from_millis(100 * round);
@@ -197,9 +229,10 @@ mod tests {
             }
         }
         // Exhaust the bucket, then a large delta arrives: SYNs go until the hold ends.
-        let now = start + Duration::from_secs(10);
+        let now = start + Duration::from_secs(11);
         p.charge(1_000_000);
         assert!(!p.admit_syn(now));
+        assert!(!p.admit_syn(now + Duration::from_millis(1)), "the rest of a held round is held");
         p.received_delta(60_000, now);
         assert!(p.admit_syn(now + Duration::from_secs(1)));
         assert!(!p.admit_syn(now + CATCH_UP_HOLD + Duration::from_millis(1)));
