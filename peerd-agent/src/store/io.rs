@@ -113,13 +113,14 @@ impl Io {
         }
     }
 
-    /// Writes all of `data` at `offset`.
-    pub(crate) async fn write_at(&self, file: &Arc<File>, offset: u64, data: Vec<u8>) -> io::Result<()> {
+    /// Writes all of `data` at `offset`; hands the buffer back (callers hash it afterwards
+    /// instead of reading it back from the file).
+    pub(crate) async fn write_at(&self, file: &Arc<File>, offset: u64, data: Vec<u8>) -> io::Result<Vec<u8>> {
         match self {
-            Io::Uring(tx) => submit(tx, file, Op::Write { offset, data }).await.map(drop),
+            Io::Uring(tx) => submit(tx, file, Op::Write { offset, data }).await,
             Io::Blocking => {
                 let file = file.clone();
-                blocking(move || file.write_all_at(&data, offset)).await
+                blocking(move || file.write_all_at(&data, offset).map(|()| data)).await
             }
         }
     }
@@ -160,7 +161,10 @@ async fn submit(tx: &mpsc::Sender<Request>, file: &Arc<File>, op: Op) -> io::Res
 struct InFlight {
     file: Arc<File>,
     kind: Kind,
+    /// Reads: an uninitialised allocation of `want` bytes whose length follows what the kernel
+    /// has filled in (no zeroing of a buffer about to be overwritten). Writes: the data.
     buf: Vec<u8>,
+    want: usize,
     offset: u64,
     done: usize,
     reply: oneshot::Sender<io::Result<Vec<u8>>>,
@@ -176,12 +180,13 @@ enum Kind {
 impl InFlight {
     fn entry(&mut self, slot: usize) -> io_uring::squeue::Entry {
         let fd = types::Fd(self.file.as_raw_fd());
-        let remaining = (self.buf.len() - self.done).min(MAX_CHUNK) as u32;
+        let remaining = (self.want - self.done).min(MAX_CHUNK) as u32;
         let offset = self.offset + self.done as u64;
         let e = match self.kind {
-            // SAFETY (both): the pointer is into `self.buf`, whose heap allocation is neither
-            // moved nor freed until this op's completion has been reaped.
-            Kind::Read => opcode::Read::new(fd, self.buf[self.done..].as_mut_ptr(), remaining)
+            // SAFETY (both): the pointer is into `self.buf`'s allocation (for reads, its spare
+            // capacity: `done <= want <= capacity`), which is neither moved nor freed until this
+            // op's completion has been reaped.
+            Kind::Read => opcode::Read::new(fd, self.buf.spare_capacity_mut().as_mut_ptr().cast::<u8>(), remaining)
                 .offset(offset)
                 .build(),
             Kind::Write => opcode::Write::new(fd, self.buf[self.done..].as_ptr(), remaining)
@@ -219,13 +224,16 @@ fn ring_thread(mut ring: IoUring, rx: mpsc::Receiver<Request>) {
                 }
             };
             free.pop();
-            let (kind, buf, offset) = match req.op {
-                Op::Read { offset, len } => (Kind::Read, vec![0; len], offset),
-                Op::Write { offset, data } => (Kind::Write, data, offset),
-                Op::Sync => (Kind::Sync, Vec::new(), 0),
+            let (kind, buf, want, offset) = match req.op {
+                Op::Read { offset, len } => (Kind::Read, Vec::with_capacity(len), len, offset),
+                Op::Write { offset, data } => {
+                    let len = data.len();
+                    (Kind::Write, data, len, offset)
+                }
+                Op::Sync => (Kind::Sync, Vec::new(), 0, 0),
             };
-            let mut op = InFlight { file: req.file, kind, buf, offset, done: 0, reply: req.reply };
-            if kind != Kind::Sync && op.buf.is_empty() {
+            let mut op = InFlight { file: req.file, kind, buf, want, offset, done: 0, reply: req.reply };
+            if kind != Kind::Sync && op.want == 0 {
                 let _ = op.reply.send(Ok(op.buf));
                 free.push(slot);
                 continue;
@@ -265,7 +273,13 @@ fn ring_thread(mut ring: IoUring, rx: mpsc::Receiver<Request>) {
                 }))
             } else {
                 op.done += res as usize;
-                (op.done == op.buf.len()).then(|| Ok(std::mem::take(&mut op.buf)))
+                if op.kind == Kind::Read {
+                    // SAFETY: the kernel filled bytes [0, done) of the allocation (each
+                    // completed read continued where the previous one stopped), done <= want
+                    // <= capacity.
+                    unsafe { op.buf.set_len(op.done.min(op.want)) };
+                }
+                (op.done >= op.want).then(|| Ok(std::mem::take(&mut op.buf)))
             };
             match outcome {
                 Some(r) => {

@@ -47,9 +47,9 @@ use piece_map::PieceMap;
 
 /// Default piece size: 1 MiB.
 ///
-/// Per piece the store keeps one bit in the map, a 32-byte blake3 in the manifest and pays one
-/// fdatasync plus one metadata rewrite when it lands, so small pieces cost overhead on multi-GiB
-/// layers. Large pieces make peers re-fetch more after a failed piece, spread load across peers
+/// Per piece the store keeps one bit in the map and a 32-byte blake3 in the manifest (syncs and
+/// metadata rewrites are batched per `sync_interval`), so small pieces cost overhead on
+/// multi-GiB layers. Large pieces make peers re-fetch more after a failed piece, spread load across peers
 /// more coarsely, and make a lazy range read (e.g. a 4 KiB header) wait for and verify a whole
 /// piece. 1 MiB keeps a 10 GiB layer at 10k pieces (320 KiB manifest) while a piece still
 /// transfers in milliseconds on a node network.
@@ -147,6 +147,12 @@ pub struct StoreConfig {
     /// they were fdatasync'ed, and checking on read turns a small range read into a whole-piece
     /// read plus a hash. Turn on where the disk is not trusted to return what it stored.
     pub verify_reads: bool,
+    /// How long a piece from `put_piece` may be readable before the metadata lists it durably.
+    /// Pieces landing within this window share one fdatasync and one metadata rewrite (a crash
+    /// loses at most this much work: those pieces are fetched again). Zero: every piece is
+    /// synced and recorded before `put_piece` returns. A completed blob is always durable
+    /// before it is marked complete.
+    pub sync_interval: std::time::Duration,
 }
 
 impl StoreConfig {
@@ -159,6 +165,7 @@ impl StoreConfig {
             piece_size: PIECE_SIZE,
             io: IoMode::Auto,
             verify_reads: false,
+            sync_interval: std::time::Duration::from_millis(500),
         }
     }
 }
@@ -174,7 +181,8 @@ pub struct Manifest {
 /// What [`Store::put_piece`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PutOutcome {
-    /// Verified, durable and readable.
+    /// Verified and readable; durable (listed in the metadata) within the store's
+    /// `sync_interval`.
     Stored,
     /// Stored, and it was the last piece: the whole blob matched its sha256.
     Completed,
@@ -218,8 +226,16 @@ pub(crate) struct Blob {
     piece_size: u32,
     file: Arc<File>,
     state: Mutex<BlobState>,
-    /// Serialises metadata rewrites so each one includes every piece made durable before it.
+    /// Serialises metadata rewrites so each one includes every piece made durable before it;
+    /// held by `forget` while the files go, so no rewrite lands after (or recreates) them.
     meta_lock: tokio::sync::Mutex<()>,
+    /// A deferred metadata flush is scheduled (pieces readable but not yet recorded).
+    flush_pending: std::sync::atomic::AtomicBool,
+    /// The sha256 of the contiguous prefix of present pieces, advanced as pieces land, so the
+    /// check after the last piece only hashes what is left instead of re-reading the blob.
+    sha: Arc<tokio::sync::Mutex<ShaPrefix>>,
+    /// Set when pieces landed that the prefix hasher may not have seen yet.
+    sha_wanted: std::sync::atomic::AtomicBool,
     /// Bumped whenever pieces become readable or the blob is dropped; waiting readers wake on it.
     changed: watch::Sender<u64>,
 }
@@ -227,7 +243,7 @@ pub(crate) struct Blob {
 struct BlobState {
     /// Being written by an upstream [`BlobWriter`]: nothing readable until it finishes.
     streaming: bool,
-    /// Verified and durable pieces (the only ones ever read).
+    /// Verified and written pieces (the only ones ever read); durable once the metadata lists them.
     present: PieceMap,
     /// Pieces some `put_piece` call is writing right now.
     claimed: PieceMap,
@@ -255,6 +271,9 @@ impl Blob {
                 dropped: false,
             }),
             meta_lock: tokio::sync::Mutex::new(()),
+            flush_pending: std::sync::atomic::AtomicBool::new(false),
+            sha: Arc::new(tokio::sync::Mutex::new(ShaPrefix { hasher: sha2::Sha256::new(), next: 0 })),
+            sha_wanted: std::sync::atomic::AtomicBool::new(false),
             changed: watch::channel(0).0,
         })
     }
@@ -275,15 +294,18 @@ impl Blob {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
-    /// Metadata as it would be persisted, with `extra` counted as present.
-    fn meta_snapshot(&self, st: &BlobState, extra: Option<(usize, blake3::Hash)>) -> Meta {
-        let mut pieces: Vec<Option<blake3::Hash>> =
+    /// Metadata listing the present pieces (the caller syncs the data before persisting it).
+    fn meta_snapshot(&self, st: &BlobState) -> Meta {
+        let pieces: Vec<Option<blake3::Hash>> =
             (0..self.pieces()).map(|i| if st.present.get(i) { st.hashes[i] } else { None }).collect();
-        if let Some((i, h)) = extra {
-            pieces[i] = Some(h);
-        }
         Meta { size: self.size, piece_size: self.piece_size, complete: st.complete, pieces }
     }
+}
+
+/// Running sha256 over pieces `0..next` of a blob.
+struct ShaPrefix {
+    hasher: sha2::Sha256,
+    next: usize,
 }
 
 struct Index {
@@ -381,7 +403,7 @@ impl Store {
         // All pieces landed but the crash hit before the sha256 check: finish it now.
         for blob in unverified {
             let _pin = store.pin_blob(&blob);
-            if let Err(e) = store.complete_pieces(&blob).await {
+            if let Err(e) = store.complete_pieces(&blob, None).await {
                 tracing::warn!(digest = %blob.digest, error = %e, "dropping blob that failed verification at startup");
             }
         }
@@ -436,7 +458,7 @@ impl Store {
         self.inner.cfg.piece_size
     }
 
-    /// Which pieces are readable (verified and durable), for blobs filled piece by piece from
+    /// Which pieces are readable (verified and written), for blobs filled piece by piece from
     /// peers and for complete ones; peers use it to swarm on a blob still being downloaded.
     /// `None` for unknown blobs and for upstream downloads in progress (unverified until done).
     pub fn present_pieces(&self, d: &Digest) -> Option<Vec<bool>> {
@@ -535,13 +557,13 @@ impl Store {
         drop(ns);
         if blob.pieces() == 0 {
             let _pin = self.pin_blob(&blob);
-            self.complete_pieces(&blob).await?;
+            self.complete_pieces(&blob, None).await?;
         }
         Ok(())
     }
 
     /// Stores piece `index` of a declared blob after checking it against `expected` (the blake3
-    /// from the peer's manifest). The piece is durable before it becomes readable. The last piece
+    /// from the peer's manifest). The piece is readable once written and durable within `sync_interval` (at once if zero). The last piece
     /// triggers the whole-blob sha256 check; on mismatch the blob is dropped and
     /// [`StoreError::DigestMismatch`] names the sources.
     pub async fn put_piece(
@@ -582,41 +604,52 @@ impl Store {
                 return Ok(PutOutcome::InFlight);
             }
         }
-        let _claim = Claim { blob: &blob, index };
-        let io = &self.inner.io;
-        let written = async {
-            io.write_at(&blob.file, blob.piece_offset(index), bytes).await?;
-            io.sync_data(&blob.file).await
-        }
-        .await;
-        if let Err(e) = written {
-            let err = io_error(d, "writing piece", e);
-            if matches!(err, StoreError::NoSpace { .. }) {
-                let ns = self.inner.namespace.lock().await;
-                self.evict(&ns, 0).await.ok();
-            }
-            return Err(err);
-        }
-        let complete = {
-            let _m = blob.meta_lock.lock().await;
-            let meta = {
-                let st = lock(&blob.state);
-                if st.dropped {
-                    return Err(StoreError::Dropped(*d));
+        let claim = Claim { blob: &blob, index };
+        let bytes = match self.inner.io.write_at(&blob.file, blob.piece_offset(index), bytes).await {
+            Ok(b) => b,
+            Err(e) => {
+                let err = io_error(d, "writing piece", e);
+                if matches!(err, StoreError::NoSpace { .. }) {
+                    let ns = self.inner.namespace.lock().await;
+                    self.evict(&ns, 0).await.ok();
                 }
-                blob.meta_snapshot(&st, Some((index, expected)))
-            };
-            self.persist_meta(&blob, meta).await?;
+                return Err(err);
+            }
+        };
+        // Readable now (verified, in the page cache); durable with the next metadata flush,
+        // which syncs the data before it lists the piece. A crash before that only forgets it.
+        let complete = {
             let mut st = lock(&blob.state);
+            if st.dropped {
+                return Err(StoreError::Dropped(*d));
+            }
             st.present.set(index);
             st.hashes[index] = Some(expected);
             st.sources[index] = Some(source);
             blob.notify();
             st.present.is_complete()
         };
+        drop(claim);
         if complete {
-            self.complete_pieces(&blob).await?;
+            self.complete_pieces(&blob, Some((index, bytes))).await?;
             return Ok(PutOutcome::Completed);
+        }
+        self.advance_sha(&blob, Some((index, bytes)));
+        let interval = self.inner.cfg.sync_interval;
+        if interval.is_zero() {
+            self.flush_meta(&blob).await?;
+        } else if !blob.flush_pending.swap(true, Ordering::SeqCst) {
+            let (store, blob) = (self.clone(), blob.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(interval).await;
+                // Cleared before the snapshot: a piece landing after this schedules the next
+                // flush, one landing before is in this one.
+                blob.flush_pending.store(false, Ordering::SeqCst);
+                match store.flush_meta(&blob).await {
+                    Ok(()) | Err(StoreError::Dropped(_)) => {}
+                    Err(e) => tracing::warn!(digest = %blob.digest, error = %e, "could not record pieces durably"),
+                }
+            });
         }
         Ok(PutOutcome::Stored)
     }
@@ -781,6 +814,8 @@ impl Store {
     async fn forget(&self, blob: &Arc<Blob>) {
         lock(&blob.state).dropped = true;
         blob.notify();
+        // A metadata rewrite in progress finishes first; later ones see `dropped`.
+        let _m = blob.meta_lock.lock().await;
         let (layout, d) = (self.inner.layout.clone(), blob.digest);
         if let Err(e) = blocking(move || meta::remove_blob_files(&layout, &d)).await {
             tracing::warn!(digest = %blob.digest, error = %e, "failed to delete blob files");
@@ -805,20 +840,74 @@ impl Store {
         blocking(move || meta::write_meta(&layout, &d, &m)).await.map_err(|e| io_error(&d, "writing metadata", e))
     }
 
-    /// All pieces are present: check the whole-blob sha256, then mark complete (durably) or drop.
-    async fn complete_pieces(&self, blob: &Arc<Blob>) -> Result<()> {
-        let d = blob.digest;
-        let mut sha = sha2::Sha256::new();
-        for i in 0..blob.pieces() {
-            let piece = self
-                .inner
-                .io
-                .read_at(&blob.file, blob.piece_offset(i), blob.piece_len(i))
-                .await
-                .map_err(|e| io_error(&d, "reading blob for verification", e))?;
-            sha.update(&piece);
+    /// Syncs the data file and rewrites the metadata to list every piece present before the
+    /// sync (those pieces' writes had completed, so the sync covers them).
+    async fn flush_meta(&self, blob: &Arc<Blob>) -> Result<()> {
+        let _m = blob.meta_lock.lock().await;
+        let meta = {
+            let st = lock(&blob.state);
+            if st.dropped {
+                return Err(StoreError::Dropped(blob.digest));
+            }
+            blob.meta_snapshot(&st)
+        };
+        self.inner.io.sync_data(&blob.file).await.map_err(|e| io_error(&blob.digest, "syncing pieces", e))?;
+        self.persist_meta(blob, meta).await
+    }
+
+    /// Lets the prefix hasher take in newly present pieces, off the caller's path: if it is
+    /// idle, a task hashes from its position as far as pieces are present (`piece`, just
+    /// written, from memory; the others from the file); if it is busy it goes on afterwards.
+    fn advance_sha(&self, blob: &Arc<Blob>, piece: Option<(usize, Vec<u8>)>) {
+        blob.sha_wanted.store(true, Ordering::SeqCst);
+        let Ok(guard) = blob.sha.clone().try_lock_owned() else { return };
+        let (store, blob) = (self.clone(), blob.clone());
+        tokio::spawn(async move {
+            let mut guard = guard;
+            let mut piece = piece;
+            loop {
+                blob.sha_wanted.store(false, Ordering::SeqCst);
+                // A read error leaves the position; the completion check reports it.
+                let _ = store.hash_prefix(&blob, &mut guard, piece.take()).await;
+                drop(guard);
+                if !blob.sha_wanted.load(Ordering::SeqCst) {
+                    break;
+                }
+                match blob.sha.clone().try_lock_owned() {
+                    Ok(g) => guard = g,
+                    Err(_) => break,
+                }
+            }
+        });
+    }
+
+    /// Hashes present pieces from the prefix's position on, until a missing one.
+    async fn hash_prefix(&self, blob: &Blob, sha: &mut ShaPrefix, piece: Option<(usize, Vec<u8>)>) -> std::io::Result<()> {
+        while sha.next < blob.pieces() && lock(&blob.state).present.get(sha.next) {
+            let i = sha.next;
+            match &piece {
+                Some((at, bytes)) if *at == i => sha.hasher.update(bytes),
+                _ => sha.hasher.update(self.inner.io.read_at(&blob.file, blob.piece_offset(i), blob.piece_len(i)).await?),
+            }
+            sha.next += 1;
         }
-        if sha.finalize()[..] != d.as_bytes()[..] {
+        Ok(())
+    }
+
+    /// All pieces are present: check the whole-blob sha256 (only the part the prefix hasher has
+    /// not taken in yet is hashed here; `last` is the piece just written, in memory), then mark
+    /// complete (durably: data synced, then metadata) or drop.
+    async fn complete_pieces(&self, blob: &Arc<Blob>, last: Option<(usize, Vec<u8>)>) -> Result<()> {
+        let d = blob.digest;
+        let sha = {
+            let mut prefix = blob.sha.lock().await;
+            self.hash_prefix(blob, &mut prefix, last).await.map_err(|e| io_error(&d, "reading blob for verification", e))?;
+            if prefix.next != blob.pieces() {
+                return Err(StoreError::Dropped(d));
+            }
+            prefix.hasher.clone().finalize()
+        };
+        if sha[..] != d.as_bytes()[..] {
             let mut from: Vec<Source> = lock(&blob.state).sources.iter().flatten().cloned().collect();
             from.sort_by_key(ToString::to_string);
             from.dedup();
@@ -829,10 +918,14 @@ impl Store {
         let _m = blob.meta_lock.lock().await;
         let meta = {
             let st = lock(&blob.state);
-            let mut m = blob.meta_snapshot(&st, None);
+            if st.dropped {
+                return Err(StoreError::Dropped(d));
+            }
+            let mut m = blob.meta_snapshot(&st);
             m.complete = true;
             m
         };
+        self.inner.io.sync_data(&blob.file).await.map_err(|e| io_error(&d, "syncing blob", e))?;
         self.persist_meta(blob, meta).await?;
         lock(&blob.state).complete = true;
         blob.notify();

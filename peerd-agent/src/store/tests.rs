@@ -294,6 +294,60 @@ async fn lru_eviction_respects_watermarks_and_pins() {
 }
 
 #[tokio::test]
+async fn pieces_are_readable_at_once_and_recorded_within_the_sync_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let interval = Duration::from_millis(200);
+    let data = bytes(30, 4 * PS as usize + 5);
+    let (d, h) = (digest_of(&data), hashes(&data, PS));
+    let meta_pieces = || {
+        let text = std::fs::read_to_string(dir.path().join("blobs/sha256").join(format!("{}.meta", d.hex()))).unwrap();
+        let m = meta::Meta::decode(&d, &text).unwrap();
+        (m.pieces.iter().filter(|p| p.is_some()).count(), m.complete)
+    };
+    let store = Store::open(dir.path(), StoreConfig { sync_interval: interval, ..cfg(1 << 30, IoMode::Auto) }).await.unwrap();
+    store.declare(&d, data.len() as u64).await.unwrap();
+    let piece = |i: usize| data[i * PS as usize..((i + 1) * PS as usize).min(data.len())].to_vec();
+    // Out of order: the prefix hasher takes 0 and 1 in as they land, the rest at completion.
+    for i in [1, 0, 3] {
+        assert_eq!(store.put_piece(&d, i, piece(i), h[i], peer("a")).await.unwrap(), PutOutcome::Stored);
+    }
+    assert_eq!(store.read_range(&d, 0, 2 * PS as u64).await.unwrap(), &data[..2 * PS as usize]);
+    assert_eq!(meta_pieces(), (0, false), "recorded only after the interval");
+    tokio::time::sleep(interval * 3).await;
+    assert_eq!(meta_pieces(), (3, false));
+    assert_eq!(store.put_piece(&d, 2, piece(2), h[2], peer("a")).await.unwrap(), PutOutcome::Stored);
+    assert_eq!(store.put_piece(&d, 4, piece(4), h[4], peer("a")).await.unwrap(), PutOutcome::Completed);
+    // Completion is recorded durably before it is visible.
+    assert!(store.has(&d));
+    assert_eq!(meta_pieces(), (5, true));
+    assert_eq!(store.read_range(&d, 0, data.len() as u64).await.unwrap(), data);
+    drop(store);
+    tokio::time::sleep(interval * 2).await;
+    let store = Store::open(dir.path(), cfg(1 << 30, IoMode::Auto)).await.unwrap();
+    assert!(store.has(&d));
+}
+
+#[tokio::test]
+async fn lying_manifest_is_caught_with_the_incremental_sha256() {
+    // Every piece matches the hashes it was given, in order (the prefix hasher sees each piece
+    // from memory), but the blob is not the digest's: dropped at the last piece.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), cfg(1 << 30, IoMode::Auto)).await.unwrap();
+    let real = bytes(31, 3 * PS as usize);
+    let fake = bytes(32, 3 * PS as usize);
+    let d = digest_of(&real);
+    let h = hashes(&fake, PS);
+    store.declare(&d, fake.len() as u64).await.unwrap();
+    for i in 0..2 {
+        store.put_piece(&d, i, fake[i * PS as usize..(i + 1) * PS as usize].to_vec(), h[i], peer("liar")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = store.put_piece(&d, 2, fake[2 * PS as usize..].to_vec(), h[2], peer("liar")).await.unwrap_err();
+    assert!(matches!(&err, StoreError::DigestMismatch { from, .. } if *from == vec![peer("liar")]), "{err}");
+    assert!(!store.has(&d) && store.list().is_empty());
+}
+
+#[tokio::test]
 async fn restart_keeps_complete_blobs_and_cleans_temp_files() {
     let dir = tempfile::tempdir().unwrap();
     let complete = bytes(20, 5 * PS as usize + 7);
@@ -303,7 +357,8 @@ async fn restart_keeps_complete_blobs_and_cleans_temp_files() {
     let streaming = bytes(22, 3 * PS as usize);
     let ds = digest_of(&streaming);
     {
-        let store = Store::open(dir.path(), cfg(1 << 30, IoMode::Auto)).await.unwrap();
+        // Every piece recorded before put_piece returns, so the crash below keeps them.
+        let store = Store::open(dir.path(), StoreConfig { sync_interval: Duration::ZERO, ..cfg(1 << 30, IoMode::Auto) }).await.unwrap();
         put_all(&store, &complete).await;
         store.declare(&dp, partial.len() as u64).await.unwrap();
         for i in [0, 2] {

@@ -319,7 +319,7 @@ impl Transfer {
                 if first.checked_add(count).is_none_or(|end| end > n) {
                     return refuse(&mut send, Status::BadRequest, "pieces out of range").await;
                 }
-                // Only pieces verified and durable here; anything else is "not yet".
+                // Only pieces verified here (durable soon after); anything else is "not yet".
                 let have = store.present_pieces(&d).unwrap_or_default();
                 if (first..first + count).any(|i| !have.get(i as usize).copied().unwrap_or(false)) {
                     return refuse(&mut send, Status::NotFound, "not yet").await;
@@ -730,19 +730,39 @@ impl Transfer {
             Status::NotFound => return Err(Failure::NotYet),
             _ => return Err(Failure::Error),
         }
+        let end = a.first + a.count;
         let mut out = Vec::with_capacity(a.count as usize);
-        for i in a.first..a.first + a.count {
-            let len = m.piece_len(i) as usize;
-            // read_exact drains every chunk quinn has in one poll; read_chunk returned one
-            // datagram's worth per poll, a task wake-up per packet (bench swarm: much more CPU).
-            let mut buf = vec![0u8; len];
-            recv.read_exact(&mut buf).await.map_err(|_| Failure::Error)?;
-            if let Some(l) = &self.inner.download {
-                l.take(len as u64).await;
+        let (mut i, mut buf) = (a.first, Vec::with_capacity(m.piece_len(a.first) as usize));
+        // read_chunks drains every chunk quinn has in one poll (read_chunk returned one
+        // datagram's worth per poll, a task wake-up per packet: much more CPU in bench swarm),
+        // and unlike read_exact needs no zeroed buffer: each byte is copied once, into the piece.
+        let mut chunks: [Bytes; 32] = Default::default();
+        while i < end {
+            let got = recv.read_chunks(&mut chunks).await.map_err(|_| Failure::Error)?.ok_or(Failure::Error)?;
+            for chunk in chunks.iter_mut().take(got) {
+                let chunk = std::mem::take(chunk);
+                let mut rest: &[u8] = &chunk;
+                while !rest.is_empty() {
+                    if i >= end {
+                        // More bytes than the pieces asked for.
+                        return Err(Failure::Error);
+                    }
+                    let len = m.piece_len(i) as usize;
+                    let take = (len - buf.len()).min(rest.len());
+                    buf.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if buf.len() == len {
+                        if let Some(l) = &self.inner.download {
+                            l.take(len as u64).await;
+                        }
+                        self.inner.counters.bytes_from_peers.fetch_add(len as u64, Ordering::Relaxed);
+                        self.inner.counters.pieces_from_peers.fetch_add(1, Ordering::Relaxed);
+                        let next_len = if i + 1 < end { m.piece_len(i + 1) as usize } else { 0 };
+                        out.push((i, std::mem::replace(&mut buf, Vec::with_capacity(next_len))));
+                        i += 1;
+                    }
+                }
             }
-            self.inner.counters.bytes_from_peers.fetch_add(len as u64, Ordering::Relaxed);
-            self.inner.counters.pieces_from_peers.fetch_add(1, Ordering::Relaxed);
-            out.push((i, buf));
         }
         Ok(out)
     }
