@@ -421,8 +421,7 @@ impl crate::metrics::MetricsSource for Gossip {
     fn render(&self, r: &mut prometheus_client::registry::Registry) {
         use prometheus_client::metrics::{counter::ConstCounter, family::Family, gauge::Gauge};
         let c = self.counters();
-        let dropped: Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter> = Family::default();
-        for (reason, v) in [
+        r.register("gossip_dropped_datagrams", "Gossip datagrams dropped, by reason", labelled("reason", &[
             ("not_sealed", c.not_sealed),
             ("unknown_version", c.unknown_version),
             ("auth_failed", c.auth_failed),
@@ -431,16 +430,12 @@ impl crate::metrics::MetricsSource for Gossip {
             ("undecodable", c.undecodable),
             ("oversize", c.oversize),
             ("rumor_backlog", c.rumor_backlog),
-        ] {
-            dropped.get_or_create(&vec![("reason".into(), reason.into())]).inc_by(v);
-        }
-        r.register("gossip_dropped_datagrams", "Gossip datagrams dropped, by reason", dropped);
+        ]));
         r.register("gossip_sent_bytes", "Sealed gossip bytes sent (chitchat and rumors)", ConstCounter::new(c.bytes_sent));
         r.register("gossip_received_bytes", "Gossip bytes received", ConstCounter::new(c.bytes_received));
         r.register("gossip_paced_syns", "chitchat SYNs not sent because the anti-entropy budget was spent", ConstCounter::new(c.paced));
         let (rc, overlay_len) = self.rumor_stats();
-        let rumors: Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter> = Family::default();
-        for (event, v) in [
+        r.register("gossip_rumors", "Rumor events (published, received_new, received_stale, ...)", labelled("event", &[
             ("published", rc.published),
             ("bulk_skipped", rc.bulk_skipped),
             ("received_new", rc.received_new),
@@ -449,10 +444,7 @@ impl crate::metrics::MetricsSource for Gossip {
             ("datagram_sent", rc.datagrams_sent),
             ("hot_overflow", rc.hot_overflow),
             ("overlay_full", rc.overlay_full),
-        ] {
-            rumors.get_or_create(&vec![("event".into(), event.into())]).inc_by(v);
-        }
-        r.register("gossip_rumors", "Rumor events (published, received_new, received_stale, ...)", rumors);
+        ]));
         let overlay = Gauge::<i64>::default();
         overlay.set(overlay_len as i64);
         r.register("gossip_rumor_overlay_entries", "Rumored changes not yet in chitchat's state", overlay);
@@ -470,6 +462,17 @@ impl crate::metrics::MetricsSource for Gossip {
         r.register("gossip_index_entries", "(peer, blob fingerprint) pairs in the content index", index);
         r.register("gossip_undecodable_shards", "Peers' summary shards that failed to decode", ConstCounter::new(undecodable));
     }
+}
+
+type CounterFamily = prometheus_client::metrics::family::Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter>;
+
+/// A counter family with one label, from (label value, count) pairs.
+fn labelled(label: &str, values: &[(&str, u64)]) -> CounterFamily {
+    let family = CounterFamily::default();
+    for (value, count) in values {
+        family.get_or_create(&vec![(label.to_string(), value.to_string())]).inc_by(*count);
+    }
+    family
 }
 
 impl Drop for Gossip {
