@@ -194,7 +194,7 @@ impl Rumors {
         }
         chosen.truncate(k);
         // Freshest (most sends left) first, so a backlog never starves new changes.
-        self.hot.make_contiguous().sort_by(|a, b| b.sends_left.cmp(&a.sends_left));
+        self.hot.make_contiguous().sort_by_key(|hot| std::cmp::Reverse(hot.sends_left));
         let mut out = Vec::with_capacity(k);
         for peer in chosen {
             let mut datagram = vec![FORMAT_V1, 0];

@@ -65,6 +65,9 @@ impl Rng {
     }
 }
 
+/// Where a node's received rumor payloads go.
+type Inbox = mpsc::Sender<(SocketAddr, Vec<u8>)>;
+
 /// The simulated network: loss, partition, byte counts.
 #[derive(Default)]
 struct Net {
@@ -76,7 +79,7 @@ struct Net {
     sent: Mutex<HashMap<SocketAddr, u64>>,
     /// Bytes of rumors among `sent`.
     rumor_bytes: AtomicU64,
-    inboxes: Mutex<HashMap<SocketAddr, mpsc::Sender<(SocketAddr, Vec<u8>)>>>,
+    inboxes: Mutex<HashMap<SocketAddr, Inbox>>,
 }
 
 impl Net {

@@ -26,6 +26,8 @@ use super::{RumorLink, RumorSender};
 /// Relays kept at once; past this the oldest is closed (and re-created if that peer comes back).
 const MAX_RELAYS: usize = 4_096;
 
+type RumorInbox = mpsc::Receiver<(SocketAddr, Vec<u8>)>;
+
 /// Rumor datagrams waiting for the rumor task; more are dropped (counted).
 const RUMOR_INBOX: usize = 1_024;
 
@@ -36,7 +38,7 @@ pub struct SealedUdpTransport {
     counters: Arc<Counters>,
     shared: Arc<OnceLock<Arc<Shared>>>,
     rumor_tx: mpsc::Sender<(SocketAddr, Vec<u8>)>,
-    rumor_rx: Mutex<Option<mpsc::Receiver<(SocketAddr, Vec<u8>)>>>,
+    rumor_rx: Mutex<Option<RumorInbox>>,
 }
 
 impl SealedUdpTransport {
