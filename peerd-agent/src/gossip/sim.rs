@@ -290,6 +290,7 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
         }
     }
     let converge_wall = wall.elapsed();
+    eprintln!("gossip-sim: converged after {:.0} s wall; measuring steady state", converge_wall.as_secs_f64());
 
     let heap_per_node = heap_bytes().saturating_sub(heap_before) / opts.nodes.max(1);
     let index_bytes = nodes.first().map_or(0, |n| n.index_stats().1);
@@ -312,6 +313,7 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
     let lossy = propagation(&nodes, mid, rng.digest(), Duration::from_secs(30)).await;
     net.loss_ppm.store(0, Ordering::Relaxed);
 
+    eprintln!("gossip-sim: propagation measured ({:.0} s wall); partition", wall.elapsed().as_secs_f64());
     // Partition: halves cannot talk for 5 s; one side advertises; then heal.
     if let Ok(mut side_b) = net.side_b.lock() {
         side_b.extend((opts.nodes / 2..opts.nodes).map(addr_of));
