@@ -190,8 +190,15 @@ fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<Vec<f64>> {
 
 pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, with_bt: bool) -> Result<()> {
     crate::require_tool("openssl")?;
-    crate::build(true)?;
-    let peerd = crate::target_dir().join("release/peerd");
+    // PEERD_BENCH_BINARY=<path>: run that agent instead of this tree's (A/B runs of two builds
+    // under the same machine load; diagnostics).
+    let peerd = match std::env::var_os("PEERD_BENCH_BINARY") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            crate::build(true)?;
+            crate::target_dir().join("release/peerd")
+        }
+    };
     let base = PathBuf::from(format!("/var/tmp/peerd-bench-swarm-{}", std::process::id()));
     std::fs::create_dir_all(&base)?;
     let size = size_mib << 20;

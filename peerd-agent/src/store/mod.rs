@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use bytes::Bytes;
 use sha2::Digest as _;
 use tokio::sync::watch;
 
@@ -324,7 +325,14 @@ pub(crate) struct Inner {
     /// digest. Never held across piece data I/O.
     namespace: tokio::sync::Mutex<()>,
     evictions: AtomicU64,
+    /// The pieces `put_piece` wrote last, in memory: peers ask for fresh pieces soon after they
+    /// land, and these are served without reading them back from the page cache. Keyed by the
+    /// blob incarnation (a digest dropped and declared again may have had other pieces).
+    recent: Mutex<std::collections::VecDeque<(std::sync::Weak<Blob>, usize, Bytes)>>,
 }
+
+/// Pieces kept in [`Inner::recent`] (1 MiB each by default).
+const RECENT_PIECES: usize = 32;
 
 /// Keeps a blob from being evicted or removed while it is read or written.
 pub struct PinGuard {
@@ -398,6 +406,7 @@ impl Store {
                 index: Mutex::new(index),
                 namespace: tokio::sync::Mutex::new(()),
                 evictions: AtomicU64::new(0),
+                recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_PIECES)),
             }),
         };
         // All pieces landed but the crash hit before the sha256 check: finish it now.
@@ -606,7 +615,7 @@ impl Store {
         }
         let claim = Claim { blob: &blob, index };
         let bytes = match self.inner.io.write_at(&blob.file, blob.piece_offset(index), bytes).await {
-            Ok(b) => b,
+            Ok(b) => Bytes::from(b),
             Err(e) => {
                 let err = io_error(d, "writing piece", e);
                 if matches!(err, StoreError::NoSpace { .. }) {
@@ -630,6 +639,13 @@ impl Store {
             st.present.is_complete()
         };
         drop(claim);
+        {
+            let mut recent = lock(&self.inner.recent);
+            if recent.len() >= RECENT_PIECES {
+                recent.pop_front();
+            }
+            recent.push_back((Arc::downgrade(&blob), index, bytes.clone()));
+        }
         if complete {
             self.complete_pieces(&blob, Some((index, bytes))).await?;
             return Ok(PutOutcome::Completed);
@@ -639,9 +655,13 @@ impl Store {
         if interval.is_zero() {
             self.flush_meta(&blob).await?;
         } else if !blob.flush_pending.swap(true, Ordering::SeqCst) {
-            let (store, blob) = (self.clone(), blob.clone());
+            // Weak: a store that was closed meanwhile writes nothing more (like a crash: those
+            // pieces are fetched again), so a directory never gets writes from a closed store.
+            let (store, blob) = (Arc::downgrade(&self.inner), blob.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(interval).await;
+                let Some(inner) = store.upgrade() else { return };
+                let store = Store { inner };
                 // Cleared before the snapshot: a piece landing after this schedules the next
                 // flush, one landing before is in this one.
                 blob.flush_pending.store(false, Ordering::SeqCst);
@@ -730,6 +750,26 @@ impl Store {
         Ok(out)
     }
 
+    /// Piece `index` of `d`, waiting until it is present: from memory if it landed recently
+    /// (verified before it was written), else read like [`Store::read_range`].
+    pub async fn read_piece(&self, d: &Digest, index: usize) -> Result<Bytes> {
+        let (blob, _pin) = self.get_pinned(d)?;
+        if index >= blob.pieces() {
+            return Err(StoreError::BadPiece { digest: *d, index, reason: format!("blob has {} pieces", blob.pieces()) });
+        }
+        wait_pieces(&blob, index..index + 1).await?;
+        let cached = lock(&self.inner.recent)
+            .iter()
+            .rev()
+            .find(|(b, i, _)| *i == index && std::ptr::eq(b.as_ptr(), Arc::as_ptr(&blob)))
+            .map(|(_, _, bytes)| bytes.clone());
+        if let Some(bytes) = cached {
+            lock(&self.inner.index).lru.touch(d);
+            return Ok(bytes);
+        }
+        self.read_range(d, blob.piece_offset(index), blob.piece_len(index) as u64).await.map(Bytes::from)
+    }
+
     /// Waits until piece `index` is readable.
     pub async fn wait_piece(&self, d: &Digest, index: usize) -> Result<()> {
         let (blob, _pin) = self.get_pinned(d)?;
@@ -814,6 +854,7 @@ impl Store {
     async fn forget(&self, blob: &Arc<Blob>) {
         lock(&blob.state).dropped = true;
         blob.notify();
+        lock(&self.inner.recent).retain(|(b, _, _)| b.strong_count() > 0 && !std::ptr::eq(b.as_ptr(), Arc::as_ptr(blob)));
         // A metadata rewrite in progress finishes first; later ones see `dropped`.
         let _m = blob.meta_lock.lock().await;
         let (layout, d) = (self.inner.layout.clone(), blob.digest);
@@ -849,6 +890,10 @@ impl Store {
             if st.dropped {
                 return Err(StoreError::Dropped(blob.digest));
             }
+            if st.complete {
+                // Completion wrote the final record.
+                return Ok(());
+            }
             blob.meta_snapshot(&st)
         };
         self.inner.io.sync_data(&blob.file).await.map_err(|e| io_error(&blob.digest, "syncing pieces", e))?;
@@ -858,7 +903,7 @@ impl Store {
     /// Lets the prefix hasher take in newly present pieces, off the caller's path: if it is
     /// idle, a task hashes from its position as far as pieces are present (`piece`, just
     /// written, from memory; the others from the file); if it is busy it goes on afterwards.
-    fn advance_sha(&self, blob: &Arc<Blob>, piece: Option<(usize, Vec<u8>)>) {
+    fn advance_sha(&self, blob: &Arc<Blob>, piece: Option<(usize, Bytes)>) {
         blob.sha_wanted.store(true, Ordering::SeqCst);
         let Ok(guard) = blob.sha.clone().try_lock_owned() else { return };
         let (store, blob) = (self.clone(), blob.clone());
@@ -882,7 +927,7 @@ impl Store {
     }
 
     /// Hashes present pieces from the prefix's position on, until a missing one.
-    async fn hash_prefix(&self, blob: &Blob, sha: &mut ShaPrefix, piece: Option<(usize, Vec<u8>)>) -> std::io::Result<()> {
+    async fn hash_prefix(&self, blob: &Blob, sha: &mut ShaPrefix, piece: Option<(usize, Bytes)>) -> std::io::Result<()> {
         while sha.next < blob.pieces() && lock(&blob.state).present.get(sha.next) {
             let i = sha.next;
             match &piece {
@@ -897,7 +942,7 @@ impl Store {
     /// All pieces are present: check the whole-blob sha256 (only the part the prefix hasher has
     /// not taken in yet is hashed here; `last` is the piece just written, in memory), then mark
     /// complete (durably: data synced, then metadata) or drop.
-    async fn complete_pieces(&self, blob: &Arc<Blob>, last: Option<(usize, Vec<u8>)>) -> Result<()> {
+    async fn complete_pieces(&self, blob: &Arc<Blob>, last: Option<(usize, Bytes)>) -> Result<()> {
         let d = blob.digest;
         let sha = {
             let mut prefix = blob.sha.lock().await;

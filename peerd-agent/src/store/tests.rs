@@ -348,6 +348,38 @@ async fn lying_manifest_is_caught_with_the_incremental_sha256() {
 }
 
 #[tokio::test]
+async fn read_piece_serves_fresh_pieces_of_this_incarnation_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), cfg(1 << 30, IoMode::Auto)).await.unwrap();
+    let real = bytes(33, 2 * PS as usize);
+    let fake = bytes(34, 2 * PS as usize);
+    let d = digest_of(&real);
+    // A liar's pieces (consistent with its manifest) land, then fail the sha256: dropped.
+    let hf = hashes(&fake, PS);
+    store.declare(&d, real.len() as u64).await.unwrap();
+    store.put_piece(&d, 0, fake[..PS as usize].to_vec(), hf[0], peer("liar")).await.unwrap();
+    assert_eq!(store.read_piece(&d, 0).await.unwrap(), &fake[..PS as usize]);
+    assert!(store.put_piece(&d, 1, fake[PS as usize..].to_vec(), hf[1], peer("liar")).await.is_err());
+    // The blob again, from an honest peer: only its own pieces are ever served.
+    let hr = hashes(&real, PS);
+    store.declare(&d, real.len() as u64).await.unwrap();
+    store.put_piece(&d, 0, real[..PS as usize].to_vec(), hr[0], peer("honest")).await.unwrap();
+    assert_eq!(store.read_piece(&d, 0).await.unwrap(), &real[..PS as usize]);
+    assert!(tokio::time::timeout(Duration::from_millis(100), store.read_piece(&d, 1)).await.is_err(), "missing piece waits");
+    store.put_piece(&d, 1, real[PS as usize..].to_vec(), hr[1], peer("honest")).await.unwrap();
+    assert!(store.has(&d));
+    // Past the in-memory window, pieces come from the file.
+    for k in 0..RECENT_PIECES as u64 + 1 {
+        let other = bytes(100 + k, PS as usize);
+        let od = digest_of(&other);
+        store.declare(&od, other.len() as u64).await.unwrap();
+        store.put_piece(&od, 0, other.clone(), blake3::hash(&other), peer("x")).await.unwrap();
+    }
+    assert_eq!(store.read_piece(&d, 1).await.unwrap(), &real[PS as usize..]);
+    assert!(matches!(store.read_piece(&d, 2).await, Err(StoreError::BadPiece { .. })));
+}
+
+#[tokio::test]
 async fn restart_keeps_complete_blobs_and_cleans_temp_files() {
     let dir = tempfile::tempdir().unwrap();
     let complete = bytes(20, 5 * PS as usize + 7);

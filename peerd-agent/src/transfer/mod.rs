@@ -326,14 +326,14 @@ impl Transfer {
                 }
                 send.write_all(&[Status::Ok as u8]).await.map_err(|e| e.to_string())?;
                 for i in first..first + count {
-                    let off = i as u64 * m.piece_size as u64;
                     let len = m.piece_len(i);
-                    let bytes = store.read_range(&d, off, len).await.map_err(|e| e.to_string())?;
+                    // A fresh piece comes from the store's memory, an older one from the file.
+                    let bytes = store.read_piece(&d, i as usize).await.map_err(|e| e.to_string())?;
                     if let Some(l) = &self.inner.upload {
                         l.take(len).await;
                     }
                     // Handed to quinn as is (write_all would copy it into quinn's buffer).
-                    send.write_chunk(Bytes::from(bytes)).await.map_err(|e| e.to_string())?;
+                    send.write_chunk(bytes).await.map_err(|e| e.to_string())?;
                     self.inner.counters.bytes_to_peers.fetch_add(len, Ordering::Relaxed);
                 }
             }
