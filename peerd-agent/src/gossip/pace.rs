@@ -5,7 +5,8 @@
 //! is over half a megabyte per second per node, whatever the content. Content changes travel as
 //! rumors (`rumor`), so anti-entropy only has to converge eventually and keep the failure
 //! detector fed. This wrapper around chitchat's socket charges every message it sends (SYNs,
-//! SYN-ACKs answering others, ACKs) to a token bucket of `budget` bytes per second and lets a
+//! SYN-ACKs answering others, ACKs; minus the node state they carry, which is content, not
+//! overhead) to a token bucket of `budget` bytes per second and lets a
 //! round's SYNs go only while the bucket has tokens; the SYNs of a round over budget are not sent
 //! (counted as `paced`), which chitchat sees as lost datagrams. Answers are never held (the asker
 //! paid for the exchange), so a node that answers much initiates less, and the total it sends
@@ -82,7 +83,9 @@ impl Pacer {
     /// and answers are sent whatever the balance).
     pub fn charge(&mut self, bytes: usize) {
         if self.rate > 0.0 {
-            self.tokens -= bytes as f64;
+            // Debt is bounded, so a burst (answering many peers at once) costs at most about
+            // two seconds without SYNs, never a silence the failure detector would notice.
+            self.tokens = (self.tokens - bytes as f64).max(-self.burst);
         }
     }
 
@@ -132,6 +135,14 @@ impl Transport for Paced {
     }
 }
 
+/// Bytes of node state a message carries (the rest is digest and framing).
+fn delta_len(message: &ChitchatMessage) -> usize {
+    match message {
+        ChitchatMessage::SynAck { delta, .. } | ChitchatMessage::Ack { delta } => delta.serialized_len(),
+        _ => 0,
+    }
+}
+
 struct PacedSocket {
     inner: Box<dyn Socket>,
     pacer: Arc<Mutex<Pacer>>,
@@ -150,17 +161,15 @@ impl Socket for PacedSocket {
             self.counters.paced.fetch_add(1, Ordering::Relaxed);
             return Ok(SendOutcome { num_bytes_sent: 0 });
         }
+        let state = delta_len(&envelope.message);
         let outcome = self.inner.send(to, envelope).await?;
-        self.pacer.lock().await.charge(outcome.num_bytes_sent);
+        self.pacer.lock().await.charge(outcome.num_bytes_sent.saturating_sub(state));
         Ok(outcome)
     }
 
     async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
         let outcome = self.inner.recv().await?;
-        let delta = match &outcome.envelope.message {
-            ChitchatMessage::SynAck { delta, .. } | ChitchatMessage::Ack { delta } => delta.serialized_len(),
-            _ => 0,
-        };
+        let delta = delta_len(&outcome.envelope.message);
         if delta > 0 {
             self.pacer.lock().await.received_delta(delta, Instant::now());
         }
@@ -171,6 +180,17 @@ impl Socket for PacedSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_burst_of_answers_costs_a_bounded_silence() {
+        let start = Instant::now();
+        let mut p = Pacer::new(16_000, ROUND, start);
+        p.charge(10_000_000); // answering a joiner's catch-up
+        assert!(!p.admit_syn(start));
+        // Debt is at most one burst: SYNs resume once it is paid back, well under 10 s.
+        let back = (1..200u64).find(|i| p.admit_syn(start + ROUND * *i as u32)).map(|i| ROUND * i as u32);
+        assert!(back.is_some_and(|t| t <= Duration::from_secs(8)), "silent for {back:?}");
+    }
 
     #[test]
     fn unlimited_budget_never_paces() {
