@@ -5,8 +5,8 @@
 //! is over half a megabyte per second per node, whatever the content. Content changes travel as
 //! rumors (`rumor`), so anti-entropy only has to converge eventually and keep the failure
 //! detector fed. This wrapper around chitchat's socket charges every message it sends (SYNs,
-//! SYN-ACKs answering others, ACKs; minus the node state they carry, which is content, not
-//! overhead) to a token bucket of `budget` bytes per second and lets a
+//! SYN-ACKs answering others, ACKs; steady-state deltas carry heartbeats, so they count too) to
+//! a token bucket of `budget` bytes per second, with debt capped at one burst, and lets a
 //! round's SYNs go only while the bucket has tokens; the SYNs of a round over budget are not sent
 //! (counted as `paced`), which chitchat sees as lost datagrams. Answers are never held (the asker
 //! paid for the exchange), so a node that answers much initiates less, and the total it sends
@@ -135,7 +135,7 @@ impl Transport for Paced {
     }
 }
 
-/// Bytes of node state a message carries (the rest is digest and framing).
+/// Bytes of node state a message carries.
 fn delta_len(message: &ChitchatMessage) -> usize {
     match message {
         ChitchatMessage::SynAck { delta, .. } | ChitchatMessage::Ack { delta } => delta.serialized_len(),
@@ -161,9 +161,8 @@ impl Socket for PacedSocket {
             self.counters.paced.fetch_add(1, Ordering::Relaxed);
             return Ok(SendOutcome { num_bytes_sent: 0 });
         }
-        let state = delta_len(&envelope.message);
         let outcome = self.inner.send(to, envelope).await?;
-        self.pacer.lock().await.charge(outcome.num_bytes_sent.saturating_sub(state));
+        self.pacer.lock().await.charge(outcome.num_bytes_sent);
         Ok(outcome)
     }
 
