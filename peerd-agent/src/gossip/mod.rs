@@ -89,7 +89,7 @@ impl GossipConfig {
             seeds: Vec::new(),
             secret: secret.into(),
             gossip_interval: Duration::from_millis(100),
-            budget: 16_000,
+            budget: 12_000,
             dead_node_grace_period: Duration::from_secs(60 * 60),
             seed_refresh: Duration::from_secs(30),
             version: env!("CARGO_PKG_VERSION").to_string(),
