@@ -145,12 +145,12 @@ pub struct LocalContent {
     /// Entries left out because a shard exceeded `MAX_SHARD_ENTRIES`.
     pub truncated: u64,
     /// Per-blob changes since the last `take_changes`, for rumors; `None` once there were more
-    /// than `MAX_TRACKED_CHANGES` (a bulk change: anti-entropy carries it).
+    /// than `rumor::MAX_PUBLISH` (a bulk change: anti-entropy carries it).
     changes: Option<Vec<ContentChange>>,
 }
 
-/// Per-blob changes remembered between two `take_changes`.
-pub const MAX_TRACKED_CHANGES: usize = 64;
+/// Per-blob changes remembered between two `take_changes`: no more than rumors carry at once.
+use super::rumor::MAX_PUBLISH as MAX_TRACKED_CHANGES;
 
 impl Default for LocalContent {
     fn default() -> Self {
