@@ -457,7 +457,6 @@ fn agent(args: AgentArgs) -> Result<()> {
         tcfg.upload_limit = args.upload_limit;
         tcfg.download_limit = args.download_limit;
         let me = args.advertise_addr.unwrap_or(args.peer_addr);
-        tcfg.advertise = me;
         let transfer = Transfer::start(tcfg, store.clone()).context("starting the peer endpoint")?;
         let containerd = match args.no_containerd_content {
             true => None,

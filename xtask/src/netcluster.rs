@@ -50,7 +50,9 @@ fn ip(args: &[&str]) {
 }
 
 fn tbf(ns: &str, dev: &str, mbit: u32) {
-    // burst sized for ~1 ms at the rate, at least 64 KiB; latency bounds the queue.
+    // burst sized for ~1 ms at the rate, at least 64 KiB; latency bounds the queue (50 ms, a
+    // deep buffer; PEERD_TBF_LATENCY overrides it for diagnostics: this kernel has no fq_codel,
+    // so a shallow queue is the only way to see what bufferbloat costs).
     let burst = ((mbit as u64 * 1_000_000 / 8) / 1000).max(64 << 10);
     run(Command::new("ip").args(["netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf"]).args([
         "rate",
@@ -58,7 +60,7 @@ fn tbf(ns: &str, dev: &str, mbit: u32) {
         "burst",
         &burst.to_string(),
         "latency",
-        "50ms",
+        &std::env::var("PEERD_TBF_LATENCY").unwrap_or_else(|_| "50ms".into()),
     ]));
 }
 
@@ -278,7 +280,9 @@ impl Deployment {
         }
 
         let mut tls = String::new();
-        let mut agent_env = vec![("RUST_LOG".to_string(), "info".to_string())];
+        // PEERD_BENCH_TRACE: per-piece swarm events in the agents' logs (diagnostics).
+        let level = if std::env::var_os("PEERD_BENCH_TRACE").is_some() { "info,peerd_agent::transfer::trace=debug" } else { "info" };
+        let mut agent_env = vec![("RUST_LOG".to_string(), level.to_string())];
         if let Some(ca) = opts.registry_tls {
             let (crt, key) = ca.issue(opts.registry_name.as_deref().unwrap_or("registry"), &[c.registry.ip.into()]);
             tls = format!("  tls:\n    certificate: {}\n    key: {}\n", crt.display(), key.display());

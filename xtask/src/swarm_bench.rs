@@ -99,6 +99,7 @@ fn traced<T>(c: &NetCluster, f: impl FnOnce() -> T) -> T {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
         let (stop, switch, ifs) = (stop.clone(), c.switch.clone(), c.nodes.iter().map(|n| n.sw_if.clone()).collect::<Vec<_>>());
+        let nss: Vec<String> = c.nodes.iter().map(|n| n.ns.clone()).collect();
         std::thread::spawn(move || {
             let t0 = Instant::now();
             let mut last = link_bytes(&switch, &ifs);
@@ -107,7 +108,16 @@ fn traced<T>(c: &NetCluster, f: impl FnOnce() -> T) -> T {
                 std::thread::sleep(Duration::from_millis(500));
                 let now = link_bytes(&switch, &ifs);
                 let cells: Vec<String> = now.iter().zip(&last).map(|(a, b)| format!("{:3.0}/{:3.0}", (a.0 - b.0) as f64 * 16e-6, (a.1 - b.1) as f64 * 16e-6)).collect();
-                eprintln!("t={:5.1}s up/down Mbit/s: {}", t0.elapsed().as_secs_f64(), cells.join(" "));
+                // Upload queue (bytes in each node's shaped egress qdisc): a full one delays
+                // the node's ACKs of what it downloads.
+                let queues: Vec<String> = nss
+                    .iter()
+                    .map(|ns| {
+                        let out = run(Command::new("ip").args(["netns", "exec", ns, "tc", "-s", "qdisc", "show", "dev", "eth0"]));
+                        out.split_whitespace().skip_while(|w| *w != "backlog").nth(1).unwrap_or("?").to_string()
+                    })
+                    .collect();
+                eprintln!("t={:5.1}s up/down Mbit/s: {}  upload queue: {}", t0.elapsed().as_secs_f64(), cells.join(" "), queues.join(" "));
                 last = now;
             }
             let tot: Vec<String> = last.iter().zip(&first).map(|(a, b)| format!("{:.2}/{:.2}", (a.0 - b.0) as f64 / 268435456.0, (a.1 - b.1) as f64 / 268435456.0)).collect();

@@ -462,6 +462,15 @@ impl Store {
         Some((b.size, b.piece_size, hashes))
     }
 
+    /// Whether `d` is incomplete and its pieces so far came from upstream: this node is the
+    /// blob's origin for its peers (they get it from here, or from each other).
+    pub fn arriving_from_upstream(&self, d: &Digest) -> bool {
+        self.get(d).is_some_and(|b| {
+            let st = lock(&b.state);
+            !st.complete && !st.dropped && st.sources.iter().flatten().any(|s| matches!(s, Source::Upstream(_)))
+        })
+    }
+
     /// Piece size of blobs this store creates (peers must use the same to exchange pieces).
     pub fn piece_size(&self) -> u32 {
         self.inner.cfg.piece_size

@@ -5,6 +5,7 @@
 //! Roles: every agent serves complete blobs from its store to authenticated peers, and answers
 //! `Fetch` (get this blob from upstream with these credentials) through the [`Fetcher`] the
 //! mirror installs. The mirror calls [`Transfer::download`] on a miss when peers hold a blob.
+mod handout;
 pub mod swarm;
 pub mod tls;
 pub mod wire;
@@ -58,9 +59,6 @@ pub trait Fetcher: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct TransferConfig {
     pub listen: SocketAddr,
-    /// The address peers know this node by (its `--advertise-addr`); used to split the work of
-    /// pulling fresh pieces among downloaders.
-    pub advertise: SocketAddr,
     pub node_id: String,
     pub secret: Vec<u8>,
     /// Streams a peer may have open to us at once (requests in flight).
@@ -80,7 +78,6 @@ impl TransferConfig {
     pub fn new(listen: SocketAddr, node_id: String, secret: Vec<u8>) -> Self {
         Self {
             listen,
-            advertise: listen,
             node_id,
             secret,
             max_streams_per_peer: 32,
@@ -104,6 +101,9 @@ pub struct Counters {
     pub peer_errors: AtomicU64,
     pub refused_requests: AtomicU64,
     pub fetches_for_peers: AtomicU64,
+    /// Piece requests this node, as a blob's origin, answered "not here" because it had just
+    /// sent those pieces to another peer (`handout`).
+    pub withheld_pieces: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -125,8 +125,15 @@ struct Inner {
     partial: Mutex<HashMap<Digest, Arc<WireManifest>>>,
     upload: Option<Arc<RateLimit>>,
     download: Option<Arc<RateLimit>>,
+    /// Which peer got each fresh piece of the blobs this node is fetching from upstream.
+    handout: Mutex<handout::Handout>,
     counters: Counters,
 }
+
+/// How long a fresh piece the origin sent to one peer is withheld from the others (`handout`):
+/// enough for that peer to store it and for the others to see it in its bitfield (polled every
+/// 100 ms) several times over, short enough that a taker that died costs little.
+const HANDOUT_GRACE: Duration = Duration::from_secs(3);
 
 /// A token bucket shared by all transfers in one direction (one second of burst).
 struct RateLimit {
@@ -202,6 +209,7 @@ impl Transfer {
                 partial: Mutex::new(HashMap::new()),
                 upload,
                 download,
+                handout: Mutex::new(handout::Handout::new(HANDOUT_GRACE)),
                 counters: Counters::default(),
             }),
         };
@@ -250,7 +258,7 @@ impl Transfer {
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let this = this.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = this.serve_stream(send, recv).await {
+                        if let Err(e) = this.serve_stream(peer, send, recv).await {
                             debug!(%peer, "stream: {e}");
                         }
                     });
@@ -259,7 +267,7 @@ impl Transfer {
         }
     }
 
-    async fn serve_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
+    async fn serve_stream(&self, peer: SocketAddr, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
         let raw = recv.read_to_end(wire::MAX_REQUEST).await.map_err(|e| e.to_string())?;
         let req = match Request::decode(&raw) {
             Ok(r) => r,
@@ -324,6 +332,10 @@ impl Transfer {
                 if (first..first + count).any(|i| !have.get(i as usize).copied().unwrap_or(false)) {
                     return refuse(&mut send, Status::NotFound, "not yet").await;
                 }
+                if !self.hand_out(&d, n as usize, peer, first, count) {
+                    self.inner.counters.withheld_pieces.fetch_add(1, Ordering::Relaxed);
+                    return refuse(&mut send, Status::NotFound, "sent to another peer; get it there").await;
+                }
                 send.write_all(&[Status::Ok as u8]).await.map_err(|e| e.to_string())?;
                 for i in first..first + count {
                     let len = m.piece_len(i);
@@ -342,7 +354,12 @@ impl Transfer {
                 let frame = match self.containerd_manifest(&d, false).await {
                     Some(m) => wire::encode_have(&vec![true; m.pieces.len()]),
                     None => match (self.manifest_of(&d), store.present_pieces(&d)) {
-                        (Some(_), Some(bits)) => wire::encode_have(&bits),
+                        (Some(_), Some(mut bits)) => {
+                            if store.arriving_from_upstream(&d) {
+                                self.inner.handout.lock().unwrap_or_else(|e| e.into_inner()).mask(&d, peer, &mut bits, Instant::now());
+                            }
+                            wire::encode_have(&bits)
+                        }
                         _ => wire::status_frame(Status::NotFound, "not here"),
                     },
                 };
@@ -364,6 +381,21 @@ impl Transfer {
         send.finish().map_err(|e| e.to_string())?;
         let _ = send.stopped().await;
         Ok(())
+    }
+
+    /// Whether pieces `first..first + count` of `d` may go to `peer` now (see `handout`): always,
+    /// unless this node is still fetching `d` from upstream and sent one of them to another peer
+    /// within `HANDOUT_GRACE`.
+    fn hand_out(&self, d: &Digest, pieces: usize, peer: SocketAddr, first: u32, count: u32) -> bool {
+        let store = &self.inner.store;
+        let mut h = self.inner.handout.lock().unwrap_or_else(|e| e.into_inner());
+        if !store.arriving_from_upstream(d) {
+            if h.tracked() > 0 {
+                h.retain(|d| store.arriving_from_upstream(d));
+            }
+            return true;
+        }
+        h.claim(d, pieces, peer, first, count, Instant::now())
     }
 
     /// The manifest of `d` from the node's containerd content store, when the store does not hold
@@ -533,17 +565,9 @@ impl Transfer {
             a
         }).collect();
         // The first source is the owner (still receiving from upstream) or a complete holder:
-        // while incomplete it is asked only for what nobody else has. Each piece only it has is
-        // pulled first by one downloader, chosen by rendezvous over this node and the peers
-        // downloading too; the others get it from that downloader. Same views, same split.
+        // while incomplete it is asked only for what nobody else has, and it decides who gets
+        // which fresh piece (`handout`).
         dl.set_origin(0);
-        let key = |a: &SocketAddr| {
-            let mut h = blake3::Hasher::new();
-            h.update(d.as_bytes());
-            h.update(a.to_string().as_bytes());
-            u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8]))
-        };
-        dl.set_keys(key(&self.inner.cfg.advertise), &addrs.iter().map(key).collect::<Vec<_>>());
         let (tx, mut rx) = mpsc::channel::<(Assignment, Result<Vec<(u32, Vec<u8>)>, Failure>)>(64);
         let (have_tx, mut have_rx) = mpsc::channel::<(usize, Vec<bool>, Option<WireManifest>)>(64);
         let (stored_tx, mut stored_rx) = mpsc::channel::<(usize, u32, Stored)>(64);
@@ -562,6 +586,7 @@ impl Transfer {
         let mut hashes: Vec<Option<[u8; 32]>> = m.pieces.iter().map(|h| (*h != [0; 32]).then_some(*h)).collect();
         let mut tasks: HashMap<(usize, u32), tokio::task::JoinHandle<()>> = HashMap::new();
         let started = Instant::now();
+        debug!(target: "peerd_agent::transfer::trace", peers = ?addrs, "swarm");
         let mut last_have = Instant::now() - HAVE_EVERY;
         let mut last_progress = Instant::now();
         // At most one manifest request at a time, and only to a peer whose bitfield shows pieces
@@ -578,17 +603,16 @@ impl Transfer {
                 let d = *d;
                 let (unknown, busy) = (unknown.clone(), manifest_busy.clone());
                 tokio::spawn(async move {
-                    if let Some(bits) = this.have(peer, &d, n).await {
-                        let wanted = unknown.is_some_and(|u| bits.iter().zip(u.iter()).any(|(b, u)| *b && *u));
-                        let manifest = if wanted && !busy.swap(true, Ordering::AcqRel) {
-                            let m = this.manifest_from(&d, &[peer]).await.map(|(_, m)| m);
-                            busy.store(false, Ordering::Release);
-                            m
-                        } else {
-                            None
-                        };
-                        let _ = have_tx.send((i, bits, manifest)).await;
-                    }
+                    let Some(bits) = this.have(peer, &d, n).await else { return };
+                    let wanted = unknown.is_some_and(|u| bits.iter().zip(u.iter()).any(|(b, u)| *b && *u));
+                    let manifest = if wanted && !busy.swap(true, Ordering::AcqRel) {
+                        let m = this.manifest_from(&d, &[peer]).await.map(|(_, m)| m);
+                        busy.store(false, Ordering::Release);
+                        m
+                    } else {
+                        None
+                    };
+                    let _ = have_tx.send((i, bits, manifest)).await;
                 });
             }
         };
@@ -631,6 +655,7 @@ impl Transfer {
                 }
             }
             for a in dl.poll(now) {
+                debug!(target: "peerd_agent::transfer::trace", t = started.elapsed().as_millis() as u64, peer = a.peer, piece = a.first, "ask");
                 let this = self.clone();
                 let peer = addrs[a.peer];
                 let m = m.clone();
@@ -652,10 +677,12 @@ impl Transfer {
                         }
                     }
                     let known: Vec<bool> = bits.iter().zip(&hashes).map(|(b, h)| *b && h.is_some()).collect();
-                    dl.set_have_at(i, known, Instant::now());
+                    debug!(target: "peerd_agent::transfer::trace", t = started.elapsed().as_millis() as u64, peer = i, bits = bits.iter().filter(|b| **b).count(), known = known.iter().filter(|b| **b).count(), "have");
+                    dl.set_have(i, known);
                 }
                 Some((a, r)) = rx.recv() => {
                     tasks.remove(&(a.peer, a.first));
+                    debug!(target: "peerd_agent::transfer::trace", t = started.elapsed().as_millis() as u64, peer = a.peer, piece = a.first, ok = r.is_ok(), "got");
                     match r {
                         Ok(pieces) => {
                             // Verified and written off the loop, so requests keep flowing while
@@ -694,6 +721,7 @@ impl Transfer {
                     }
                 }
                 Some((peer, i, r)) = stored_rx.recv() => {
+                    debug!(target: "peerd_agent::transfer::trace", t = started.elapsed().as_millis() as u64, peer, piece = i, "stored");
                     match r {
                         Stored::Yes => dl.on_piece(i),
                         Stored::Elsewhere => {}

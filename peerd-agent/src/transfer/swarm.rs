@@ -9,10 +9,10 @@
 //!   spread by the per-download seed.
 //! - The origin (`set_origin`: the node still receiving the blob from upstream) is the scarcest
 //!   uplink: each fresh piece should leave it once. While its bitfield is incomplete it is asked
-//!   only for pieces no other usable peer has, and a piece only it has is asked by that piece's
-//!   designated downloader (`set_designated`); others wait for the designated node to have it
-//!   (`defer_single_source` bounds the wait, and an excluded designated node is not waited
-//!   for). Once the origin holds the whole blob it is an ordinary peer.
+//!   only for pieces no other usable peer has. Which downloader takes which fresh piece is the
+//!   origin's decision (`handout`: it shows each downloader its share first and gives each piece
+//!   once), so nothing here waits for anyone. Once the origin holds the whole blob it is an
+//!   ordinary peer.
 //! - A corrupt piece excludes the peer from this download at once; other failures (error, not
 //!   found, timeout) exclude it after `max_failures`. Its pieces go back to the queue.
 //! - Endgame: when nothing is left to assign and every piece exists somewhere, an idle peer
@@ -29,10 +29,6 @@ pub struct SwarmConfig {
     /// A run in flight this long may be duplicated to an idle peer in the endgame.
     pub hedge_after: Duration,
     pub seed: u64,
-    /// A piece only one peer has (typically the owner, as it arrives from upstream) is left to
-    /// the nodes designated for it (`set_designated`) for this long, so the single source sends
-    /// each piece about once and the downloaders trade it among themselves.
-    pub defer_single_source: Duration,
     /// No new requests while this many received pieces wait to be stored (writes slower than
     /// the network must not pile up pieces in memory).
     pub max_storing: u32,
@@ -53,11 +49,6 @@ impl Default for SwarmConfig {
             // healthy transfers (bench swarm).
             hedge_after: Duration::from_millis(1500),
             seed: 0x5eed,
-            // A liveness bound, not a pacing knob: the origin's uplink is as fast as upstream,
-            // so a designated node's request can queue there for a second; falling back sooner
-            // made every node pull the same fresh pieces from the origin (bench swarm: the
-            // owner uploaded 1.8 x S at N=8).
-            defer_single_source: Duration::from_secs(3),
             max_storing: 16,
         }
     }
@@ -95,10 +86,6 @@ struct Peer {
     same_zone: bool,
     /// Receiving the blob from upstream (see the module docs).
     origin: bool,
-    /// Has answered with a bitfield: it holds or downloads the blob, so it can be designated.
-    active: bool,
-    /// Rendezvous key (the same for this peer on every node), see `set_keys`.
-    key: u64,
     /// `have` is all true (kept with `have`: asked for every candidate piece on every poll).
     complete: bool,
     have: Vec<bool>,
@@ -116,13 +103,6 @@ struct Flight {
 pub struct Download {
     cfg: SwarmConfig,
     pieces: Vec<Piece>,
-    /// Who pulls each piece from a single source first: `None` this node, `Some(peer)` that
-    /// peer (this node waits for it), `Some(usize::MAX)` someone this node does not talk to.
-    designated: Vec<Option<usize>>,
-    /// This node's rendezvous key, when designation is by rendezvous (`set_keys`).
-    my_key: Option<u64>,
-    /// When some peer was first seen holding each piece.
-    seen_at: Vec<Option<Instant>>,
     /// Batch start indices in request order.
     order: Vec<u32>,
     peers: Vec<Peer>,
@@ -130,7 +110,8 @@ pub struct Download {
     done: u32,
 }
 
-/// A rendezvous weight of (node key, piece): splitmix64's finaliser of their mix.
+/// A rendezvous weight of (node key, piece), for splitting pieces among nodes with no coordination
+/// (`handout`): splitmix64's finaliser of their mix.
 pub fn rendezvous(key: u64, piece: u32) -> u64 {
     let mut z = key ^ u64::from(piece).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -153,7 +134,7 @@ impl Download {
         let mut order: Vec<u32> = (0..pieces).step_by(batch as usize).collect();
         shuffle(&mut order, cfg.seed | 1);
         let n = pieces as usize;
-        Self { cfg, pieces: vec![Piece::Missing; n], designated: vec![None; n], my_key: None, seen_at: vec![None; n], order, peers: Vec::new(), flights: Vec::new(), done: 0 }
+        Self { cfg, pieces: vec![Piece::Missing; n], order, peers: Vec::new(), flights: Vec::new(), done: 0 }
     }
 
     /// Registers a peer holding the whole blob; returns its index.
@@ -166,70 +147,19 @@ impl Download {
 
     /// Registers a peer whose pieces are not known yet (see [`Download::set_have`]).
     pub fn add_partial_peer(&mut self, same_zone: bool) -> usize {
-        self.peers.push(Peer { same_zone, origin: false, active: false, key: 0, complete: false, have: vec![false; self.pieces.len()], in_flight: 0, failures: 0, excluded: false });
+        self.peers.push(Peer { same_zone, origin: false, complete: false, have: vec![false; self.pieces.len()], in_flight: 0, failures: 0, excluded: false });
         self.peers.len() - 1
     }
 
     /// The peer's current bitfield (ignored if its length is wrong).
-    pub fn set_have_at(&mut self, peer: usize, have: Vec<bool>, now: Instant) {
+    pub fn set_have(&mut self, peer: usize, have: Vec<bool>) {
         if have.len() != self.pieces.len() {
             return;
-        }
-        for (i, h) in have.iter().enumerate() {
-            if *h && self.seen_at[i].is_none() {
-                self.seen_at[i] = Some(now);
-            }
         }
         if let Some(p) = self.peers.get_mut(peer) {
             p.complete = have.iter().all(|h| *h);
             p.have = have;
-            p.active = true;
         }
-    }
-
-    pub fn set_have(&mut self, peer: usize, have: Vec<bool>) {
-        self.set_have_at(peer, have, Instant::now());
-    }
-
-    /// Which pieces this node pulls from a single source without waiting (see
-    /// `SwarmConfig::defer_single_source`).
-    pub fn set_designated(&mut self, designated: Vec<bool>) {
-        self.set_designated_peers(designated.into_iter().map(|mine| if mine { None } else { Some(usize::MAX) }).collect());
-    }
-
-    /// Per piece, who pulls it from a single source first: `None` this node, `Some(peer)` that
-    /// peer (an index from `add_peer`; if it gets excluded this node stops waiting for it).
-    pub fn set_designated_peers(&mut self, designated: Vec<Option<usize>>) {
-        if designated.len() == self.pieces.len() {
-            self.designated = designated;
-        }
-    }
-
-    /// Designation by rendezvous: each piece's designated downloader is the highest
-    /// `mix(key, piece)` among this node (`me`) and the peers that answered with a bitfield (so
-    /// they are downloading or holding the blob), not excluded and not the origin. Keys must be
-    /// the same for a node on every node (e.g. derived from its advertised address), so nodes
-    /// with the same view agree with no coordination. Overrides `set_designated`.
-    pub fn set_keys(&mut self, me: u64, peers: &[u64]) {
-        self.my_key = Some(me);
-        for (p, k) in self.peers.iter_mut().zip(peers) {
-            p.key = *k;
-        }
-    }
-
-    /// Who pulls `piece` from a single source first (see `designated`).
-    fn designated_for(&self, piece: u32) -> Option<usize> {
-        let Some(me) = self.my_key else { return self.designated[piece as usize] };
-        let mut best = (rendezvous(me, piece), None);
-        for (i, p) in self.peers.iter().enumerate() {
-            if p.active && !p.excluded && !p.origin {
-                let w = rendezvous(p.key, piece);
-                if w > best.0 {
-                    best = (w, Some(i));
-                }
-            }
-        }
-        best.1
     }
 
     /// Whether `peer`'s bitfield says it holds every piece (its bitfield will not change).
@@ -248,15 +178,6 @@ impl Download {
     fn restricted(&self, peer: usize) -> bool {
         let p = &self.peers[peer];
         p.origin && !p.complete
-    }
-
-    /// Whether this node should wait before pulling `piece` from its single source.
-    fn waits_for_designated(&self, piece: u32, now: Instant) -> bool {
-        let fresh = self.seen_at[piece as usize].is_some_and(|t| now.duration_since(t) < self.cfg.defer_single_source);
-        match self.designated_for(piece) {
-            None => false,
-            Some(p) => fresh && self.peers.get(p).is_none_or(|q| !q.excluded),
-        }
     }
 
     /// Whether any usable peer has a piece we still miss (otherwise waiting is all we can do).
@@ -316,9 +237,6 @@ impl Download {
             let end = (start + batch).min(n);
             if let Some(first) = (start..end).find(|&i| self.pieces[i as usize] == Piece::Missing) {
                 let avail = self.availability(first);
-                if avail == 1 && self.waits_for_designated(first, now) {
-                    continue;
-                }
                 if avail > 0 {
                     order.push((avail, start));
                 }
@@ -573,24 +491,6 @@ mod tests {
     }
 
     #[test]
-    fn single_source_pieces_wait_for_their_designated_node() {
-        let mut d = Download::new(4, SwarmConfig { batch: 1, max_in_flight_per_peer: 8, defer_single_source: Duration::from_millis(400), ..Default::default() });
-        let owner = d.add_partial_peer(false);
-        d.set_designated(vec![true, false, true, false]);
-        let t0 = Instant::now();
-        d.set_have_at(owner, vec![true; 4], t0);
-        let a = d.poll(t0);
-        let mut got: Vec<u32> = a.iter().map(|x| x.first).collect();
-        got.sort();
-        assert_eq!(got, vec![0, 2], "only designated pieces at first");
-        // Later, nobody else got them: fetch from the single source anyway.
-        let b = d.poll(t0 + Duration::from_millis(500));
-        let mut got: Vec<u32> = b.iter().map(|x| x.first).collect();
-        got.sort();
-        assert_eq!(got, vec![1, 3]);
-    }
-
-    #[test]
     fn stale_bitfield_is_not_a_failure() {
         let mut d = Download::new(2, SwarmConfig { batch: 2, ..Default::default() });
         let p = d.add_peer(false);
@@ -653,8 +553,8 @@ mod tests {
         let peer = d.add_partial_peer(false);
         d.set_origin(origin);
         let t0 = Instant::now();
-        d.set_have_at(origin, vec![true, true, true, false], t0);
-        d.set_have_at(peer, vec![true, false, false, false], t0);
+        d.set_have(origin, vec![true, true, true, false]);
+        d.set_have(peer, vec![true, false, false, false]);
         let a = d.poll(t0);
         // Piece 0 is at a peer too: never from the origin. 1 and 2 only the origin has.
         for x in &a {
@@ -670,13 +570,13 @@ mod tests {
         let peer = d.add_partial_peer(false);
         d.set_origin(origin);
         let t0 = Instant::now();
-        d.set_have_at(origin, vec![true, true, false], t0);
-        d.set_have_at(peer, vec![true, true, false], t0);
+        d.set_have(origin, vec![true, true, false]);
+        d.set_have(peer, vec![true, true, false]);
         let a = d.poll(t0);
         assert_eq!(a.len(), 1, "one slot at the peer, none at the origin: {a:?}");
         assert_eq!(a[0].peer, peer);
         // Once the origin holds everything it is an ordinary peer.
-        d.set_have_at(origin, vec![true; 3], t0);
+        d.set_have(origin, vec![true; 3]);
         let b = d.poll(t0);
         assert!(b.iter().all(|x| x.peer == origin) && !b.is_empty(), "{b:?}");
     }
@@ -689,8 +589,8 @@ mod tests {
         let peer = d.add_partial_peer(false);
         d.set_origin(origin);
         let t0 = Instant::now();
-        d.set_have_at(origin, vec![true], t0);
-        d.set_have_at(peer, vec![true], t0);
+        d.set_have(origin, vec![true]);
+        d.set_have(peer, vec![true]);
         let a = d.poll(t0);
         assert_eq!(a, vec![Assignment { peer, first: 0, count: 1 }]);
         // The origin is complete (it holds the one piece), so in the endgame it hedges.
@@ -699,71 +599,11 @@ mod tests {
         let origin = d.add_partial_peer(false);
         let peer = d.add_partial_peer(false);
         d.set_origin(origin);
-        d.set_have_at(origin, vec![true, false], t0);
-        d.set_have_at(peer, vec![true, false], t0);
+        d.set_have(origin, vec![true, false]);
+        d.set_have(peer, vec![true, false]);
         assert_eq!(d.poll(t0).len(), 1);
         // Piece 1 exists nowhere yet: not the endgame, no hedge.
         assert!(d.poll(t0 + Duration::from_secs(1)).is_empty());
-    }
-
-    #[test]
-    fn rendezvous_designation_splits_fresh_pieces_among_active_downloaders() {
-        // Three nodes download from one origin; each runs its own Download with the same keys.
-        let keys = [11u64, 22, 33];
-        let pieces = 300u32;
-        let t0 = Instant::now();
-        let mut mine = Vec::new();
-        for me in 0..3 {
-            let mut d = Download::new(pieces, SwarmConfig { batch: 1, max_in_flight_per_peer: 1000, ..Default::default() });
-            let origin = d.add_partial_peer(false);
-            let others: Vec<usize> = (0..3).filter(|&j| j != me).collect();
-            let idx: Vec<usize> = others.iter().map(|_| d.add_partial_peer(false)).collect();
-            d.set_origin(origin);
-            let mut ks = vec![999u64];
-            ks.extend(others.iter().map(|&j| keys[j]));
-            d.set_keys(keys[me], &ks);
-            d.set_have_at(origin, vec![true; pieces as usize], t0);
-            for &i in &idx {
-                d.set_have_at(i, vec![false; pieces as usize], t0);
-            }
-            let got: Vec<u32> = d.poll(t0).iter().map(|a| a.first).collect();
-            assert!(got.len() > 60 && got.len() < 140, "about a third each: {}", got.len());
-            mine.push(got);
-        }
-        // Every piece designated exactly once.
-        let mut all: Vec<u32> = mine.concat();
-        all.sort();
-        assert_eq!(all, (0..pieces).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn inactive_or_excluded_peers_are_not_waited_for() {
-        let t0 = Instant::now();
-        let mut d = Download::new(50, SwarmConfig { batch: 1, max_in_flight_per_peer: 1000, ..Default::default() });
-        let origin = d.add_partial_peer(false);
-        let other = d.add_partial_peer(false);
-        d.set_origin(origin);
-        d.set_keys(1, &[2, 3]);
-        d.set_have_at(origin, vec![true; 50], t0);
-        // The other node never answered with a bitfield (it is not downloading): all ours.
-        assert_eq!(d.poll(t0).len(), 50);
-        let mut d = Download::new(50, SwarmConfig { batch: 1, max_in_flight_per_peer: 1000, ..Default::default() });
-        let origin = d.add_partial_peer(false);
-        let other2 = d.add_partial_peer(false);
-        assert_eq!(other, other2);
-        d.set_origin(origin);
-        d.set_keys(1, &[2, 3]);
-        d.set_have_at(origin, vec![true; 50], t0);
-        d.set_have_at(other2, vec![false; 50], t0);
-        let first = d.poll(t0).len();
-        assert!(first > 5 && first < 45, "split with the active peer: {first}");
-        // It fails twice: excluded, and its share is no longer waited for.
-        let probe = Assignment { peer: other2, first: 0, count: 1 };
-        d.on_failure(probe, Failure::Error);
-        d.on_failure(probe, Failure::Error);
-        assert!(d.excluded(other2));
-        assert_eq!(d.poll(t0).len(), 50 - first);
-        // Without any of that, the fallback after `defer_single_source` still applies.
     }
 
     #[test]

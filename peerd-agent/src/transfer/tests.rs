@@ -154,3 +154,59 @@ fn rendezvous_owner_is_stable_and_spread() {
     assert_eq!(counts.len(), 8);
     assert!(counts.values().all(|&c| c > 50), "{counts:?}");
 }
+
+/// Three nodes download a blob while it is still arriving at its origin from upstream: the
+/// origin sends each fresh piece to one of them (`handout`) and they trade the rest, so until the
+/// blob is complete there the origin uploads it about once, not once per downloader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_origin_sends_each_fresh_piece_once() {
+    let origin = node(SECRET).await;
+    let ps = origin.store.piece_size() as usize;
+    let pieces = 12;
+    let (d, data) = blob(ps * pieces, 5);
+    origin.store.declare(&d, data.len() as u64).await.unwrap();
+    let put_piece = |i: usize| {
+        let (store, bytes) = (origin.store.clone(), data[i * ps..(i + 1) * ps].to_vec());
+        async move {
+            let h = blake3::hash(&bytes);
+            store.put_piece(&d, i, bytes, h, Source::Upstream("test".into())).await.unwrap();
+        }
+    };
+    put_piece(0).await;
+    let nodes = [node(SECRET).await, node(SECRET).await, node(SECRET).await];
+    let addrs: Vec<SocketAddr> = nodes.iter().map(addr).collect();
+    let downloads: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let mut peers = vec![(addr(&origin), false)];
+            peers.extend(addrs.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, a)| (*a, false)));
+            let t = n.t.clone();
+            tokio::spawn(async move { t.download(&d, &peers).await })
+        })
+        .collect();
+    // Pieces arrive one by one; the last only once every downloader holds all the others.
+    for i in 1..pieces - 1 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        put_piece(i).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !nodes.iter().all(|n| n.store.present_pieces(&d).is_some_and(|p| p[..pieces - 1].iter().all(|b| *b))) {
+        assert!(Instant::now() < deadline, "downloaders did not get the arrived pieces");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent_while_arriving = origin.t.counters().bytes_to_peers.load(Ordering::Relaxed);
+    put_piece(pieces - 1).await;
+    for dl in downloads {
+        dl.await.unwrap().unwrap();
+    }
+    for n in &nodes {
+        assert_eq!(n.store.read_range(&d, 0, data.len() as u64).await.unwrap(), data);
+    }
+    // Each of the 11 arrived pieces left the origin once (three downloaders pulling each fresh
+    // piece from it would be up to 33); the rest went between the downloaders.
+    let once = ((pieces - 1) * ps) as u64;
+    assert!(sent_while_arriving <= once, "origin sent {} pieces' worth for {} pieces", sent_while_arriving / ps as u64, pieces - 1);
+    let traded: u64 = nodes.iter().map(|n| n.t.counters().bytes_to_peers.load(Ordering::Relaxed)).sum();
+    assert!(traded >= once, "downloaders traded {traded} bytes");
+}
