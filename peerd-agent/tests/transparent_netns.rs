@@ -20,13 +20,13 @@ use std::{
 use support::*;
 use xtask::{
     cgroup::Cgroup,
-    netcluster::{Deployment, NetCluster, Options, Spec},
+    netcluster::{Deployment, NetCluster, Options, Spec, QUEUE_MS},
 };
 
 fn cluster(tag: &str, nodes: usize) -> NetCluster {
     require_root();
     let prefix = format!("tp{}{tag}", std::process::id() % 10000);
-    NetCluster::up(Spec { nodes, rate_mbit: 1000, registry_rate_mbit: 1000, delay_ms: 0, prefix })
+    NetCluster::up(Spec { nodes, rate_mbit: 1000, registry_rate_mbit: 1000, delay_ms: 0, queue_ms: QUEUE_MS, prefix })
 }
 
 fn require_root() {

@@ -32,6 +32,9 @@ pub enum Which {
         /// Skip the BitTorrent baseline.
         #[arg(long)]
         no_bittorrent: bool,
+        /// Queue of every shaped link in ms at its rate (tbf latency); see `Spec::queue_ms`.
+        #[arg(long, default_value_t = xtask::netcluster::QUEUE_MS)]
+        queue_ms: u32,
     },
     /// Gossip of N agents in one process on a simulated clock (propagation, bytes per node,
     /// memory, lookup latency). Every simulated node holds every other's state, so memory grows
@@ -75,7 +78,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::Range { size_mib, readers, reads_per_reader } => crate::serve_bench::range(size_mib, readers, reads_per_reader),
         Which::Gossip { runs } => gossip(&runs),
         Which::Redirect { layers, rounds, rate } => crate::redirect_bench::redirect(&layers, rounds.max(1), rate),
-        Which::Swarm { size_mib, nodes, rate, no_bittorrent } => crate::swarm_bench::swarm(size_mib, &nodes, rate, !no_bittorrent),
+        Which::Swarm { size_mib, nodes, rate, no_bittorrent, queue_ms } => crate::swarm_bench::swarm(size_mib, &nodes, rate, queue_ms, !no_bittorrent),
     }
 }
 

@@ -26,6 +26,10 @@ pub struct Spec {
     /// The registry's uplink rate in Mbit/s.
     pub registry_rate_mbit: u32,
     pub delay_ms: u32,
+    /// Each shaped link's queue, in milliseconds at its rate (tbf `latency`). `QUEUE_MS` models a
+    /// deep FIFO buffer; real nodes' default qdisc (fq_codel, fq) keeps queues near 5 ms and
+    /// separates flows, which this kernel cannot emulate (no fq_codel, sfq or prio here).
+    pub queue_ms: u32,
     /// Prefix of namespace and interface names (short: interface names are limited to 15 bytes).
     pub prefix: String,
 }
@@ -49,10 +53,11 @@ fn ip(args: &[&str]) {
     run(Command::new("ip").args(args));
 }
 
-fn tbf(ns: &str, dev: &str, mbit: u32) {
-    // burst sized for ~1 ms at the rate, at least 64 KiB; latency bounds the queue (50 ms, a
-    // deep buffer; PEERD_TBF_LATENCY overrides it for diagnostics: this kernel has no fq_codel,
-    // so a shallow queue is the only way to see what bufferbloat costs).
+/// Default `Spec::queue_ms`.
+pub const QUEUE_MS: u32 = 50;
+
+fn tbf(ns: &str, dev: &str, mbit: u32, queue_ms: u32) {
+    // burst sized for ~1 ms at the rate, at least 64 KiB; latency bounds the queue.
     let burst = ((mbit as u64 * 1_000_000 / 8) / 1000).max(64 << 10);
     run(Command::new("ip").args(["netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf"]).args([
         "rate",
@@ -60,7 +65,7 @@ fn tbf(ns: &str, dev: &str, mbit: u32) {
         "burst",
         &burst.to_string(),
         "latency",
-        &std::env::var("PEERD_TBF_LATENCY").unwrap_or_else(|_| "50ms".into()),
+        &format!("{queue_ms}ms"),
     ]));
 }
 
@@ -97,8 +102,8 @@ impl NetCluster {
         ip(&["-n", &ns, "addr", "add", &format!("{addr}/15"), "dev", "eth0"]);
         ip(&["-n", &ns, "link", "set", "eth0", "up"]);
         // Upload (node -> switch) and download (switch -> node).
-        tbf(&ns, "eth0", mbit);
-        tbf(&self.switch, &sw_if, mbit);
+        tbf(&ns, "eth0", mbit, self.spec.queue_ms);
+        tbf(&self.switch, &sw_if, mbit, self.spec.queue_ms);
         Node { ns, ip: addr, sw_if }
     }
 

@@ -14,7 +14,7 @@ use std::{
 use xtask::{
     cgroup::Cgroup,
     components::{command_in, run, Containerd, Image, TestCa},
-    netcluster::{Deployment, NetCluster, Options, Spec},
+    netcluster::{Deployment, NetCluster, Options, Spec, QUEUE_MS},
 };
 
 /// A directory removed on drop.
@@ -26,7 +26,7 @@ fn cluster(tag: &str, nodes: usize) -> NetCluster {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "the harness tests need root (namespaces, cgroups)");
     let prefix = format!("hx{}{tag}", std::process::id() % 10000);
-    NetCluster::up(Spec { nodes, rate_mbit: 1000, registry_rate_mbit: 1000, delay_ms: 0, prefix })
+    NetCluster::up(Spec { nodes, rate_mbit: 1000, registry_rate_mbit: 1000, delay_ms: 0, queue_ms: QUEUE_MS, prefix })
 }
 
 /// No agents in these tests: the registry alone (the path is never run).
