@@ -117,18 +117,31 @@ impl PeerDirectory for GossipPeers {
     }
 }
 
-/// Keeps gossip's advertisement in step with the store and the node's containerd content store
-/// (every second; only changed shards are re-sent). Blobs being fetched from upstream are not
-/// advertised: they are not readable yet. containerd's blobs count as complete; one removed from
-/// containerd leaves the advertisement after the next scan.
+/// Keeps gossip's advertisement in step with the store and the node's containerd content store:
+/// at once when the store's content changes (a blob completes, gets its first piece, or leaves),
+/// and every second for containerd (scanned; one removed from containerd leaves the advertisement
+/// after the next scan). Only changed shards are re-sent. Blobs being fetched from upstream are not
+/// advertised: they are not readable yet. containerd's blobs count as complete.
 pub async fn advertise(
     gossip: std::sync::Arc<crate::gossip::Gossip>,
     store: crate::store::Store,
     containerd: Option<std::sync::Arc<crate::containerd::ContainerdContent>>,
 ) {
+    // Changes that land together (a burst of completions) go out as one update.
+    const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut changes = store.watch_content();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                tokio::time::sleep(SETTLE).await;
+                changes.mark_unchanged();
+            }
+        }
         let blobs = store.list();
         let mut complete: Vec<[u8; 32]> = blobs.iter().filter(|b| b.complete).map(|b| *b.digest.as_bytes()).collect();
         if let Some(c) = &containerd {

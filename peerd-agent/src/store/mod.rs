@@ -325,6 +325,10 @@ pub(crate) struct Inner {
     /// digest. Never held across piece data I/O.
     namespace: tokio::sync::Mutex<()>,
     evictions: AtomicU64,
+    /// Bumped whenever what the node can advertise changes (a blob completes, gets its first
+    /// readable piece, or leaves the store): gossip re-advertises at once instead of at its next
+    /// periodic scan.
+    content: watch::Sender<u64>,
     /// The pieces `put_piece` wrote last, in memory: peers ask for fresh pieces soon after they
     /// land, and these are served without reading them back from the page cache. Keyed by the
     /// blob incarnation (a digest dropped and declared again may have had other pieces).
@@ -406,6 +410,7 @@ impl Store {
                 index: Mutex::new(index),
                 namespace: tokio::sync::Mutex::new(()),
                 evictions: AtomicU64::new(0),
+                content: watch::channel(0).0,
                 recent: Mutex::new(std::collections::VecDeque::with_capacity(RECENT_PIECES)),
             }),
         };
@@ -469,6 +474,16 @@ impl Store {
             let st = lock(&b.state);
             !st.complete && !st.dropped && st.sources.iter().flatten().any(|s| matches!(s, Source::Upstream(_)))
         })
+    }
+
+    /// Changes whenever a blob completes, gets its first readable piece, or leaves the store
+    /// (see [`Store::list`] for the new state).
+    pub fn watch_content(&self) -> watch::Receiver<u64> {
+        self.inner.content.subscribe()
+    }
+
+    pub(crate) fn content_changed(&self) {
+        self.inner.content.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     /// Piece size of blobs this store creates (peers must use the same to exchange pieces).
@@ -641,10 +656,14 @@ impl Store {
             if st.dropped {
                 return Err(StoreError::Dropped(*d));
             }
+            let first = st.present.count() == 0;
             st.present.set(index);
             st.hashes[index] = Some(expected);
             st.sources[index] = Some(source);
             blob.notify();
+            if first {
+                self.content_changed();
+            }
             st.present.is_complete()
         };
         drop(claim);
@@ -863,6 +882,7 @@ impl Store {
     async fn forget(&self, blob: &Arc<Blob>) {
         lock(&blob.state).dropped = true;
         blob.notify();
+        self.content_changed();
         lock(&self.inner.recent).retain(|(b, _, _)| b.strong_count() > 0 && !std::ptr::eq(b.as_ptr(), Arc::as_ptr(blob)));
         // A metadata rewrite in progress finishes first; later ones see `dropped`.
         let _m = blob.meta_lock.lock().await;
@@ -983,6 +1003,7 @@ impl Store {
         self.persist_meta(blob, meta).await?;
         lock(&blob.state).complete = true;
         blob.notify();
+        self.content_changed();
         tracing::debug!(digest = %d, size = blob.size, "blob complete");
         Ok(())
     }

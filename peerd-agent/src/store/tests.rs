@@ -497,3 +497,29 @@ async fn disk_full_fails_cleanly_and_keeps_stored_blobs() {
     assert_eq!(store.read_range(&dk, 0, kept.len() as u64).await.unwrap(), kept);
     assert_eq!(store.list().len(), 2);
 }
+
+/// Gossip re-advertises on these signals instead of polling: the first readable piece, the
+/// completed blob and its removal each change `watch_content`; further pieces do not.
+#[tokio::test]
+async fn content_changes_are_signalled() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), cfg(1 << 30, IoMode::Auto)).await.unwrap();
+    let mut rx = store.watch_content();
+    let data = bytes(41, PS as usize * 3);
+    let d = digest_of(&data);
+    let h = hashes(&data, PS);
+    store.declare(&d, data.len() as u64).await.unwrap();
+    assert!(!rx.has_changed().unwrap(), "declared, nothing readable yet");
+    let piece = |i: usize| data[i * PS as usize..(i + 1) * PS as usize].to_vec();
+    store.put_piece(&d, 0, piece(0), h[0], peer("a")).await.unwrap();
+    assert!(rx.has_changed().unwrap(), "first piece");
+    rx.mark_unchanged();
+    store.put_piece(&d, 1, piece(1), h[1], peer("a")).await.unwrap();
+    assert!(!rx.has_changed().unwrap(), "more pieces of a partial blob change nothing advertised");
+    store.put_piece(&d, 2, piece(2), h[2], peer("a")).await.unwrap();
+    assert!(store.has(&d));
+    assert!(rx.has_changed().unwrap(), "complete");
+    rx.mark_unchanged();
+    assert!(store.remove(&d).await.unwrap());
+    assert!(rx.has_changed().unwrap(), "removed");
+}

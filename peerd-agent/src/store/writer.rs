@@ -152,6 +152,7 @@ impl BlobWriter {
         }
         self.done = true;
         self.blob.notify();
+        self.store.content_changed();
         tracing::debug!(digest = %d, size = self.blob.size, source = %self.source, "download complete");
         Ok(manifest)
     }
