@@ -325,9 +325,10 @@ impl Gossip {
         self.publish(updates, changes).await;
     }
 
-    /// Writes the changed shards to chitchat, then rumors the per-blob changes (`None`: too
-    /// many, anti-entropy alone carries them) tagged with the version that includes them.
-    async fn publish(&self, updates: Vec<KeyUpdate>, changes: Option<Vec<ContentChange>>) {
+    /// Writes the changed shards to chitchat, then rumors the per-blob changes (`Err(n)`: n
+    /// changes, too many; anti-entropy alone carries them) tagged with the version that includes
+    /// them.
+    async fn publish(&self, updates: Vec<KeyUpdate>, changes: Result<Vec<ContentChange>, u64>) {
         if updates.is_empty() {
             return;
         }
@@ -348,8 +349,8 @@ impl Gossip {
         let version = state.max_version();
         if let Ok(mut rumors) = self.rumors.lock() {
             match changes {
-                Some(changes) => rumors.publish(&changes, version, members),
-                None => rumors.counters.bulk_skipped += 1,
+                Ok(changes) => rumors.publish(&changes, version, members),
+                Err(n) => rumors.counters.bulk_skipped += n,
             }
         }
     }
@@ -442,7 +443,7 @@ impl crate::metrics::MetricsSource for Gossip {
         r.register("gossip_received_bytes", "Gossip bytes received", ConstCounter::new(c.bytes_received));
         r.register("gossip_paced_syns", "chitchat SYNs not sent because the anti-entropy budget was spent", ConstCounter::new(c.paced));
         let (rc, overlay_len) = self.rumor_stats();
-        r.register("gossip_rumors", "Rumor events (published, received_new, received_stale, ...)", labelled("event", &[
+        r.register("gossip_rumors", "Rumor events: rumors published, received_new, received_stale, undecodable; bulk_skipped and overlay_full count changes left to anti-entropy; datagram_sent datagrams; hot_overflow rumors dropped unsent", labelled("event", &[
             ("published", rc.published),
             ("bulk_skipped", rc.bulk_skipped),
             ("received_new", rc.received_new),

@@ -147,6 +147,8 @@ pub struct LocalContent {
     /// Per-blob changes since the last `take_changes`, for rumors; `None` once there were more
     /// than `rumor::MAX_PUBLISH` (a bulk change: anti-entropy carries it).
     changes: Option<Vec<ContentChange>>,
+    /// How many changes the current bulk change counts (while `changes` is `None`).
+    bulk: u64,
 }
 
 /// Per-blob changes remembered between two `take_changes`: no more than rumors carry at once.
@@ -160,6 +162,7 @@ impl Default for LocalContent {
             published: Default::default(),
             truncated: 0,
             changes: Some(Vec::new()),
+            bulk: 0,
         }
     }
 }
@@ -238,18 +241,23 @@ impl LocalContent {
     }
 
     fn note(&mut self, change: ContentChange) {
-        if let Some(changes) = &mut self.changes {
-            if changes.len() < MAX_TRACKED_CHANGES {
-                changes.push(change);
-            } else {
+        match &mut self.changes {
+            Some(changes) if changes.len() < MAX_TRACKED_CHANGES => changes.push(change),
+            Some(changes) => {
+                self.bulk = changes.len() as u64 + 1;
                 self.changes = None;
             }
+            None => self.bulk += 1,
         }
     }
 
-    /// The per-blob changes since the last call; `None` after a bulk change.
-    pub fn take_changes(&mut self) -> Option<Vec<ContentChange>> {
-        self.changes.replace(Vec::new())
+    /// The per-blob changes since the last call, or after a bulk change how many there were
+    /// (anti-entropy alone carries them).
+    pub fn take_changes(&mut self) -> Result<Vec<ContentChange>, u64> {
+        match self.changes.replace(Vec::new()) {
+            Some(changes) => Ok(changes),
+            None => Err(std::mem::take(&mut self.bulk)),
+        }
     }
 
     /// Whether this node advertises the digest (and how).
@@ -305,22 +313,23 @@ mod tests {
         let mut local = LocalContent::default();
         let (a, b, c) = (digest(1, 0, 0, 1), digest(1, 0, 1, 2), digest(9, 9, 9, 3));
         local.set([a], [b]);
-        let mut got = local.take_changes().unwrap();
+        let mut got = local.take_changes().expect("per-blob changes");
         got.sort_by_key(|c| format!("{c:?}"));
         assert_eq!(got, vec![ContentChange::Complete(a), ContentChange::Partial(b)]);
         local.set([a, b], [c]);
-        let mut got = local.take_changes().unwrap();
+        let mut got = local.take_changes().expect("per-blob changes");
         got.sort_by_key(|c| format!("{c:?}"));
         assert_eq!(got, vec![ContentChange::Complete(b), ContentChange::Partial(c)]);
         local.set([b], []);
-        let mut got = local.take_changes().unwrap();
+        let mut got = local.take_changes().expect("per-blob changes");
         got.sort_by_key(|c| format!("{c:?}"));
         assert_eq!(got, vec![ContentChange::Removed(a), ContentChange::Removed(c)]);
         local.apply([ContentChange::Complete(b), ContentChange::Removed(c)]);
-        assert_eq!(local.take_changes(), Some(vec![]), "no-op changes are not rumored");
+        assert_eq!(local.take_changes(), Ok(vec![]), "no-op changes are not rumored");
+        // One past the bound (b removed, 65 new): a bulk change, counted in changes.
         local.set((0..=MAX_TRACKED_CHANGES as u8).map(|i| digest(i, i, i, i)), []);
-        assert_eq!(local.take_changes(), None);
-        assert_eq!(local.take_changes(), Some(vec![]));
+        assert_eq!(local.take_changes(), Err(MAX_TRACKED_CHANGES as u64 + 2));
+        assert_eq!(local.take_changes(), Ok(vec![]));
     }
 
     #[test]
