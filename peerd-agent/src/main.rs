@@ -376,16 +376,21 @@ fn status(addr: SocketAddr, json: bool) -> Result<()> {
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
     println!("peers: {}", peers.len());
     if !peers.is_empty() {
-        println!("  {:<24} {:<22} {:<10} {:<10} {}", "ID", "ADDRESS", "ZONE", "STATE", "LAST SEEN");
+        println!("  {:<24} {:<22} {:<10} {:<10} {:<12} {}", "ID", "ADDRESS", "ZONE", "STATE", "LAST SEEN", "ADVERTISES");
         for p in peers {
             let seen = p["last_seen_ms"].as_u64().map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0)).unwrap_or_else(|| "-".into());
+            let ads = match (p.pointer("/advertised/complete").and_then(|x| x.as_u64()), p.pointer("/advertised/partial").and_then(|x| x.as_u64())) {
+                (Some(c), Some(q)) => format!("{c} blobs, {q} partial"),
+                _ => "-".into(),
+            };
             println!(
-                "  {:<24} {:<22} {:<10} {:<10} {}",
+                "  {:<24} {:<22} {:<10} {:<10} {:<12} {}",
                 p["id"].as_str().unwrap_or(""),
                 p["addr"].as_str().unwrap_or(""),
                 p["zone"].as_str().unwrap_or(""),
                 p["state"].as_str().unwrap_or(""),
-                seen
+                seen,
+                ads
             );
         }
     }

@@ -11,6 +11,8 @@ pub struct PeerStatus {
     pub zone: String,
     pub state: String,
     pub last_seen_ms: Option<u64>,
+    /// Blobs it advertises (complete, partial); None when unknown (static peers).
+    pub advertised: Option<(u32, u32)>,
 }
 
 pub trait PeerDirectory: Send + Sync + 'static {
@@ -36,7 +38,7 @@ impl PeerDirectory for StaticPeers {
         self.peers
             .iter()
             .filter(|p| **p != self.me)
-            .map(|p| PeerStatus { id: String::new(), addr: p.to_string(), zone: String::new(), state: "configured".into(), last_seen_ms: None })
+            .map(|p| PeerStatus { id: String::new(), addr: p.to_string(), zone: String::new(), state: "configured".into(), last_seen_ms: None, advertised: None })
             .collect()
     }
 
@@ -77,6 +79,7 @@ impl PeerDirectory for GossipPeers {
                 zone: p.zone.to_string(),
                 state: if p.state == crate::gossip::PeerState::Alive { "alive".into() } else { "dead".into() },
                 last_seen_ms: Some(p.last_seen.elapsed().as_millis() as u64),
+                advertised: Some(p.advertised),
             })
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));

@@ -112,8 +112,22 @@ fn gossip_from_one_dns_name_then_each_blob_once() {
         let n = gets.iter().filter(|l| l.contains(digest.as_str())).count();
         assert_eq!(n, 1, "{digest} fetched {n} times (gossip membership should agree on one owner): {gets:?}");
     }
-    // A later reader finds holders through gossip's content summaries (advertised each second).
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // A later reader finds holders through gossip's content summaries: every node's status
+    // shows each peer advertising the blobs it pulled (bounded wait).
+    let want = image.blobs.len() as u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for node in c.nodes.iter().take(4) {
+        loop {
+            let out = Command::new("ip").args(["netns", "exec", &node.ns, "curl", "-s", "--max-time", "2", "http://127.0.0.1:30000/status"]).output().unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            let counts: Vec<Option<u64>> = v["peers"].as_array().map(|a| a.iter().map(|p| p.pointer("/advertised/complete").and_then(|x| x.as_u64())).collect()).unwrap_or_default();
+            if counts.len() == 3 && counts.iter().all(|c| *c == Some(want)) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{}: peers advertise {counts:?}, want {want} complete blobs each", node.ns);
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
     let log = d.agents[0].as_ref().unwrap().log_text();
     assert!(!log.contains("gossip could not start"), "{log}");
     // Each node's newly complete blobs went out as rumors (a handful of changes, not a bulk

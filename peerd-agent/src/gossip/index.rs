@@ -21,6 +21,8 @@ pub struct Entry<K> {
     applied: [Box<[u64; SHARDS]>; 2],
     /// The node's max version when its keys were last scanned.
     scanned_version: Option<u64>,
+    /// Fingerprints it advertises, per kind (for status).
+    counts: [u32; 2],
 }
 
 /// One key of a peer's state as chitchat holds it.
@@ -111,7 +113,11 @@ impl<K: Clone + Eq + Hash> Index<K> {
             }
         }
         for (kind, shard, suffixes) in changes {
-            self.replace(kind, shard, slot, &suffixes);
+            let removed = self.replace(kind, shard, slot, &suffixes);
+            if let Some(entry) = self.entries[slot as usize].as_mut() {
+                let count = &mut entry.counts[kind.index()];
+                *count = count.saturating_sub(removed as u32).saturating_add(suffixes.len() as u32);
+            }
         }
         Ok(slot)
     }
@@ -157,6 +163,11 @@ impl<K: Clone + Eq + Hash> Index<K> {
         }
     }
 
+    /// How many blobs (fingerprints) a node advertises: complete, partial.
+    pub fn advertised(&self, slot: Slot) -> (u32, u32) {
+        self.entries.get(slot as usize).and_then(Option::as_ref).map_or((0, 0), |e| (e.counts[Kind::Complete.index()], e.counts[Kind::Partial.index()]))
+    }
+
     pub fn key(&self, slot: Slot) -> Option<&K> {
         self.entries.get(slot as usize)?.as_ref().map(|e| &e.key)
     }
@@ -196,17 +207,21 @@ impl<K: Clone + Eq + Hash> Index<K> {
             key: key.clone(),
             applied: [Box::new([0; SHARDS]), Box::new([0; SHARDS])],
             scanned_version: None,
+            counts: [0; 2],
         });
         self.slots.insert(key.clone(), slot);
         Ok(slot)
     }
 
     /// Replaces one node's entries in one shard: drop its old ones, merge the new sorted ones.
-    fn replace(&mut self, kind: Kind, shard: u8, slot: Slot, suffixes: &[u16]) {
+    /// Returns how many it dropped.
+    fn replace(&mut self, kind: Kind, shard: u8, slot: Slot, suffixes: &[u16]) -> usize {
         let table = &mut self.tables[kind.index()][shard as usize];
+        let before = table.len();
         table.retain(|e| (e & 0xffff) as Slot != slot);
+        let removed = before - table.len();
         if suffixes.is_empty() {
-            return;
+            return removed;
         }
         let mut merged = Vec::with_capacity(table.len() + suffixes.len());
         let mut old = table.iter().copied().peekable();
@@ -218,6 +233,7 @@ impl<K: Clone + Eq + Hash> Index<K> {
         }
         merged.extend(old);
         *table = merged;
+        removed
     }
 }
 
@@ -260,6 +276,8 @@ mod tests {
         assert_eq!(holders(&index, &d(1, 5, 5)), vec![("a", Kind::Complete)]);
         assert!(holders(&index, &d(2, 2, 3)).is_empty());
         assert_eq!(index.len(), 3);
+        let slot = |k| index.slot_of(&k).unwrap();
+        assert_eq!((index.advertised(slot("a")), index.advertised(slot("b"))), ((2, 0), (0, 1)));
     }
 
     #[test]
@@ -272,6 +290,8 @@ mod tests {
         // Same max version: keys are not even looked at.
         index.update_node(&"a", 2, std::iter::empty()).unwrap();
         assert_eq!(index.len(), 2);
+        let a = index.slot_of(&"a").unwrap();
+        assert_eq!(index.advertised(a), (2, 0));
         // c/01 replaced, c/02 tombstoned.
         let v2 = encode_shard(&[0x0909]);
         let tomb = KeyView { key: &c2, value: "", version: 4, deleted: true };
@@ -279,9 +299,11 @@ mod tests {
         assert!(holders(&index, &d(1, 2, 3)).is_empty());
         assert_eq!(holders(&index, &d(1, 9, 9)), vec![("a", Kind::Complete)]);
         assert!(holders(&index, &d(2, 2, 3)).is_empty());
+        assert_eq!(index.advertised(a), (1, 0));
         // c/01 garbage-collected away entirely.
         index.update_node(&"a", 5, std::iter::empty()).unwrap();
         assert!(index.is_empty());
+        assert_eq!(index.advertised(a), (0, 0));
     }
 
     #[test]

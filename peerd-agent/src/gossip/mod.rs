@@ -145,6 +145,8 @@ pub struct PeerInfo {
     pub state: PeerState,
     /// When its heartbeat last advanced (local clock).
     pub last_seen: Instant,
+    /// Blobs it advertises (complete, partial), as this node's index has them.
+    pub advertised: (u32, u32),
 }
 
 /// A peer that advertises a digest.
@@ -358,7 +360,11 @@ impl Gossip {
     /// Every other node known, alive or dead.
     pub fn peers(&self) -> Vec<PeerInfo> {
         match self.view.read() {
-            Ok(view) => view.peers.values().cloned().collect(),
+            Ok(view) => view
+                .peers
+                .iter()
+                .map(|(slot, p)| PeerInfo { advertised: view.index.advertised(*slot), ..p.clone() })
+                .collect(),
             Err(_) => Vec::new(),
         }
     }
@@ -582,6 +588,7 @@ async fn refresh(handle: &ChitchatHandle, view: &RwLock<View>, rumors: &Mutex<Ru
             version: Arc::from(""),
             state: alive,
             last_seen: now,
+            advertised: (0, 0),
         });
         if heartbeats.insert(slot, heartbeat) != Some(heartbeat) {
             peer.last_seen = now;

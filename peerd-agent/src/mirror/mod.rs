@@ -370,12 +370,13 @@ impl Mirror {
             me = cl.peers.me().to_string();
             for p in cl.peers.describe() {
                 peers.push(format!(
-                    "{{\"id\":{},\"addr\":{},\"zone\":{},\"state\":{},\"last_seen_ms\":{}}}",
+                    "{{\"id\":{},\"addr\":{},\"zone\":{},\"state\":{},\"last_seen_ms\":{},\"advertised\":{}}}",
                     json(&p.id),
                     json(&p.addr),
                     json(&p.zone),
                     json(&p.state),
-                    p.last_seen_ms.map_or("null".to_string(), |v| v.to_string())
+                    p.last_seen_ms.map_or("null".to_string(), |v| v.to_string()),
+                    p.advertised.map_or("null".to_string(), |(c, p)| format!("{{\"complete\":{c},\"partial\":{p}}}"))
                 ));
             }
         }
