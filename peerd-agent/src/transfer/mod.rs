@@ -356,7 +356,7 @@ impl Transfer {
                     None => match (self.manifest_of(&d), store.present_pieces(&d)) {
                         (Some(_), Some(mut bits)) => {
                             if store.arriving_from_upstream(&d) {
-                                self.inner.handout.lock().unwrap_or_else(|e| e.into_inner()).mask(&d, peer, &mut bits, Instant::now());
+                                self.handout().mask(&d, peer, &mut bits, Instant::now());
                             }
                             wire::encode_have(&bits)
                         }
@@ -387,15 +387,18 @@ impl Transfer {
     /// unless this node is still fetching `d` from upstream and sent one of them to another peer
     /// within `HANDOUT_GRACE`.
     fn hand_out(&self, d: &Digest, pieces: usize, peer: SocketAddr, first: u32, count: u32) -> bool {
-        let store = &self.inner.store;
-        let mut h = self.inner.handout.lock().unwrap_or_else(|e| e.into_inner());
-        if !store.arriving_from_upstream(d) {
-            if h.tracked() > 0 {
-                h.retain(|d| store.arriving_from_upstream(d));
-            }
+        if !self.inner.store.arriving_from_upstream(d) {
             return true;
         }
-        h.claim(d, pieces, peer, first, count, Instant::now())
+        self.handout().claim(d, pieces, peer, first, count, Instant::now())
+    }
+
+    /// The hand-out record, without blobs that have stopped arriving (completed, dropped).
+    fn handout(&self) -> std::sync::MutexGuard<'_, handout::Handout> {
+        let store = &self.inner.store;
+        let mut h = self.inner.handout.lock().unwrap_or_else(|e| e.into_inner());
+        h.retain(|d| store.arriving_from_upstream(d));
+        h
     }
 
     /// The manifest of `d` from the node's containerd content store, when the store does not hold
