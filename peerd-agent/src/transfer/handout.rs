@@ -1,9 +1,12 @@
 //! The origin's rule for fresh pieces, as in BitTorrent's super-seeding (BEP 16): while a blob
 //! still arrives from upstream, this node's uplink is the one every other node waits on, and it
-//! is only as fast as it must be to send each piece once. So each fresh piece goes to one peer
-//! (whoever asks first); for `grace` after that, other peers neither see it in this node's
-//! bitfield nor get it from here, and take it from that peer instead. After `grace` (that peer
-//! died or is slow) it is offered again. Pure bookkeeping, no I/O: fed requests and time.
+//! is only as fast as it must be to send each piece once. So each fresh piece goes to one peer:
+//! it is listed first only to its designated downloader (rendezvous over the peers polling this
+//! node's bitfield, so the split follows who is downloading), to all after `OFFER_FIRST` (that one
+//! is slow), and the first to ask gets it. For `grace` after that, other peers neither see it in
+//! this node's bitfield nor get it from here, and take it from that peer instead. After `grace`
+//! (that peer died or is slow) it is offered again. Pure bookkeeping, no I/O: fed requests and
+//! time.
 //!
 //! Why not leave it to the downloaders (each piece pulled by one node chosen by rendezvous
 //! hashing, the others waiting for it): that needs the origin's uplink split evenly among the
@@ -26,7 +29,6 @@ const OFFER_FIRST: Duration = Duration::from_millis(500);
 /// A peer that asked for a bitfield this recently is downloading (and takes a share).
 const ACTIVE: Duration = Duration::from_secs(1);
 
-#[derive(Default)]
 struct Blob {
     /// Who last got each piece from here, and when.
     given: Vec<Option<(SocketAddr, Instant)>>,
@@ -36,7 +38,7 @@ struct Blob {
     pollers: HashMap<SocketAddr, (u64, Instant)>,
 }
 
-/// A peer's rendezvous key for blob `d` (the same on every node).
+/// A peer's rendezvous key for blob `d`.
 pub fn key(d: &Digest, peer: SocketAddr) -> u64 {
     let mut h = blake3::Hasher::new();
     h.update(d.as_bytes());
@@ -53,8 +55,8 @@ impl Blob {
         self.given.get(piece).copied().flatten().is_some_and(|(to, at)| to != peer && now.duration_since(at) < grace)
     }
 
-    /// The active downloader a fresh piece is offered to first (rendezvous: the same split on
-    /// every node, and it moves only when downloaders come or go).
+    /// The active downloader a fresh piece is offered to first (rendezvous: the split moves
+    /// only when downloaders come or go).
     fn designated(&self, piece: usize, now: Instant) -> Option<SocketAddr> {
         self.pollers
             .iter()
