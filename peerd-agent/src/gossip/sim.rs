@@ -313,6 +313,23 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
     let lossy = propagation(&nodes, mid, rng.digest(), Duration::from_secs(30)).await;
     net.loss_ppm.store(0, Ordering::Relaxed);
 
+    // Reported as soon as measured: at 1,000 nodes the partition phase alone takes many minutes
+    // of wall time, and a run stopped there should not lose these.
+    eprintln!(
+        "gossip-sim: steady {:.1} KB/s per node ({:.1} of it rumors), paced SYNs {paced_per_s:.1}/s; propagation 50/99/100%: {} / {} / {} ({} of {} nodes), with loss: {} / {} / {} ({} nodes); heap {:.1} MB per node",
+        steady / 1000.0,
+        steady_rumors / 1000.0,
+        ms(percentile(&clean, 50.0)),
+        ms(percentile(&clean, 99.0)),
+        ms(clean.last().copied()),
+        clean.len(),
+        opts.nodes - 1,
+        ms(percentile(&lossy, 50.0)),
+        ms(percentile(&lossy, 99.0)),
+        ms(lossy.last().copied()),
+        lossy.len(),
+        heap_per_node as f64 / 1e6
+    );
     eprintln!("gossip-sim: propagation measured ({:.0} s wall); partition", wall.elapsed().as_secs_f64());
     // Partition: halves cannot talk for 5 s; one side advertises; then heal.
     if let Ok(mut side_b) = net.side_b.lock() {

@@ -115,6 +115,7 @@ impl Handout {
         self.blobs.retain(|d, _| still(d));
     }
 
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.blobs.len()
     }
