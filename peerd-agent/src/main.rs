@@ -376,7 +376,7 @@ fn status(addr: SocketAddr, json: bool) -> Result<()> {
     let peers = v["peers"].as_array().cloned().unwrap_or_default();
     println!("peers: {}", peers.len());
     if !peers.is_empty() {
-        println!("  {:<24} {:<22} {:<10} {:<10} {:<12} {}", "ID", "ADDRESS", "ZONE", "STATE", "LAST SEEN", "ADVERTISES");
+        println!("  {:<24} {:<22} {:<10} {:<10} {:<12} ADVERTISES", "ID", "ADDRESS", "ZONE", "STATE", "LAST SEEN");
         for p in peers {
             let seen = p["last_seen_ms"].as_u64().map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0)).unwrap_or_else(|| "-".into());
             let ads = match (p.pointer("/advertised/complete").and_then(|x| x.as_u64()), p.pointer("/advertised/partial").and_then(|x| x.as_u64())) {
