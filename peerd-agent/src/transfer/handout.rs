@@ -39,11 +39,18 @@ struct Blob {
 }
 
 /// A peer's rendezvous key for blob `d`.
-pub fn key(d: &Digest, peer: SocketAddr) -> u64 {
-    let mut h = blake3::Hasher::new();
-    h.update(d.as_bytes());
-    h.update(peer.to_string().as_bytes());
-    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8]))
+fn key(d: &Digest, peer: SocketAddr) -> u64 {
+    let w = super::node_weight(d, peer);
+    u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]])
+}
+
+/// A rendezvous weight of (peer key, piece), for splitting pieces among peers with no
+/// coordination: splitmix64's finaliser of their mix.
+fn rendezvous(key: u64, piece: u32) -> u64 {
+    let mut z = key ^ u64::from(piece).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl Blob {
@@ -61,7 +68,7 @@ impl Blob {
         self.pollers
             .iter()
             .filter(|(_, (_, at))| now.duration_since(*at) < ACTIVE)
-            .max_by_key(|(a, (k, _))| (super::swarm::rendezvous(*k, piece as u32), **a))
+            .max_by_key(|(a, (k, _))| (rendezvous(*k, piece as u32), **a))
             .map(|(a, _)| *a)
     }
 }

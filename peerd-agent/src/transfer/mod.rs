@@ -332,7 +332,7 @@ impl Transfer {
                 if (first..first + count).any(|i| !have.get(i as usize).copied().unwrap_or(false)) {
                     return refuse(&mut send, Status::NotFound, "not yet").await;
                 }
-                if !self.hand_out(&d, n as usize, peer, first, count) {
+                if !self.handout(&d).is_none_or(|mut h| h.claim(&d, n as usize, peer, first, count, Instant::now())) {
                     self.inner.counters.withheld_pieces.fetch_add(1, Ordering::Relaxed);
                     return refuse(&mut send, Status::NotFound, "sent to another peer; get it there").await;
                 }
@@ -355,8 +355,8 @@ impl Transfer {
                     Some(m) => wire::encode_have(&vec![true; m.pieces.len()]),
                     None => match (self.manifest_of(&d), store.present_pieces(&d)) {
                         (Some(_), Some(mut bits)) => {
-                            if store.arriving_from_upstream(&d) {
-                                self.handout().mask(&d, peer, &mut bits, Instant::now());
+                            if let Some(mut h) = self.handout(&d) {
+                                h.mask(&d, peer, &mut bits, Instant::now());
                             }
                             wire::encode_have(&bits)
                         }
@@ -383,22 +383,17 @@ impl Transfer {
         Ok(())
     }
 
-    /// Whether pieces `first..first + count` of `d` may go to `peer` now (see `handout`): always,
-    /// unless this node is still fetching `d` from upstream and sent one of them to another peer
-    /// within `HANDOUT_GRACE`.
-    fn hand_out(&self, d: &Digest, pieces: usize, peer: SocketAddr, first: u32, count: u32) -> bool {
-        if !self.inner.store.arriving_from_upstream(d) {
-            return true;
-        }
-        self.handout().claim(d, pieces, peer, first, count, Instant::now())
-    }
-
-    /// The hand-out record, without blobs that have stopped arriving (completed, dropped).
-    fn handout(&self) -> std::sync::MutexGuard<'_, handout::Handout> {
+    /// The hand-out record (`handout`) when this node is the origin of `d` (still fetching it
+    /// from upstream), without blobs that have stopped arriving; `None` otherwise: pieces of
+    /// other blobs go to whoever asks, bitfields unmasked.
+    fn handout(&self, d: &Digest) -> Option<std::sync::MutexGuard<'_, handout::Handout>> {
         let store = &self.inner.store;
+        if !store.arriving_from_upstream(d) {
+            return None;
+        }
         let mut h = self.inner.handout.lock().unwrap_or_else(|e| e.into_inner());
         h.retain(|d| store.arriving_from_upstream(d));
-        h
+        Some(h)
     }
 
     /// The manifest of `d` from the node's containerd content store, when the store does not hold
@@ -844,15 +839,16 @@ async fn refuse(send: &mut quinn::SendStream, status: Status, msg: &str) -> Resu
 /// whole cluster. Every node with the same membership view picks the same owner, with no leader;
 /// when the owner leaves, only its digests move.
 pub fn owner<'a>(d: &Digest, members: impl IntoIterator<Item = &'a SocketAddr>) -> Option<SocketAddr> {
-    members
-        .into_iter()
-        .max_by_key(|m| {
-            let mut h = blake3::Hasher::new();
-            h.update(d.as_bytes());
-            h.update(m.to_string().as_bytes());
-            *h.finalize().as_bytes()
-        })
-        .copied()
+    members.into_iter().max_by_key(|m| node_weight(d, **m)).copied()
+}
+
+/// `blake3(digest || node's QUIC address)`: a node's rendezvous weight for blob `d`, the same on
+/// every node (owner choice here, the origin's hand-out split in `handout`).
+fn node_weight(d: &Digest, node: SocketAddr) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(d.as_bytes());
+    h.update(node.to_string().as_bytes());
+    *h.finalize().as_bytes()
 }
 
 #[cfg(test)]

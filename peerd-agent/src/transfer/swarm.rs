@@ -110,15 +110,6 @@ pub struct Download {
     done: u32,
 }
 
-/// A rendezvous weight of (node key, piece), for splitting pieces among nodes with no coordination
-/// (`handout`): splitmix64's finaliser of their mix.
-pub fn rendezvous(key: u64, piece: u32) -> u64 {
-    let mut z = key ^ u64::from(piece).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 fn shuffle(v: &mut [u32], mut seed: u64) {
     for i in (1..v.len()).rev() {
         seed ^= seed << 13;
