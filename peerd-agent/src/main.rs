@@ -138,11 +138,12 @@ struct AgentArgs {
     /// UDP address gossip listens on (used with --seed).
     #[arg(long, env = "PEERD_GOSSIP_ADDR", default_value = "0.0.0.0:30001")]
     gossip_addr: SocketAddr,
-    /// Bytes per second chitchat's anti-entropy may send in steady state (0 = no limit). Every
-    /// exchange carries a digest of all members (~10 bytes each), so large clusters exchange
-    /// less often instead of sending more; content changes travel as rumors either way. Measured
-    /// traffic runs up to ~1.3x this (sealing, answers), so 12,000 keeps a node under 20 KB/s.
-    #[arg(long, env = "PEERD_GOSSIP_BUDGET", default_value_t = 12_000)]
+    /// Bytes per second of overhead chitchat's anti-entropy may send (0 = no limit). Every
+    /// exchange carries a digest of all members (~25 bytes each), so large clusters exchange
+    /// less often instead of sending more; content changes travel as rumors either way. Deltas
+    /// (state a peer lacked) are not charged; in steady state there are none, and 16,000 keeps a
+    /// node under 20 KB/s with sealing.
+    #[arg(long, env = "PEERD_GOSSIP_BUDGET", default_value_t = 16_000)]
     gossip_budget: u64,
     /// Topology zone of this node (peers in the same zone are preferred).
     #[arg(long, env = "PEERD_ZONE", default_value = "")]

@@ -43,7 +43,7 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     interval_ms: u64,
     /// Anti-entropy byte budget per node per second (0 = unlimited), as `--gossip-budget`.
-    #[arg(long, default_value_t = 12_000)]
+    #[arg(long, default_value_t = 16_000)]
     budget: u64,
     /// Packet loss (0..1) for the lossy propagation run.
     #[arg(long, default_value_t = 0.05)]

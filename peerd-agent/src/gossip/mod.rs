@@ -89,7 +89,7 @@ impl GossipConfig {
             seeds: Vec::new(),
             secret: secret.into(),
             gossip_interval: Duration::from_millis(100),
-            budget: 12_000,
+            budget: 16_000,
             dead_node_grace_period: Duration::from_secs(60 * 60),
             seed_refresh: Duration::from_secs(30),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -168,6 +168,8 @@ struct View {
     /// chitchat's max version per slot: how far the index is for that node (rumors older than
     /// this are already in it).
     versions: HashMap<Slot, u64>,
+    /// The anti-entropy budget, which sets how far apart heartbeats arrive (`liveness_grace`).
+    budget: u64,
 }
 
 impl View {
@@ -236,17 +238,19 @@ impl Gossip {
             listen_addr: config.listen_addr,
             seed_nodes: config.seeds.clone(),
             failure_detector_config: FailureDetectorConfig {
-                // The prior for a peer's heartbeat spacing until samples arrive (chitchat
-                // smooths with 5 prior samples). Paced clusters hear a peer every few seconds,
-                // so a 100 ms prior would declare peers dead before their spacing is learned;
-                // unpaced ones learn their ~100 ms spacing within seconds.
+                // chitchat's phi is the silence over the mean heartbeat spacing, smoothed with
+                // 5 prior samples of `initial_interval`. Spacing changes by two orders of
+                // magnitude when a cluster moves from catching up (unpaced, ~100 ms) to paced
+                // anti-entropy (seconds at 1,000 nodes): a long window keeps the old, short mean
+                // and declares every peer dead at once (the simulator saw each node think all
+                // others dead for seconds after converging). A short window adapts within ten
+                // heartbeats, and the prior keeps the mean at or above ~0.7 s, so a peer is
+                // declared dead after at least ~8 s of silence even in a small, unpaced cluster.
                 initial_interval: Duration::from_secs(2).max(config.gossip_interval),
-                // Spacings up to this long are learned (at 1,000 nodes and the default budget a
-                // peer is heard every ~4 s).
+                // Spacings up to this long are learned.
                 max_interval: Duration::from_secs(30),
-                // 100 inter-arrival samples per peer (chitchat's default keeps 1,000: 8 MB per
-                // node at 1,000 peers) still cover a minute or more of history when paced.
-                sampling_window_size: 100,
+                sampling_window_size: 10,
+                phi_threshold: 10.0,
                 dead_node_grace_period: config.dead_node_grace_period,
                 ..FailureDetectorConfig::default()
             },
@@ -276,7 +280,7 @@ impl Gossip {
             let guard = chitchat.lock().await;
             guard.subscribe_event("", move |_| changed.notify_one())
         };
-        let view = Arc::new(RwLock::new(View::default()));
+        let view = Arc::new(RwLock::new(View { budget: config.budget, ..View::default() }));
         let seed = me.generation_id ^ u64::from_le_bytes(blake3::hash(me.node_id.as_bytes()).as_bytes()[..8].try_into().unwrap_or_default());
         let rumors = Arc::new(Mutex::new(Rumors::new(me, seed)));
         let tasks = vec![
@@ -549,13 +553,35 @@ async fn rumor_loop(view: Arc<RwLock<View>>, rumors: Arc<Mutex<Rumors>>, link: R
     }
 }
 
+/// Bytes a member adds to every digest (id, generation, address, heartbeat, versions, after
+/// chitchat's compression; measured in the simulator), to estimate heartbeat spacing when paced.
+const DIGEST_BYTES_PER_MEMBER: u64 = 30;
+/// At most this long a peer whose heartbeat stopped is still counted alive (`liveness_grace`).
+const MAX_GRACE: Duration = Duration::from_secs(30);
+
+/// How long after its heartbeat last advanced a peer still counts as alive, whatever chitchat's
+/// failure detector says. A paced cluster exchanges a digest about every `members x 30 / budget`
+/// seconds per node, so heartbeats reach a node seconds apart and irregularly; the phi detector
+/// then suspects a few percent of live peers at any moment (the simulator: 15 of 399 per node
+/// at 400 nodes), and a suspected peer gets no rumors and is hidden from `who_has`. Ten exchange
+/// periods of grace removes those false deaths; small or unpaced clusters get none (phi alone
+/// decides, in seconds), 1,000 nodes at the default budget about 19 s.
+fn liveness_grace(members: usize, budget: u64) -> Duration {
+    if budget == 0 {
+        return Duration::ZERO;
+    }
+    let period = members as f64 * DIGEST_BYTES_PER_MEMBER as f64 / budget as f64;
+    Duration::from_secs_f64(10.0 * period).min(MAX_GRACE)
+}
+
 async fn refresh(handle: &ChitchatHandle, view: &RwLock<View>, rumors: &Mutex<Rumors>) {
     let chitchat = handle.chitchat();
     let chitchat = chitchat.lock().await;
     let me = chitchat.self_chitchat_id().clone();
     let live: HashSet<&ChitchatId> = chitchat.live_nodes().collect();
     let Ok(mut view) = view.write() else { return };
-    let View { index, peers, heartbeats, versions } = &mut *view;
+    let grace = liveness_grace(chitchat.node_states().len(), view.budget);
+    let View { index, peers, heartbeats, versions, .. } = &mut *view;
     let now = Instant::now();
     let mut present = HashSet::with_capacity(chitchat.node_states().len());
     for (id, state) in chitchat.node_states() {
@@ -577,7 +603,7 @@ async fn refresh(handle: &ChitchatHandle, view: &RwLock<View>, rumors: &Mutex<Ru
             }
         };
         versions.insert(slot, state.max_version());
-        let alive = if live.contains(id) { PeerState::Alive } else { PeerState::Dead };
+        let live = live.contains(id);
         let heartbeat = u64::from(state.heartbeat());
         let peer = peers.entry(slot).or_insert_with(|| PeerInfo {
             id: id.node_id.clone(),
@@ -586,14 +612,15 @@ async fn refresh(handle: &ChitchatHandle, view: &RwLock<View>, rumors: &Mutex<Ru
             addr: None,
             zone: Arc::from(""),
             version: Arc::from(""),
-            state: alive,
-            last_seen: now,
+            state: PeerState::Dead,
+            // A peer first met dead (from another node's state) was never heard alive here.
+            last_seen: if live { now } else { now.checked_sub(MAX_GRACE).unwrap_or(now) },
             advertised: (0, 0),
         });
-        if heartbeats.insert(slot, heartbeat) != Some(heartbeat) {
+        if heartbeats.insert(slot, heartbeat).is_some_and(|previous| previous != heartbeat) {
             peer.last_seen = now;
         }
-        peer.state = alive;
+        peer.state = if live || now.duration_since(peer.last_seen) < grace { PeerState::Alive } else { PeerState::Dead };
         if peer.addr.is_none() {
             peer.addr = state.get(KEY_ADDR).and_then(|a| a.parse().ok());
         }
@@ -658,6 +685,20 @@ async fn seed_loop(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn liveness_grace_follows_the_paced_heartbeat_spacing() {
+        use super::{MAX_GRACE, liveness_grace};
+        use std::time::Duration;
+        // Unpaced, or too small to be paced: the failure detector alone decides.
+        assert_eq!(liveness_grace(1_000, 0), Duration::ZERO);
+        assert!(liveness_grace(8, 16_000) < Duration::from_millis(200));
+        // 1,000 members at the default budget: ten digest periods of ~1.9 s.
+        let g = liveness_grace(1_000, 16_000);
+        assert!(g > Duration::from_secs(15) && g < Duration::from_secs(25), "{g:?}");
+        assert!(liveness_grace(400, 4_800) > Duration::from_secs(20));
+        assert_eq!(liveness_grace(100_000, 16_000), MAX_GRACE);
+    }
+
     use super::*;
 
     fn config(port: u16, secret: &[u8], seeds: &[u16]) -> GossipConfig {

@@ -295,11 +295,24 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
     let heap_per_node = heap_bytes().saturating_sub(heap_before) / opts.nodes.max(1);
     let index_bytes = nodes.first().map_or(0, |n| n.index_stats().1);
 
-    // Steady state: nothing changes for 10 s.
+    // Steady state: nothing changes for 10 s, measured once nodes stopped catching up (a node
+    // gossips unpaced for 2 s after its last large delta, `pace`).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let paced = || counters.iter().map(|c| c.paced.load(Ordering::Relaxed)).sum::<u64>();
     let (before, rumor_before, paced_before) = (net.total_sent(), net.rumor_bytes.load(Ordering::Relaxed), paced());
     let window = Duration::from_secs(10);
-    tokio::time::sleep(window).await;
+    // Liveness as each node sees it, sampled each second: a peer another node wrongly thinks
+    // dead gets no rumors from it (rumors go to live peers).
+    let mut dead_views = 0usize;
+    let mut samples = 0usize;
+    for _ in 0..window.as_secs() {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for node in &nodes {
+            dead_views += node.peers().iter().filter(|p| p.state != super::PeerState::Alive).count();
+        }
+        samples += 1;
+    }
+    let dead_views = dead_views as f64 / (samples * opts.nodes).max(1) as f64;
     let per_node_s = |bytes: u64| bytes as f64 / opts.nodes as f64 / window.as_secs_f64();
     let steady = per_node_s(net.total_sent() - before);
     let steady_rumors = per_node_s(net.rumor_bytes.load(Ordering::Relaxed) - rumor_before);
@@ -316,7 +329,7 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
     // Reported as soon as measured: at 1,000 nodes the partition phase alone takes many minutes
     // of wall time, and a run stopped there should not lose these.
     eprintln!(
-        "gossip-sim: steady {:.1} KB/s per node ({:.1} of it rumors), paced SYNs {paced_per_s:.1}/s; propagation 50/99/100%: {} / {} / {} ({} of {} nodes), with loss: {} / {} / {} ({} nodes); heap {:.1} MB per node",
+        "gossip-sim: steady {:.1} KB/s per node ({:.1} of it rumors), paced SYNs {paced_per_s:.1}/s; propagation 50/99/100%: {} / {} / {} ({} of {} nodes), with loss: {} / {} / {} ({} nodes); heap {:.1} MB per node; live peers seen dead {dead_views:.1} per node",
         steady / 1000.0,
         steady_rumors / 1000.0,
         ms(percentile(&clean, 50.0)),
@@ -390,6 +403,7 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
     let _ = writeln!(out, "| same with {:.0}% packet loss | {} / {} / {} | |", opts.loss * 100.0, ms(percentile(&lossy, 50.0)), ms(percentile(&lossy, 99.0)), if lossy.len() == n - 1 { ms(lossy.last().copied()) } else { format!("{}/{} nodes", lossy.len(), n - 1) });
     let _ = writeln!(out, "| partition (halves, 5 s): other side saw it / all after heal | {leaked} nodes / {} | 0 / |", ms(healed));
     let _ = writeln!(out, "| steady state bytes sent per node (of which rumors) | {:.1} KB/s ({:.1} KB/s) | <= 20 KB/s |", steady / 1000.0, steady_rumors / 1000.0);
+    let _ = writeln!(out, "| live peers a node wrongly sees dead, steady state (average) | {dead_views:.1} of {} | 0 |", n - 1);
     let _ = writeln!(out, "| SYNs held back by the {} B/s budget, per node | {paced_per_s:.1}/s | |", opts.budget);
     let _ = writeln!(out, "| rumor bytes to spread one advertisement, per node | {:.0} B | |", rumor_cost as f64 / n as f64);
     let _ = writeln!(out, "| heap per node (all state, index, tasks) | {:.1} MB | |", heap_per_node as f64 / 1e6);
