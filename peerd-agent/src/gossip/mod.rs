@@ -245,14 +245,13 @@ impl Gossip {
                 // and declares every peer dead at once (the simulator saw each node think all
                 // others dead for seconds after converging). A short window adapts within ten
                 // heartbeats, and the prior keeps the mean at or above ~0.7 s, so a peer is
-                // declared dead after at least ~8 s of silence even in a small, unpaced cluster.
+                // declared dead after at least ~7 s of silence even in a small, unpaced cluster.
                 initial_interval: Duration::from_secs(2).max(config.gossip_interval),
                 // Spacings up to this long are learned.
                 max_interval: Duration::from_secs(30),
                 sampling_window_size: 10,
                 phi_threshold: 10.0,
                 dead_node_grace_period: config.dead_node_grace_period,
-                ..FailureDetectorConfig::default()
             },
             marked_for_deletion_grace_period: Duration::from_secs(3600),
             catchup_callback: None,

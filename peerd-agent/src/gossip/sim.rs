@@ -360,7 +360,7 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
     let mut healed = None;
     while healed_at.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if nodes[1..].iter().all(|n| sees(n)) {
+        if nodes[1..].iter().all(sees) {
             healed = Some(healed_at.elapsed());
             break;
         }
