@@ -139,7 +139,7 @@ struct AgentArgs {
     #[arg(long, env = "PEERD_GOSSIP_ADDR", default_value = "0.0.0.0:30001")]
     gossip_addr: SocketAddr,
     /// Bytes per second of overhead chitchat's anti-entropy may send (0 = no limit). Every
-    /// exchange carries a digest of all members (~25 bytes each), so large clusters exchange
+    /// exchange carries a digest of all members (10-30 bytes each), so large clusters exchange
     /// less often instead of sending more; content changes travel as rumors either way. Deltas
     /// (state a peer lacked) are not charged; in steady state there are none, and 16,000 keeps a
     /// node under 20 KB/s with sealing.

@@ -1,8 +1,8 @@
 //! A byte budget for chitchat's anti-entropy.
 //!
-//! Every SYN and SYN-ACK carries the digest of every member (~25 bytes per member after chitchat's
-//! compression): at 1,000 nodes, three exchanges per 100 ms round would be megabytes per second
-//! per node, whatever the content. Content changes travel as rumors (`rumor`), so anti-entropy
+//! Every SYN and SYN-ACK carries the digest of every member (10-30 bytes per member after
+//! chitchat's compression): at 1,000 nodes, three exchanges per 100 ms round would be half a
+//! megabyte per second or more per node, whatever the content. Content changes travel as rumors (`rumor`), so anti-entropy
 //! only has to converge eventually and keep the failure detector fed. This wrapper around
 //! chitchat's socket charges the *overhead* of every message it sends (the whole message minus the
 //! delta it carries: a SYN, the digest and header of a SYN-ACK, an ACK's header) to a token bucket
