@@ -581,10 +581,11 @@ async fn refresh(handle: &ChitchatHandle, view: &RwLock<View>, rumors: &Mutex<Ru
     let me = chitchat.self_chitchat_id().clone();
     let live: HashSet<&ChitchatId> = chitchat.live_nodes().collect();
     let Ok(mut view) = view.write() else { return };
-    let grace = liveness_grace(chitchat.node_states().len(), view.budget);
+    let members = chitchat.node_states().len();
+    let grace = liveness_grace(members, view.budget);
     let View { index, peers, heartbeats, versions, .. } = &mut *view;
     let now = Instant::now();
-    let mut present = HashSet::with_capacity(chitchat.node_states().len());
+    let mut present = HashSet::with_capacity(members);
     for (id, state) in chitchat.node_states() {
         if *id == me {
             continue;
@@ -686,10 +687,10 @@ async fn seed_loop(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn liveness_grace_follows_the_paced_heartbeat_spacing() {
-        use super::{MAX_GRACE, liveness_grace};
-        use std::time::Duration;
         // Unpaced, or too small to be paced: the failure detector alone decides.
         assert_eq!(liveness_grace(1_000, 0), Duration::ZERO);
         assert!(liveness_grace(8, 16_000) < Duration::from_millis(200));
@@ -699,8 +700,6 @@ mod tests {
         assert!(liveness_grace(400, 4_800) > Duration::from_secs(20));
         assert_eq!(liveness_grace(100_000, 16_000), MAX_GRACE);
     }
-
-    use super::*;
 
     fn config(port: u16, secret: &[u8], seeds: &[u16]) -> GossipConfig {
         let mut config = GossipConfig::new(([127, 0, 0, 1], port + 1000).into(), secret.to_vec());

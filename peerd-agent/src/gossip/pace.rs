@@ -2,24 +2,25 @@
 //!
 //! Every SYN and SYN-ACK carries the digest of every member (10-30 bytes per member after
 //! chitchat's compression): at 1,000 nodes, three exchanges per 100 ms round would be half a
-//! megabyte per second or more per node, whatever the content. Content changes travel as rumors (`rumor`), so anti-entropy
-//! only has to converge eventually and keep the failure detector fed. This wrapper around
-//! chitchat's socket charges the *overhead* of every message it sends (the whole message minus the
-//! delta it carries: a SYN, the digest and header of a SYN-ACK, an ACK's header) to a token bucket
-//! of `budget` bytes per second, and lets a round's SYNs go only while the bucket has tokens;
-//! the SYNs of a round over budget are not sent (counted as `paced`), which chitchat sees as lost
-//! datagrams. Deltas are not charged: they are state a peer lacked, not overhead, and in steady
-//! state they are empty. Answers are never held (the asker paid for the exchange) but are charged,
-//! so a node that answers much initiates less and what it sends stays near the budget; debt is
-//! kept (bounded only against pathologies), because forgiving it is exactly what let the digest
-//! traffic of 1,000 nodes run at three times the budget. Whole rounds are admitted or held, never
-//! single SYNs: chitchat sends a round's SYNs to live nodes first, then maybe to a dead node and a
-//! seed, and those last two are how partitions heal, so admitting only the first SYN of each round
-//! would starve them. Small clusters stay unpaced (a digest of 8 members is tiny); large ones
-//! gossip less often, in proportion to their size. While a node is catching up (SYN-ACKs or ACKs
-//! bring large deltas, e.g. after joining), its SYNs are neither held nor charged: that traffic is
-//! how it gets state it lacks, and charging it would leave every node of a cluster that started
-//! together silent (and so seen dead by all) for seconds once it converged.
+//! megabyte per second or more per node, whatever the content. Content changes travel as rumors
+//! (`rumor`), so anti-entropy only has to converge eventually and keep the failure detector fed.
+//! This wrapper around chitchat's socket charges the *overhead* of every message it sends (the
+//! whole message minus the delta it carries: a SYN, the digest and header of a SYN-ACK, an ACK's
+//! header) to a token bucket of `budget` bytes per second, and lets a round's SYNs go only while
+//! the bucket has tokens; the SYNs of a round over budget are not sent (counted as `paced`), which
+//! chitchat sees as lost datagrams. Deltas are not charged: they are state a peer lacked, not
+//! overhead, and in steady state they are empty. Answers are never held (the asker paid for the
+//! exchange) but are charged, so a node that answers much initiates less and what it sends stays
+//! near the budget; debt is kept (bounded only against pathologies), because forgiving it is
+//! exactly what let the digest traffic of 1,000 nodes run at three times the budget. Whole rounds
+//! are admitted or held, never single SYNs: chitchat sends a round's SYNs to live nodes first, then
+//! maybe to a dead node and a seed, and those last two are how partitions heal, so admitting only
+//! the first SYN of each round would starve them. Small clusters stay unpaced (a digest of 8
+//! members is tiny); large ones gossip less often, in proportion to their size. While a node is
+//! catching up (SYN-ACKs or ACKs bring large deltas, e.g. after joining), its SYNs are neither held
+//! nor charged: that traffic is how it gets state it lacks, and charging it would leave every node
+//! of a cluster that started together silent (and so seen dead by all) for seconds once it
+//! converged.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -304,15 +304,13 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
     // Liveness as each node sees it, sampled each second: a peer another node wrongly thinks
     // dead gets no rumors from it (rumors go to live peers).
     let mut dead_views = 0usize;
-    let mut samples = 0usize;
     for _ in 0..window.as_secs() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         for node in &nodes {
             dead_views += node.peers().iter().filter(|p| p.state != super::PeerState::Alive).count();
         }
-        samples += 1;
     }
-    let dead_views = dead_views as f64 / (samples * opts.nodes).max(1) as f64;
+    let dead_views = dead_views as f64 / (window.as_secs() as usize * opts.nodes).max(1) as f64;
     let per_node_s = |bytes: u64| bytes as f64 / opts.nodes as f64 / window.as_secs_f64();
     let steady = per_node_s(net.total_sent() - before);
     let steady_rumors = per_node_s(net.rumor_bytes.load(Ordering::Relaxed) - rumor_before);
