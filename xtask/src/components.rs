@@ -20,13 +20,37 @@ pub fn require(tool: &str) {
     assert!(found, "{tool} is not installed: run `bash .ci/run` (apt packages docker-registry containerd skopeo umoci nginx-light)");
 }
 
+/// A loopback port free right now for both TCP and UDP, for a component to bind later.
+///
+/// Chosen below the kernel's ephemeral range: a port the kernel handed out (`bind(0)`) returns
+/// to that range on close, and any socket numbered by the kernel in the meantime (a resolver's,
+/// an agent's own client endpoint) could take it before the component binds it; CI failed once
+/// on exactly that. Below the range only explicit binds compete: a counter shared by the
+/// process's threads, started at a pid-derived offset, keeps parallel tests apart, and the bind
+/// check skips ports something already holds.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let base = 10_000u32;
+    let span = ephemeral_low.saturating_sub(base).max(1000);
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let port = (base + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        if tcp.is_ok() && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {base}..{}", base + span)
 }
 
-/// A UDP port free right now on loopback.
+/// A UDP port free right now on loopback (see [`free_port`]).
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    free_port()
 }
 
 pub fn run(cmd: &mut Command) -> String {
