@@ -5,6 +5,7 @@
 //! Roles: every agent serves complete blobs from its store to authenticated peers, and answers
 //! `Fetch` (get this blob from upstream with these credentials) through the [`Fetcher`] the
 //! mirror installs. The mirror calls [`Transfer::download`] on a miss when peers hold a blob.
+mod congestion;
 mod handout;
 pub mod swarm;
 pub mod tls;
@@ -179,11 +180,13 @@ impl Transfer {
         transport.stream_receive_window((4u32 << 20).into());
         transport.receive_window((32u32 << 20).into());
         transport.send_window(32 << 20);
-        // BBR paces instead of filling queues until loss, which suits shaped node links with
-        // shallow buffers (Cubic backed off repeatedly on tbf-shaped links in bench swarm).
-        transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+        // BBR paces instead of filling queues until loss (Cubic filled the 50 ms link queues in
+        // bench swarm, delaying the TCP ACKs of the origin's own upstream download); the
+        // aggregation allowance keeps it from starving when ACKs come late (`congestion`).
+        transport.congestion_controller_factory(Arc::new(congestion::AggregationBbrConfig::default()));
         // Tried and dropped (bench swarm, N=4, back to back): streams in write order instead of
-        // round-robin, ACK frequency 1 in 8, a 1472-byte MTU bound: slower (1.8x vs 1.6x S/B).
+        // round-robin, ACK frequency 1 in 8, a 1472-byte MTU bound: slower (1.8x vs 1.6x S/B);
+        // write order again with requests and bitfields at a higher priority: no change.
         let transport = Arc::new(transport);
         server.transport_config(transport.clone());
         let mut client = identity.client_config()?;
@@ -255,6 +258,18 @@ impl Transfer {
                     }
                 };
                 let peer = conn.remote_address();
+                if tracing::enabled!(target: "peerd_agent::transfer::trace", tracing::Level::DEBUG) {
+                    // Diagnostics (bench swarm's PEERD_BENCH_TRACE): the sender's view of the path.
+                    let c = conn.clone();
+                    tokio::spawn(async move {
+                        let t0 = Instant::now();
+                        while c.close_reason().is_none() {
+                            let s = c.stats();
+                            debug!(target: "peerd_agent::transfer::trace", t = t0.elapsed().as_millis() as u64, %peer, cwnd = s.path.cwnd, rtt_us = s.path.rtt.as_micros() as u64, lost = s.path.lost_packets, "path");
+                            tokio::time::sleep(Duration::from_millis(250)).await;
+                        }
+                    });
+                }
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let this = this.clone();
                     tokio::spawn(async move {
