@@ -10,7 +10,7 @@ use xtask::components::Proc;
 use xtask::netcluster::{Deployment, NetCluster, Spec, QUEUE_MS};
 
 fn spec(prefix: &str, nodes: usize) -> Spec {
-    Spec { nodes, rate_mbit: 1000, registry_rate_mbit: 1000, delay_ms: 0, queue_ms: QUEUE_MS, prefix: prefix.into() }
+    Spec { nodes, rate_mbit: 1000, registry_rate_mbit: 1000, delay_ms: 0, queue_ms: QUEUE_MS, small_first: false, prefix: prefix.into() }
 }
 
 /// curl inside a node's namespace; returns the body's sha256 or the error.

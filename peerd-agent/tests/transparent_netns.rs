@@ -26,7 +26,7 @@ use xtask::{
 fn cluster(tag: &str, nodes: usize) -> NetCluster {
     require_root();
     let prefix = format!("tp{}{tag}", std::process::id() % 10000);
-    NetCluster::up(Spec { nodes, rate_mbit: 1000, registry_rate_mbit: 1000, delay_ms: 0, queue_ms: QUEUE_MS, prefix })
+    NetCluster::up(Spec { nodes, rate_mbit: 1000, registry_rate_mbit: 1000, delay_ms: 0, queue_ms: QUEUE_MS, small_first: false, prefix })
 }
 
 fn require_root() {

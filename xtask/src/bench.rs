@@ -35,6 +35,10 @@ pub enum Which {
         /// Queue of every shaped link in ms at its rate (tbf latency); see `Spec::queue_ms`.
         #[arg(long, default_value_t = xtask::netcluster::QUEUE_MS)]
         queue_ms: u32,
+        /// Packets under 128 bytes (ACKs) leave each link before bulk data, as a real node's
+        /// fq_codel lets sparse flows go first; see `Spec::small_first`. Recorded separately.
+        #[arg(long)]
+        small_packets_first: bool,
     },
     /// Gossip of N agents in one process on a simulated clock (propagation, bytes per node,
     /// memory, lookup latency). Every simulated node holds every other's state, so memory grows
@@ -78,7 +82,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::Range { size_mib, readers, reads_per_reader } => crate::serve_bench::range(size_mib, readers, reads_per_reader),
         Which::Gossip { runs } => gossip(&runs),
         Which::Redirect { layers, rounds, rate } => crate::redirect_bench::redirect(&layers, rounds.max(1), rate),
-        Which::Swarm { size_mib, nodes, rate, no_bittorrent, queue_ms } => crate::swarm_bench::swarm(size_mib, &nodes, rate, queue_ms, !no_bittorrent),
+        Which::Swarm { size_mib, nodes, rate, no_bittorrent, queue_ms, small_packets_first } => crate::swarm_bench::swarm(size_mib, &nodes, rate, queue_ms, small_packets_first, !no_bittorrent),
     }
 }
 

@@ -50,7 +50,7 @@ fn up(nodes: usize, rate: u32, registry_rate: u32, delay: u32, release: bool) ->
     crate::build(release)?;
     let dir = PathBuf::from("/var/tmp/peerd-xtask-cluster");
     std::fs::create_dir_all(&dir)?;
-    let c = NetCluster::up(Spec { nodes, rate_mbit: rate, registry_rate_mbit: registry_rate, delay_ms: 0, queue_ms: QUEUE_MS, prefix: PREFIX.into() });
+    let c = NetCluster::up(Spec { nodes, rate_mbit: rate, registry_rate_mbit: registry_rate, delay_ms: 0, queue_ms: QUEUE_MS, small_first: false, prefix: PREFIX.into() });
     let bin = crate::target_dir().join(if release { "release/peerd" } else { "debug/peerd" });
     let d = Deployment::start(&c, &bin, &dir, &[]);
     let mut pids = vec![d.registry.pid()];

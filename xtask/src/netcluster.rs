@@ -28,8 +28,13 @@ pub struct Spec {
     pub delay_ms: u32,
     /// Each shaped link's queue, in milliseconds at its rate (tbf `latency`). `QUEUE_MS` models a
     /// deep FIFO buffer; real nodes' default qdisc (fq_codel, fq) keeps queues near 5 ms and
-    /// separates flows, which this kernel cannot emulate (no fq_codel, sfq or prio here).
+    /// separates flows, which this kernel cannot emulate (no fq_codel, sfq or prio here);
+    /// `small_first` models the part that matters most here, ACKs not waiting behind bulk data.
     pub queue_ms: u32,
+    /// Packets under 128 bytes (TCP ACKs, QUIC ACK-only packets) leave a link before bulk data
+    /// (HTB with a u32 filter): the part of a real node's fq_codel this kernel can model (its
+    /// sparse flows go first). Off: one FIFO per link, as the main tables use.
+    pub small_first: bool,
     /// Prefix of namespace and interface names (short: interface names are limited to 15 bytes).
     pub prefix: String,
 }
@@ -69,6 +74,26 @@ fn tbf(ns: &str, dev: &str, mbit: u32, queue_ms: u32) {
     ]));
 }
 
+/// `tbf`'s rate and queue with packets under 128 bytes first (`Spec::small_first`): an HTB class
+/// for small packets (prio 0) and one for the rest (a byte FIFO of `queue_ms`), sharing the rate.
+fn htb_small_first(ns: &str, dev: &str, mbit: u32, queue_ms: u32) {
+    let tc = |args: &[&str]| run(Command::new("ip").args(["netns", "exec", ns, "tc"]).args(args));
+    let rate = format!("{mbit}mbit");
+    let burst = ((mbit as u64 * 1_000_000 / 8) / 1000).max(64 << 10).to_string();
+    let limit = (mbit as u64 * 1_000_000 / 8 * queue_ms as u64 / 1000).max(64 << 10).to_string();
+    let _ = Command::new("ip").args(["netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"]).output();
+    tc(&["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "20"]);
+    tc(&["class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", &rate, "ceil", &rate, "burst", &burst, "cburst", &burst]);
+    let small = format!("{}mbit", (mbit / 10).max(1));
+    let bulk = format!("{}mbit", mbit - (mbit / 10).max(1));
+    tc(&["class", "add", "dev", dev, "parent", "1:1", "classid", "1:10", "htb", "rate", &small, "ceil", &rate, "burst", &burst, "prio", "0"]);
+    tc(&["class", "add", "dev", dev, "parent", "1:1", "classid", "1:20", "htb", "rate", &bulk, "ceil", &rate, "burst", &burst, "prio", "1"]);
+    tc(&["qdisc", "add", "dev", dev, "parent", "1:10", "pfifo", "limit", "1000"]);
+    tc(&["qdisc", "add", "dev", dev, "parent", "1:20", "bfifo", "limit", &limit]);
+    // IPv4 total length (bytes 2-3) below 128.
+    tc(&["filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "u16", "0x0000", "0xff80", "at", "2", "flowid", "1:10"]);
+}
+
 impl NetCluster {
     pub fn up(spec: Spec) -> Self {
         assert!(spec.delay_ms == 0, "added latency needs tc netem, which this kernel lacks; use --delay 0 (see the module docs)");
@@ -102,8 +127,9 @@ impl NetCluster {
         ip(&["-n", &ns, "addr", "add", &format!("{addr}/15"), "dev", "eth0"]);
         ip(&["-n", &ns, "link", "set", "eth0", "up"]);
         // Upload (node -> switch) and download (switch -> node).
-        tbf(&ns, "eth0", mbit, self.spec.queue_ms);
-        tbf(&self.switch, &sw_if, mbit, self.spec.queue_ms);
+        let shape = if self.spec.small_first { htb_small_first } else { tbf };
+        shape(&ns, "eth0", mbit, self.spec.queue_ms);
+        shape(&self.switch, &sw_if, mbit, self.spec.queue_ms);
         Node { ns, ip: addr, sw_if }
     }
 

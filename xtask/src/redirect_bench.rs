@@ -30,7 +30,7 @@ pub fn redirect(layers_mib: &[u64], rounds: usize, rate: u32) -> Result<()> {
 }
 
 fn run(peerd: &Path, dir: &Path, layers_mib: &[u64], rounds: usize, rate: u32) -> Result<String> {
-    let c = NetCluster::up(Spec { nodes: 1, rate_mbit: rate, registry_rate_mbit: rate, delay_ms: 0, queue_ms: QUEUE_MS, prefix: format!("rb{}", std::process::id() % 10000) });
+    let c = NetCluster::up(Spec { nodes: 1, rate_mbit: rate, registry_rate_mbit: rate, delay_ms: 0, queue_ms: QUEUE_MS, small_first: false, prefix: format!("rb{}", std::process::id() % 10000) });
     let node = Cgroup::create("rbnode");
     let outside = Cgroup::create("rbplain");
     let opts = Options {

@@ -198,7 +198,7 @@ fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<Vec<f64>> {
     Ok(times)
 }
 
-pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, queue_ms: u32, with_bt: bool) -> Result<()> {
+pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, queue_ms: u32, small_first: bool, with_bt: bool) -> Result<()> {
     crate::require_tool("openssl")?;
     // PEERD_BENCH_BINARY=<path>: run that agent instead of this tree's (A/B runs of two builds
     // under the same machine load; diagnostics).
@@ -223,7 +223,7 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, queue_ms: u32, with_bt: 
         let prefix = format!("pb{}", std::process::id() % 1000);
         let dir = base.join(format!("n{n}"));
         std::fs::create_dir_all(&dir)?;
-        let c = NetCluster::up(Spec { nodes: n, rate_mbit: rate, registry_rate_mbit: rate, delay_ms: 0, queue_ms, prefix });
+        let c = NetCluster::up(Spec { nodes: n, rate_mbit: rate, registry_rate_mbit: rate, delay_ms: 0, queue_ms, small_first, prefix });
         seed_registry(&dir, &hex, &file)?;
         // (a) direct, and (c) peerd, with the same registry process.
         let dep = Deployment::start(&c, &peerd, &dir, &["--trust-cluster"]);
@@ -294,8 +294,9 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, queue_ms: u32, with_bt: 
     } else {
         let _ = std::fs::remove_dir_all(&base);
     }
+    let shaping = if small_first { "tc htb, packets under 128 bytes before the FIFO of bulk data" } else { "tc tbf, one FIFO" };
     let mut out = vec![format!(
-        "One {size_mib} MiB blob to N nodes, every link {rate} Mbit/s both ways (tc tbf, FIFO queue of {queue_ms} ms), registry uplink {rate} Mbit/s, no added latency (no netem on this kernel). S/B = {ideal:.1} s. Times are per-node completion as multiples of S/B; egress is bytes the registry's link sent / S. CPU is the agents' user+sys seconds summed (2 cores: above ~2 s per second of wall time the CPU, not the links, bounds the result).\n\n| N | method | p50 / (S/B) | max / (S/B) | origin egress / S | agents' CPU s |\n|---|---|---|---|---|---|"
+        "One {size_mib} MiB blob to N nodes, every link {rate} Mbit/s both ways ({shaping}, queue of {queue_ms} ms), registry uplink {rate} Mbit/s, no added latency (no netem on this kernel). S/B = {ideal:.1} s. Times are per-node completion as multiples of S/B; egress is bytes the registry's link sent / S. CPU is the agents' user+sys seconds summed (2 cores: above ~2 s per second of wall time the CPU, not the links, bounds the result).\n\n| N | method | p50 / (S/B) | max / (S/B) | origin egress / S | agents' CPU s |\n|---|---|---|---|---|---|"
     )];
     for r in &rows {
         let cpu = if r.cpu.is_nan() { "-".to_string() } else { format!("{:.1}", r.cpu) };
@@ -304,6 +305,9 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, queue_ms: u32, with_bt: 
     let table = out.join("\n");
     println!("{table}");
     // The default (deep) queues and others are separate sections: both stay in the file.
-    let title = if queue_ms == QUEUE_MS { "Swarm: one blob to N nodes".to_string() } else { format!("Swarm: one blob to N nodes, {queue_ms} ms link queues") };
+    let mut title = if queue_ms == QUEUE_MS { "Swarm: one blob to N nodes".to_string() } else { format!("Swarm: one blob to N nodes, {queue_ms} ms link queues") };
+    if small_first {
+        title.push_str(", small packets first");
+    }
     record(&title, &table)
 }
