@@ -26,7 +26,7 @@ fn cluster(tag: &str, nodes: usize) -> NetCluster {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "the harness tests need root (namespaces, cgroups)");
     let prefix = format!("hx{}{tag}", std::process::id() % 10000);
-    NetCluster::up(Spec { nodes, rate_mbit: 1000, registry_rate_mbit: 1000, delay_ms: 0, queue_ms: QUEUE_MS, prefix })
+    NetCluster::up(Spec { nodes, rate_mbit: 1000, registry_rate_mbit: 1000, delay_ms: 0, queue_ms: QUEUE_MS, small_first: false, prefix })
 }
 
 /// No agents in these tests: the registry alone (the path is never run).
