@@ -11,7 +11,7 @@ struct Cluster {
 }
 
 fn cluster(dir: &std::path::Path, n: usize, reg: &str, extra: &[&str]) -> Cluster {
-    let peer_addrs: Vec<SocketAddr> = (0..n).map(|_| format!("127.0.0.1:{}", free_udp_port()).parse().unwrap()).collect();
+    let peer_addrs: Vec<SocketAddr> = (0..n).map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap()).collect();
     std::fs::write(dir.join("secret"), b"cluster secret for the loopback test").unwrap();
     let secret = dir.join("secret").display().to_string();
     let mut agents = Vec::new();

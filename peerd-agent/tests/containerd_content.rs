@@ -53,7 +53,7 @@ async fn blobs_in_containerd_are_served_to_peers_and_withdrawn_when_removed() {
 
     let secret = dir.path().join("secret");
     std::fs::write(&secret, b"cluster secret for the containerd test").unwrap();
-    let peers: Vec<SocketAddr> = (0..2).map(|_| format!("127.0.0.1:{}", free_udp_port()).parse().unwrap()).collect();
+    let peers: Vec<SocketAddr> = (0..2).map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap()).collect();
     let start = |i: usize, extra: &[&str]| {
         let d = dir.path().join(format!("node{i}"));
         std::fs::create_dir_all(&d).unwrap();

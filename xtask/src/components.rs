@@ -48,11 +48,6 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port in {base}..{}", base + span)
 }
 
-/// A UDP port free right now on loopback (see [`free_port`]).
-pub fn free_udp_port() -> u16 {
-    free_port()
-}
-
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -294,7 +289,7 @@ impl Agent {
         cmd.arg("agent").arg("--data-dir").arg(&data).arg("--mirror-addr").arg(addr.to_string());
         cmd.arg("--no-default-registries");
         // Defaults a caller may override through `extra`.
-        let peer_addr = format!("127.0.0.1:{}", free_udp_port());
+        let peer_addr = format!("127.0.0.1:{}", free_port());
         for (flag, value) in [("--cache-size", "2GiB"), ("--upstream-timeout", "3"), ("--peer-addr", peer_addr.as_str())] {
             if !extra.contains(&flag) {
                 cmd.args([flag, value]);

@@ -61,9 +61,14 @@ fn ip(args: &[&str]) {
 /// Default `Spec::queue_ms`.
 pub const QUEUE_MS: u32 = 50;
 
+/// A shaper's burst: ~1 ms at the rate, at least 64 KiB.
+fn burst_bytes(mbit: u32) -> u64 {
+    ((mbit as u64 * 1_000_000 / 8) / 1000).max(64 << 10)
+}
+
 fn tbf(ns: &str, dev: &str, mbit: u32, queue_ms: u32) {
-    // burst sized for ~1 ms at the rate, at least 64 KiB; latency bounds the queue.
-    let burst = ((mbit as u64 * 1_000_000 / 8) / 1000).max(64 << 10);
+    // Latency bounds the queue.
+    let burst = burst_bytes(mbit);
     run(Command::new("ip").args(["netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf"]).args([
         "rate",
         &format!("{mbit}mbit"),
@@ -79,7 +84,7 @@ fn tbf(ns: &str, dev: &str, mbit: u32, queue_ms: u32) {
 fn htb_small_first(ns: &str, dev: &str, mbit: u32, queue_ms: u32) {
     let tc = |args: &[&str]| run(Command::new("ip").args(["netns", "exec", ns, "tc"]).args(args));
     let rate = format!("{mbit}mbit");
-    let burst = ((mbit as u64 * 1_000_000 / 8) / 1000).max(64 << 10).to_string();
+    let burst = burst_bytes(mbit).to_string();
     let limit = (mbit as u64 * 1_000_000 / 8 * queue_ms as u64 / 1000).max(64 << 10).to_string();
     let _ = Command::new("ip").args(["netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"]).output();
     tc(&["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "20"]);

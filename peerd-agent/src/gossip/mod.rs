@@ -605,7 +605,7 @@ async fn refresh(handle: &ChitchatHandle, view: &RwLock<View>, rumors: &Mutex<Ru
             }
         };
         versions.insert(slot, state.max_version());
-        let live = live.contains(id);
+        let is_live = live.contains(id);
         let heartbeat = u64::from(state.heartbeat());
         let peer = peers.entry(slot).or_insert_with(|| PeerInfo {
             id: id.node_id.clone(),
@@ -616,13 +616,13 @@ async fn refresh(handle: &ChitchatHandle, view: &RwLock<View>, rumors: &Mutex<Ru
             version: Arc::from(""),
             state: PeerState::Dead,
             // A peer first met dead (from another node's state) was never heard alive here.
-            last_seen: if live { now } else { now.checked_sub(MAX_GRACE).unwrap_or(now) },
+            last_seen: if is_live { now } else { now.checked_sub(MAX_GRACE).unwrap_or(now) },
             advertised: (0, 0),
         });
         if heartbeats.insert(slot, heartbeat).is_some_and(|previous| previous != heartbeat) {
             peer.last_seen = now;
         }
-        peer.state = if live || now.duration_since(peer.last_seen) < grace { PeerState::Alive } else { PeerState::Dead };
+        peer.state = if is_live || now.duration_since(peer.last_seen) < grace { PeerState::Alive } else { PeerState::Dead };
         if peer.addr.is_none() {
             peer.addr = state.get(KEY_ADDR).and_then(|a| a.parse().ok());
         }

@@ -53,8 +53,13 @@ struct Aggregation {
     extra: [u64; 2],
     slot: usize,
     slot_rounds: u32,
-    /// Start of the current round trip and the bytes acknowledged in it.
+    /// Start of the current round trip.
     round_start: Option<Instant>,
+}
+
+/// Bytes `bw` (bytes/s) delivers in `elapsed`.
+fn bytes_in(bw: u64, elapsed: Duration) -> u64 {
+    (bw as u128 * elapsed.as_micros() / 1_000_000) as u64
 }
 
 impl Aggregation {
@@ -73,22 +78,20 @@ impl Aggregation {
             }
         }
         let start = *self.epoch_start.get_or_insert(now);
-        let expected = (bw as u128 * now.duration_since(start).as_micros() / 1_000_000) as u64;
+        let mut expected = bytes_in(bw, now.duration_since(start));
         if self.epoch_acked <= expected || self.epoch_acked + bytes >= EPOCH_RESET_BYTES.max(bw / 10) {
             self.epoch_start = Some(now);
             self.epoch_acked = 0;
+            expected = 0;
         }
         self.epoch_acked += bytes;
-        let start = self.epoch_start.unwrap_or(now);
-        let expected = (bw as u128 * now.duration_since(start).as_micros() / 1_000_000) as u64;
         let excess = self.epoch_acked.saturating_sub(expected);
         self.extra[self.slot] = self.extra[self.slot].max(excess);
     }
 
     /// Bytes to add to the window.
     fn allowance(&self, bw: u64) -> u64 {
-        let cap = (bw as u128 * MAX_EXTRA.as_micros() / 1_000_000) as u64;
-        self.extra[0].max(self.extra[1]).min(cap)
+        self.extra[0].max(self.extra[1]).min(bytes_in(bw, MAX_EXTRA))
     }
 }
 
@@ -185,8 +188,7 @@ mod tests {
         }
         let extra = a.allowance(BW);
         assert!(extra >= 150_000, "bursts of ~200 KB are allowed for: {extra}");
-        let cap = (BW as u128 * MAX_EXTRA.as_micros() / 1_000_000) as u64;
-        assert!(extra <= cap, "never more than MAX_EXTRA of bandwidth: {extra}");
+        assert!(extra <= bytes_in(BW, MAX_EXTRA), "never more than MAX_EXTRA of bandwidth: {extra}");
         // Bursts stop (smooth ACKs at 12 MB/s, estimated as such): once the epoch restarts
         // (EPOCH_RESET_BYTES) and two slots of round trips pass, the allowance is gone.
         for i in 0..2_000u64 {
