@@ -579,6 +579,26 @@ pub fn pseudo_random(size: u64, seed: u64) -> Vec<u8> {
 }
 
 /// utime + stime of a process so far, in seconds (0 if it is gone).
+/// The machine's CPU time so far as (busy, total) jiffies over all cores (`/proc/stat`; idle and
+/// iowait count as not busy). Two readings give the share of the machine a run kept busy.
+pub fn machine_cpu() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let total: u64 = f.iter().take(8).sum();
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// Share of the machine's CPU kept busy between two `machine_cpu` readings (0..1).
+pub fn busy_between(a: (u64, u64), b: (u64, u64)) -> f64 {
+    let total = b.1.saturating_sub(a.1);
+    if total == 0 {
+        return f64::NAN;
+    }
+    b.0.saturating_sub(a.0) as f64 / total as f64
+}
+
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command (which may contain spaces) start after the last ')'.

@@ -10,19 +10,41 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use xtask::{
-    components::{cpu_seconds, pseudo_random, run, sha256_hex, Proc},
+    components::{busy_between, cpu_seconds, machine_cpu, pseudo_random, run, sha256_hex, Proc},
     netcluster::{Deployment, NetCluster, Spec, MIRROR_PORT, QUEUE_MS},
 };
 
 use crate::bench::record;
 
+/// The link rate (Mbit/s).
+pub const RATE_MBIT: u32 = 200;
+
+/// Every link's rate: the same at every N, or the cluster's total divided by N.
+#[derive(Clone, Copy)]
+pub enum Rate {
+    PerLink(u32),
+    Aggregate(u32),
+}
+
+impl Rate {
+    fn at(self, n: usize) -> u32 {
+        match self {
+            Rate::PerLink(r) => r,
+            Rate::Aggregate(a) => (a / n as u32).max(1),
+        }
+    }
+}
+
 struct Row {
     n: usize,
+    rate: u32,
     what: &'static str,
     p50: f64,
     max: f64,
     egress: f64,
     cpu: f64,
+    /// Share of the machine's CPU busy during the run (all processes, kernel included).
+    busy: f64,
 }
 
 /// Puts the blob straight into the registry's filesystem storage (no slow upload through a
@@ -198,7 +220,7 @@ fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<Vec<f64>> {
     Ok(times)
 }
 
-pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, queue_ms: u32, small_first: bool, with_bt: bool) -> Result<()> {
+pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_first: bool, with_bt: bool) -> Result<()> {
     crate::require_tool("openssl")?;
     // PEERD_BENCH_BINARY=<path>: run that agent instead of this tree's (A/B runs of two builds
     // under the same machine load; diagnostics).
@@ -217,9 +239,10 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, queue_ms: u32, small_fir
     let file = base.join("blob.bin");
     std::fs::write(&file, &data)?;
     drop(data);
-    let ideal = size as f64 * 8.0 / (rate as f64 * 1e6);
     let mut rows = Vec::new();
     for &n in nodes {
+        let rate = rates.at(n);
+        let ideal = size as f64 * 8.0 / (rate as f64 * 1e6);
         let prefix = format!("pb{}", std::process::id() % 1000);
         let dir = base.join(format!("n{n}"));
         std::fs::create_dir_all(&dir)?;
@@ -231,19 +254,21 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, queue_ms: u32, small_fir
         // PEERD_BENCH_ONLY_PEERD=1 (iterating on peerd): no direct run.
         if std::env::var_os("PEERD_BENCH_ONLY_PEERD").is_none() {
             eprintln!("bench swarm: N={n} direct");
-            let e0 = c.registry_tx_bytes();
+            let (e0, m0) = (c.registry_tx_bytes(), machine_cpu());
             let t = fetch_all(&c, &format!("http://{reg}/v2/bench/blobs/sha256:{hex}"), &hex)?;
             let (p50, max) = stats(t, ideal);
-            rows.push(Row { n, what: "direct from the registry", p50, max, egress: (c.registry_tx_bytes() - e0) as f64 / size as f64, cpu: f64::NAN });
+            let busy = busy_between(m0, machine_cpu());
+            rows.push(Row { n, rate, what: "direct from the registry", p50, max, egress: (c.registry_tx_bytes() - e0) as f64 / size as f64, cpu: f64::NAN, busy });
         }
         eprintln!("bench swarm: N={n} peerd");
         let pids: Vec<u32> = dep.agents.iter().flatten().map(|p| p.pid()).collect();
-        let (e0, c0) = (c.registry_tx_bytes(), cpu_of(&pids));
+        let (e0, c0, m0) = (c.registry_tx_bytes(), cpu_of(&pids), machine_cpu());
         // PEERD_BENCH_PERF=<file>: a system-wide perf profile of the peerd run (diagnostics).
         let perf = std::env::var_os("PEERD_BENCH_PERF").map(|out| {
             Proc::spawn(Command::new("perf").args(["record", "-F", "499", "-a", "-g", "-o"]).arg(out), base.join(format!("perf-n{n}.log")))
         });
         let t = traced(&c, || fetch_all(&c, &format!("http://127.0.0.1:{MIRROR_PORT}/v2/bench/blobs/sha256:{hex}?ns={reg}"), &hex))?;
+        let busy = busy_between(m0, machine_cpu());
         if let Some(p) = perf {
             let _ = Command::new("kill").args(["-INT", &p.pid().to_string()]).status();
             let stat = format!("/proc/{}/stat", p.pid());
@@ -276,14 +301,15 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, queue_ms: u32, small_fir
             let _ = std::fs::copy(dir.join("registry.log"), keep.join("registry.log"));
         }
         let (p50, max) = stats(t, ideal);
-        rows.push(Row { n, what: "peerd", p50, max, egress: (c.registry_tx_bytes() - e0) as f64 / size as f64, cpu: cpu_of(&pids) - c0 });
+        rows.push(Row { n, rate, what: "peerd", p50, max, egress: (c.registry_tx_bytes() - e0) as f64 / size as f64, cpu: cpu_of(&pids) - c0, busy });
         drop(dep);
         if with_bt {
             eprintln!("bench swarm: N={n} BitTorrent");
-            let e0 = c.registry_tx_bytes();
+            let (e0, m0) = (c.registry_tx_bytes(), machine_cpu());
             let t = bittorrent(&c, &dir, &file)?;
+            let busy = busy_between(m0, machine_cpu());
             let (p50, max) = stats(t, ideal);
-            rows.push(Row { n, what: "BitTorrent (aria2 + opentracker)", p50, max, egress: (c.registry_tx_bytes() - e0) as f64 / size as f64, cpu: f64::NAN });
+            rows.push(Row { n, rate, what: "BitTorrent (aria2 + opentracker)", p50, max, egress: (c.registry_tx_bytes() - e0) as f64 / size as f64, cpu: f64::NAN, busy });
         }
         drop(c);
         let _ = std::fs::remove_dir_all(&dir);
@@ -295,12 +321,17 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, queue_ms: u32, small_fir
         let _ = std::fs::remove_dir_all(&base);
     }
     let shaping = if small_first { "tc htb, packets under 128 bytes before the FIFO of bulk data" } else { "tc tbf, one FIFO" };
+    let links = match rates {
+        Rate::PerLink(r) => format!("every link {r} Mbit/s both ways"),
+        Rate::Aggregate(a) => format!("every link {a}/N Mbit/s both ways (the cluster's total the same at every N)"),
+    };
     let mut out = vec![format!(
-        "One {size_mib} MiB blob to N nodes, every link {rate} Mbit/s both ways ({shaping}, queue of {queue_ms} ms), registry uplink {rate} Mbit/s, no added latency (no netem on this kernel). S/B = {ideal:.1} s. Times are per-node completion as multiples of S/B; egress is bytes the registry's link sent / S. CPU is the agents' user+sys seconds summed (2 cores: above ~2 s per second of wall time the CPU, not the links, bounds the result).\n\n| N | method | p50 / (S/B) | max / (S/B) | origin egress / S | agents' CPU s |\n|---|---|---|---|---|---|"
+        "One {size_mib} MiB blob to N nodes, {links} ({shaping}, queue of {queue_ms} ms), registry uplink at the nodes' rate, no added latency (no netem on this kernel). Times are per-node completion as multiples of the ideal S/B at that rate; egress is bytes the registry's link sent / S. Agents' CPU is their user+sys seconds summed; machine busy is the share of both cores busy during the run, every process and the kernel's packet work included (near 100%, the CPU rather than the links bounds the result).\n\n| N | link Mbit/s | S/B s | method | p50 / (S/B) | max / (S/B) | origin egress / S | agents' CPU s | machine busy |\n|---|---|---|---|---|---|---|---|---|"
     )];
     for r in &rows {
         let cpu = if r.cpu.is_nan() { "-".to_string() } else { format!("{:.1}", r.cpu) };
-        out.push(format!("| {} | {} | {:.2}x | {:.2}x | {:.2}x | {cpu} |", r.n, r.what, r.p50, r.max, r.egress));
+        let ideal = size as f64 * 8.0 / (r.rate as f64 * 1e6);
+        out.push(format!("| {} | {} | {ideal:.1} | {} | {:.2}x | {:.2}x | {:.2}x | {cpu} | {:.0}% |", r.n, r.rate, r.what, r.p50, r.max, r.egress, r.busy * 100.0));
     }
     let table = out.join("\n");
     println!("{table}");
@@ -308,6 +339,11 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rate: u32, queue_ms: u32, small_fir
     let mut title = if queue_ms == QUEUE_MS { "Swarm: one blob to N nodes".to_string() } else { format!("Swarm: one blob to N nodes, {queue_ms} ms link queues") };
     if small_first {
         title.push_str(", small packets first");
+    }
+    match rates {
+        Rate::PerLink(RATE_MBIT) => {}
+        Rate::PerLink(r) => title.push_str(&format!(", {r} Mbit/s links")),
+        Rate::Aggregate(a) => title.push_str(&format!(", {a} Mbit/s shared by the N links")),
     }
     record(&title, &table)
 }
