@@ -162,7 +162,7 @@ pub fn record(title: &str, body: &str) -> Result<()> {
             let end = rest.find("\n## ").map(|i| start + heading.len() + i + 1).unwrap_or(old.len());
             format!("{}{}\n{}", &old[..start], section, &old[end..]).trim_end().to_string() + "\n"
         }
-        None => format!("{}\n{}", old.trim_end(), format!("\n{section}")),
+        None => format!("{}\n\n{section}", old.trim_end()),
     };
     std::fs::create_dir_all(path.parent().context("bench dir")?)?;
     std::fs::write(&path, new)?;

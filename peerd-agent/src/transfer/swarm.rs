@@ -9,7 +9,7 @@
 //!   spread by the per-download seed.
 //! - The origin (`set_origin`: the node still receiving the blob from upstream) is the scarcest
 //!   uplink: each fresh piece should leave it once. While its bitfield is incomplete it is asked
-//!   only for pieces no other usable peer has. Which downloader takes which fresh piece is the
+//!   only for pieces no other usable peer has, `origin_in_flight` at a time. Which downloader takes which fresh piece is the
 //!   origin's decision (`handout`: it shows each downloader its share first and gives each piece
 //!   once), so nothing here waits for anyone. Once the origin holds the whole blob it is an
 //!   ordinary peer.
@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 pub struct SwarmConfig {
     pub batch: u32,
     pub max_in_flight_per_peer: u32,
+    /// Requests in flight to an origin still receiving the blob, when other peers share it.
+    pub origin_in_flight: u32,
     pub request_timeout: Duration,
     pub max_failures: u32,
     /// A run in flight this long may be duplicated to an idle peer in the endgame.
@@ -42,6 +44,11 @@ impl Default for SwarmConfig {
             // left nodes waiting on the single complete source).
             batch: 1,
             max_in_flight_per_peer: 4,
+            // The origin's uplink is split over every request in flight there, and a fresh piece
+            // is forwarded only once whole: with 4 each from 15 downloaders (bench swarm, N=16)
+            // a piece took 60 piece-times to arrive. One each keeps that to N-1, and the origin
+            // busy as long as there are two downloaders.
+            origin_in_flight: 1,
             request_timeout: Duration::from_secs(10),
             max_failures: 2,
             // Several pieces share a node's link at once, so a healthy request takes a while
@@ -202,12 +209,22 @@ impl Download {
         let others = (0..self.peers.len()).any(|i| holds(i) && !self.restricted(i));
         let seed = self.cfg.seed;
         (0..self.peers.len())
-            .filter(|&i| holds(i) && self.peers[i].in_flight < self.cfg.max_in_flight_per_peer)
+            .filter(|&i| holds(i) && self.peers[i].in_flight < self.limit(i))
             .filter(|&i| !(others && self.restricted(i)))
             .min_by_key(|&i| {
                 let tie = (seed ^ (u64::from(piece) << 20) ^ i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
                 (!self.peers[i].same_zone, self.peers[i].in_flight, tie, i)
             })
+    }
+
+    /// Requests `peer` may have in flight: fewer at a restricted origin that other peers share
+    /// (this node is one of several downloaders).
+    fn limit(&self, peer: usize) -> u32 {
+        if self.restricted(peer) && self.peers.len() > 1 {
+            self.cfg.origin_in_flight.clamp(1, self.cfg.max_in_flight_per_peer.max(1))
+        } else {
+            self.cfg.max_in_flight_per_peer
+        }
     }
 
     fn availability(&self, piece: u32) -> usize {
@@ -539,7 +556,7 @@ mod tests {
 
     #[test]
     fn incomplete_origin_serves_only_what_nobody_else_has() {
-        let mut d = Download::new(4, SwarmConfig { batch: 1, max_in_flight_per_peer: 8, ..Default::default() });
+        let mut d = Download::new(4, SwarmConfig { batch: 1, max_in_flight_per_peer: 8, origin_in_flight: 2, ..Default::default() });
         let origin = d.add_partial_peer(false);
         let peer = d.add_partial_peer(false);
         d.set_origin(origin);
@@ -552,6 +569,29 @@ mod tests {
             assert_eq!(x.peer, if x.first == 0 { peer } else { origin }, "{a:?}");
         }
         assert_eq!(a.len(), 3);
+    }
+
+    #[test]
+    fn incomplete_origin_gets_origin_in_flight_requests_unless_it_is_the_only_peer() {
+        let cfg = SwarmConfig { batch: 1, max_in_flight_per_peer: 4, origin_in_flight: 1, ..Default::default() };
+        let t0 = Instant::now();
+        let mut d = Download::new(8, cfg.clone());
+        let origin = d.add_partial_peer(false);
+        let peer = d.add_partial_peer(false);
+        d.set_origin(origin);
+        d.set_have(origin, vec![true; 4].into_iter().chain(vec![false; 4]).collect());
+        d.set_have(peer, vec![false; 8]);
+        let a = d.poll(t0);
+        assert_eq!(a.len(), 1, "one request at a time to a shared incomplete origin: {a:?}");
+        // Once it holds the whole blob it is an ordinary peer.
+        d.set_have(origin, vec![true; 8]);
+        assert_eq!(d.poll(t0).len(), 3, "up to max_in_flight_per_peer");
+        // The only peer: nobody shares its uplink with this node.
+        let mut d = Download::new(8, cfg);
+        let origin = d.add_partial_peer(false);
+        d.set_origin(origin);
+        d.set_have(origin, vec![true; 4].into_iter().chain(vec![false; 4]).collect());
+        assert_eq!(d.poll(t0).len(), 4);
     }
 
     #[test]
