@@ -621,7 +621,7 @@ impl Transfer {
                 if dl.excluded(i) || dl.holds_all(i) {
                     continue;
                 }
-                if i != 0 && (tick + i) % ticks_apart != 0 {
+                if i != 0 && !(tick + i).is_multiple_of(ticks_apart) {
                     continue;
                 }
                 let this = this.clone();
