@@ -578,7 +578,6 @@ pub fn pseudo_random(size: u64, seed: u64) -> Vec<u8> {
     v
 }
 
-/// utime + stime of a process so far, in seconds (0 if it is gone).
 /// The machine's CPU time so far as (busy, total) jiffies over all cores (`/proc/stat`; idle and
 /// iowait count as not busy). Two readings give the share of the machine a run kept busy.
 pub fn machine_cpu() -> (u64, u64) {
@@ -599,6 +598,7 @@ pub fn busy_between(a: (u64, u64), b: (u64, u64)) -> f64 {
     b.0.saturating_sub(a.0) as f64 / total as f64
 }
 
+/// utime + stime of a process so far, in seconds (0 if it is gone).
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command (which may contain spaces) start after the last ')'.

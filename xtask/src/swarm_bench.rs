@@ -26,6 +26,11 @@ pub enum Rate {
     Aggregate(u32),
 }
 
+/// S/B: seconds `size` bytes take at `rate_mbit`.
+fn ideal_secs(size: u64, rate_mbit: u32) -> f64 {
+    size as f64 * 8.0 / (rate_mbit as f64 * 1e6)
+}
+
 impl Rate {
     fn at(self, n: usize) -> u32 {
         match self {
@@ -242,7 +247,7 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_f
     let mut rows = Vec::new();
     for &n in nodes {
         let rate = rates.at(n);
-        let ideal = size as f64 * 8.0 / (rate as f64 * 1e6);
+        let ideal = ideal_secs(size, rate);
         let prefix = format!("pb{}", std::process::id() % 1000);
         let dir = base.join(format!("n{n}"));
         std::fs::create_dir_all(&dir)?;
@@ -330,7 +335,7 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_f
     )];
     for r in &rows {
         let cpu = if r.cpu.is_nan() { "-".to_string() } else { format!("{:.1}", r.cpu) };
-        let ideal = size as f64 * 8.0 / (r.rate as f64 * 1e6);
+        let ideal = ideal_secs(size, r.rate);
         out.push(format!("| {} | {} | {ideal:.1} | {} | {:.2}x | {:.2}x | {:.2}x | {cpu} | {:.0}% |", r.n, r.rate, r.what, r.p50, r.max, r.egress, r.busy * 100.0));
     }
     let table = out.join("\n");

@@ -536,7 +536,7 @@ impl Transfer {
     /// Downloads `d` from `peers` (address, same zone) into the store, piece by piece, each
     /// piece checked against the manifest's blake3 and the whole blob against its sha256 at the
     /// end. Peers may hold the whole blob or only part of it (they are downloading too): their
-    /// bitfields are refreshed every `HAVE_EVERY`, and this node serves its own verified pieces to
+    /// bitfields are refreshed every `HAVE_EVERY` or few, and this node serves its own verified pieces to
     /// them meanwhile. Fails if no peer has a manifest, or nothing can progress for `STALL`.
     pub async fn download(&self, d: &Digest, peers: &[(SocketAddr, bool)]) -> Result<(), TransferError> {
         if self.inner.store.has(d) {
@@ -608,9 +608,9 @@ impl Transfer {
         // Each node polls each peer's bitfield, which is N^2 exchanges for N nodes: past
         // `POLLED_EACH_TICK` peers, a peer is polled every few ticks (at most `MAX_TICKS_APART`),
         // spread over the ticks, so a node makes a bounded number of polls per second at any
-        // cluster size (bench swarm, 16 nodes: 2,400 polls/s cluster-wide at one tick, a fifth
-        // of the agents' CPU). The first source (the origin, whose bitfield gains the fresh
-        // pieces it hands out) is polled every tick.
+        // cluster size (bench swarm, 16 nodes: 2,400 polls/s cluster-wide at one tick each).
+        // The first source (the origin, whose bitfield gains the fresh pieces it hands out) is
+        // polled every tick.
         const POLLED_EACH_TICK: usize = 4;
         const MAX_TICKS_APART: usize = 4;
         let ticks_apart = addrs.len().div_ceil(POLLED_EACH_TICK).clamp(1, MAX_TICKS_APART);
