@@ -57,6 +57,16 @@ pub enum Which {
         #[arg(long, value_delimiter = ',', default_value = "1000x10,100x10000")]
         runs: Vec<String>,
     },
+    /// The swarm on a simulated clock, links only (no CPU): the real scheduler and hand-out,
+    /// bytes as flows sharing each link fairly. What the design achieves where one machine
+    /// cannot run the cluster for real.
+    SwarmSim {
+        #[arg(long, value_delimiter = ',', default_value = "2,4,8,16")]
+        nodes: Vec<usize>,
+        /// Round trips between nodes to run, ms.
+        #[arg(long, value_delimiter = ',', default_value = "2,20")]
+        rtt_ms: Vec<u64>,
+    },
     /// Transparent mode on one node: a cached image pulled through the eBPF redirect vs through
     /// hosts.toml vs straight from the registry.
     Redirect {
@@ -87,6 +97,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::Serve { size_mib } => crate::serve_bench::serve(size_mib),
         Which::Range { size_mib, readers, reads_per_reader } => crate::serve_bench::range(size_mib, readers, reads_per_reader),
         Which::Gossip { runs } => gossip(&runs),
+        Which::SwarmSim { nodes, rtt_ms } => swarm_sim(&nodes, &rtt_ms),
         Which::Redirect { layers, rounds, rate } => crate::redirect_bench::redirect(&layers, rounds.max(1), rate),
         Which::Swarm { size_mib, nodes, rate, aggregate_mbit, no_bittorrent, queue_ms, small_packets_first } => {
             let rate = match aggregate_mbit {
@@ -136,6 +147,18 @@ fn gossip(runs: &[String]) -> Result<()> {
     }
     record("Gossip: propagation, bandwidth, memory, lookup (simulated)", &format!(
         "All agents in one process on tokio's paused clock, chitchat's in-memory transport plus the rumor network (sealing overhead added to byte counts), default `--gossip-budget`. Targets: p99 propagation <= 1 s at 1,000 nodes with a 100 ms interval, <= 20 KB/s per node with 10,000 blobs per node, lookup p99 <= 10 us. Every simulated node holds all others' state, so 1,000 x 10,000 does not fit one process: 1,000 nodes run with few blobs (steady-state traffic does not depend on the blob count: summaries change only when content does), 100 nodes with 10,000 blobs each.\n\n{tables}"
+    ))
+}
+
+fn swarm_sim(nodes: &[usize], rtts: &[u64]) -> Result<()> {
+    let list = nodes.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    let mut tables = String::new();
+    for rtt in rtts {
+        let table = run_release_bin("peerd-agent", "swarm-sim", &["--nodes".into(), list.clone(), "--rtt-ms".into(), rtt.to_string()])?;
+        tables.push_str(&format!("Round trip {rtt} ms:\n\n{table}\n"));
+    }
+    record("Swarm, simulated: links only", &format!(
+        "One 256 MiB blob (1 MiB pieces) to N nodes, every link 200 Mbit/s both ways, upstream's uplink too; the origin receives it from upstream (3.5% TCP overhead) and every other node runs the agent's scheduler (`transfer::swarm`) and bitfield polling, the origin the agent's hand-out (`transfer::handout`). Bytes move as fluid flows sharing each uplink and downlink max-min fairly, with 4.5% QUIC overhead; no CPU, packets, congestion control or disk (`transfer::sim`). Times are per-node completion / (S/B); origin upload counts wire bytes.\n\n{tables}"
     ))
 }
 

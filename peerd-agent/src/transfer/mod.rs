@@ -7,6 +7,7 @@
 //! mirror installs. The mirror calls [`Transfer::download`] on a miss when peers hold a blob.
 mod congestion;
 mod handout;
+pub mod sim;
 pub mod swarm;
 pub mod tls;
 pub mod wire;
