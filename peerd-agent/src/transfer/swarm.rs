@@ -5,6 +5,8 @@
 //!   has all). Pieces are requested rarest first, ties broken by a per-download shuffled order,
 //!   in runs of up to `batch` contiguous pieces the chosen peer has, so nodes downloading
 //!   together fetch different parts and serve each other (a swarm, as in BitTorrent).
+//! - A download keeps `window` requests in flight, spread over the usable peers (at least one
+//!   each): every request sharing a link delays the whole pieces others wait to forward.
 //! - Each run goes to the usable peer with the fewest requests in flight, same zone first, ties
 //!   spread by the per-download seed.
 //! - The origin (`set_origin`: the node still receiving the blob from upstream) is the scarcest
@@ -61,9 +63,9 @@ impl Default for SwarmConfig {
             origin_in_flight: 1,
             request_timeout: Duration::from_secs(10),
             max_failures: 2,
-            // Several pieces share a node's link at once, so a healthy request takes a while
-            // (4 x 7 peers x 1 MiB at 25 MB/s is over a second); a shorter hedge duplicated
-            // healthy transfers (bench swarm).
+            // Several pieces share each link at once, so a healthy request takes a while (a
+            // source serving 7 downloaders 4 pieces each took over a second at 25 MB/s); a
+            // shorter hedge duplicated healthy transfers (bench swarm, before the window).
             hedge_after: Duration::from_millis(1500),
             seed: 0x5eed,
             max_storing: 16,
