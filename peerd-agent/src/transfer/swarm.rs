@@ -5,8 +5,9 @@
 //!   has all). Pieces are requested rarest first, ties broken by a per-download shuffled order,
 //!   in runs of up to `batch` contiguous pieces the chosen peer has, so nodes downloading
 //!   together fetch different parts and serve each other (a swarm, as in BitTorrent).
-//! - A download keeps `window` requests in flight, spread over the usable peers (at least one
-//!   each): every request sharing a link delays the whole pieces others wait to forward.
+//! - A download keeps `window` requests in flight, spread over the usable peers that hold any
+//!   piece (at least one each): every request sharing a link delays the whole pieces others
+//!   wait to forward.
 //! - Each run goes to the usable peer with the fewest requests in flight, same zone first, ties
 //!   spread by the per-download seed.
 //! - The origin (`set_origin`: the node still receiving the blob from upstream) is the scarcest
@@ -26,8 +27,8 @@ use std::time::{Duration, Instant};
 pub struct SwarmConfig {
     pub batch: u32,
     pub max_in_flight_per_peer: u32,
-    /// Requests in flight per download, spread over the usable peers (at least one each, at
-    /// most `max_in_flight_per_peer`): a node with one source keeps 4 pieces coming, one with
+    /// Requests in flight per download, spread over the usable peers that hold any piece (at
+    /// least one each, at most `max_in_flight_per_peer`): a node with one source keeps 4 pieces coming, one with
     /// many asks each for one at a time.
     pub window: u32,
     /// Requests in flight to an origin still receiving the blob, when other peers share it.
@@ -107,6 +108,9 @@ struct Peer {
     origin: bool,
     /// `have` is all true (kept with `have`: asked for every candidate piece on every poll).
     complete: bool,
+    /// `have` has any piece (only such peers share the window: a member that holds nothing of
+    /// the blob is no source).
+    any: bool,
     have: Vec<bool>,
     in_flight: u32,
     failures: u32,
@@ -152,12 +156,13 @@ impl Download {
         let i = self.add_partial_peer(same_zone);
         self.peers[i].have.fill(true);
         self.peers[i].complete = true;
+        self.peers[i].any = !self.pieces.is_empty();
         i
     }
 
     /// Registers a peer whose pieces are not known yet (see [`Download::set_have`]).
     pub fn add_partial_peer(&mut self, same_zone: bool) -> usize {
-        self.peers.push(Peer { same_zone, origin: false, complete: false, have: vec![false; self.pieces.len()], in_flight: 0, failures: 0, excluded: false });
+        self.peers.push(Peer { same_zone, origin: false, complete: false, any: false, have: vec![false; self.pieces.len()], in_flight: 0, failures: 0, excluded: false });
         self.peers.len() - 1
     }
 
@@ -168,6 +173,7 @@ impl Download {
         }
         if let Some(p) = self.peers.get_mut(peer) {
             p.complete = have.iter().all(|h| *h);
+            p.any = have.iter().any(|h| *h);
             p.have = have;
         }
     }
@@ -235,7 +241,7 @@ impl Download {
         if self.restricted(peer) && self.peers.len() > 1 {
             self.cfg.origin_in_flight.clamp(1, self.cfg.max_in_flight_per_peer.max(1))
         } else {
-            let usable = self.peers.iter().filter(|p| !p.excluded).count().max(1) as u32;
+            let usable = self.peers.iter().filter(|p| !p.excluded && p.any).count().max(1) as u32;
             (self.cfg.window / usable).clamp(1, self.cfg.max_in_flight_per_peer.max(1))
         }
     }
@@ -622,6 +628,16 @@ mod tests {
                 assert_eq!(a.iter().filter(|x| x.peer == p).count(), each);
             }
         }
+        // Members that hold nothing of the blob do not take a share: one holder among eight
+        // members still gets the whole window.
+        let mut d = Download::new(64, cfg);
+        let holder = d.add_peer(false);
+        for _ in 0..7 {
+            d.add_partial_peer(false);
+        }
+        let a = d.poll(t0);
+        assert_eq!(a.len(), 4, "{a:?}");
+        assert!(a.iter().all(|x| x.peer == holder));
     }
 
     #[test]

@@ -71,7 +71,9 @@ async fn a_host_without_the_secret_is_refused_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lying_peer_is_caught_and_pieces_come_from_another() {
-    let (d, data) = blob(4 << 20, 3);
+    // Enough pieces that the window (4 requests, spread over the peers that hold pieces) is
+    // still open when the second bitfield arrives, whichever peer answers first.
+    let (d, data) = blob(16 << 20, 3);
     let (liar, honest, me) = (node(SECRET).await, node(SECRET).await, node(SECRET).await);
     put(&liar, &d, &data).await;
     put(&honest, &d, &data).await;
