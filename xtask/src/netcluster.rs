@@ -89,8 +89,9 @@ fn htb_small_first(ns: &str, dev: &str, mbit: u32, queue_ms: u32) {
     let _ = Command::new("ip").args(["netns", "exec", ns, "tc", "qdisc", "del", "dev", dev, "root"]).output();
     tc(&["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "20"]);
     tc(&["class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", &rate, "ceil", &rate, "burst", &burst, "cburst", &burst]);
-    let small = format!("{}mbit", (mbit / 10).max(1));
-    let bulk = format!("{}mbit", mbit - (mbit / 10).max(1));
+    let small_mbit = (mbit / 10).max(1);
+    let small = format!("{small_mbit}mbit");
+    let bulk = format!("{}mbit", mbit - small_mbit);
     tc(&["class", "add", "dev", dev, "parent", "1:1", "classid", "1:10", "htb", "rate", &small, "ceil", &rate, "burst", &burst, "prio", "0"]);
     tc(&["class", "add", "dev", dev, "parent", "1:1", "classid", "1:20", "htb", "rate", &bulk, "ceil", &rate, "burst", &burst, "prio", "1"]);
     tc(&["qdisc", "add", "dev", dev, "parent", "1:10", "pfifo", "limit", "1000"]);

@@ -6,7 +6,7 @@ use peerd_agent::transfer::sim::{self, SimConfig};
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long, value_delimiter = ',', default_value = "4,8,16,32")]
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8,16")]
     nodes: Vec<usize>,
     /// Blob size in MiB (1 MiB pieces).
     #[arg(long, default_value_t = 256)]

@@ -137,6 +137,9 @@ struct Inner {
 /// 100 ms) several times over, short enough that a taker that died costs little.
 const HANDOUT_GRACE: Duration = Duration::from_secs(3);
 
+/// How often a download polls its sources' bitfields (`swarm::polled_on_tick` says which).
+const HAVE_EVERY: Duration = Duration::from_millis(100);
+
 /// A token bucket shared by all transfers in one direction (one second of burst).
 struct RateLimit {
     rate: u64,
@@ -561,7 +564,6 @@ impl Transfer {
     }
 
     async fn swarm(&self, d: &Digest, m: &Arc<WireManifest>, manifest_peer: SocketAddr, peers: &[(SocketAddr, bool)]) -> Result<(), TransferError> {
-        const HAVE_EVERY: Duration = Duration::from_millis(100);
         const STALL: Duration = Duration::from_secs(5);
         let store = &self.inner.store;
         let n = m.pieces.len();
@@ -606,15 +608,7 @@ impl Transfer {
         // At most one manifest request at a time, and only to a peer whose bitfield shows pieces
         // with hashes we lack (a manifest is 32 bytes per piece; bitfields are 1 bit).
         let manifest_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // Each node polls each peer's bitfield, which is N^2 exchanges for N nodes: past
-        // `POLLED_EACH_TICK` peers, a peer is polled every few ticks (at most `MAX_TICKS_APART`),
-        // spread over the ticks, so a node makes a bounded number of polls per second at any
-        // cluster size (bench swarm, 16 nodes: 2,400 polls/s cluster-wide at one tick each).
-        // The first source (the origin, whose bitfield gains the fresh pieces it hands out) is
-        // polled every tick.
-        const POLLED_EACH_TICK: usize = 4;
-        const MAX_TICKS_APART: usize = 4;
-        let ticks_apart = addrs.len().div_ceil(POLLED_EACH_TICK).clamp(1, MAX_TICKS_APART);
+        // Which peers each tick polls: `swarm::polled_on_tick`.
         let mut tick = 0usize;
         let refresh = |this: &Self, dl: &Download, unknown: Option<Arc<Vec<bool>>>, tick: usize| {
             for (i, &peer) in addrs.iter().enumerate() {
@@ -622,7 +616,7 @@ impl Transfer {
                 if dl.excluded(i) || dl.holds_all(i) {
                     continue;
                 }
-                if i != 0 && !(tick + i).is_multiple_of(ticks_apart) {
+                if !swarm::polled_on_tick(addrs.len(), i, tick) {
                     continue;
                 }
                 let this = this.clone();

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::handout::Handout;
-use super::swarm::{Assignment, Download, Failure, SwarmConfig};
+use super::swarm::{polled_on_tick, Assignment, Download, Failure, SwarmConfig};
 use crate::store::Digest;
 
 #[derive(Clone, Debug)]
@@ -41,7 +41,7 @@ impl SimConfig {
             peer_overhead: 1.045,
             upstream_overhead: 1.035,
             rtt: Duration::from_millis(2),
-            have_every: Duration::from_millis(100),
+            have_every: super::HAVE_EVERY,
             step: Duration::from_millis(2),
             swarm: SwarmConfig::default(),
             grace: super::HANDOUT_GRACE,
@@ -120,6 +120,9 @@ pub fn run(cfg: &SimConfig) -> SimResult {
     let at = |t: f64| t0 + Duration::from_secs_f64(t);
     let step = cfg.step.as_secs_f64();
     let rtt = cfg.rtt.as_secs_f64();
+    let piece_bytes = cfg.piece_size as f64;
+    let blob = cfg.pieces as f64 * piece_bytes;
+    let ideal = blob / cfg.rate;
     let mut have = vec![vec![false; np]; n];
     let mut done = vec![f64::NAN; n];
     let mut handout = Handout::new(cfg.grace);
@@ -139,15 +142,13 @@ pub fn run(cfg: &SimConfig) -> SimResult {
         dls.push(Some(dl));
     }
     peers.insert(0, Vec::new());
-    let mut flows: Vec<Flow> = vec![Flow { src: usize::MAX, dst: 0, a: None, piece: 0, left: cfg.piece_size as f64 * cfg.upstream_overhead, start: 0.0 }];
+    let mut flows: Vec<Flow> = vec![Flow { src: usize::MAX, dst: 0, a: None, piece: 0, left: piece_bytes * cfg.upstream_overhead, start: 0.0 }];
     let mut next_poll: Vec<f64> = (0..n).map(|i| (i as f64 * 0.013) % cfg.have_every.as_secs_f64()).collect();
     let mut tick = vec![0usize; n];
     let mut origin_sent = 0.0;
     let mut origin_sent_fetching = 0.0;
     let mut duplicates = 0;
-    let ideal = cfg.pieces as f64 * cfg.piece_size as f64 / cfg.rate;
     let mut t = 0.0;
-    let piece_len = |_: u32| cfg.piece_size as f64;
     while done.iter().any(|x| x.is_nan()) && t < 20.0 * ideal {
         let now = at(t);
         let origin_fetching = done[0].is_nan();
@@ -157,12 +158,10 @@ pub fn run(cfg: &SimConfig) -> SimResult {
             }
             let Some(dl) = dls[i].as_mut() else { continue };
             if t >= next_poll[i] {
-                // As the agent: the origin every tick, the others spread over up to 4 ticks.
                 next_poll[i] += cfg.have_every.as_secs_f64();
                 tick[i] += 1;
-                let apart = peers[i].len().div_ceil(4).clamp(1, 4);
                 for (k, &j) in peers[i].iter().enumerate() {
-                    if k != 0 && !(tick[i] + k).is_multiple_of(apart) {
+                    if !polled_on_tick(peers[i].len(), k, tick[i]) {
                         continue;
                     }
                     let mut bits = have[j].clone();
@@ -184,7 +183,7 @@ pub fn run(cfg: &SimConfig) -> SimResult {
                     continue;
                 }
                 for p in a.first..a.first + a.count {
-                    flows.push(Flow { src: j, dst: i, a: Some(a), piece: p, left: piece_len(p) * cfg.peer_overhead, start: t + rtt / 2.0 });
+                    flows.push(Flow { src: j, dst: i, a: Some(a), piece: p, left: piece_bytes * cfg.peer_overhead, start: t + rtt / 2.0 });
                 }
             }
         }
@@ -206,7 +205,7 @@ pub fn run(cfg: &SimConfig) -> SimResult {
             if f.src == usize::MAX {
                 have[0][f.piece as usize] = true;
                 if f.piece + 1 < cfg.pieces {
-                    flows.push(Flow { src: usize::MAX, dst: 0, a: None, piece: f.piece + 1, left: piece_len(f.piece + 1) * cfg.upstream_overhead, start: t });
+                    flows.push(Flow { src: usize::MAX, dst: 0, a: None, piece: f.piece + 1, left: piece_bytes * cfg.upstream_overhead, start: t });
                 } else {
                     done[0] = t;
                     origin_sent_fetching = origin_sent;
@@ -229,7 +228,6 @@ pub fn run(cfg: &SimConfig) -> SimResult {
         }
         t += step;
     }
-    let blob = cfg.pieces as f64 * cfg.piece_size as f64;
     SimResult { done, origin_upload: origin_sent / blob, origin_upload_fetching: origin_sent_fetching / blob, duplicates }
 }
 

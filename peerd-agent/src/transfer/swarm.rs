@@ -74,6 +74,19 @@ impl Default for SwarmConfig {
     }
 }
 
+/// Whether a download polls the bitfield of its `peer`-th source (of `peers`) on poll `tick`.
+/// Each node polling each peer is N^2 exchanges for N nodes: past `POLLED_EACH_TICK` peers, a
+/// peer is polled every few ticks (at most `MAX_TICKS_APART`), spread over the ticks, so a node
+/// makes a bounded number of polls per second at any cluster size (bench swarm, 16 nodes: 2,400
+/// polls/s cluster-wide at one tick each). The first source (the origin, whose bitfield gains
+/// the fresh pieces it hands out) is polled every tick.
+pub fn polled_on_tick(peers: usize, peer: usize, tick: usize) -> bool {
+    const POLLED_EACH_TICK: usize = 4;
+    const MAX_TICKS_APART: usize = 4;
+    let apart = peers.div_ceil(POLLED_EACH_TICK).clamp(1, MAX_TICKS_APART);
+    peer == 0 || (tick + peer).is_multiple_of(apart)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
     /// The peer does not have these pieces (its bitfield was stale): not held against it.
@@ -219,7 +232,8 @@ impl Download {
     /// The best peer with spare capacity that has `piece`, same zone first, fewest in flight,
     /// ties spread by the seed (so the lowest index is not everyone's favourite). A restricted
     /// origin only when no other usable peer has the piece (even a busy one: then we wait).
-    fn pick(&self, piece: u32, not: Option<usize>) -> Option<usize> {
+    /// `share`: the window's share per peer (`window_share`, computed once per poll).
+    fn pick(&self, piece: u32, not: Option<usize>, share: u32) -> Option<usize> {
         let holds = |i: usize| {
             let p = &self.peers[i];
             Some(i) != not && !p.excluded && p.have[piece as usize]
@@ -227,7 +241,7 @@ impl Download {
         let others = (0..self.peers.len()).any(|i| holds(i) && !self.restricted(i));
         let seed = self.cfg.seed;
         (0..self.peers.len())
-            .filter(|&i| holds(i) && self.peers[i].in_flight < self.limit(i))
+            .filter(|&i| holds(i) && self.peers[i].in_flight < self.limit(i, share))
             .filter(|&i| !(others && self.restricted(i)))
             .min_by_key(|&i| {
                 let tie = (seed ^ (u64::from(piece) << 20) ^ i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
@@ -235,15 +249,21 @@ impl Download {
             })
     }
 
-    /// Requests `peer` may have in flight: the window's share, and fewer at a restricted origin
+    /// Requests `peer` may have in flight: the window's `share`, and fewer at a restricted origin
     /// that other peers share (this node is one of several downloaders).
-    fn limit(&self, peer: usize) -> u32 {
+    fn limit(&self, peer: usize, share: u32) -> u32 {
         if self.restricted(peer) && self.peers.len() > 1 {
             self.cfg.origin_in_flight.clamp(1, self.cfg.max_in_flight_per_peer.max(1))
         } else {
-            let usable = self.peers.iter().filter(|p| !p.excluded && p.any).count().max(1) as u32;
-            (self.cfg.window / usable).clamp(1, self.cfg.max_in_flight_per_peer.max(1))
+            share
         }
+    }
+
+    /// The window spread over the usable peers that hold any piece (1 to
+    /// `max_in_flight_per_peer` each).
+    fn window_share(&self) -> u32 {
+        let usable = self.peers.iter().filter(|p| !p.excluded && p.any).count().max(1) as u32;
+        (self.cfg.window / usable).clamp(1, self.cfg.max_in_flight_per_peer.max(1))
     }
 
     fn availability(&self, piece: u32) -> usize {
@@ -270,10 +290,11 @@ impl Download {
             }
         }
         order.sort_by_key(|&(avail, _)| avail);
+        let share = self.window_share();
         for (_, start) in order {
             let end = (start + batch).min(n);
             let Some(first) = (start..end).find(|&i| self.pieces[i as usize] == Piece::Missing) else { continue };
-            let Some(peer) = self.pick(first, None) else { continue };
+            let Some(peer) = self.pick(first, None, share) else { continue };
             let have = &self.peers[peer].have;
             let count = (first..end).take_while(|&i| self.pieces[i as usize] == Piece::Missing && have[i as usize]).count() as u32;
             for i in first..first + count {
@@ -295,7 +316,7 @@ impl Download {
                 if !f.hedged && now.duration_since(f.since) >= hedge_after {
                     let orig = f.a;
                     let holds_run = |p: usize| (orig.first..orig.first + orig.count).all(|i| self.peers[p].have[i as usize]);
-                    if let Some(peer) = self.pick(orig.first, Some(orig.peer)).filter(|&p| self.peers[p].in_flight == 0 && holds_run(p) && !self.restricted(p)) {
+                    if let Some(peer) = self.pick(orig.first, Some(orig.peer), share).filter(|&p| self.peers[p].in_flight == 0 && holds_run(p) && !self.restricted(p)) {
                         self.flights[i].hedged = true;
                         let a = Assignment { peer, ..orig };
                         self.peers[peer].in_flight += 1;
@@ -611,6 +632,22 @@ mod tests {
         d.set_origin(origin);
         d.set_have(origin, vec![true; 4].into_iter().chain(vec![false; 4]).collect());
         assert_eq!(d.poll(t0).len(), 4);
+    }
+
+    #[test]
+    fn bitfield_polls_are_bounded_per_tick_and_the_origin_is_polled_every_tick() {
+        for peers in [1usize, 3, 4, 7, 15, 100] {
+            let apart = peers.div_ceil(4).clamp(1, 4);
+            for tick in 0..8 {
+                assert!(polled_on_tick(peers, 0, tick));
+                let polled = (0..peers).filter(|&p| polled_on_tick(peers, p, tick)).count();
+                assert!(polled <= 1 + peers.div_ceil(apart), "{peers} peers, tick {tick}: {polled}");
+            }
+            // Every peer is polled within `apart` ticks.
+            for p in 0..peers {
+                assert!((0..apart).any(|t| polled_on_tick(peers, p, t)), "{peers} peers: peer {p}");
+            }
+        }
     }
 
     #[test]
