@@ -68,6 +68,9 @@ pub fn render(m: &Mirror) -> String {
     counter(&mut r, "prefetch_skipped", "Background fetches skipped at the concurrency bound", &c.prefetch_skipped);
     counter(&mut r, "proxy_denied", "Requests for hosts that are not configured upstreams", &c.proxy_denied);
     counter(&mut r, "owner_failures", "Rendezvous owners that could not provide a blob", &c.owner_failures);
+    counter(&mut r, "streamed_arriving", "Responses streamed piece by piece while the blob was still arriving", &c.streamed_arriving);
+    counter(&mut r, "stream_fallbacks", "Streamed responses the cluster failed to finish; upstream finished them", &c.stream_fallbacks);
+    counter(&mut r, "stream_aborted", "Streamed responses cut short: the blob did not arrive whole with a matching sha256", &c.stream_aborted);
     if let Some(cl) = m.cluster() {
         let t = cl.transfer.counters();
         counter(&mut r, "peer_received_bytes", "Bytes received from peers", &t.bytes_from_peers);

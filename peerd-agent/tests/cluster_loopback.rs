@@ -8,6 +8,17 @@ use support::*;
 
 struct Cluster {
     agents: Vec<Agent>,
+    /// Each node's directory and full argument list, to restart it as it was.
+    nodes: Vec<(std::path::PathBuf, Vec<String>)>,
+    registries: Vec<String>,
+}
+
+impl Cluster {
+    fn restart(&mut self, i: usize) {
+        let (dir, args) = &self.nodes[i];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.agents[i] = Agent::start_on(peerd(), self.agents[i].addr, dir, &self.registries, &args);
+    }
 }
 
 fn cluster(dir: &std::path::Path, n: usize, reg: &str, extra: &[&str]) -> Cluster {
@@ -15,6 +26,8 @@ fn cluster(dir: &std::path::Path, n: usize, reg: &str, extra: &[&str]) -> Cluste
     std::fs::write(dir.join("secret"), b"cluster secret for the loopback test").unwrap();
     let secret = dir.join("secret").display().to_string();
     let mut agents = Vec::new();
+    let mut nodes = Vec::new();
+    let registries = vec![format!("{reg}=http://{reg}")];
     for (i, me) in peer_addrs.iter().enumerate() {
         let d = dir.join(format!("node{i}"));
         std::fs::create_dir_all(&d).unwrap();
@@ -24,10 +37,11 @@ fn cluster(dir: &std::path::Path, n: usize, reg: &str, extra: &[&str]) -> Cluste
             args.push(p.to_string());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        agents.push(Agent::start(peerd(), &d, &[format!("{reg}=http://{reg}")], &args));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        agents.push(Agent::start(peerd(), &d, &registries, &argv));
+        nodes.push((d, args));
     }
-    Cluster { agents }
+    Cluster { agents, nodes, registries }
 }
 
 async fn get_all(c: &Cluster, path: &str) -> Vec<Result<Vec<u8>, String>> {
@@ -89,11 +103,11 @@ async fn four_nodes_at_once_fetch_each_blob_once() {
 async fn a_node_killed_mid_transfer_does_not_stop_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(dir.path());
-    let image = Image::build(dir.path(), &[("big.bin", 24 << 20)]);
+    let image = Image::build_with(dir.path(), &[("big.bin", 24 << 20)], true);
     image.push(&registry, "app");
     let reg = registry.name();
     let mut c = cluster(dir.path(), 3, &reg, &["--trust-cluster", "--upload-limit", "20M"]);
-    let layer = image.blobs.last().unwrap().clone();
+    let layer = image.blobs.iter().max_by_key(|d| image.blob_bytes(d).len()).unwrap().clone();
     let path = format!("/v2/app/blobs/{layer}?ns={reg}");
     // Node 0 gets the blob first (from its owner or the registry).
     let client = http_client();
@@ -118,4 +132,92 @@ async fn a_node_killed_mid_transfer_does_not_stop_the_others() {
         let got = h.await.unwrap().unwrap_or_else(|e| panic!("node {}: {e}", i + 1));
         assert_eq!(got, image.blob_bytes(&layer), "node {} got the right bytes", i + 1);
     }
+}
+
+async fn metrics(a: &Agent) -> String {
+    http_client().get(a.url("/metrics")).send().await.unwrap().text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_from_peers_streams_to_the_client_while_it_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let image = Image::build_with(dir.path(), &[("big.bin", 24 << 20)], true);
+    image.push(&registry, "app");
+    let reg = registry.name();
+    // Throttled uploads: node 1's download from node 0 takes over a second.
+    let c = cluster(dir.path(), 2, &reg, &["--trust-cluster", "--upload-limit", "20M"]);
+    let layer = image.blobs.iter().max_by_key(|d| image.blob_bytes(d).len()).unwrap().clone();
+    let path = format!("/v2/app/blobs/{layer}?ns={reg}");
+    let client = http_client();
+    for a in &c.agents {
+        let body = client.get(a.url(&path)).timeout(Duration::from_secs(60)).send().await.unwrap().bytes().await.unwrap();
+        assert_eq!(body.to_vec(), image.blob_bytes(&layer));
+    }
+    // Whichever node fetched second got it from the other, streamed as the pieces landed.
+    let mut streamed = 0;
+    for a in &c.agents {
+        streamed += metric_value(&metrics(a).await, "peerd_streamed_arriving_total").unwrap_or(0);
+    }
+    assert!(streamed >= 1, "no response was streamed while its blob arrived");
+}
+
+/// A peer whose copy is wrong but consistent with its own piece hashes (so blake3 cannot tell):
+/// a streamed response must end cut short (the last piece waits for the sha256), never as a
+/// complete wrong body, and the next request gets the right bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consistent_liar_never_gets_a_wrong_blob_served_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let image = Image::build_with(dir.path(), &[("big.bin", 8 << 20)], true);
+    image.push(&registry, "app");
+    let reg = registry.name();
+    let mut c = cluster(dir.path(), 2, &reg, &["--trust-cluster", "--upload-limit", "20M"]);
+    let layer = image.blobs.iter().max_by_key(|d| image.blob_bytes(d).len()).unwrap().clone();
+    let path = format!("/v2/app/blobs/{layer}?ns={reg}");
+    let client = http_client();
+    let body = client.get(c.agents[0].url(&path)).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(body.to_vec(), image.blob_bytes(&layer));
+    // Node 0 lies: piece 1 altered on disk and its hash in the metadata made to match.
+    // Node 1 keeps no copy (it may have fetched the blob as its rendezvous owner).
+    c.agents[0].proc.kill();
+    c.agents[1].proc.kill();
+    let hex = layer.trim_start_matches("sha256:");
+    for ext in ["meta", "data"] {
+        let _ = std::fs::remove_file(c.nodes[1].0.join(format!("agent/store/blobs/sha256/{hex}.{ext}")));
+    }
+    let blobs = c.nodes[0].0.join("agent/store/blobs/sha256");
+    let data = blobs.join(format!("{hex}.data"));
+    let mut bytes = std::fs::read(&data).unwrap();
+    let piece = 1 << 20;
+    for b in &mut bytes[piece..piece + 4096] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&data, &bytes).unwrap();
+    let meta = blobs.join(format!("{hex}.meta"));
+    let text = std::fs::read_to_string(&meta).unwrap();
+    let fake = blake3::hash(&bytes[piece..2 * piece]).to_hex().to_string();
+    let body: String = text
+        .lines()
+        .filter(|l| !l.starts_with("check "))
+        .map(|l| if l.starts_with("piece 1 ") { format!("piece 1 {fake}\n") } else { format!("{l}\n") })
+        .collect();
+    std::fs::write(&meta, format!("{body}check {}\n", blake3::hash(body.as_bytes()).to_hex())).unwrap();
+    c.restart(0);
+    c.restart(1);
+    let first = async {
+        let r = client.get(c.agents[1].url(&path)).timeout(Duration::from_secs(60)).send().await.map_err(|e| e.to_string())?;
+        r.bytes().await.map(|b| b.to_vec()).map_err(|e| e.to_string())
+    }
+    .await;
+    if let Ok(got) = &first {
+        assert!(got == &image.blob_bytes(&layer), "a wrong blob was served whole ({} bytes)", got.len());
+    }
+    let m = metrics(&c.agents[1]).await;
+    let aborted = metric_value(&m, "peerd_stream_aborted_total").unwrap_or(0);
+    // Node 1 has no copy and asks node 0 (static peers may hold anything): the response
+    // streams from the liar's pieces, so it can only end cut short, and counted.
+    assert!(first.is_err() && aborted >= 1, "expected a counted abort, got {first:?} (aborted {aborted})");
+    let again = client.get(c.agents[1].url(&path)).timeout(Duration::from_secs(60)).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(again.to_vec(), image.blob_bytes(&layer), "the next request gets the right bytes");
 }

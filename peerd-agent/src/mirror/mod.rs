@@ -106,6 +106,12 @@ pub struct Counters {
     pub hits: AtomicU64,
     pub hits_from_peers: AtomicU64,
     pub owner_failures: AtomicU64,
+    /// Responses streamed while the blob was still arriving (`stream_arriving`).
+    pub streamed_arriving: AtomicU64,
+    /// Streamed responses whose blob the cluster failed to finish (upstream finished it).
+    pub stream_fallbacks: AtomicU64,
+    /// Streamed responses cut short: the blob did not arrive whole and verified.
+    pub stream_aborted: AtomicU64,
     pub misses: AtomicU64,
     pub bytes_from_cache: AtomicU64,
     pub bytes_from_upstream: AtomicU64,
@@ -537,11 +543,35 @@ impl Mirror {
                 return r;
             }
             let started = Instant::now();
-            if self.from_cluster(&d, &url, &fwd).await {
-                self.inner.counters.fetch_seconds.observe("cluster", started.elapsed());
-                inc(&self.inner.counters.hits_from_peers);
-                let size = self.stored_size(&d).unwrap_or(0);
-                return self.serve_stored(&d, size, range_header(h), head, "application/octet-stream");
+            let job = {
+                let (this, url, fwd) = (self.clone(), url.clone(), fwd.clone());
+                tokio::spawn(async move { this.from_cluster(&d, &url, &fwd).await })
+            };
+            // A whole-blob GET starts streaming as soon as verified pieces from peers are
+            // readable (`stream_arriving`); a range waits for the whole blob.
+            let mut job = Some(job);
+            if range_header(h).is_none() {
+                let mut content = self.inner.store.watch_content();
+                while let Some(j) = job.as_mut() {
+                    if let Some((size, pieces)) = self.streamable(&d) {
+                        let Some(j) = job.take() else { break };
+                        return self.stream_arriving(d, size, pieces, j, url, fwd, started);
+                    }
+                    tokio::select! {
+                        r = j => {
+                            job = None;
+                            if r.unwrap_or(false) {
+                                return self.served_from_cluster(&d, None, started);
+                            }
+                        }
+                        changed = content.changed() => if changed.is_err() { break },
+                    }
+                }
+            }
+            if let Some(j) = job {
+                if j.await.unwrap_or(false) {
+                    return self.served_from_cluster(&d, range_header(h), started);
+                }
             }
         }
         if let Some(r) = range_header(h) {
@@ -824,6 +854,131 @@ impl Mirror {
         if let Some(s) = size {
             set(hs, header::CONTENT_LENGTH, &s.to_string());
         }
+        set(hs, header::CONTENT_TYPE, "application/octet-stream");
+        set(hs, "docker-content-digest", &d.to_string());
+        r
+    }
+
+    /// Answers with a blob `from_cluster` just stored.
+    fn served_from_cluster(&self, d: &Digest, range: Option<&str>, started: Instant) -> Resp {
+        self.inner.counters.fetch_seconds.observe("cluster", started.elapsed());
+        inc(&self.inner.counters.hits_from_peers);
+        let size = self.stored_size(d).unwrap_or(0);
+        self.serve_stored(d, size, range, false, "application/octet-stream")
+    }
+
+    /// `(size, pieces)` of a blob not yet complete whose first pieces are readable: each was
+    /// checked against its blake3 before it was stored.
+    fn streamable(&self, d: &Digest) -> Option<(u64, usize)> {
+        if self.stored_size(d).is_some() {
+            return None;
+        }
+        let (size, _, hashes) = self.inner.store.known_hashes(d)?;
+        hashes.iter().any(Option::is_some).then_some((size, hashes.len()))
+    }
+
+    /// Streams a blob to the client while it is still arriving (from peers, or from upstream at
+    /// the owner), in order, piece by piece as each lands, instead of after the last: the client
+    /// reads along with the swarm rather than starting a full read-back when it ends. The last
+    /// piece goes out only once the whole blob is stored, which the store allows only after its
+    /// sha256 matched: as with `pull_through`'s held-back chunk, a blob that fails its digest
+    /// reaches the client as an aborted transfer, never a complete one. If the cluster fails
+    /// after streaming began, this node fetches the rest from upstream into the same blob.
+    #[allow(clippy::too_many_arguments)]
+    fn stream_arriving(
+        &self,
+        d: Digest,
+        size: u64,
+        pieces: usize,
+        job: tokio::task::JoinHandle<bool>,
+        url: reqwest::Url,
+        fwd: HeaderMap,
+        started: Instant,
+    ) -> Resp {
+        inc(&self.inner.counters.streamed_arriving);
+        let (done_tx, mut done) = tokio::sync::oneshot::channel::<bool>();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut ok = job.await.unwrap_or(false);
+            if ok {
+                this.inner.counters.fetch_seconds.observe("cluster", started.elapsed());
+                inc(&this.inner.counters.hits_from_peers);
+            } else {
+                inc(&this.inner.counters.stream_fallbacks);
+                let auth = fwd.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                match this.fetch_to_store(d, url.to_string(), auth).await {
+                    Ok(()) => ok = true,
+                    Err(e) => warn!(%d, "the cluster failed mid-stream and so did upstream: {e}"),
+                }
+            }
+            let _ = done_tx.send(ok);
+        });
+        let (tx, body) = Body::channel(4);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let store = &this.inner.store;
+            // Every piece sent must come from this one instance of the blob, the one whose
+            // sha256 is checked before the last piece goes out.
+            let Some(instance) = store.instance(&d) else {
+                let _ = tx.send(Err(std::io::Error::other("the blob left the store"))).await;
+                return;
+            };
+            let mut waiting = true;
+            let abort = |why: String| {
+                inc(&this.inner.counters.stream_aborted);
+                warn!(%d, "aborting a streamed response: {why}");
+                std::io::Error::other(why)
+            };
+            for i in 0..pieces {
+                let last = i + 1 == pieces;
+                if last && waiting {
+                    waiting = false;
+                    if !matches!((&mut done).await, Ok(true)) {
+                        let _ = tx.send(Err(abort("neither the cluster nor upstream provided it".into()))).await;
+                        return;
+                    }
+                }
+                if last && !store.has(&d) {
+                    let _ = tx.send(Err(abort("the blob did not complete with a matching sha256".into()))).await;
+                    return;
+                }
+                let piece = if !waiting {
+                    store.read_piece(&d, i).await
+                } else {
+                    tokio::select! {
+                        r = store.read_piece(&d, i) => r,
+                        ok = &mut done => {
+                            waiting = false;
+                            if !matches!(ok, Ok(true)) {
+                                let _ = tx.send(Err(abort("neither the cluster nor upstream provided it".into()))).await;
+                                return;
+                            }
+                            store.read_piece(&d, i).await
+                        }
+                    }
+                };
+                if piece.is_ok() && store.instance(&d) != Some(instance) {
+                    let _ = tx.send(Err(abort("the blob was dropped (digest mismatch) and fetched again".into()))).await;
+                    return;
+                }
+                match piece {
+                    Ok(b) => {
+                        this.inner.counters.bytes_from_cache.fetch_add(b.len() as u64, Ordering::Relaxed);
+                        // A client that went away does not stop the download: it fills the cache.
+                        if tx.send(Ok(b)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(abort(e.to_string()))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        let mut r = Response::new(body);
+        let hs = r.headers_mut();
+        set(hs, header::CONTENT_LENGTH, &size.to_string());
         set(hs, header::CONTENT_TYPE, "application/octet-stream");
         set(hs, "docker-content-digest", &d.to_string());
         r

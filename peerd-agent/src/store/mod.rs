@@ -223,6 +223,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// In-memory state of one blob.
 pub(crate) struct Blob {
     digest: Digest,
+    /// Unique per blob ever created in this process: a blob dropped and declared again is a
+    /// different instance (see [`Store::instance`]).
+    instance: u64,
     size: u64,
     piece_size: u32,
     file: Arc<File>,
@@ -257,8 +260,10 @@ struct BlobState {
 impl Blob {
     fn new(digest: Digest, size: u64, piece_size: u32, file: File, streaming: bool) -> Arc<Blob> {
         let n = piece_count(size, piece_size);
+        static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Arc::new(Blob {
             digest,
+            instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
             size,
             piece_size,
             file: Arc::new(file),
@@ -484,6 +489,13 @@ impl Store {
 
     pub(crate) fn content_changed(&self) {
         self.inner.content.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Which instance of `d` the store holds now. Pieces of one instance never change once
+    /// readable, so a reader that finds the same instance after each read knows every byte it
+    /// read belongs to it, even if the blob was dropped (digest mismatch) and declared again.
+    pub fn instance(&self, d: &Digest) -> Option<u64> {
+        self.get(d).map(|b| b.instance)
     }
 
     /// Piece size of blobs this store creates (peers must use the same to exchange pieces).
