@@ -97,6 +97,16 @@ impl PieceFeed {
         }
     }
 
+    /// Gives up on the blob and removes what was stored of it before returning, so a request
+    /// that follows finds no partial blob left by this one (dropping does the same later).
+    pub async fn discard(mut self) {
+        self.done = true;
+        for t in self.pending.drain(..) {
+            t.abort();
+        }
+        self.store.abandon_upstream(&self.d).await;
+    }
+
     fn abandon(&mut self) {
         self.done = true;
         for t in self.pending.drain(..) {
@@ -104,9 +114,7 @@ impl PieceFeed {
         }
         let (store, d) = (self.store.clone(), self.d);
         tokio::spawn(async move {
-            if !store.has(&d) {
-                let _ = store.remove(&d).await;
-            }
+            store.abandon_upstream(&d).await;
         });
     }
 }

@@ -826,6 +826,9 @@ impl Mirror {
                     Ok(None) => break,
                     Err(e) => {
                         inc(&this.inner.counters.upstream_errors);
+                        if let Some(w) = writer.take() {
+                            w.discard().await;
+                        }
                         let _ = tx.send(Err(std::io::Error::other(format!("upstream body: {e}")))).await;
                         return;
                     }
@@ -1091,9 +1094,18 @@ impl Mirror {
         }
         let size = resp.content_length().ok_or("upstream sent no Content-Length")?;
         let mut w = feed::PieceFeed::new(&self.inner.store, &d, size, source).await.map_err(|e| e.to_string())?;
-        while let Some(c) = resp.chunk().await.map_err(|e| e.to_string())? {
-            self.inner.counters.bytes_from_upstream.fetch_add(c.len() as u64, Ordering::Relaxed);
-            w.write(&c).await.map_err(|e| e.to_string())?;
+        loop {
+            match resp.chunk().await {
+                Ok(Some(c)) => {
+                    self.inner.counters.bytes_from_upstream.fetch_add(c.len() as u64, Ordering::Relaxed);
+                    w.write(&c).await.map_err(|e| e.to_string())?;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    w.discard().await;
+                    return Err(e.to_string());
+                }
+            }
         }
         w.finish().await.map_err(|e| e.to_string())
     }

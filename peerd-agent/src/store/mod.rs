@@ -819,6 +819,22 @@ impl Store {
         wait_pieces(&blob, index..index + 1).await
     }
 
+    /// Drops an incomplete blob whose pieces all came from upstream (an upstream body that
+    /// failed), even while pinned: its readers fail, and the next fetch starts from a new blob
+    /// instead of mixing in this body's pieces. A blob that also holds pieces from peers is
+    /// left to the download that brought them. True if dropped.
+    pub async fn abandon_upstream(&self, d: &Digest) -> bool {
+        let Some(blob) = self.get(d) else { return false };
+        {
+            let st = lock(&blob.state);
+            if st.complete || st.sources.iter().flatten().any(|s| !matches!(s, Source::Upstream(_))) {
+                return false;
+            }
+        }
+        self.drop_blob(&blob).await;
+        true
+    }
+
     /// Deletes a blob. Fails with [`StoreError::Pinned`] while it is in use.
     pub async fn remove(&self, d: &Digest) -> Result<bool> {
         let _ns = self.inner.namespace.lock().await;
