@@ -52,6 +52,10 @@ enum Cmd {
         #[command(subcommand)]
         which: bench::Which,
     },
+    /// (benchmark client) GETs a URL and prints the body's sha256: one process reading the
+    /// socket and hashing as bytes arrive, so the client costs the benchmark little CPU.
+    #[command(hide = true)]
+    FetchSha256 { url: String },
 }
 
 fn main() -> Result<()> {
@@ -61,6 +65,7 @@ fn main() -> Result<()> {
         Cmd::Run { args } => run(&args),
         Cmd::Bench { which } => bench::run(which),
         Cmd::Cluster { action } => cluster::run(action),
+        Cmd::FetchSha256 { url } => swarm_bench::fetch_sha256(&url),
     }
 }
 

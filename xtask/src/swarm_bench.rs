@@ -65,10 +65,11 @@ fn seed_registry(dir: &Path, hex: &str, file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs `curl URL | openssl dgst -sha256` in every node at once; returns per-node seconds (fails
-/// if any node got wrong bytes). openssl uses the CPU's SHA extensions (~0.2 s of CPU for 256 MiB
-/// here, coreutils' sha256sum ~0.8 s): with N nodes finishing together on 2 cores, a slow
-/// checker would add seconds to every peerd completion time that are not peerd's.
+/// Runs `xtask fetch-sha256 URL` (`fetch_sha256`) in every node at once; returns per-node
+/// seconds (fails if any node got wrong bytes). The client reads and hashes in one process with
+/// the CPU's SHA extensions: with N nodes reading along with the swarm on 2 cores, every
+/// CPU-second the client spends is taken from the agents (`curl | openssl dgst` cost about
+/// twice as much: two processes, a pipe, two more copies).
 fn fetch_all(c: &NetCluster, url: &str, hex: &str) -> Result<Vec<f64>> {
     let start = Instant::now();
     let handles: Vec<_> = c
@@ -79,9 +80,7 @@ fn fetch_all(c: &NetCluster, url: &str, hex: &str) -> Result<Vec<f64>> {
             let url = url.to_string();
             std::thread::spawn(move || -> Result<(f64, String)> {
                 let t = Instant::now();
-                let out = Command::new("ip")
-                    .args(["netns", "exec", &ns, "bash", "-c", &format!("set -o pipefail; curl -sSf --max-time 900 '{url}' | openssl dgst -sha256 -r")])
-                    .output()?;
+                let out = Command::new("ip").args(["netns", "exec", &ns]).arg(std::env::current_exe()?).args(["fetch-sha256", &url]).output()?;
                 if !out.status.success() {
                     bail!("{ns}: {}", String::from_utf8_lossy(&out.stderr));
                 }
@@ -226,7 +225,6 @@ fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<Vec<f64>> {
 }
 
 pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_first: bool, with_bt: bool) -> Result<()> {
-    crate::require_tool("openssl")?;
     // PEERD_BENCH_BINARY=<path>: run that agent instead of this tree's (A/B runs of two builds
     // under the same machine load; diagnostics).
     let peerd = match std::env::var_os("PEERD_BENCH_BINARY") {
@@ -351,4 +349,20 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_f
         Rate::Aggregate(a) => title.push_str(&format!(", {a} Mbit/s shared by the N links")),
     }
     record(&title, &table)
+}
+
+/// The benchmark client (`cargo xtask fetch-sha256 URL`): prints the sha256 of the body.
+pub fn fetch_sha256(url: &str) -> Result<()> {
+    use sha2::Digest as _;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let hex = rt.block_on(async {
+        let mut r = xtask::components::http_client().get(url).timeout(Duration::from_secs(900)).send().await?.error_for_status()?;
+        let mut h = sha2::Sha256::new();
+        while let Some(c) = r.chunk().await? {
+            h.update(&c);
+        }
+        anyhow::Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>())
+    })?;
+    println!("{hex}");
+    Ok(())
 }
