@@ -71,16 +71,17 @@ fn seed_registry(dir: &Path, hex: &str, file: &Path) -> Result<()> {
 /// CPU-second the client spends is taken from the agents (`curl | openssl dgst` cost about
 /// twice as much: two processes, a pipe, two more copies).
 fn fetch_all(c: &NetCluster, url: &str, hex: &str) -> Result<Vec<f64>> {
+    let client = release_client()?;
     let start = Instant::now();
     let handles: Vec<_> = c
         .nodes
         .iter()
         .map(|n| {
             let ns = n.ns.clone();
-            let url = url.to_string();
+            let (url, client) = (url.to_string(), client.clone());
             std::thread::spawn(move || -> Result<(f64, String)> {
                 let t = Instant::now();
-                let out = Command::new("ip").args(["netns", "exec", &ns]).arg(std::env::current_exe()?).args(["fetch-sha256", &url]).output()?;
+                let out = Command::new("ip").args(["netns", "exec", &ns]).arg(&client).args(["fetch-sha256", &url]).output()?;
                 if !out.status.success() {
                     bail!("{ns}: {}", String::from_utf8_lossy(&out.stderr));
                 }
@@ -349,6 +350,13 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_f
         Rate::Aggregate(a) => title.push_str(&format!(", {a} Mbit/s shared by the N links")),
     }
     record(&title, &table)
+}
+
+/// This tool built with optimizations, for `fetch_sha256` (`cargo xtask` is a debug build:
+/// its sha256 alone would cost seconds per node).
+fn release_client() -> Result<PathBuf> {
+    crate::status(Command::new("cargo").current_dir(crate::root()).args(["build", "--quiet", "--release", "-p", "xtask"]))?;
+    Ok(crate::target_dir().join("release/xtask"))
 }
 
 /// The benchmark client (`cargo xtask fetch-sha256 URL`): prints the sha256 of the body.
