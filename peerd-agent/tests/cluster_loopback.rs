@@ -44,6 +44,38 @@ fn cluster(dir: &std::path::Path, n: usize, reg: &str, extra: &[&str]) -> Cluste
     Cluster { agents, nodes, registries }
 }
 
+/// One incompressible layer of `mib` MiB pushed to a real registry, and `n` agents with uploads
+/// throttled (so a peer transfer takes long enough to land faults and reads in the middle).
+struct OneLayer {
+    _dir: tempfile::TempDir,
+    _registry: Registry,
+    image: Image,
+    layer: String,
+    path: String,
+    c: Cluster,
+}
+
+fn one_layer(n: usize, mib: usize) -> OneLayer {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::start(dir.path());
+    let image = Image::build_with(dir.path(), &[("big.bin", mib << 20)], true);
+    image.push(&registry, "app");
+    let reg = registry.name();
+    let c = cluster(dir.path(), n, &reg, &["--trust-cluster", "--upload-limit", "20M"]);
+    let layer = image.blobs.iter().max_by_key(|d| image.blob_bytes(d).len()).unwrap().clone();
+    let path = format!("/v2/app/blobs/{layer}?ns={reg}");
+    OneLayer { _dir: dir, _registry: registry, image, layer, path, c }
+}
+
+impl OneLayer {
+    /// GETs the layer from node `i` and checks the bytes.
+    async fn get_ok(&self, i: usize) {
+        let url = self.c.agents[i].url(&self.path);
+        let body = http_client().get(url).timeout(Duration::from_secs(60)).send().await.unwrap().bytes().await.unwrap();
+        assert_eq!(body.to_vec(), self.image.blob_bytes(&self.layer), "node {i}");
+    }
+}
+
 async fn get_all(c: &Cluster, path: &str) -> Vec<Result<Vec<u8>, String>> {
     let client = http_client();
     let futs: Vec<_> = c
@@ -101,18 +133,11 @@ async fn four_nodes_at_once_fetch_each_blob_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_killed_mid_transfer_does_not_stop_the_others() {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::start(dir.path());
-    let image = Image::build_with(dir.path(), &[("big.bin", 24 << 20)], true);
-    image.push(&registry, "app");
-    let reg = registry.name();
-    let mut c = cluster(dir.path(), 3, &reg, &["--trust-cluster", "--upload-limit", "20M"]);
-    let layer = image.blobs.iter().max_by_key(|d| image.blob_bytes(d).len()).unwrap().clone();
-    let path = format!("/v2/app/blobs/{layer}?ns={reg}");
+    let mut t = one_layer(3, 24);
     // Node 0 gets the blob first (from its owner or the registry).
+    t.get_ok(0).await;
+    let (c, path, image, layer) = (&mut t.c, &t.path, &t.image, &t.layer);
     let client = http_client();
-    let body = client.get(c.agents[0].url(&path)).send().await.unwrap().bytes().await.unwrap();
-    assert_eq!(body.to_vec(), image.blob_bytes(&layer));
     // Nodes 1 and 2 start; node 0 dies while they are fetching (uploads are throttled, so this
     // lands mid-transfer whenever node 0 is one of their sources).
     let urls: Vec<String> = c.agents[1..].iter().map(|a| a.url(&path)).collect();
@@ -140,23 +165,13 @@ async fn metrics(a: &Agent) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_from_peers_streams_to_the_client_while_it_arrives() {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::start(dir.path());
-    let image = Image::build_with(dir.path(), &[("big.bin", 24 << 20)], true);
-    image.push(&registry, "app");
-    let reg = registry.name();
-    // Throttled uploads: node 1's download from node 0 takes over a second.
-    let c = cluster(dir.path(), 2, &reg, &["--trust-cluster", "--upload-limit", "20M"]);
-    let layer = image.blobs.iter().max_by_key(|d| image.blob_bytes(d).len()).unwrap().clone();
-    let path = format!("/v2/app/blobs/{layer}?ns={reg}");
-    let client = http_client();
-    for a in &c.agents {
-        let body = client.get(a.url(&path)).timeout(Duration::from_secs(60)).send().await.unwrap().bytes().await.unwrap();
-        assert_eq!(body.to_vec(), image.blob_bytes(&layer));
-    }
+    // Throttled uploads: the second node's download from the first takes over a second.
+    let t = one_layer(2, 24);
+    t.get_ok(0).await;
+    t.get_ok(1).await;
     // Whichever node fetched second got it from the other, streamed as the pieces landed.
     let mut streamed = 0;
-    for a in &c.agents {
+    for a in &t.c.agents {
         streamed += metric_value(&metrics(a).await, "peerd_streamed_arriving_total").unwrap_or(0);
     }
     assert!(streamed >= 1, "no response was streamed while its blob arrived");
@@ -167,17 +182,10 @@ async fn a_blob_from_peers_streams_to_the_client_while_it_arrives() {
 /// complete wrong body, and the next request gets the right bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consistent_liar_never_gets_a_wrong_blob_served_whole() {
-    let dir = tempfile::tempdir().unwrap();
-    let registry = Registry::start(dir.path());
-    let image = Image::build_with(dir.path(), &[("big.bin", 8 << 20)], true);
-    image.push(&registry, "app");
-    let reg = registry.name();
-    let mut c = cluster(dir.path(), 2, &reg, &["--trust-cluster", "--upload-limit", "20M"]);
-    let layer = image.blobs.iter().max_by_key(|d| image.blob_bytes(d).len()).unwrap().clone();
-    let path = format!("/v2/app/blobs/{layer}?ns={reg}");
+    let mut t = one_layer(2, 8);
+    t.get_ok(0).await;
+    let (c, path, image, layer) = (&mut t.c, &t.path, &t.image, &t.layer);
     let client = http_client();
-    let body = client.get(c.agents[0].url(&path)).send().await.unwrap().bytes().await.unwrap();
-    assert_eq!(body.to_vec(), image.blob_bytes(&layer));
     // Node 0 lies: piece 1 altered on disk and its hash in the metadata made to match.
     // Node 1 keeps no copy (it may have fetched the blob as its rendezvous owner).
     c.agents[0].proc.kill();
