@@ -983,7 +983,9 @@ impl Mirror {
         let hs = r.headers_mut();
         set(hs, header::CONTENT_LENGTH, &size.to_string());
         set(hs, header::CONTENT_TYPE, "application/octet-stream");
+        set(hs, header::ACCEPT_RANGES, "bytes");
         set(hs, "docker-content-digest", &d.to_string());
+        set(hs, header::ETAG, &format!("\"{d}\""));
         r
     }
 
