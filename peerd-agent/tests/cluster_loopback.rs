@@ -140,7 +140,7 @@ async fn a_node_killed_mid_transfer_does_not_stop_the_others() {
     let client = http_client();
     // Nodes 1 and 2 start; node 0 dies while they are fetching (uploads are throttled, so this
     // lands mid-transfer whenever node 0 is one of their sources).
-    let urls: Vec<String> = c.agents[1..].iter().map(|a| a.url(&path)).collect();
+    let urls: Vec<String> = c.agents[1..].iter().map(|a| a.url(path)).collect();
     let handles: Vec<_> = urls
         .into_iter()
         .map(|u| {
@@ -155,7 +155,7 @@ async fn a_node_killed_mid_transfer_does_not_stop_the_others() {
     c.agents[0].proc.kill();
     for (i, h) in handles.into_iter().enumerate() {
         let got = h.await.unwrap().unwrap_or_else(|e| panic!("node {}: {e}", i + 1));
-        assert_eq!(got, image.blob_bytes(&layer), "node {} got the right bytes", i + 1);
+        assert_eq!(got, image.blob_bytes(layer), "node {} got the right bytes", i + 1);
     }
 }
 
@@ -214,18 +214,18 @@ async fn a_consistent_liar_never_gets_a_wrong_blob_served_whole() {
     c.restart(0);
     c.restart(1);
     let first = async {
-        let r = client.get(c.agents[1].url(&path)).timeout(Duration::from_secs(60)).send().await.map_err(|e| e.to_string())?;
+        let r = client.get(c.agents[1].url(path)).timeout(Duration::from_secs(60)).send().await.map_err(|e| e.to_string())?;
         r.bytes().await.map(|b| b.to_vec()).map_err(|e| e.to_string())
     }
     .await;
     if let Ok(got) = &first {
-        assert!(got == &image.blob_bytes(&layer), "a wrong blob was served whole ({} bytes)", got.len());
+        assert!(got == &image.blob_bytes(layer), "a wrong blob was served whole ({} bytes)", got.len());
     }
     let m = metrics(&c.agents[1]).await;
     let aborted = metric_value(&m, "peerd_stream_aborted_total").unwrap_or(0);
     // Node 1 has no copy and asks node 0 (static peers may hold anything): the response
     // streams from the liar's pieces, so it can only end cut short, and counted.
     assert!(first.is_err() && aborted >= 1, "expected a counted abort, got {first:?} (aborted {aborted})");
-    let again = client.get(c.agents[1].url(&path)).timeout(Duration::from_secs(60)).send().await.unwrap().bytes().await.unwrap();
-    assert_eq!(again.to_vec(), image.blob_bytes(&layer), "the next request gets the right bytes");
+    let again = client.get(c.agents[1].url(path)).timeout(Duration::from_secs(60)).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(again.to_vec(), image.blob_bytes(layer), "the next request gets the right bytes");
 }

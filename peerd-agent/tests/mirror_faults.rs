@@ -83,7 +83,7 @@ async fn upstream_faults_never_reach_the_cache_and_every_wait_is_bounded() {
     let body: Vec<u8> = (0..(2u32 << 20) + 12345).map(|i| (i % 253) as u8).collect();
     let digest = format!("sha256:{}", sha256_hex(&body));
     let (faulty, up) = Faulty::start(body.clone()).await;
-    let agent = Agent::start(peerd(), dir.path(), &[format!("up={}", format!("http://{up}"))], &["--trust-cluster"]);
+    let agent = Agent::start(peerd(), dir.path(), &[format!("up=http://{up}")], &["--trust-cluster"]);
     let client = http_client();
     let blob = |repo: &str| agent.url(&format!("/v2/{repo}/blobs/{digest}?ns=up"));
 
