@@ -70,6 +70,7 @@ pub fn render(m: &Mirror) -> String {
     counter(&mut r, "owner_failures", "Rendezvous owners that could not provide a blob", &c.owner_failures);
     counter(&mut r, "streamed_arriving", "Responses streamed piece by piece while the blob was still arriving", &c.streamed_arriving);
     counter(&mut r, "stream_fallbacks", "Streamed responses the cluster failed to finish; upstream finished them", &c.stream_fallbacks);
+    counter(&mut r, "cluster_lied", "Blobs from peers that matched their manifest but not their digest (fetched from upstream for 10 minutes after)", &c.cluster_lied);
     counter(&mut r, "stream_aborted", "Streamed responses cut short: the blob did not arrive whole with a matching sha256", &c.stream_aborted);
     if let Some(cl) = m.cluster() {
         let t = cl.transfer.counters();

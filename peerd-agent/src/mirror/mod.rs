@@ -112,6 +112,8 @@ pub struct Counters {
     pub stream_fallbacks: AtomicU64,
     /// Streamed responses cut short: the blob did not arrive whole and verified.
     pub stream_aborted: AtomicU64,
+    /// Blobs the cluster delivered that failed their digest (`distrusted` for a while after).
+    pub cluster_lied: AtomicU64,
     pub misses: AtomicU64,
     pub bytes_from_cache: AtomicU64,
     pub bytes_from_upstream: AtomicU64,
@@ -125,6 +127,9 @@ pub struct Counters {
     pub proxy_denied: AtomicU64,
     pub fetch_seconds: crate::metrics::FetchLatency,
 }
+
+/// How long a digest the cluster lied about is fetched from upstream directly.
+const DISTRUST: Duration = Duration::from_secs(600);
 
 fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
@@ -180,6 +185,10 @@ struct Inner {
     /// Upstream fetches in progress on this node, one per digest (single flight): a second
     /// request for the same blob waits for the first instead of fetching again.
     flights: Mutex<HashMap<Digest, watch::Receiver<bool>>>,
+    /// Digests the cluster gave a wrong blob for (every piece matched its manifest, the blob
+    /// not its digest), until when: this node fetches those from upstream itself meanwhile, so a
+    /// lying member costs each node one aborted stream per blob, not one per request.
+    distrusted: Mutex<HashMap<Digest, Instant>>,
     prefetch_slots: Arc<Semaphore>,
     counters: Counters,
     metrics_sources: Mutex<Vec<Arc<dyn crate::metrics::MetricsSource>>>,
@@ -202,6 +211,7 @@ impl Mirror {
                 media_dir,
                 auth: Mutex::new(HashMap::new()),
                 flights: Mutex::new(HashMap::new()),
+                distrusted: Mutex::new(HashMap::new()),
                 prefetch_slots: slots,
                 counters: Counters::default(),
                 metrics_sources: Mutex::new(Vec::new()),
@@ -862,6 +872,19 @@ impl Mirror {
         r
     }
 
+    fn distrusted(&self, d: &Digest) -> bool {
+        let mut m = self.inner.distrusted.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        m.retain(|_, until| *until > now);
+        m.contains_key(d)
+    }
+
+    fn distrust(&self, d: &Digest, why: &transfer::TransferError) {
+        inc(&self.inner.counters.cluster_lied);
+        warn!(%d, "the cluster gave a blob that fails its digest; fetching it from upstream for {DISTRUST:?}: {why}");
+        self.inner.distrusted.lock().unwrap_or_else(|e| e.into_inner()).insert(*d, Instant::now() + DISTRUST);
+    }
+
     /// Answers with a blob `from_cluster` just stored.
     fn served_from_cluster(&self, d: &Digest, range: Option<&str>, started: Instant) -> Resp {
         self.inner.counters.fetch_seconds.observe("cluster", started.elapsed());
@@ -994,10 +1017,17 @@ impl Mirror {
     /// upstream yourself" (this node is the owner, or the cluster could not help in time).
     async fn from_cluster(&self, d: &Digest, url: &reqwest::Url, fwd: &HeaderMap) -> bool {
         let Some(c) = &self.inner.cluster else { return false };
+        if self.distrusted(d) {
+            return false;
+        }
         let holders = c.peers.holders(d);
         if !holders.is_empty() {
             match tokio::time::timeout(c.peer_budget, c.transfer.download(d, &holders)).await {
                 Ok(Ok(())) => return true,
+                Ok(Err(e @ transfer::TransferError::Lied { .. })) => {
+                    self.distrust(d, &e);
+                    return false;
+                }
                 Ok(Err(e)) => debug!(%d, "not from peers: {e}"),
                 Err(_) => debug!(%d, "peers too slow; falling back"),
             }
@@ -1020,21 +1050,48 @@ impl Mirror {
             let mut sources = vec![(owner, true)];
             sources.extend(members.iter().filter(|a| **a != owner && **a != me).map(|a| (*a, true)));
             let started = std::time::Instant::now();
+            let mut ask = Some(ask);
+            let (mut owner_done, mut retried) = (false, false);
             let res = loop {
-                match c.transfer.download(d, &sources).await {
+                let r = match ask.as_mut() {
+                    Some(a) => {
+                        let dl = c.transfer.download(d, &sources);
+                        tokio::pin!(dl);
+                        tokio::select! {
+                            r = &mut dl => r,
+                            joined = a => {
+                                ask = None;
+                                match joined {
+                                    Ok(Ok(())) => {
+                                        owner_done = true;
+                                        dl.await
+                                    }
+                                    // The owner could not fetch it (dead, or upstream refused): the
+                                    // swarm it fed cannot finish either; stop waiting for that swarm
+                                    // (it would only end after its stall timeout).
+                                    Ok(Err(ae)) => break Err(ae),
+                                    Err(_) => break Err(transfer::TransferError::NoPeer(*d)),
+                                }
+                            }
+                        }
+                    }
+                    None => c.transfer.download(d, &sources).await,
+                };
+                match r {
                     Ok(()) => break Ok(()),
                     // Nobody has a manifest yet: the owner has not received upstream's answer.
-                    Err(transfer::TransferError::NoPeer(_)) if !ask.is_finished() && started.elapsed() < c.owner_budget => {
+                    Err(transfer::TransferError::NoPeer(_)) if ask.is_some() && started.elapsed() < c.owner_budget => {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
+                    // The owner finished meanwhile: one last try (not after a lie).
+                    Err(e) if owner_done && !retried && !matches!(e, transfer::TransferError::Lied { .. }) => retried = true,
                     Err(e) => {
-                        // The owner finished (or failed) meanwhile: one last try if it succeeded.
-                        if ask.is_finished() {
-                            break match ask.await {
-                                Ok(Ok(())) => c.transfer.download(d, &sources).await,
-                                Ok(Err(ae)) => Err(ae),
-                                Err(_) => Err(e),
-                            };
+                        if let Some(a) = ask.take() {
+                            if a.is_finished() {
+                                if let Ok(Err(ae)) = a.await {
+                                    break Err(ae);
+                                }
+                            }
                         }
                         break Err(e);
                     }
@@ -1042,6 +1099,10 @@ impl Mirror {
             };
             match res {
                 Ok(()) => return true,
+                Err(e @ transfer::TransferError::Lied { .. }) => {
+                    self.distrust(d, &e);
+                    return false;
+                }
                 Err(e) => {
                     inc(&self.inner.counters.owner_failures);
                     warn!(%d, %owner, "owner could not provide the blob: {e}");

@@ -39,6 +39,9 @@ pub enum TransferError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("peer {peer}: {msg}")]
     Peer { peer: SocketAddr, msg: String },
+    /// Every piece matched the manifest the cluster gave, the blob did not match its digest.
+    #[error("peer {peer} gave a manifest of a blob that does not match its digest: {msg}")]
+    Lied { peer: SocketAddr, msg: String },
     #[error("no peer could provide {0}")]
     NoPeer(Digest),
     #[error("blob {digest}: peers use {theirs}-byte pieces, this store {ours}")]
@@ -178,8 +181,8 @@ impl Transfer {
         let mut transport = quinn::TransportConfig::default();
         transport.max_concurrent_bidi_streams(cfg.max_streams_per_peer.into());
         transport.max_concurrent_uni_streams(0u32.into());
-        transport.keep_alive_interval(Some(Duration::from_secs(1)));
-        transport.max_idle_timeout(Some(Duration::from_secs(5).try_into().map_err(|_| TransferError::Peer { peer: cfg.listen, msg: "idle timeout".into() })?));
+        transport.keep_alive_interval(Some(Duration::from_millis(750)));
+        transport.max_idle_timeout(Some(Duration::from_secs(3).try_into().map_err(|_| TransferError::Peer { peer: cfg.listen, msg: "idle timeout".into() })?));
         // Room for a few 1 MiB pieces in flight per stream and per connection.
         transport.stream_receive_window((4u32 << 20).into());
         transport.receive_window((32u32 << 20).into());
@@ -558,13 +561,19 @@ impl Transfer {
         if m.pieces.iter().all(|h| *h != [0; 32]) {
             self.inner.partial.lock().unwrap_or_else(|e| e.into_inner()).insert(*d, m.clone());
         }
-        let result = self.swarm(d, &m, manifest_peer, peers).await;
-        self.inner.partial.lock().unwrap_or_else(|e| e.into_inner()).remove(d);
-        result
+        // Removed however the download ends, including when its caller drops it (a timeout).
+        struct Partial<'a>(&'a Inner, Digest);
+        impl Drop for Partial<'_> {
+            fn drop(&mut self) {
+                self.0.partial.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+            }
+        }
+        let _partial = Partial(&self.inner, *d);
+        self.swarm(d, &m, manifest_peer, peers).await
     }
 
     async fn swarm(&self, d: &Digest, m: &Arc<WireManifest>, manifest_peer: SocketAddr, peers: &[(SocketAddr, bool)]) -> Result<(), TransferError> {
-        const STALL: Duration = Duration::from_secs(5);
+        const STALL: Duration = Duration::from_secs(3);
         let store = &self.inner.store;
         let n = m.pieces.len();
         // A different piece order on every node, so nodes downloading together hold different
@@ -592,7 +601,7 @@ impl Transfer {
             // Every piece matched the manifest, the blob did not: the manifest lied.
             StoreError::DigestMismatch { .. } => {
                 warn!(%manifest_peer, "{e}");
-                TransferError::Peer { peer: manifest_peer, msg: e.to_string() }
+                TransferError::Lied { peer: manifest_peer, msg: e.to_string() }
             }
             e => e.into(),
         };
