@@ -81,6 +81,7 @@ pub fn render(m: &Mirror) -> String {
         counter(&mut r, "peer_timeouts", "Piece requests to peers that timed out", &t.peer_timeouts);
         counter(&mut r, "peer_withheld_pieces", "Piece requests refused as a blob's origin: the pieces had just gone to another peer", &t.withheld_pieces);
         counter(&mut r, "peer_errors", "Piece requests to peers that failed", &t.peer_errors);
+        counter(&mut r, "peers_unreachable", "Dials that failed and peer connections that timed out", &t.peers_unreachable);
         counter(&mut r, "peer_refused", "Peer connections or requests refused (no cluster certificate, malformed)", &t.refused_requests);
         counter(&mut r, "peer_fetches", "Upstream fetches done for peers as rendezvous owner", &t.fetches_for_peers);
         r.register("members", "Live cluster members known to this node, itself included", ConstGauge::new(cl.peers.members().len() as i64));

@@ -100,18 +100,20 @@ impl PieceFeed {
     /// Gives up on the blob and removes what was stored of it before returning, so a request
     /// that follows finds no partial blob left by this one (dropping does the same later).
     pub async fn discard(mut self) {
-        self.done = true;
-        for t in self.pending.drain(..) {
-            t.abort();
-        }
+        self.stop_pending();
         self.store.abandon_upstream(&self.d).await;
     }
 
-    fn abandon(&mut self) {
+    /// Marks the feed finished and aborts the piece writes still running.
+    fn stop_pending(&mut self) {
         self.done = true;
         for t in self.pending.drain(..) {
             t.abort();
         }
+    }
+
+    fn abandon(&mut self) {
+        self.stop_pending();
         let (store, d) = (self.store.clone(), self.d);
         tokio::spawn(async move {
             store.abandon_upstream(&d).await;

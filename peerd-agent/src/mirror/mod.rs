@@ -565,7 +565,11 @@ impl Mirror {
                 while let Some(j) = job.as_mut() {
                     if let Some((size, pieces)) = self.streamable(&d) {
                         let Some(j) = job.take() else { break };
-                        return self.stream_arriving(d, size, pieces, j, url, fwd, started);
+                        // If the cluster fails mid-stream, the rest comes from upstream.
+                        let this = self.clone();
+                        let auth = fwd.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                        let fallback = async move { this.fetch_to_store(d, url.to_string(), auth).await };
+                        return self.stream_arriving(d, size, pieces, j, fallback, started);
                     }
                     tokio::select! {
                         r = j => {
@@ -910,15 +914,13 @@ impl Mirror {
     /// sha256 matched: as with `pull_through`'s held-back chunk, a blob that fails its digest
     /// reaches the client as an aborted transfer, never a complete one. If the cluster fails
     /// after streaming began, this node fetches the rest from upstream into the same blob.
-    #[allow(clippy::too_many_arguments)]
     fn stream_arriving(
         &self,
         d: Digest,
         size: u64,
         pieces: usize,
         job: tokio::task::JoinHandle<bool>,
-        url: reqwest::Url,
-        fwd: HeaderMap,
+        fallback: impl std::future::Future<Output = Result<(), String>> + Send + 'static,
         started: Instant,
     ) -> Resp {
         inc(&self.inner.counters.streamed_arriving);
@@ -931,8 +933,7 @@ impl Mirror {
                 inc(&this.inner.counters.hits_from_peers);
             } else {
                 inc(&this.inner.counters.stream_fallbacks);
-                let auth = fwd.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                match this.fetch_to_store(d, url.to_string(), auth).await {
+                match fallback.await {
                     Ok(()) => ok = true,
                     Err(e) => warn!(%d, "the cluster failed mid-stream and so did upstream: {e}"),
                 }
@@ -943,48 +944,45 @@ impl Mirror {
         let this = self.clone();
         tokio::spawn(async move {
             let store = &this.inner.store;
+            let abort = |why: &str| {
+                inc(&this.inner.counters.stream_aborted);
+                warn!(%d, "aborting a streamed response: {why}");
+                Err(std::io::Error::other(why.to_owned()))
+            };
             // Every piece sent must come from this one instance of the blob, the one whose
             // sha256 is checked before the last piece goes out.
             let Some(instance) = store.instance(&d) else {
-                let _ = tx.send(Err(std::io::Error::other("the blob left the store"))).await;
+                let _ = tx.send(abort("the blob left the store")).await;
                 return;
             };
-            let mut waiting = true;
-            let abort = |why: String| {
-                inc(&this.inner.counters.stream_aborted);
-                warn!(%d, "aborting a streamed response: {why}");
-                std::io::Error::other(why)
-            };
+            // Until the provider reports, pieces are read as they land; its report can end the
+            // wait for a piece that will never come.
+            let (mut waiting, mut provided) = (true, true);
             for i in 0..pieces {
                 let last = i + 1 == pieces;
-                if last && waiting {
-                    waiting = false;
-                    if !matches!((&mut done).await, Ok(true)) {
-                        let _ = tx.send(Err(abort("neither the cluster nor upstream provided it".into()))).await;
-                        return;
+                let mut piece = None;
+                if waiting && !last {
+                    tokio::select! {
+                        r = store.read_piece(&d, i) => piece = Some(r),
+                        ok = &mut done => (waiting, provided) = (false, matches!(ok, Ok(true))),
                     }
+                } else if waiting {
+                    (waiting, provided) = (false, matches!((&mut done).await, Ok(true)));
                 }
-                if last && !store.has(&d) {
-                    let _ = tx.send(Err(abort("the blob did not complete with a matching sha256".into()))).await;
+                if !provided {
+                    let _ = tx.send(abort("neither the cluster nor upstream provided it")).await;
                     return;
                 }
-                let piece = if !waiting {
-                    store.read_piece(&d, i).await
-                } else {
-                    tokio::select! {
-                        r = store.read_piece(&d, i) => r,
-                        ok = &mut done => {
-                            waiting = false;
-                            if !matches!(ok, Ok(true)) {
-                                let _ = tx.send(Err(abort("neither the cluster nor upstream provided it".into()))).await;
-                                return;
-                            }
-                            store.read_piece(&d, i).await
-                        }
-                    }
+                if last && !store.has(&d) {
+                    let _ = tx.send(abort("the blob did not complete with a matching sha256")).await;
+                    return;
+                }
+                let piece = match piece {
+                    Some(r) => r,
+                    None => store.read_piece(&d, i).await,
                 };
                 if piece.is_ok() && store.instance(&d) != Some(instance) {
-                    let _ = tx.send(Err(abort("the blob was dropped (digest mismatch) and fetched again".into()))).await;
+                    let _ = tx.send(abort("the blob was dropped (digest mismatch) and fetched again")).await;
                     return;
                 }
                 match piece {
@@ -996,7 +994,7 @@ impl Mirror {
                         }
                     }
                     Err(e) => {
-                        let _ = tx.send(Err(abort(e.to_string()))).await;
+                        let _ = tx.send(abort(&e.to_string())).await;
                         return;
                     }
                 }
@@ -1033,7 +1031,9 @@ impl Mirror {
             }
         }
         let me = c.peers.me();
-        let mut members = c.peers.members();
+        // A member that just failed to answer is not asked (the next by rendezvous is: the
+        // others see it gone as well, or the owner's single flight still collapses the fetch).
+        let mut members: Vec<SocketAddr> = c.peers.members().into_iter().filter(|m| *m == me || !c.transfer.is_down(*m)).collect();
         let auth = fwd.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         // If the owner dies or fails, the next one by rendezvous takes over.
         for _ in 0..3 {

@@ -39,6 +39,9 @@ pub enum TransferError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("peer {peer}: {msg}")]
     Peer { peer: SocketAddr, msg: String },
+    /// No handshake, or the connection died (QUIC's idle timeout): the peer is gone for now.
+    #[error("peer {peer} unreachable: {msg}")]
+    Unreachable { peer: SocketAddr, msg: String },
     /// Every piece matched the manifest the cluster gave, the blob did not match its digest.
     #[error("peer {peer} gave a manifest of a blob that does not match its digest: {msg}")]
     Lied { peer: SocketAddr, msg: String },
@@ -104,6 +107,8 @@ pub struct Counters {
     pub corrupt_pieces: AtomicU64,
     pub peer_timeouts: AtomicU64,
     pub peer_errors: AtomicU64,
+    /// Dials that failed and connections that timed out (the peer is skipped for a moment).
+    pub peers_unreachable: AtomicU64,
     pub refused_requests: AtomicU64,
     pub fetches_for_peers: AtomicU64,
     /// Piece requests this node, as a blob's origin, answered "not here" because it had just
@@ -125,6 +130,9 @@ struct Inner {
     /// Blobs in the node's containerd content store, served when the store lacks them.
     containerd: OnceLock<Arc<ContainerdContent>>,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// Peers whose dial failed or whose connection timed out, until when they are not dialled
+    /// again: a dead peer costs every request to it a failed dial otherwise.
+    down: Mutex<HashMap<SocketAddr, Instant>>,
     /// Manifests of blobs being downloaded from peers, so this node serves the pieces it already
     /// has to others while it fetches the rest.
     partial: Mutex<HashMap<Digest, Arc<WireManifest>>>,
@@ -139,6 +147,12 @@ struct Inner {
 /// enough for that peer to store it and for the others to see it in its bitfield (polled every
 /// 100 ms) several times over, short enough that a taker that died costs little.
 const HANDOUT_GRACE: Duration = Duration::from_secs(3);
+
+/// Silence on a connection after which the peer counts as dead (module docs of `start`).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+const KEEP_ALIVE: Duration = Duration::from_millis(250);
+/// How long a peer that could not be reached is not dialled again (requests fail at once).
+const DOWN_FOR: Duration = Duration::from_secs(2);
 
 /// How often a download polls its sources' bitfields (`swarm::polled_on_tick` says which).
 const HAVE_EVERY: Duration = Duration::from_millis(100);
@@ -181,8 +195,11 @@ impl Transfer {
         let mut transport = quinn::TransportConfig::default();
         transport.max_concurrent_bidi_streams(cfg.max_streams_per_peer.into());
         transport.max_concurrent_uni_streams(0u32.into());
-        transport.keep_alive_interval(Some(Duration::from_millis(750)));
-        transport.max_idle_timeout(Some(Duration::from_secs(3).try_into().map_err(|_| TransferError::Peer { peer: cfg.listen, msg: "idle timeout".into() })?));
+        // A peer that died (or stopped being scheduled) is noticed by the idle timeout alone when
+        // peers are static: keep-alives make silence mean death within IDLE_TIMEOUT (quinn
+        // stretches it to 3 PTOs when round trips are long, so a busy node is not declared dead).
+        transport.keep_alive_interval(Some(KEEP_ALIVE));
+        transport.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().map_err(|_| TransferError::Peer { peer: cfg.listen, msg: "idle timeout".into() })?));
         // Room for a few 1 MiB pieces in flight per stream and per connection.
         transport.stream_receive_window((4u32 << 20).into());
         transport.receive_window((32u32 << 20).into());
@@ -216,6 +233,7 @@ impl Transfer {
                 fetcher: OnceLock::new(),
                 containerd: OnceLock::new(),
                 conns: Mutex::new(HashMap::new()),
+                down: Mutex::new(HashMap::new()),
                 partial: Mutex::new(HashMap::new()),
                 upload,
                 download,
@@ -473,24 +491,48 @@ impl Transfer {
                 return Ok(c.clone());
             }
         }
-        let err = |msg: String| TransferError::Peer { peer, msg };
+        if let Some(until) = self.inner.down.lock().unwrap_or_else(|e| e.into_inner()).get(&peer) {
+            if Instant::now() < *until {
+                return Err(TransferError::Unreachable { peer, msg: "did not answer a moment ago".into() });
+            }
+        }
         let connecting = self
             .inner
             .endpoint
             .connect_with(self.inner.client.clone(), peer, tls::SERVER_NAME)
-            .map_err(|e| err(e.to_string()))?;
-        let conn = tokio::time::timeout(self.inner.cfg.dial_timeout, connecting)
-            .await
-            .map_err(|_| err(format!("no handshake within {:?}", self.inner.cfg.dial_timeout)))?
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| TransferError::Peer { peer, msg: e.to_string() })?;
+        let conn = match tokio::time::timeout(self.inner.cfg.dial_timeout, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(self.unreachable(peer, e.to_string())),
+            Err(_) => return Err(self.unreachable(peer, format!("no handshake within {:?}", self.inner.cfg.dial_timeout))),
+        };
+        self.inner.down.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer);
         self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, conn.clone());
         Ok(conn)
     }
 
+    /// Whether `peer` failed to answer a moment ago (`DOWN_FOR`): the mirror skips it when picking
+    /// a blob's owner instead of waiting for a dial that will fail.
+    pub fn is_down(&self, peer: SocketAddr) -> bool {
+        self.inner.down.lock().unwrap_or_else(|e| e.into_inner()).get(&peer).is_some_and(|until| Instant::now() < *until)
+    }
+
+    /// Records that `peer` is gone for `DOWN_FOR` and returns the error saying so.
+    fn unreachable(&self, peer: SocketAddr, msg: String) -> TransferError {
+        self.inner.counters.peers_unreachable.fetch_add(1, Ordering::Relaxed);
+        self.inner.down.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, Instant::now() + DOWN_FOR);
+        TransferError::Unreachable { peer, msg }
+    }
+
     /// One request/answer exchange; returns the status and the receive stream for the body.
     async fn exchange(&self, peer: SocketAddr, req: &Request) -> Result<(Status, quinn::RecvStream), TransferError> {
-        let err = |msg: String| TransferError::Peer { peer, msg };
         let conn = self.connect(peer).await?;
+        // A connection that timed out means the peer is gone; other errors are this request's.
+        let err = |msg: String| match conn.close_reason() {
+            Some(quinn::ConnectionError::TimedOut) => self.unreachable(peer, msg),
+            Some(_) => TransferError::Unreachable { peer, msg },
+            None => TransferError::Peer { peer, msg },
+        };
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
         let frame = req.encode().map_err(|e| err(e.to_string()))?;
         send.write_all(&frame).await.map_err(|e| err(e.to_string()))?;
@@ -573,7 +615,10 @@ impl Transfer {
     }
 
     async fn swarm(&self, d: &Digest, m: &Arc<WireManifest>, manifest_peer: SocketAddr, peers: &[(SocketAddr, bool)]) -> Result<(), TransferError> {
-        const STALL: Duration = Duration::from_secs(3);
+        const STALL: Duration = Duration::from_secs(1);
+        // After the source holding what others lack died (`lost_its_sources`): long enough for
+        // the remaining peers' bitfields to show what they got from it last.
+        const STALL_SOURCE_LOST: Duration = Duration::from_millis(300);
         let store = &self.inner.store;
         let n = m.pieces.len();
         // A different piece order on every node, so nodes downloading together hold different
@@ -676,7 +721,7 @@ impl Transfer {
             }
             if dl.can_progress() {
                 last_progress = now;
-            } else if now.duration_since(last_progress) > STALL {
+            } else if now.duration_since(last_progress) > if dl.lost_its_sources() { STALL_SOURCE_LOST } else { STALL } {
                 break Err(TransferError::NoPeer(*d));
             }
             for a in dl.expire(now) {
@@ -783,7 +828,10 @@ impl Transfer {
 
     async fn get_pieces(&self, peer: SocketAddr, d: &Digest, m: &WireManifest, a: Assignment) -> Result<Vec<(u32, Vec<u8>)>, Failure> {
         let req = Request::Pieces { digest: *d.as_bytes(), first: a.first, count: a.count };
-        let (st, mut recv) = self.exchange(peer, &req).await.map_err(|_| Failure::Error)?;
+        let (st, mut recv) = self.exchange(peer, &req).await.map_err(|e| match e {
+            TransferError::Unreachable { .. } => Failure::Unreachable,
+            _ => Failure::Error,
+        })?;
         match st {
             Status::Ok => {}
             Status::NotFound => return Err(Failure::NotYet),
@@ -797,7 +845,18 @@ impl Transfer {
         // and unlike read_exact needs no zeroed buffer: each byte is copied once, into the piece.
         let mut chunks: [Bytes; 32] = Default::default();
         while i < end {
-            let got = recv.read_chunks(&mut chunks).await.map_err(|_| Failure::Error)?.ok_or(Failure::Error)?;
+            let got = recv
+                .read_chunks(&mut chunks)
+                .await
+                .map_err(|e| match e {
+                    quinn::ReadError::ConnectionLost(quinn::ConnectionError::TimedOut) => {
+                        self.unreachable(peer, "connection timed out".into());
+                        Failure::Unreachable
+                    }
+                    quinn::ReadError::ConnectionLost(_) => Failure::Unreachable,
+                    _ => Failure::Error,
+                })?
+                .ok_or(Failure::Error)?;
             for chunk in chunks.iter_mut().take(got) {
                 let chunk = std::mem::take(chunk);
                 let mut rest: &[u8] = &chunk;

@@ -16,8 +16,8 @@
 //!   origin's decision (`handout`: it shows each downloader its share first and gives each piece
 //!   once), so nothing here waits for anyone. Once the origin holds the whole blob it is an
 //!   ordinary peer.
-//! - A corrupt piece excludes the peer from this download at once; other failures (error, not
-//!   found, timeout) exclude it after `max_failures`. Its pieces go back to the queue.
+//! - A corrupt piece or a lost connection excludes the peer from this download at once; other
+//!   failures (error, not found, timeout) exclude it after `max_failures`. Its pieces go back to the queue.
 //! - Endgame: when nothing is left to assign and every piece exists somewhere, an idle peer
 //!   duplicates an in-flight run older than `hedge_after` (a hedge against a slow peer; never
 //!   onto an incomplete origin); whichever copy lands first wins.
@@ -96,6 +96,9 @@ pub enum Failure {
     NotFound,
     Error,
     Timeout,
+    /// The connection is gone (no handshake, or it timed out): every request to the peer would
+    /// fail the same way, so it is excluded at once.
+    Unreachable,
 }
 
 /// A request to send: pieces `first..first+count` from `peer` (an index from `add_peer`).
@@ -223,6 +226,14 @@ impl Download {
     /// No piece can make progress: pieces remain and every peer is excluded.
     pub fn is_stuck(&self) -> bool {
         !self.is_complete() && self.peers.iter().all(|p| p.excluded)
+    }
+
+    /// A source that held what the others lack (a complete holder, or the origin) was excluded
+    /// and no such source is left: the partial peers remaining were most likely fetching from it
+    /// too, so waiting long for them to gain pieces is waiting for nothing.
+    pub fn lost_its_sources(&self) -> bool {
+        let key = |p: &Peer| p.complete || p.origin;
+        self.peers.iter().any(|p| p.excluded && key(p)) && !self.peers.iter().any(|p| !p.excluded && key(p))
     }
 
     pub fn excluded(&self, peer: usize) -> bool {
@@ -407,7 +418,7 @@ impl Download {
         }
         if let Some(p) = self.peers.get_mut(a.peer) {
             p.failures += 1;
-            if why == Failure::Corrupt || p.failures >= self.cfg.max_failures {
+            if matches!(why, Failure::Corrupt | Failure::Unreachable) || p.failures >= self.cfg.max_failures {
                 p.excluded = true;
             }
         }
@@ -577,6 +588,27 @@ mod tests {
         let expired = d.expire(t0 + Duration::from_secs(6));
         assert_eq!(expired, first);
         assert!(d.is_complete());
+    }
+
+    #[test]
+    fn losing_the_only_complete_source_is_noticed() {
+        let mut d = Download::new(4, SwarmConfig { batch: 1, window: 4, max_failures: 5, ..Default::default() });
+        let full = d.add_peer(true);
+        let partial = d.add_partial_peer(true);
+        d.set_have(partial, vec![true, false, false, false]);
+        assert!(!d.lost_its_sources());
+        let now = Instant::now();
+        let asked = d.poll(now);
+        // An ordinary error is not a loss; an unreachable peer is excluded at once.
+        let to_full: Vec<_> = asked.iter().filter(|a| a.peer == full).copied().collect();
+        assert!(to_full.len() >= 2, "{asked:?}");
+        d.on_failure(to_full[0], Failure::Error);
+        assert!(!d.excluded(full) && !d.lost_its_sources());
+        d.on_failure(to_full[1], Failure::Unreachable);
+        assert!(d.excluded(full) && d.lost_its_sources());
+        // A partial peer that turns out complete is a source again.
+        d.set_have(partial, vec![true; 4]);
+        assert!(!d.lost_its_sources());
     }
 
     #[test]
