@@ -11,6 +11,7 @@ pub mod intercept;
 pub mod metrics;
 pub mod mirror;
 pub mod peers;
+mod ratelimit;
 pub mod redirect;
 pub mod store;
 pub mod transfer;

@@ -162,6 +162,10 @@ struct AgentArgs {
     /// Download limit from peers (bytes per second); unlimited by default.
     #[arg(long, env = "PEERD_DOWNLOAD_LIMIT", value_parser = config::parse_size)]
     download_limit: Option<u64>,
+    /// Limit on reading from upstream registries and blob stores (bytes per second, all fetches
+    /// together); unlimited by default.
+    #[arg(long, env = "PEERD_UPSTREAM_LIMIT", value_parser = config::parse_size)]
+    upstream_limit: Option<u64>,
     /// Log format.
     #[arg(long, env = "PEERD_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -268,7 +272,7 @@ fn cache(addr: SocketAddr, action: CacheAction) -> Result<()> {
                 return Ok(());
             }
             let v: serde_json::Value = serde_json::from_str(&body).context("agent sent invalid JSON")?;
-            println!("{:<73} {:>12} {}", "DIGEST", "SIZE", "STATE");
+            println!("{:<73} {:>12} STATE", "DIGEST", "SIZE");
             for b in v.as_array().cloned().unwrap_or_default() {
                 let state = if b["complete"].as_bool().unwrap_or(false) {
                     "complete".to_string()
@@ -450,6 +454,7 @@ fn agent(args: AgentArgs) -> Result<()> {
             trust_cluster: args.trust_cluster,
             auth_ttl: Duration::from_secs(args.auth_ttl),
             head_timeout: Duration::from_secs(args.upstream_timeout),
+            upstream_limit: args.upstream_limit,
             ..MirrorConfig::default()
         };
         let names: Vec<String> = cfg.registries.iter().map(|r| format!("{}={}", r.name, r.url)).collect();

@@ -45,7 +45,8 @@ fn cluster(dir: &std::path::Path, n: usize, reg: &str, extra: &[&str]) -> Cluste
 }
 
 /// One incompressible layer of `mib` MiB pushed to a real registry, and `n` agents with uploads
-/// throttled (so a peer transfer takes long enough to land faults and reads in the middle).
+/// throttled (so a peer transfer takes long enough to land faults and reads in the middle), or
+/// with the given arguments.
 struct OneLayer {
     _dir: tempfile::TempDir,
     _registry: Registry,
@@ -56,12 +57,16 @@ struct OneLayer {
 }
 
 fn one_layer(n: usize, mib: usize) -> OneLayer {
+    one_layer_with(n, mib, &["--trust-cluster", "--upload-limit", "20M"])
+}
+
+fn one_layer_with(n: usize, mib: usize, args: &[&str]) -> OneLayer {
     let dir = tempfile::tempdir().unwrap();
     let registry = Registry::start(dir.path());
     let image = Image::build_with(dir.path(), &[("big.bin", mib << 20)], true);
     image.push(&registry, "app");
     let reg = registry.name();
-    let c = cluster(dir.path(), n, &reg, &["--trust-cluster", "--upload-limit", "20M"]);
+    let c = cluster(dir.path(), n, &reg, args);
     let layer = image.blobs.iter().max_by_key(|d| image.blob_bytes(d).len()).unwrap().clone();
     let path = format!("/v2/app/blobs/{layer}?ns={reg}");
     OneLayer { _dir: dir, _registry: registry, image, layer, path, c }
@@ -73,6 +78,13 @@ impl OneLayer {
         let url = self.c.agents[i].url(&self.path);
         let body = http_client().get(url).timeout(Duration::from_secs(60)).send().await.unwrap().bytes().await.unwrap();
         assert_eq!(body.to_vec(), self.image.blob_bytes(&self.layer), "node {i}");
+    }
+
+    /// `get_ok`, timed.
+    async fn get_timed(&self, i: usize) -> Duration {
+        let started = std::time::Instant::now();
+        self.get_ok(i).await;
+        started.elapsed()
     }
 }
 
@@ -246,4 +258,30 @@ async fn a_consistent_liar_never_gets_a_wrong_blob_served_whole() {
     // The digest is distrusted now: the next request is served from upstream, not the liar.
     let again = client.get(node1.url(path)).timeout(Duration::from_secs(60)).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(again.to_vec(), image.blob_bytes(layer), "the next request gets the right bytes");
+}
+
+/// `--upstream-limit`, `--upload-limit` and `--download-limit` hold: a 12 MiB layer at 4 MiB/s
+/// (after one second of burst) takes at least 2 s from upstream, and from a peer. A lower bound
+/// on time, which only a limit that does not hold can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_limits_hold_for_upstream_and_peer_transfers() {
+    let bound = Duration::from_millis(1_900);
+    // A single node is the blob's owner: it reads upstream itself.
+    let t = one_layer_with(1, 12, &["--trust-cluster", "--upstream-limit", "4M"]);
+    let took = t.get_timed(0).await;
+    assert!(took >= bound, "12 MiB from upstream at 4 MiB/s took {took:?}");
+    // Two nodes, the limit on either side: node 1 drops the copy it may hold as the blob's
+    // owner, then gets it from node 0.
+    for limit in ["--upload-limit", "--download-limit"] {
+        let t = one_layer_with(2, 12, &["--trust-cluster", limit, "4M"]);
+        t.get_ok(0).await;
+        let node1 = &t.c.agents[1];
+        http_client().delete(node1.url(&format!("/cache/{}", t.layer))).send().await.unwrap();
+        let took = t.get_timed(1).await;
+        assert!(took >= bound, "12 MiB from a peer with {limit} 4M took {took:?}");
+        let pieces = metric_value(&metrics(node1).await, "peerd_peer_pieces_total").unwrap_or(0);
+        assert!(pieces >= 12, "node 1 got {pieces} pieces from its peer");
+        let gets = t._registry.blob_gets().iter().filter(|l| l.contains(t.layer.as_str())).count();
+        assert_eq!(gets, 1, "the layer was fetched {gets} times from the registry");
+    }
 }

@@ -65,6 +65,8 @@ pub struct Full;
 impl<K: Clone + Eq + Hash> Index<K> {
     /// Brings one node's shards up to date. `max_version` lets an unchanged node be skipped
     /// without looking at its keys. Returns its slot.
+    // Shard numbers index several parallel arrays at once.
+    #[allow(clippy::needless_range_loop)]
     pub fn update_node<'a>(
         &mut self,
         key: &K,

@@ -254,10 +254,13 @@ impl Sealer {
     }
 }
 
+/// A message being reassembled: when its first part arrived (an arrival count) and its parts.
+type Partial = (u64, Vec<Option<Vec<u8>>>);
+
 /// Reassembles messages split in two datagrams; bounded so junk cannot grow it.
 #[derive(Default)]
 pub struct Reassembly {
-    pending: HashMap<(SocketAddr, u32), (u64, Vec<Option<Vec<u8>>>)>,
+    pending: HashMap<(SocketAddr, u32), Partial>,
     arrivals: u64,
 }
 

@@ -169,6 +169,8 @@ impl Default for LocalContent {
 
 impl LocalContent {
     /// Replaces the whole content; only the shards that differ become dirty.
+    // Shard numbers index several parallel arrays at once.
+    #[allow(clippy::needless_range_loop)]
     pub fn set(
         &mut self,
         complete: impl IntoIterator<Item = Digest>,

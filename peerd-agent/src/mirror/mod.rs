@@ -37,6 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     peers::PeerDirectory,
+    ratelimit::RateLimit,
     store::{Digest, Source, Store},
     transfer::{self, Transfer},
 };
@@ -75,6 +76,9 @@ pub struct MirrorConfig {
     pub read_timeout: Duration,
     /// Background whole-blob fetches started by range reads, at most this many at once.
     pub max_prefetches: usize,
+    /// Bytes per second read from upstream, all blob bodies and relayed ranges together
+    /// (`--upstream-limit`); unlimited when `None`.
+    pub upstream_limit: Option<u64>,
 }
 
 impl Default for MirrorConfig {
@@ -88,6 +92,7 @@ impl Default for MirrorConfig {
             head_timeout: Duration::from_secs(15),
             read_timeout: Duration::from_secs(30),
             max_prefetches: 4,
+            upstream_limit: None,
         }
     }
 }
@@ -190,6 +195,7 @@ struct Inner {
     /// lying member costs each node one aborted stream per blob, not one per request.
     distrusted: Mutex<HashMap<Digest, Instant>>,
     prefetch_slots: Arc<Semaphore>,
+    upstream_limit: Option<Arc<RateLimit>>,
     counters: Counters,
     metrics_sources: Mutex<Vec<Arc<dyn crate::metrics::MetricsSource>>>,
 }
@@ -202,6 +208,7 @@ impl Mirror {
         std::fs::create_dir_all(&media_dir).map_err(|e| MirrorError::Io(media_dir.display().to_string(), e))?;
         let upstream = Upstream::new(cfg.connect_timeout, cfg.head_timeout, cfg.read_timeout)?;
         let slots = Arc::new(Semaphore::new(cfg.max_prefetches));
+        let upstream_limit = cfg.upstream_limit.map(RateLimit::new);
         Ok(Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -213,6 +220,7 @@ impl Mirror {
                 flights: Mutex::new(HashMap::new()),
                 distrusted: Mutex::new(HashMap::new()),
                 prefetch_slots: slots,
+                upstream_limit,
                 counters: Counters::default(),
                 metrics_sources: Mutex::new(Vec::new()),
             }),
@@ -555,7 +563,7 @@ impl Mirror {
             let started = Instant::now();
             let job = {
                 let (this, url, fwd) = (self.clone(), url.clone(), fwd.clone());
-                tokio::spawn(async move { this.from_cluster(&d, &url, &fwd).await })
+                tokio::spawn(async move { this.get_from_cluster(&d, &url, &fwd).await })
             };
             // A whole-blob GET starts streaming as soon as verified pieces from peers are
             // readable (`stream_arriving`); a range waits for the whole blob.
@@ -623,7 +631,7 @@ impl Mirror {
             Err(e) => return self.upstream_failed(e),
         };
         if resp.status() != reqwest::StatusCode::OK {
-            return passthrough(resp, Some(MAX_ERROR_BODY)).await;
+            return passthrough(resp, Some(MAX_ERROR_BODY), None).await;
         }
         let media_type = resp
             .headers()
@@ -737,7 +745,7 @@ impl Mirror {
             return Ok(());
         }
         inc(&self.inner.counters.auth_denied);
-        Err(passthrough(resp, Some(MAX_ERROR_BODY)).await)
+        Err(passthrough(resp, Some(MAX_ERROR_BODY), None).await)
     }
 
     /// Serves a verified blob from the store, honouring Range.
@@ -801,7 +809,7 @@ impl Mirror {
             Err(e) => return self.upstream_failed(e),
         };
         if resp.status() != reqwest::StatusCode::OK {
-            return passthrough(resp, Some(MAX_ERROR_BODY)).await;
+            return passthrough(resp, Some(MAX_ERROR_BODY), None).await;
         }
         let size = resp.content_length();
         let mut writer = match size {
@@ -822,10 +830,9 @@ impl Mirror {
             let mut sha = sha2::Sha256::new();
             let mut held: Option<Bytes> = None;
             loop {
-                match resp.chunk().await {
+                match this.upstream_chunk(&mut resp).await {
                     Ok(Some(c)) => {
                         sha.update(&c);
-                        this.inner.counters.bytes_from_upstream.fetch_add(c.len() as u64, Ordering::Relaxed);
                         if let Some(w) = writer.as_mut() {
                             if let Err(e) = w.write(&c).await {
                                 warn!(%d, "cache write failed, still relaying: {e}");
@@ -889,7 +896,7 @@ impl Mirror {
         self.inner.distrusted.lock().unwrap_or_else(|e| e.into_inner()).insert(*d, Instant::now() + DISTRUST);
     }
 
-    /// Answers with a blob `from_cluster` just stored.
+    /// Answers with a blob `get_from_cluster` just stored.
     fn served_from_cluster(&self, d: &Digest, range: Option<&str>, started: Instant) -> Resp {
         self.inner.counters.fetch_seconds.observe("cluster", started.elapsed());
         inc(&self.inner.counters.hits_from_peers);
@@ -1013,7 +1020,7 @@ impl Mirror {
     /// Gets `d` into the store from the cluster: from peers holding it, else by asking the
     /// blob's rendezvous owner to fetch it from upstream once for everyone. `false` means "go
     /// upstream yourself" (this node is the owner, or the cluster could not help in time).
-    async fn from_cluster(&self, d: &Digest, url: &reqwest::Url, fwd: &HeaderMap) -> bool {
+    async fn get_from_cluster(&self, d: &Digest, url: &reqwest::Url, fwd: &HeaderMap) -> bool {
         let Some(c) = &self.inner.cluster else { return false };
         if self.distrusted(d) {
             return false;
@@ -1158,9 +1165,8 @@ impl Mirror {
         let size = resp.content_length().ok_or("upstream sent no Content-Length")?;
         let mut w = feed::PieceFeed::new(&self.inner.store, &d, size, source).await.map_err(|e| e.to_string())?;
         loop {
-            match resp.chunk().await {
+            match self.upstream_chunk(&mut resp).await {
                 Ok(Some(c)) => {
-                    self.inner.counters.bytes_from_upstream.fetch_add(c.len() as u64, Ordering::Relaxed);
                     w.write(&c).await.map_err(|e| e.to_string())?;
                 }
                 Ok(None) => break,
@@ -1213,10 +1219,22 @@ impl Mirror {
         });
     }
 
+    /// The next chunk of an upstream blob body, counted and paced by `--upstream-limit`.
+    async fn upstream_chunk(&self, resp: &mut reqwest::Response) -> reqwest::Result<Option<Bytes>> {
+        let c = resp.chunk().await?;
+        if let Some(c) = &c {
+            self.inner.counters.bytes_from_upstream.fetch_add(c.len() as u64, Ordering::Relaxed);
+            if let Some(l) = &self.inner.upstream_limit {
+                l.take(c.len() as u64).await;
+            }
+        }
+        Ok(c)
+    }
+
     /// Relays an upstream response as it is (status, the headers a client needs, body).
     async fn relay(&self, method: Method, url: reqwest::Url, fwd: &HeaderMap) -> Resp {
         match self.inner.upstream.send(method, url, fwd).await {
-            Ok(r) => passthrough(r, None).await,
+            Ok(r) => passthrough(r, None, self.inner.upstream_limit.clone()).await,
             Err(e) => self.upstream_failed(e),
         }
     }
@@ -1342,7 +1360,8 @@ const PASSED_HEADERS: &[&str] = &[
 ];
 
 /// Converts an upstream response to ours, streaming the body (cut at `limit` if given).
-async fn passthrough(mut resp: reqwest::Response, limit: Option<usize>) -> Resp {
+/// `limit` bounds a body read whole (error bodies); `pace` is `--upstream-limit` for a relay.
+async fn passthrough(mut resp: reqwest::Response, limit: Option<usize>, pace: Option<Arc<RateLimit>>) -> Resp {
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut headers = HeaderMap::new();
     for (k, v) in resp.headers() {
@@ -1369,6 +1388,9 @@ async fn passthrough(mut resp: reqwest::Response, limit: Option<usize>) -> Resp 
                 loop {
                     match resp.chunk().await {
                         Ok(Some(c)) => {
+                            if let Some(l) = &pace {
+                                l.take(c.len() as u64).await;
+                            }
                             if tx.send(Ok(c)).await.is_err() {
                                 return;
                             }
@@ -1461,6 +1483,17 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+impl transfer::Fetcher for Mirror {
+    fn fetch(
+        &self,
+        digest: Digest,
+        url: String,
+        authorization: Option<String>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(self.fetch_to_store(digest, url, authorization))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1480,16 +1513,5 @@ mod tests {
         assert_eq!(percent_decode("127.0.0.1%3A5000"), "127.0.0.1:5000");
         assert_eq!(percent_decode("docker.io"), "docker.io");
         assert_eq!(percent_decode("bad%zz%4"), "bad%zz%4");
-    }
-}
-
-impl transfer::Fetcher for Mirror {
-    fn fetch(
-        &self,
-        digest: Digest,
-        url: String,
-        authorization: Option<String>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
-        Box::pin(self.fetch_to_store(digest, url, authorization))
     }
 }

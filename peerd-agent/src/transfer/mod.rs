@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::containerd::ContainerdContent;
+use crate::ratelimit::RateLimit;
 use crate::store::{Digest, PutOutcome, Source, Store, StoreError};
 use swarm::{Assignment, Download, Failure, SwarmConfig};
 use wire::{Request, Status, WireManifest};
@@ -156,32 +157,6 @@ const DOWN_FOR: Duration = Duration::from_secs(2);
 
 /// How often a download polls its sources' bitfields (`swarm::polled_on_tick` says which).
 const HAVE_EVERY: Duration = Duration::from_millis(100);
-
-/// A token bucket shared by all transfers in one direction (one second of burst).
-struct RateLimit {
-    rate: u64,
-    state: tokio::sync::Mutex<(f64, Instant)>,
-}
-
-impl RateLimit {
-    fn new(rate: u64) -> Arc<Self> {
-        Arc::new(Self { rate: rate.max(1), state: tokio::sync::Mutex::new((rate as f64, Instant::now())) })
-    }
-
-    async fn take(&self, n: u64) {
-        let mut s = self.state.lock().await;
-        let now = Instant::now();
-        let cap = self.rate as f64;
-        s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * cap).min(cap);
-        s.1 = now;
-        s.0 -= n as f64;
-        if s.0 < 0.0 {
-            let wait = Duration::from_secs_f64(-s.0 / cap);
-            drop(s);
-            tokio::time::sleep(wait).await;
-        }
-    }
-}
 
 fn to_hash(h: &[u8; 32]) -> blake3::Hash {
     blake3::Hash::from_bytes(*h)
