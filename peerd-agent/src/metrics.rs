@@ -68,6 +68,8 @@ pub fn render(m: &Mirror) -> String {
     counter(&mut r, "prefetch_skipped", "Background fetches skipped at the concurrency bound", &c.prefetch_skipped);
     counter(&mut r, "proxy_denied", "Requests for hosts that are not configured upstreams", &c.proxy_denied);
     counter(&mut r, "owner_failures", "Rendezvous owners that could not provide a blob", &c.owner_failures);
+    counter(&mut r, "split_fetches", "Blobs whose upstream fetch this node split among members as their owner", &c.split_fetches);
+    counter(&mut r, "part_takeovers", "Parts of split blobs a helper could not fetch, fetched by the owner instead", &c.part_takeovers);
     counter(&mut r, "streamed_arriving", "Responses streamed piece by piece while the blob was still arriving", &c.streamed_arriving);
     counter(&mut r, "stream_fallbacks", "Streamed responses the cluster failed to finish; upstream finished them", &c.stream_fallbacks);
     counter(&mut r, "cluster_lied", "Blobs from peers that matched their manifest but not their digest (fetched from upstream for 10 minutes after)", &c.cluster_lied);
@@ -84,6 +86,7 @@ pub fn render(m: &Mirror) -> String {
         counter(&mut r, "peers_unreachable", "Dials that failed and peer connections that timed out", &t.peers_unreachable);
         counter(&mut r, "peer_refused", "Peer connections or requests refused (no cluster certificate, malformed)", &t.refused_requests);
         counter(&mut r, "peer_fetches", "Upstream fetches done for peers as rendezvous owner", &t.fetches_for_peers);
+        counter(&mut r, "peer_part_fetches", "Parts of split blobs fetched from upstream for the node that split them", &t.part_fetches_for_peers);
         r.register("members", "Live cluster members known to this node, itself included", ConstGauge::new(cl.peers.members().len() as i64));
         if let Some(cc) = cl.transfer.containerd() {
             let c = cc.counters();

@@ -285,3 +285,35 @@ async fn bandwidth_limits_hold_for_upstream_and_peer_transfers() {
         assert_eq!(gets, 1, "the layer was fetched {gets} times from the registry");
     }
 }
+
+/// Status and body bytes of a registry access-log line (`"GET ... HTTP/1.1" 206 16777216 ...`).
+fn status_and_bytes(line: &str) -> (u16, u64) {
+    let after = line.split("HTTP/1.1\" ").nth(1).unwrap_or_default();
+    let mut f = after.split_whitespace();
+    (f.next().and_then(|s| s.parse().ok()).unwrap_or(0), f.next().and_then(|s| s.parse().ok()).unwrap_or(0))
+}
+
+/// A blob of several 16 MiB chunks is split by its owner: it and the next members in rendezvous
+/// order each fetch a part with byte ranges while all four nodes ask at once, and the registry
+/// still sends each byte once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_blob_is_fetched_in_parts_each_byte_once() {
+    let t = one_layer_with(4, 40, &["--trust-cluster"]);
+    let want = t.image.blob_bytes(&t.layer);
+    for (i, r) in get_all(&t.c, &t.path).await.into_iter().enumerate() {
+        assert!(r.as_ref().is_ok_and(|b| *b == want), "node {i}: {:?}", r.map(|b| b.len()));
+    }
+    let gets: Vec<String> = t._registry.blob_gets().into_iter().filter(|l| l.contains(t.layer.as_str())).collect();
+    let sent: u64 = gets.iter().map(|l| status_and_bytes(l).1).sum();
+    assert_eq!(sent, want.len() as u64, "the registry sent the layer's bytes more than once: {gets:#?}");
+    assert!(gets.len() >= 3 && gets.iter().all(|l| status_and_bytes(l).0 == 206), "expected one ranged GET per chunk: {gets:#?}");
+    let mut splits = 0;
+    let mut parts = 0;
+    for a in &t.c.agents {
+        let m = metrics(a).await;
+        splits += metric_value(&m, "peerd_split_fetches_total").unwrap_or(0);
+        parts += metric_value(&m, "peerd_peer_part_fetches_total").unwrap_or(0);
+    }
+    assert_eq!(splits, 1, "one owner splits the fetch");
+    assert!(parts >= 2, "the helpers were asked for their parts ({parts})");
+}

@@ -29,9 +29,14 @@ pub struct PieceFeed {
 
 impl PieceFeed {
     pub async fn new(store: &Store, d: &Digest, size: u64, source: Source) -> Result<Self, StoreError> {
+        Self::at(store, d, size, 0, source).await
+    }
+
+    /// A feed whose first byte is the start of piece `first` (a byte range of a split fetch).
+    pub async fn at(store: &Store, d: &Digest, size: u64, first: usize, source: Source) -> Result<Self, StoreError> {
         store.declare(d, size).await?;
         let piece_size = store.piece_size() as usize;
-        Ok(Self { store: store.clone(), d: *d, piece_size, buf: Vec::with_capacity(piece_size), next: 0, source, done: false, pending: VecDeque::new() })
+        Ok(Self { store: store.clone(), d: *d, piece_size, buf: Vec::with_capacity(piece_size), next: first, source, done: false, pending: VecDeque::new() })
     }
 
     /// Starts storing `piece`; waits for the oldest write while `max` are outstanding.
@@ -72,8 +77,28 @@ impl PieceFeed {
         Ok(())
     }
 
+    /// Stores the last piece of a byte range (a whole piece, or the blob's short last one) and
+    /// waits for the writes; the blob need not be complete (other parts come from peers). If
+    /// this completed it, its sha256 was checked (a mismatch is the error).
+    pub async fn finish_part(mut self) -> Result<(), StoreError> {
+        self.flush().await
+    }
+
     /// Stores the last piece; succeeds only if the blob is now complete and its sha256 matched.
     pub async fn finish(mut self) -> Result<(), StoreError> {
+        self.flush().await?;
+        if self.store.has(&self.d) {
+            Ok(())
+        } else {
+            // Some pieces are being written by a concurrent peer download, which completes (and
+            // verifies) the blob; leave it to that writer.
+            Err(StoreError::NotFound(self.d))
+        }
+    }
+
+    /// Writes the buffered rest as the last piece and waits for every write; gives the blob up
+    /// on failure.
+    async fn flush(&mut self) -> Result<(), StoreError> {
         if !self.buf.is_empty() {
             let piece = std::mem::take(&mut self.buf);
             if let Err(e) = self.put(piece, IN_FLIGHT).await {
@@ -88,13 +113,7 @@ impl PieceFeed {
             }
         }
         self.done = true;
-        if self.store.has(&self.d) {
-            Ok(())
-        } else {
-            // Some pieces are being written by a concurrent peer download, which completes (and
-            // verifies) the blob; leave it to that writer.
-            Err(StoreError::NotFound(self.d))
-        }
+        Ok(())
     }
 
     /// Gives up on the blob and removes what was stored of it before returning, so a request

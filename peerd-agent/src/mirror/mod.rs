@@ -111,6 +111,10 @@ pub struct Counters {
     pub hits: AtomicU64,
     pub hits_from_peers: AtomicU64,
     pub owner_failures: AtomicU64,
+    /// Blobs this node split among members as their owner (`fetch_split`).
+    pub split_fetches: AtomicU64,
+    /// Parts of split blobs a helper failed to fetch, fetched by the owner instead.
+    pub part_takeovers: AtomicU64,
     /// Responses streamed while the blob was still arriving (`stream_arriving`).
     pub streamed_arriving: AtomicU64,
     /// Streamed responses whose blob the cluster failed to finish (upstream finished it).
@@ -159,6 +163,14 @@ impl Drop for FlightGuard {
     }
 }
 
+/// A blob's owner fetches it from upstream in chunks of this many pieces (16 MiB) when it splits
+/// the fetch: big enough that a request's round trip is small next to its transfer, small enough
+/// that a 256 MiB blob gives 16 chunks to spread.
+const CHUNK_PIECES: u32 = 16;
+/// At most this many nodes fetch parts of one blob (the owner included): each is one more
+/// upstream connection.
+const MAX_PARTS: usize = 8;
+
 /// How long a request waits for another request's upstream fetch of the same blob.
 const FOLLOW_BOUND: Duration = Duration::from_secs(600);
 
@@ -195,6 +207,9 @@ struct Inner {
     /// lying member costs each node one aborted stream per blob, not one per request.
     distrusted: Mutex<HashMap<Digest, Instant>>,
     prefetch_slots: Arc<Semaphore>,
+    /// Parts of split blobs this node is fetching for a peer (`FetchPart`), one fetch per part:
+    /// followers wait for the leader's outcome.
+    part_flights: Mutex<HashMap<(Digest, u8), watch::Receiver<Option<bool>>>>,
     upstream_limit: Option<Arc<RateLimit>>,
     counters: Counters,
     metrics_sources: Mutex<Vec<Arc<dyn crate::metrics::MetricsSource>>>,
@@ -220,6 +235,7 @@ impl Mirror {
                 flights: Mutex::new(HashMap::new()),
                 distrusted: Mutex::new(HashMap::new()),
                 prefetch_slots: slots,
+                part_flights: Mutex::new(HashMap::new()),
                 upstream_limit,
                 counters: Counters::default(),
                 metrics_sources: Mutex::new(Vec::new()),
@@ -1046,7 +1062,19 @@ impl Mirror {
         for _ in 0..3 {
             let Some(owner) = transfer::owner(d, &members) else { return false };
             if owner == me {
-                return false;
+                // With other members, this node splits the fetch among them (`fetch_split`)
+                // and the client is streamed the pieces as they land; alone, the caller's
+                // pull-through is the fetch.
+                if members.len() < 2 {
+                    return false;
+                }
+                return match self.fetch_to_store(*d, url.to_string(), auth.map(str::to_owned)).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        debug!(%d, "fetch for the cluster failed: {e}");
+                        false
+                    }
+                };
             }
             // Ask the owner to fetch, and meanwhile swarm on the pieces it (and everyone else
             // asking) already has: the owner serves pieces as they arrive from upstream.
@@ -1150,15 +1178,238 @@ impl Mirror {
         if let Some(a) = authorization.as_deref().and_then(|a| header::HeaderValue::from_str(a).ok()) {
             fwd.insert(header::AUTHORIZATION, a);
         }
-        self.fetch_whole(d, url, &fwd, Source::Upstream(host)).await?;
+        self.fetch_split(d, url, &fwd, Source::Upstream(host)).await?;
         info!(%d, "fetched from upstream for the cluster");
         Ok(())
+    }
+
+    /// Fetches `d` for the cluster as its owner: the first chunk's answer tells the size; a blob
+    /// of several chunks is split into parts (`transfer::Part`) fetched at once by this node and
+    /// the next members in rendezvous order, while this node downloads the others' parts from
+    /// them. No single uplink then carries every fresh piece, and upstream sends over several
+    /// connections, so one slow TCP flow (a node whose ACKs queue behind its own uploads) does
+    /// not set the pace. A helper that fails is replaced by this node fetching its part.
+    async fn fetch_split(&self, d: Digest, url: reqwest::Url, fwd: &HeaderMap, source: Source) -> Result<(), String> {
+        let Some(c) = &self.inner.cluster else { return self.fetch_whole(d, url, fwd, source).await };
+        let chunk = u64::from(CHUNK_PIECES) * u64::from(self.inner.store.piece_size());
+        let resp = self.get_range(&url, fwd, 0, chunk).await?;
+        let total = match resp.status() {
+            // No byte ranges here: the whole blob, by this node alone.
+            reqwest::StatusCode::OK => return self.feed_whole(d, resp, source).await,
+            reqwest::StatusCode::PARTIAL_CONTENT => content_range(&resp).map(|r| r.2).ok_or("a 206 without a usable Content-Range")?,
+            // An empty blob has no byte 0.
+            reqwest::StatusCode::RANGE_NOT_SATISFIABLE => return self.fetch_whole(d, url, fwd, source).await,
+            st => return Err(format!("upstream answered {st}")),
+        };
+        let pieces = total.div_ceil(u64::from(self.inner.store.piece_size())) as u32;
+        let me = c.peers.me();
+        let helpers: Vec<SocketAddr> = transfer::ranked(&d, &c.peers.members()).into_iter().filter(|m| *m != me && !c.transfer.is_down(*m)).collect();
+        let parts = (pieces.div_ceil(CHUNK_PIECES) as usize).min(MAX_PARTS).min(helpers.len() + 1);
+        let part = |index: usize| transfer::Part { index: index as u8, parts: parts as u8, chunk_pieces: CHUNK_PIECES };
+        let own = self.fetch_part(d, part(0), &url, fwd, source, Some(resp));
+        if parts == 1 {
+            own.await?;
+            return if self.stored_size(&d).is_some() { Ok(()) } else { Err("the blob did not complete".into()) };
+        }
+        let helpers = &helpers[..parts - 1];
+        inc(&self.inner.counters.split_fetches);
+        info!(%d, size = total, parts, ?helpers, "splitting the upstream fetch");
+        let auth = fwd.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let mut asks = tokio::task::JoinSet::new();
+        for (i, &helper) in helpers.iter().enumerate() {
+            let (this, url, auth, p, budget) = (self.clone(), url.to_string(), auth.clone(), part(i + 1), c.owner_budget);
+            let t = c.transfer.clone();
+            asks.spawn(async move {
+                match t.ask_fetch_part(helper, &d, p, &url, auth.as_deref(), budget).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        inc(&this.inner.counters.part_takeovers);
+                        warn!(%d, %helper, part = p.index, "a helper could not fetch its part; fetching it here: {e}");
+                        this.fetch_part_to_store(d, p, url, auth).await
+                    }
+                }
+            });
+        }
+        let fetched = async {
+            let own = own.await;
+            let mut all = own;
+            while let Some(r) = asks.join_next().await {
+                let r = r.unwrap_or_else(|e| Err(e.to_string()));
+                all = all.and(r);
+            }
+            all
+        };
+        // The helpers' parts come from them (origins while they fetch) and from everyone else
+        // already holding some.
+        let mut sources: Vec<(SocketAddr, bool)> = helpers.iter().map(|h| (*h, true)).collect();
+        sources.extend(c.peers.members().into_iter().filter(|m| *m != me && !helpers.contains(m)).map(|m| (m, true)));
+        tokio::pin!(fetched);
+        let mut parts_done = false;
+        // After every part is held somewhere, passes that gain nothing are bounded (a piece may
+        // be withheld for a few seconds by a helper that just gave it to another node).
+        let (mut idle_passes, mut held) = (0, 0);
+        loop {
+            if self.stored_size(&d).is_some() {
+                return Ok(());
+            }
+            let dl = c.transfer.download_with_origins(&d, &sources, helpers.len());
+            let r = if parts_done {
+                dl.await
+            } else {
+                tokio::select! {
+                    r = dl => r,
+                    f = &mut fetched => {
+                        f?;
+                        parts_done = true;
+                        continue;
+                    }
+                }
+            };
+            match r {
+                Ok(()) => return Ok(()),
+                Err(e @ transfer::TransferError::Lied { .. }) => return Err(e.to_string()),
+                // Nothing to take yet (the parts have not started arriving), or the swarm
+                // stalled while parts are still on their way: try again shortly.
+                Err(_) if !parts_done => tokio::time::sleep(Duration::from_millis(100)).await,
+                Err(e) => {
+                    let now_held = self.inner.store.present_pieces(&d).map_or(0, |p| p.iter().filter(|p| **p).count());
+                    idle_passes = if now_held > held { 0 } else { idle_passes + 1 };
+                    held = now_held;
+                    if idle_passes >= 3 {
+                        return Err(format!("the parts were fetched, the blob did not come together: {e}"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Fetches `part` of `d` from upstream for a peer splitting the blob, once per node and
+    /// part however many ask (only from configured upstream hosts, as `fetch_to_store`).
+    async fn fetch_part_to_store(&self, d: Digest, part: transfer::Part, url: String, authorization: Option<String>) -> Result<(), String> {
+        let url = reqwest::Url::parse(&url).map_err(|e| format!("bad URL: {e}"))?;
+        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+        if !matches!(url.scheme(), "http" | "https") || !self.upstream_host(&host) {
+            inc(&self.inner.counters.proxy_denied);
+            return Err(format!("{host} is not a configured upstream"));
+        }
+        let key = (d, part.index);
+        let leader = {
+            let mut m = self.inner.part_flights.lock().unwrap_or_else(|e| e.into_inner());
+            match m.get(&key) {
+                Some(rx) => Err(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    m.insert(key, rx);
+                    Ok(tx)
+                }
+            }
+        };
+        let tx = match leader {
+            Ok(tx) => tx,
+            Err(mut rx) => {
+                let r = tokio::time::timeout(FOLLOW_BOUND, rx.wait_for(Option::is_some)).await;
+                return match r.ok().and_then(|v| v.ok().and_then(|v| *v)) {
+                    Some(true) => Ok(()),
+                    _ => Err("this node's fetch of that part failed".into()),
+                };
+            }
+        };
+        let mut fwd = HeaderMap::new();
+        if let Some(a) = authorization.as_deref().and_then(|a| header::HeaderValue::from_str(a).ok()) {
+            fwd.insert(header::AUTHORIZATION, a);
+        }
+        let res = self.fetch_part(d, part, &url, &fwd, Source::Upstream(host), None).await;
+        self.inner.part_flights.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        let _ = tx.send(Some(res.is_ok()));
+        res
+    }
+
+    /// GETs the chunks of `part` from upstream into the store with byte ranges, skipping chunks
+    /// already held; `first` is the answer to the part's first chunk when the caller has it.
+    async fn fetch_part(&self, d: Digest, part: transfer::Part, url: &reqwest::Url, fwd: &HeaderMap, source: Source, mut first: Option<reqwest::Response>) -> Result<(), String> {
+        let piece = u64::from(self.inner.store.piece_size());
+        let chunk = u64::from(part.chunk_pieces) * piece;
+        let mut total: Option<u64> = None;
+        let mut c = u64::from(part.index);
+        loop {
+            let start = c * chunk;
+            if total.is_some_and(|t| start >= t) {
+                return Ok(());
+            }
+            if let (Some(t), Some(have)) = (total, self.inner.store.present_pieces(&d)) {
+                let range = (start / piece) as usize..((start + chunk).min(t).div_ceil(piece)) as usize;
+                if have.get(range).is_some_and(|r| r.iter().all(|p| *p)) {
+                    c += u64::from(part.parts);
+                    continue;
+                }
+            }
+            let resp = match first.take() {
+                Some(r) => r,
+                None => self.get_range(url, fwd, start, chunk).await?,
+            };
+            match resp.status() {
+                reqwest::StatusCode::PARTIAL_CONTENT => {}
+                // Past the end: the blob is smaller than this part's first chunk.
+                reqwest::StatusCode::RANGE_NOT_SATISFIABLE if total.is_none() => return Ok(()),
+                st => return Err(format!("upstream answered {st} to a byte range")),
+            }
+            let (from, to, size) = content_range(&resp).ok_or("a 206 without a usable Content-Range")?;
+            if from != start || to < from || total.is_some_and(|t| t != size) || to >= size {
+                return Err(format!("upstream sent bytes {from}-{to}/{size} for a range from {start}"));
+            }
+            total = Some(size);
+            self.feed_range(d, resp, size, start, to + 1 - from, &source).await?;
+            c += u64::from(part.parts);
+        }
+    }
+
+    /// Writes one upstream byte range (from `start`, `len` bytes, piece-aligned) into the store.
+    async fn feed_range(&self, d: Digest, mut resp: reqwest::Response, size: u64, start: u64, len: u64, source: &Source) -> Result<(), String> {
+        let first = (start / u64::from(self.inner.store.piece_size())) as usize;
+        let mut w = feed::PieceFeed::at(&self.inner.store, &d, size, first, source.clone()).await.map_err(|e| e.to_string())?;
+        let mut got = 0u64;
+        loop {
+            match self.upstream_chunk(&mut resp).await {
+                Ok(Some(c)) => {
+                    got += c.len() as u64;
+                    if got > len {
+                        w.discard().await;
+                        return Err(format!("upstream sent more than the {len} bytes of its range"));
+                    }
+                    w.write(&c).await.map_err(|e| e.to_string())?;
+                }
+                Ok(None) if got == len => break,
+                Ok(None) => {
+                    w.discard().await;
+                    return Err(format!("upstream sent {got} of {len} bytes"));
+                }
+                Err(e) => {
+                    w.discard().await;
+                    return Err(e.to_string());
+                }
+            }
+        }
+        w.finish_part().await.map_err(|e| e.to_string())
+    }
+
+    /// GETs `len` bytes of the blob at `url` from `start`.
+    async fn get_range(&self, url: &reqwest::Url, fwd: &HeaderMap, start: u64, len: u64) -> Result<reqwest::Response, String> {
+        let mut h = fwd.clone();
+        let range = format!("bytes={start}-{}", start + len - 1);
+        h.insert(header::RANGE, header::HeaderValue::from_str(&range).map_err(|e| e.to_string())?);
+        self.inner.upstream.send(Method::GET, url.clone(), &h).await.map_err(|e| e.to_string())
     }
 
     /// GETs a whole blob from upstream into the store (piece by piece, verified at the end). The
     /// caller holds the digest's flight.
     async fn fetch_whole(&self, d: Digest, url: reqwest::Url, fwd: &HeaderMap, source: Source) -> Result<(), String> {
-        let mut resp = self.inner.upstream.send(Method::GET, url, fwd).await.map_err(|e| e.to_string())?;
+        let resp = self.inner.upstream.send(Method::GET, url, fwd).await.map_err(|e| e.to_string())?;
+        self.feed_whole(d, resp, source).await
+    }
+
+    /// Writes a whole-blob answer (200) into the store.
+    async fn feed_whole(&self, d: Digest, mut resp: reqwest::Response, source: Source) -> Result<(), String> {
         if resp.status() != reqwest::StatusCode::OK {
             return Err(format!("upstream answered {}", resp.status()));
         }
@@ -1303,6 +1554,17 @@ pub fn digest_from_path(path: &str) -> Option<Digest> {
         }
     }
     segs.iter().rev().find_map(|s| s.parse().ok())
+}
+
+/// `(first, last, size)` from a 206's `Content-Range: bytes first-last/size`.
+fn content_range(resp: &reqwest::Response) -> Option<(u64, u64, u64)> {
+    parse_content_range(resp.headers().get(reqwest::header::CONTENT_RANGE)?.to_str().ok()?)
+}
+
+fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
+    let (range, size) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    Some((first.trim().parse().ok()?, last.trim().parse().ok()?, size.trim().parse().ok()?))
 }
 
 fn range_header(h: &HeaderMap) -> Option<&str> {
@@ -1492,6 +1754,16 @@ impl transfer::Fetcher for Mirror {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(self.fetch_to_store(digest, url, authorization))
     }
+
+    fn fetch_part(
+        &self,
+        digest: Digest,
+        part: transfer::Part,
+        url: String,
+        authorization: Option<String>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(self.fetch_part_to_store(digest, part, url, authorization))
+    }
 }
 
 #[cfg(test)]
@@ -1506,6 +1778,15 @@ mod tests {
         assert_eq!(digest_from_path(&format!("/x/sha256:{hex}")).unwrap().hex(), hex);
         assert!(digest_from_path("/docker/registry/v2/blobs/sha256/ff/abc/data").is_none());
         assert!(digest_from_path(&format!("/docker/registry/v2/blobs/sha256/ff/{hex}/data")).is_none());
+    }
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(parse_content_range("bytes 0-16777215/268435456"), Some((0, 16777215, 268435456)));
+        assert_eq!(parse_content_range("bytes 5-9/10"), Some((5, 9, 10)));
+        for bad in ["bytes */10", "bytes 0-9/*", "items 0-9/10", "bytes 0-9", ""] {
+            assert_eq!(parse_content_range(bad), None, "{bad}");
+        }
     }
 
     #[test]

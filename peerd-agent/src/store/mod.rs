@@ -515,6 +515,17 @@ impl Store {
         Some((0..b.pieces()).map(|i| st.present.get(i)).collect())
     }
 
+    /// Which present pieces of `d` came from upstream (their blake3 computed here, not checked
+    /// against anyone's): the pieces only this node can give out while the blob arrives.
+    pub fn upstream_pieces(&self, d: &Digest) -> Option<Vec<bool>> {
+        let b = self.get(d)?;
+        let st = lock(&b.state);
+        if st.streaming || st.dropped {
+            return None;
+        }
+        Some((0..b.pieces()).map(|i| st.present.get(i) && matches!(st.sources.get(i), Some(Some(Source::Upstream(_))))).collect())
+    }
+
     /// Path of a complete blob's data file, for zero-copy serving (sendfile/splice). The blob
     /// occupies bytes `[0, size)` of the file. Pin the blob while serving from the path:
     /// eviction unlinks the file (an fd opened before that stays valid).

@@ -30,6 +30,7 @@ use crate::containerd::ContainerdContent;
 use crate::ratelimit::RateLimit;
 use crate::store::{Digest, PutOutcome, Source, Store, StoreError};
 use swarm::{Assignment, Download, Failure, SwarmConfig};
+pub use wire::Part;
 use wire::{Request, Status, WireManifest};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +61,15 @@ pub trait Fetcher: Send + Sync + 'static {
     fn fetch(
         &self,
         digest: Digest,
+        url: String,
+        authorization: Option<String>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+    /// Gets one part of the blob (`wire::Part`) from upstream into the store; done when this
+    /// node holds that part's pieces.
+    fn fetch_part(
+        &self,
+        digest: Digest,
+        part: Part,
         url: String,
         authorization: Option<String>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
@@ -112,6 +122,8 @@ pub struct Counters {
     pub peers_unreachable: AtomicU64,
     pub refused_requests: AtomicU64,
     pub fetches_for_peers: AtomicU64,
+    /// Parts of blobs fetched from upstream for the node splitting the blob (`FetchPart`).
+    pub part_fetches_for_peers: AtomicU64,
     /// Piece requests this node, as a blob's origin, answered "not here" because it had just
     /// sent those pieces to another peer (`handout`).
     pub withheld_pieces: AtomicU64,
@@ -347,7 +359,11 @@ impl Transfer {
                 if (first..first + count).any(|i| !have.get(i as usize).copied().unwrap_or(false)) {
                     return refuse(&mut send, Status::NotFound, "not yet").await;
                 }
-                if !self.handout(&d).is_none_or(|mut h| h.claim(&d, n as usize, peer, first, count, Instant::now())) {
+                // The hand-out rule is for pieces this node got from upstream (the scarce ones);
+                // pieces it got from peers are everyone's.
+                let fresh = store.upstream_pieces(&d).unwrap_or_default();
+                let any_fresh = (first..first + count).any(|i| fresh.get(i as usize).copied().unwrap_or(false));
+                if any_fresh && !self.handout(&d).is_none_or(|mut h| h.claim(&d, n as usize, peer, first, count, Instant::now())) {
                     self.inner.counters.withheld_pieces.fetch_add(1, Ordering::Relaxed);
                     return refuse(&mut send, Status::NotFound, "sent to another peer; get it there").await;
                 }
@@ -371,7 +387,15 @@ impl Transfer {
                     None => match (self.manifest_of(&d), store.present_pieces(&d)) {
                         (Some(_), Some(mut bits)) => {
                             if let Some(mut h) = self.handout(&d) {
-                                h.mask(&d, peer, &mut bits, Instant::now());
+                                // Only pieces from upstream are masked (see Pieces).
+                                let fresh = store.upstream_pieces(&d).unwrap_or_default();
+                                let mut masked: Vec<bool> = bits.iter().enumerate().map(|(i, b)| *b && fresh.get(i).copied().unwrap_or(false)).collect();
+                                h.mask(&d, peer, &mut masked, Instant::now());
+                                for (i, b) in bits.iter_mut().enumerate() {
+                                    if fresh.get(i).copied().unwrap_or(false) {
+                                        *b = masked[i];
+                                    }
+                                }
                             }
                             wire::encode_have(&bits)
                         }
@@ -386,6 +410,18 @@ impl Transfer {
                 let frame = match self.inner.fetcher.get() {
                     None => wire::status_frame(Status::UpstreamFailed, "this node cannot fetch"),
                     Some(f) => match f.fetch(d, url, authorization).await {
+                        Ok(()) => wire::status_frame(Status::Ok, ""),
+                        Err(e) => wire::status_frame(Status::UpstreamFailed, &e),
+                    },
+                };
+                send.write_all(&frame).await.map_err(|e| e.to_string())?;
+            }
+            Request::FetchPart { digest, part, url, authorization } => {
+                let d = Digest::from_sha256_bytes(digest);
+                self.inner.counters.part_fetches_for_peers.fetch_add(1, Ordering::Relaxed);
+                let frame = match self.inner.fetcher.get() {
+                    None => wire::status_frame(Status::UpstreamFailed, "this node cannot fetch"),
+                    Some(f) => match f.fetch_part(d, part, url, authorization).await {
                         Ok(()) => wire::status_frame(Status::Ok, ""),
                         Err(e) => wire::status_frame(Status::UpstreamFailed, &e),
                     },
@@ -545,6 +581,16 @@ impl Transfer {
     /// owner holds the verified blob, or fails (the caller tries the next owner or upstream).
     pub async fn ask_fetch(&self, owner: SocketAddr, d: &Digest, url: &str, authorization: Option<&str>, within: Duration) -> Result<(), TransferError> {
         let req = Request::Fetch { digest: *d.as_bytes(), url: url.to_string(), authorization: authorization.map(str::to_owned) };
+        self.ask(owner, req, within).await
+    }
+
+    /// Asks `peer` to fetch `part` of `d` from upstream; returns when it holds that part.
+    pub async fn ask_fetch_part(&self, peer: SocketAddr, d: &Digest, part: Part, url: &str, authorization: Option<&str>, within: Duration) -> Result<(), TransferError> {
+        let req = Request::FetchPart { digest: *d.as_bytes(), part, url: url.to_string(), authorization: authorization.map(str::to_owned) };
+        self.ask(peer, req, within).await
+    }
+
+    async fn ask(&self, owner: SocketAddr, req: Request, within: Duration) -> Result<(), TransferError> {
         let res = tokio::time::timeout(within, async {
             let (st, mut recv) = self.exchange(owner, &req).await?;
             if st == Status::Ok {
@@ -563,6 +609,12 @@ impl Transfer {
     /// bitfields are refreshed every `HAVE_EVERY` or few, and this node serves its own verified pieces to
     /// them meanwhile. Fails if no peer has a manifest, or nothing can progress for `STALL`.
     pub async fn download(&self, d: &Digest, peers: &[(SocketAddr, bool)]) -> Result<(), TransferError> {
+        self.download_with_origins(d, peers, 1).await
+    }
+
+    /// `download`, with the first `origins` peers each receiving part of the blob from upstream
+    /// (a split fetch: each is asked only for what nobody else has, as the single owner is).
+    pub async fn download_with_origins(&self, d: &Digest, peers: &[(SocketAddr, bool)], origins: usize) -> Result<(), TransferError> {
         if self.inner.store.has(d) {
             return Ok(());
         }
@@ -586,10 +638,10 @@ impl Transfer {
             }
         }
         let _partial = Partial(&self.inner, *d);
-        self.swarm(d, &m, manifest_peer, peers).await
+        self.swarm(d, &m, manifest_peer, peers, origins).await
     }
 
-    async fn swarm(&self, d: &Digest, m: &Arc<WireManifest>, manifest_peer: SocketAddr, peers: &[(SocketAddr, bool)]) -> Result<(), TransferError> {
+    async fn swarm(&self, d: &Digest, m: &Arc<WireManifest>, manifest_peer: SocketAddr, peers: &[(SocketAddr, bool)], origins: usize) -> Result<(), TransferError> {
         const STALL: Duration = Duration::from_secs(1);
         // After the source holding what others lack died (`lost_its_sources`): long enough for
         // the remaining peers' bitfields to show what they got from it last.
@@ -612,7 +664,9 @@ impl Transfer {
         // The first source is the owner (still receiving from upstream) or a complete holder:
         // while incomplete it is asked only for what nobody else has, and it decides who gets
         // which fresh piece (`handout`).
-        dl.set_origin(0);
+        for i in 0..origins.max(1) {
+            dl.set_origin(i);
+        }
         let (tx, mut rx) = mpsc::channel::<(Assignment, Result<Vec<(u32, Vec<u8>)>, Failure>)>(64);
         let (have_tx, mut have_rx) = mpsc::channel::<(usize, Vec<bool>, Option<WireManifest>)>(64);
         let (stored_tx, mut stored_rx) = mpsc::channel::<(usize, u32, Stored)>(64);
@@ -690,6 +744,13 @@ impl Transfer {
             let now = Instant::now();
             if now.duration_since(last_have) >= HAVE_EVERY {
                 last_have = now;
+                // Pieces this node holds already (an earlier pass of this download, or its own
+                // part of a split fetch arriving from upstream) are not asked of anyone.
+                if let Some(present) = store.present_pieces(d) {
+                    for (i, _) in present.iter().enumerate().filter(|(_, p)| **p) {
+                        dl.on_piece(i as u32);
+                    }
+                }
                 let unknown = hashes.iter().any(|h| h.is_none()).then(|| Arc::new(hashes.iter().map(|h| h.is_none()).collect()));
                 refresh(self, &dl, unknown, tick);
                 tick += 1;
@@ -907,6 +968,14 @@ async fn refuse(send: &mut quinn::SendStream, status: Status, msg: &str) -> Resu
 /// when the owner leaves, only its digests move.
 pub fn owner<'a>(d: &Digest, members: impl IntoIterator<Item = &'a SocketAddr>) -> Option<SocketAddr> {
     members.into_iter().max_by_key(|m| node_weight(d, **m)).copied()
+}
+
+/// `members` in rendezvous order for `d`, the owner first: who fetches which part of a split
+/// blob, the same on every node with the same view.
+pub fn ranked(d: &Digest, members: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut r = members.to_vec();
+    r.sort_by_cached_key(|m| std::cmp::Reverse(node_weight(d, *m)));
+    r
 }
 
 /// `blake3(digest || node's QUIC address)`: a node's rendezvous weight for blob `d`, the same on

@@ -24,6 +24,28 @@ pub enum Request {
     Fetch { digest: [u8; 32], url: String, authorization: Option<String> },
     /// Which pieces the peer holds (verified) right now: answered with a bitfield.
     Have { digest: [u8; 32] },
+    /// Ask a node to get one part of a blob from upstream (byte ranges, `Part`), with the
+    /// requesting client's credentials; answered when this node holds that part's pieces.
+    FetchPart { digest: [u8; 32], part: Part, url: String, authorization: Option<String> },
+}
+
+/// Part `index` of `parts` of a blob cut in chunks of `chunk_pieces` pieces: the chunks `c` with
+/// `c % parts == index`, so every part covers the blob's start as well as its end (a client
+/// streaming the blob in order waits on all parts evenly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Part {
+    pub index: u8,
+    pub parts: u8,
+    pub chunk_pieces: u32,
+}
+
+impl Part {
+    /// The chunks of this part in a blob of `pieces` pieces, as piece ranges.
+    pub fn chunks(self, pieces: u32) -> impl Iterator<Item = std::ops::Range<u32>> {
+        let chunk = self.chunk_pieces.max(1);
+        let step = usize::from(self.parts.max(1));
+        (u32::from(self.index)..pieces.div_ceil(chunk)).step_by(step).map(move |c| c * chunk..((c + 1) * chunk).min(pieces))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +139,15 @@ impl Request {
                 b.put_u8(4);
                 b.put_slice(digest);
             }
+            Request::FetchPart { digest, part, url, authorization } => {
+                b.put_u8(5);
+                b.put_slice(digest);
+                b.put_u8(part.index);
+                b.put_u8(part.parts);
+                b.put_u32(part.chunk_pieces);
+                put_str(&mut b, url)?;
+                put_str(&mut b, authorization.as_deref().unwrap_or(""))?;
+            }
         }
         if b.len() > MAX_REQUEST {
             return Err(WireError::TooLarge);
@@ -151,6 +182,17 @@ impl Request {
                 Request::Fetch { digest, url, authorization: (!auth.is_empty()).then_some(auth) }
             }
             4 => Request::Have { digest: get_digest(&mut b)? },
+            5 => {
+                let digest = get_digest(&mut b)?;
+                need(&b, 6)?;
+                let part = Part { index: b.get_u8(), parts: b.get_u8(), chunk_pieces: b.get_u32() };
+                if part.parts == 0 || part.index >= part.parts || part.chunk_pieces == 0 {
+                    return Err(WireError::Invalid("part"));
+                }
+                let url = get_str(&mut b)?;
+                let auth = get_str(&mut b)?;
+                Request::FetchPart { digest, part, url, authorization: (!auth.is_empty()).then_some(auth) }
+            }
             k => return Err(WireError::Kind(k)),
         };
         if b.has_remaining() {
@@ -257,6 +299,7 @@ mod tests {
             Request::Pieces { digest: d, first: 3, count: 8 },
             Request::Fetch { digest: d, url: "http://r/v2/a/blobs/sha256:x".into(), authorization: Some("Bearer t".into()) },
             Request::Fetch { digest: d, url: "u".into(), authorization: None },
+            Request::FetchPart { digest: d, part: Part { index: 2, parts: 3, chunk_pieces: 16 }, url: "u".into(), authorization: Some("Basic x".into()) },
             Request::Have { digest: d },
         ] {
             assert_eq!(Request::decode(&r.encode().unwrap()).unwrap(), r);
@@ -285,6 +328,28 @@ mod tests {
         let m = WireManifest { size: 10, piece_size: 4, pieces: vec![[0; 32]; 2] }.encode();
         assert_eq!(WireManifest::decode(&m[1..]), Err(WireError::Invalid("piece count does not match size")));
         assert!(Request::decode(&vec![1u8; MAX_REQUEST + 1]).is_err());
+        for part in [Part { index: 3, parts: 3, chunk_pieces: 1 }, Part { index: 0, parts: 0, chunk_pieces: 1 }, Part { index: 0, parts: 2, chunk_pieces: 0 }] {
+            let f = Request::FetchPart { digest: d, part, url: "u".into(), authorization: None }.encode().unwrap();
+            assert_eq!(Request::decode(&f), Err(WireError::Invalid("part")), "{part:?}");
+        }
+    }
+
+    #[test]
+    fn parts_cover_every_piece_once() {
+        for (pieces, parts, chunk) in [(0u32, 3u8, 4u32), (1, 3, 4), (40, 3, 16), (256, 4, 16), (257, 8, 16), (10, 4, 1)] {
+            let mut seen = vec![0u8; pieces as usize];
+            for index in 0..parts {
+                let p = Part { index, parts, chunk_pieces: chunk };
+                for r in p.chunks(pieces) {
+                    assert!(r.start % chunk == 0 && r.len() as u32 <= chunk && r.end <= pieces, "{r:?}");
+                    r.for_each(|i| seen[i as usize] += 1);
+                }
+            }
+            assert!(seen.iter().all(|n| *n == 1), "{pieces} pieces, {parts} parts of {chunk}: {seen:?}");
+        }
+        // Interleaved: part 1 of 4 in 16-piece chunks of a 256-piece blob.
+        let p = Part { index: 1, parts: 4, chunk_pieces: 16 };
+        assert_eq!(p.chunks(256).collect::<Vec<_>>(), vec![16..32, 80..96, 144..160, 208..224]);
     }
 
     proptest! {
