@@ -317,3 +317,45 @@ async fn a_large_blob_is_fetched_in_parts_each_byte_once() {
     assert_eq!(splits, 1, "one owner splits the fetch");
     assert!(parts >= 2, "the helpers were asked for their parts ({parts})");
 }
+
+/// A helper that dies while fetching its part of a split blob is replaced by the owner, and the
+/// nodes left still get the right bytes. Upstream reads are throttled so the kill lands while
+/// the parts are still arriving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_helper_killed_mid_part_is_replaced_by_the_owner() {
+    let mut t = one_layer_with(3, 48, &["--trust-cluster", "--upstream-limit", "8M"]);
+    let addr_of = |args: &[String]| -> SocketAddr {
+        let i = args.iter().position(|a| a == "--peer-addr").unwrap();
+        args[i + 1].parse().unwrap()
+    };
+    let addrs: Vec<SocketAddr> = t.c.nodes.iter().map(|(_, args)| addr_of(args)).collect();
+    let digest: peerd_agent::store::Digest = t.layer.parse().unwrap();
+    let ranked = peerd_agent::transfer::ranked(&digest, &addrs);
+    let node = |a: SocketAddr| addrs.iter().position(|x| *x == a).unwrap();
+    let (owner, helper) = (node(ranked[0]), node(ranked[1]));
+    let client = http_client();
+    let handles: Vec<_> = t
+        .c
+        .agents
+        .iter()
+        .map(|a| {
+            let req = client.get(a.url(&t.path)).timeout(Duration::from_secs(90));
+            tokio::spawn(async move {
+                let r = req.send().await.map_err(|e| e.to_string())?;
+                r.bytes().await.map(|b| b.to_vec()).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    t.c.agents[helper].proc.kill();
+    for (i, h) in handles.into_iter().enumerate() {
+        let got = h.await.unwrap();
+        if i != helper {
+            assert!(got.as_ref().is_ok_and(|b| *b == t.image.blob_bytes(&t.layer)), "node {i}: {:?}", got.map(|b| b.len()));
+        }
+    }
+    let m = metrics(&t.c.agents[owner]).await;
+    assert_eq!(metric_value(&m, "peerd_split_fetches_total"), Some(1), "the owner split the fetch");
+    let takeovers = metric_value(&m, "peerd_part_takeovers_total").unwrap_or(0);
+    assert!(takeovers >= 1, "the owner took over the dead helper's part ({takeovers})");
+}

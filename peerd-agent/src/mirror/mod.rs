@@ -209,13 +209,15 @@ struct Inner {
     prefetch_slots: Arc<Semaphore>,
     /// Parts of split blobs this node is fetching for a peer (`FetchPart`), one fetch per part:
     /// followers wait for the leader's outcome.
-    part_flights: Mutex<HashMap<(Digest, u8), watch::Receiver<Option<bool>>>>,
+    part_flights: Mutex<HashMap<(Digest, u8), PartFlight>>,
     upstream_limit: Option<Arc<RateLimit>>,
     counters: Counters,
     metrics_sources: Mutex<Vec<Arc<dyn crate::metrics::MetricsSource>>>,
 }
 
 type Resp = Response<Body>;
+/// A part fetch in progress: `Some(succeeded)` once it ended.
+type PartFlight = watch::Receiver<Option<bool>>;
 
 impl Mirror {
     pub fn new(cfg: MirrorConfig, store: Store, state_dir: PathBuf, cluster: Option<Cluster>) -> Result<Self, MirrorError> {
