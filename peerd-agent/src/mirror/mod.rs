@@ -1255,15 +1255,16 @@ impl Mirror {
                 return Ok(());
             }
             let dl = c.transfer.download_with_origins(&d, &sources, helpers.len());
+            tokio::pin!(dl);
             let r = if parts_done {
                 dl.await
             } else {
                 tokio::select! {
-                    r = dl => r,
+                    r = &mut dl => r,
                     f = &mut fetched => {
                         f?;
                         parts_done = true;
-                        continue;
+                        dl.await
                     }
                 }
             };
