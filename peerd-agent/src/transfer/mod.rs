@@ -162,8 +162,8 @@ struct Inner {
 const HANDOUT_GRACE: Duration = Duration::from_secs(3);
 
 /// Silence on a connection after which the peer counts as dead (module docs of `start`).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
-const KEEP_ALIVE: Duration = Duration::from_millis(250);
+const IDLE_TIMEOUT: Duration = Duration::from_millis(500);
+const KEEP_ALIVE: Duration = Duration::from_millis(125);
 /// How long a peer that could not be reached is not dialled again (requests fail at once).
 const DOWN_FOR: Duration = Duration::from_secs(2);
 
@@ -531,6 +531,7 @@ impl Transfer {
     /// Records that `peer` is gone for `DOWN_FOR` and returns the error saying so.
     fn unreachable(&self, peer: SocketAddr, msg: String) -> TransferError {
         self.inner.counters.peers_unreachable.fetch_add(1, Ordering::Relaxed);
+        warn!(%peer, "peer unreachable, not dialled for {DOWN_FOR:?}: {msg}");
         self.inner.down.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, Instant::now() + DOWN_FOR);
         TransferError::Unreachable { peer, msg }
     }
