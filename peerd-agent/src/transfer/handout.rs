@@ -78,18 +78,19 @@ impl Handout {
         Self { grace, blobs: HashMap::new() }
     }
 
-    /// Masks `have` (this node's bitfield of `d`) for `peer`: a fresh piece is shown first only
-    /// to its designated downloader, to everyone after `OFFER_FIRST`, and to nobody but its
+    /// Masks `have` (this node's bitfield of `d`) for `peer`: a fresh piece (`fresh`: got from
+    /// upstream here; pieces got from peers are everyone's and shown as they are) is shown first
+    /// only to its designated downloader, to everyone after `OFFER_FIRST`, and to nobody but its
     /// taker for `grace` after it was sent.
-    pub fn mask(&mut self, d: &Digest, peer: SocketAddr, have: &mut [bool], now: Instant) {
+    pub fn mask(&mut self, d: &Digest, peer: SocketAddr, have: &mut [bool], fresh: &[bool], now: Instant) {
         let grace = self.grace;
         let b = self.blobs.entry(*d).or_insert_with(|| Blob::new(have.len()));
-        if b.seen.len() != have.len() {
+        if b.seen.len() != have.len() || fresh.len() != have.len() {
             return;
         }
         b.pollers.entry(peer).or_insert_with(|| (key(d, peer), now)).1 = now;
         for (i, h) in have.iter_mut().enumerate() {
-            if !*h {
+            if !*h || !fresh[i] {
                 continue;
             }
             let seen = *b.seen[i].get_or_insert(now);
@@ -101,13 +102,14 @@ impl Handout {
         }
     }
 
-    /// Pieces `first..first + count` of `d` (of `pieces`) for `peer`: false, and nothing
-    /// recorded, if another peer got any of them less than `grace` ago; otherwise they are
-    /// recorded as given to `peer`.
-    pub fn claim(&mut self, d: &Digest, pieces: usize, peer: SocketAddr, first: u32, count: u32, now: Instant) -> bool {
+    /// Pieces `first..first + count` of `d` for `peer`: false, and nothing recorded, if another
+    /// peer got any of its fresh pieces (`fresh`, one entry per piece of the blob) less than
+    /// `grace` ago; otherwise its fresh pieces are recorded as given to `peer`.
+    pub fn claim(&mut self, d: &Digest, fresh: &[bool], peer: SocketAddr, first: u32, count: u32, now: Instant) -> bool {
         let grace = self.grace;
-        let b = self.blobs.entry(*d).or_insert_with(|| Blob::new(pieces));
-        let range = first as usize..(first as usize + count as usize).min(b.given.len());
+        let b = self.blobs.entry(*d).or_insert_with(|| Blob::new(fresh.len()));
+        let end = (first as usize + count as usize).min(b.given.len()).min(fresh.len());
+        let range = (first as usize..end).filter(|&i| fresh[i]);
         if range.clone().any(|i| b.taken_by_other(i, peer, now, grace)) {
             return false;
         }
@@ -138,7 +140,7 @@ mod tests {
 
     fn shown(h: &mut Handout, d: &Digest, peer: SocketAddr, pieces: usize, now: Instant) -> Vec<usize> {
         let mut have = vec![true; pieces];
-        h.mask(d, peer, &mut have, now);
+        h.mask(d, peer, &mut have, &vec![true; pieces], now);
         (0..pieces).filter(|&i| have[i]).collect()
     }
 
@@ -169,13 +171,13 @@ mod tests {
         let d = Digest::from_sha256_bytes([7; 32]);
         let mut h = Handout::new(Duration::from_secs(3));
         let t0 = Instant::now();
-        assert!(h.claim(&d, 4, addr(1), 0, 2, t0));
+        assert!(h.claim(&d, &[true; 4], addr(1), 0, 2, t0));
         // The same peer may ask again (a retry); another may not, for any piece of the run.
-        assert!(h.claim(&d, 4, addr(1), 1, 1, t0));
+        assert!(h.claim(&d, &[true; 4], addr(1), 1, 1, t0));
         let t1 = t0 + Duration::from_secs(1);
-        assert!(!h.claim(&d, 4, addr(2), 1, 2, t1));
+        assert!(!h.claim(&d, &[true; 4], addr(2), 1, 2, t1));
         // Nothing of the refused run was recorded: piece 2 is still free.
-        assert!(h.claim(&d, 4, addr(2), 2, 1, t1));
+        assert!(h.claim(&d, &[true; 4], addr(2), 2, 1, t1));
         // Bitfields hide what others got (the rest is past OFFER_FIRST by now for both).
         shown(&mut h, &d, addr(2), 4, t0);
         shown(&mut h, &d, addr(1), 4, t0);
@@ -184,9 +186,9 @@ mod tests {
         // After the grace (the taker died or is slow) the piece is offered again.
         let later = t0 + Duration::from_secs(3);
         assert_eq!(shown(&mut h, &d, addr(3), 4, later), vec![0, 1, 2, 3].into_iter().filter(|&i| i != 2).collect::<Vec<_>>());
-        assert!(h.claim(&d, 4, addr(3), 0, 1, later));
+        assert!(h.claim(&d, &[true; 4], addr(3), 0, 1, later));
         // Runs past the end are cut, not recorded beyond it.
-        assert!(h.claim(&d, 4, addr(3), 3, 5, later));
+        assert!(h.claim(&d, &[true; 4], addr(3), 3, 5, later));
     }
 
     #[test]
@@ -197,7 +199,7 @@ mod tests {
         let n = 100;
         let mask = |h: &mut Handout, peer: u8, present: usize, t: Instant| {
             let mut have: Vec<bool> = (0..n).map(|i| i < present).collect();
-            h.mask(&d, addr(peer), &mut have, t);
+            h.mask(&d, addr(peer), &mut have, &[true; 100], t);
             have.iter().filter(|b| **b).count()
         };
         // Both poll before anything arrived, then the first half arrives: split between them.
@@ -214,14 +216,42 @@ mod tests {
     }
 
     #[test]
+    fn pieces_from_peers_are_shown_to_all_and_never_withheld() {
+        let d = Digest::from_sha256_bytes([5; 32]);
+        let mut h = Handout::new(Duration::from_secs(3));
+        let t0 = Instant::now();
+        // Pieces 0 and 1 came from upstream here, 2 and 3 from peers.
+        let fresh = [true, true, false, false];
+        let shown_to = |h: &mut Handout, peer: u8, t: Instant| {
+            let mut have = vec![true; 4];
+            h.mask(&d, addr(peer), &mut have, &fresh, t);
+            (0..4).filter(|&i| have[i]).collect::<Vec<_>>()
+        };
+        shown_to(&mut h, 1, t0);
+        shown_to(&mut h, 2, t0);
+        let t1 = t0 + Duration::from_millis(100);
+        // Fresh pieces go to one designated peer each; the others are shown to both.
+        let (one, two) = (shown_to(&mut h, 1, t1), shown_to(&mut h, 2, t1));
+        assert!(one.contains(&2) && one.contains(&3) && two.contains(&2) && two.contains(&3), "{one:?} {two:?}");
+        assert_eq!(one.iter().chain(&two).filter(|&&i| i < 2).count(), 2, "{one:?} {two:?}");
+        // A piece from peers given to one peer is still given to the next.
+        assert!(h.claim(&d, &fresh, addr(1), 2, 2, t1));
+        assert!(h.claim(&d, &fresh, addr(2), 2, 2, t1));
+        assert_eq!(shown_to(&mut h, 2, t1 + OFFER_FIRST), vec![0, 1, 2, 3]);
+        // A fresh piece is withheld from the others while its taker has it.
+        assert!(h.claim(&d, &fresh, addr(1), 0, 1, t1));
+        assert!(!h.claim(&d, &fresh, addr(2), 0, 1, t1));
+    }
+
+    #[test]
     fn blobs_no_longer_arriving_are_forgotten() {
         let (a, b) = (Digest::from_sha256_bytes([1; 32]), Digest::from_sha256_bytes([2; 32]));
         let mut h = Handout::new(Duration::from_secs(3));
         let t0 = Instant::now();
-        assert!(h.claim(&a, 2, addr(1), 0, 1, t0));
-        assert!(h.claim(&b, 2, addr(1), 0, 1, t0));
+        assert!(h.claim(&a, &[true; 2], addr(1), 0, 1, t0));
+        assert!(h.claim(&b, &[true; 2], addr(1), 0, 1, t0));
         h.retain(|d| *d == b);
         assert_eq!(h.tracked(), 1);
-        assert!(h.claim(&a, 2, addr(2), 0, 1, t0), "a complete blob is an ordinary one");
+        assert!(h.claim(&a, &[true; 2], addr(2), 0, 1, t0), "a complete blob is an ordinary one");
     }
 }

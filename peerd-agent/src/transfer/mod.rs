@@ -359,11 +359,11 @@ impl Transfer {
                 if (first..first + count).any(|i| !have.get(i as usize).copied().unwrap_or(false)) {
                     return refuse(&mut send, Status::NotFound, "not yet").await;
                 }
-                // The hand-out rule is for pieces this node got from upstream (the scarce ones);
-                // pieces it got from peers are everyone's.
-                let fresh = store.upstream_pieces(&d).unwrap_or_default();
-                let any_fresh = (first..first + count).any(|i| fresh.get(i as usize).copied().unwrap_or(false));
-                if any_fresh && !self.handout(&d).is_none_or(|mut h| h.claim(&d, n as usize, peer, first, count, Instant::now())) {
+                let given = self.handout(&d).is_none_or(|mut h| {
+                    let fresh = store.upstream_pieces(&d).unwrap_or_default();
+                    h.claim(&d, &fresh, peer, first, count, Instant::now())
+                });
+                if !given {
                     self.inner.counters.withheld_pieces.fetch_add(1, Ordering::Relaxed);
                     return refuse(&mut send, Status::NotFound, "sent to another peer; get it there").await;
                 }
@@ -387,15 +387,8 @@ impl Transfer {
                     None => match (self.manifest_of(&d), store.present_pieces(&d)) {
                         (Some(_), Some(mut bits)) => {
                             if let Some(mut h) = self.handout(&d) {
-                                // Only pieces from upstream are masked (see Pieces).
                                 let fresh = store.upstream_pieces(&d).unwrap_or_default();
-                                let mut masked: Vec<bool> = bits.iter().enumerate().map(|(i, b)| *b && fresh.get(i).copied().unwrap_or(false)).collect();
-                                h.mask(&d, peer, &mut masked, Instant::now());
-                                for (i, b) in bits.iter_mut().enumerate() {
-                                    if fresh.get(i).copied().unwrap_or(false) {
-                                        *b = masked[i];
-                                    }
-                                }
+                                h.mask(&d, peer, &mut bits, &fresh, Instant::now());
                             }
                             wire::encode_have(&bits)
                         }

@@ -115,6 +115,8 @@ fn addr(i: usize) -> SocketAddr {
 pub fn run(cfg: &SimConfig) -> SimResult {
     let n = cfg.nodes.max(2);
     let np = cfg.pieces as usize;
+    // The simulated origin's pieces all come from upstream.
+    let all_fresh = vec![true; np];
     let d = Digest::from_sha256_bytes([7; 32]);
     let t0 = Instant::now();
     let at = |t: f64| t0 + Duration::from_secs_f64(t);
@@ -166,7 +168,7 @@ pub fn run(cfg: &SimConfig) -> SimResult {
                     }
                     let mut bits = have[j].clone();
                     if j == 0 && origin_fetching {
-                        handout.mask(&d, addr(i), &mut bits, now);
+                        handout.mask(&d, addr(i), &mut bits, &all_fresh, now);
                     }
                     dl.set_have(k, bits);
                 }
@@ -177,7 +179,7 @@ pub fn run(cfg: &SimConfig) -> SimResult {
             for a in dl.poll(now) {
                 let j = peers[i][a.peer];
                 let held = (a.first..a.first + a.count).all(|p| have[j][p as usize]);
-                let given = !(j == 0 && origin_fetching) || handout.claim(&d, np, addr(i), a.first, a.count, now);
+                let given = !(j == 0 && origin_fetching) || handout.claim(&d, &all_fresh, addr(i), a.first, a.count, now);
                 if !held || !given {
                     dl.on_failure(a, Failure::NotYet);
                     continue;
