@@ -593,7 +593,7 @@ impl Mirror {
                         let Some(j) = job.take() else { break };
                         // If the cluster fails mid-stream, the rest comes from upstream.
                         let this = self.clone();
-                        let auth = fwd.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                        let auth = authorization(&fwd).map(str::to_owned);
                         let fallback = async move { this.fetch_to_store(d, url.to_string(), auth).await };
                         return self.stream_arriving(d, size, pieces, j, fallback, started);
                     }
@@ -1059,7 +1059,7 @@ impl Mirror {
         // A member that just failed to answer is not asked (the next by rendezvous is: the
         // others see it gone as well, or the owner's single flight still collapses the fetch).
         let mut members: Vec<SocketAddr> = c.peers.members().into_iter().filter(|m| *m == me || !c.transfer.is_down(*m)).collect();
-        let auth = fwd.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let auth = authorization(fwd);
         // If the owner dies or fails, the next one by rendezvous takes over.
         for _ in 0..3 {
             let Some(owner) = transfer::owner(d, &members) else { return false };
@@ -1164,25 +1164,33 @@ impl Mirror {
         if self.stored_size(&d).is_some() {
             return Ok(());
         }
-        let url = reqwest::Url::parse(&url).map_err(|e| format!("bad URL: {e}"))?;
-        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-        if !matches!(url.scheme(), "http" | "https") || !self.upstream_host(&host) {
-            inc(&self.inner.counters.proxy_denied);
-            return Err(format!("{host} is not a configured upstream"));
-        }
+        let (url, fwd, source) = self.for_peer(&url, authorization.as_deref())?;
         let _flight = match self.flight(d) {
             Flight::Leader(g) => g,
             Flight::Follower(rx) => {
                 return if self.follow(&d, rx, FOLLOW_BOUND).await { Ok(()) } else { Err("the fetch on this node failed".into()) };
             }
         };
-        let mut fwd = HeaderMap::new();
-        if let Some(a) = authorization.as_deref().and_then(|a| header::HeaderValue::from_str(a).ok()) {
-            fwd.insert(header::AUTHORIZATION, a);
-        }
-        self.fetch_split(d, url, &fwd, Source::Upstream(host)).await?;
+        self.fetch_split(d, url, &fwd, source).await?;
         info!(%d, "fetched from upstream for the cluster");
         Ok(())
+    }
+
+    /// A fetch asked for by a peer (or taken over from one): `url` must be a configured upstream
+    /// host, so a peer cannot make this node fetch anything else; the client's credentials, if
+    /// any, go with it.
+    fn for_peer(&self, url: &str, authorization: Option<&str>) -> Result<(reqwest::Url, HeaderMap, Source), String> {
+        let url = reqwest::Url::parse(url).map_err(|e| format!("bad URL: {e}"))?;
+        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+        if !matches!(url.scheme(), "http" | "https") || !self.upstream_host(&host) {
+            inc(&self.inner.counters.proxy_denied);
+            return Err(format!("{host} is not a configured upstream"));
+        }
+        let mut fwd = HeaderMap::new();
+        if let Some(a) = authorization.and_then(|a| header::HeaderValue::from_str(a).ok()) {
+            fwd.insert(header::AUTHORIZATION, a);
+        }
+        Ok((url, fwd, Source::Upstream(host)))
     }
 
     /// Fetches `d` for the cluster as its owner: the first chunk's answer tells the size; a blob
@@ -1216,7 +1224,7 @@ impl Mirror {
         let helpers = &helpers[..parts - 1];
         inc(&self.inner.counters.split_fetches);
         info!(%d, size = total, parts, ?helpers, "splitting the upstream fetch");
-        let auth = fwd.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let auth = authorization(fwd).map(str::to_owned);
         let mut asks = tokio::task::JoinSet::new();
         for (i, &helper) in helpers.iter().enumerate() {
             let (this, url, auth, p, budget) = (self.clone(), url.to_string(), auth.clone(), part(i + 1), c.owner_budget);
@@ -1233,8 +1241,7 @@ impl Mirror {
             });
         }
         let fetched = async {
-            let own = own.await;
-            let mut all = own;
+            let mut all = own.await;
             while let Some(r) = asks.join_next().await {
                 let r = r.unwrap_or_else(|e| Err(e.to_string()));
                 all = all.and(r);
@@ -1290,12 +1297,7 @@ impl Mirror {
     /// Fetches `part` of `d` from upstream for a peer splitting the blob, once per node and
     /// part however many ask (only from configured upstream hosts, as `fetch_to_store`).
     async fn fetch_part_to_store(&self, d: Digest, part: transfer::Part, url: String, authorization: Option<String>) -> Result<(), String> {
-        let url = reqwest::Url::parse(&url).map_err(|e| format!("bad URL: {e}"))?;
-        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-        if !matches!(url.scheme(), "http" | "https") || !self.upstream_host(&host) {
-            inc(&self.inner.counters.proxy_denied);
-            return Err(format!("{host} is not a configured upstream"));
-        }
+        let (url, fwd, source) = self.for_peer(&url, authorization.as_deref())?;
         let key = (d, part.index);
         let leader = {
             let mut m = self.inner.part_flights.lock().unwrap_or_else(|e| e.into_inner());
@@ -1318,11 +1320,7 @@ impl Mirror {
                 };
             }
         };
-        let mut fwd = HeaderMap::new();
-        if let Some(a) = authorization.as_deref().and_then(|a| header::HeaderValue::from_str(a).ok()) {
-            fwd.insert(header::AUTHORIZATION, a);
-        }
-        let res = self.fetch_part(d, part, &url, &fwd, Source::Upstream(host), None).await;
+        let res = self.fetch_part(d, part, &url, &fwd, source, None).await;
         self.inner.part_flights.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
         let _ = tx.send(Some(res.is_ok()));
         res
@@ -1368,32 +1366,38 @@ impl Mirror {
     }
 
     /// Writes one upstream byte range (from `start`, `len` bytes, piece-aligned) into the store.
-    async fn feed_range(&self, d: Digest, mut resp: reqwest::Response, size: u64, start: u64, len: u64, source: &Source) -> Result<(), String> {
+    async fn feed_range(&self, d: Digest, resp: reqwest::Response, size: u64, start: u64, len: u64, source: &Source) -> Result<(), String> {
         let first = (start / u64::from(self.inner.store.piece_size())) as usize;
-        let mut w = feed::PieceFeed::at(&self.inner.store, &d, size, first, source.clone()).await.map_err(|e| e.to_string())?;
+        let w = feed::PieceFeed::at(&self.inner.store, &d, size, first, source.clone()).await.map_err(|e| e.to_string())?;
+        self.feed_body(resp, w, Some(len)).await?.finish_part().await.map_err(|e| e.to_string())
+    }
+
+    /// Writes an upstream body into `w` (exactly `len` bytes when given); on failure the feed's
+    /// partial blob is given up before the error returns.
+    async fn feed_body(&self, mut resp: reqwest::Response, mut w: feed::PieceFeed, len: Option<u64>) -> Result<feed::PieceFeed, String> {
         let mut got = 0u64;
         loop {
             match self.upstream_chunk(&mut resp).await {
                 Ok(Some(c)) => {
                     got += c.len() as u64;
-                    if got > len {
+                    if let Some(len) = len.filter(|len| got > *len) {
                         w.discard().await;
                         return Err(format!("upstream sent more than the {len} bytes of its range"));
                     }
                     w.write(&c).await.map_err(|e| e.to_string())?;
                 }
-                Ok(None) if got == len => break,
-                Ok(None) => {
-                    w.discard().await;
-                    return Err(format!("upstream sent {got} of {len} bytes"));
-                }
+                Ok(None) => break,
                 Err(e) => {
                     w.discard().await;
                     return Err(e.to_string());
                 }
             }
         }
-        w.finish_part().await.map_err(|e| e.to_string())
+        if let Some(len) = len.filter(|len| got != *len) {
+            w.discard().await;
+            return Err(format!("upstream sent {got} of {len} bytes"));
+        }
+        Ok(w)
     }
 
     /// GETs `len` bytes of the blob at `url` from `start`.
@@ -1412,25 +1416,13 @@ impl Mirror {
     }
 
     /// Writes a whole-blob answer (200) into the store.
-    async fn feed_whole(&self, d: Digest, mut resp: reqwest::Response, source: Source) -> Result<(), String> {
+    async fn feed_whole(&self, d: Digest, resp: reqwest::Response, source: Source) -> Result<(), String> {
         if resp.status() != reqwest::StatusCode::OK {
             return Err(format!("upstream answered {}", resp.status()));
         }
         let size = resp.content_length().ok_or("upstream sent no Content-Length")?;
-        let mut w = feed::PieceFeed::new(&self.inner.store, &d, size, source).await.map_err(|e| e.to_string())?;
-        loop {
-            match self.upstream_chunk(&mut resp).await {
-                Ok(Some(c)) => {
-                    w.write(&c).await.map_err(|e| e.to_string())?;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    w.discard().await;
-                    return Err(e.to_string());
-                }
-            }
-        }
-        w.finish().await.map_err(|e| e.to_string())
+        let w = feed::PieceFeed::new(&self.inner.store, &d, size, source).await.map_err(|e| e.to_string())?;
+        self.feed_body(resp, w, None).await?.finish().await.map_err(|e| e.to_string())
     }
 
     /// Joins or starts the upstream fetch of `d` on this node.
@@ -1568,6 +1560,11 @@ fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
     let (range, size) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
     let (first, last) = range.split_once('-')?;
     Some((first.trim().parse().ok()?, last.trim().parse().ok()?, size.trim().parse().ok()?))
+}
+
+/// The client's credentials, to travel with a fetch done for it.
+fn authorization(h: &HeaderMap) -> Option<&str> {
+    h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
 }
 
 fn range_header(h: &HeaderMap) -> Option<&str> {
