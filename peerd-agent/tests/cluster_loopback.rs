@@ -88,29 +88,28 @@ impl OneLayer {
     }
 }
 
-async fn get_all(c: &Cluster, path: &str) -> Vec<Result<Vec<u8>, String>> {
+/// GETs `path` from each of `agents` at once, each bounded by `within`; the body, or why not (a
+/// status other than 200).
+fn spawn_gets<'a>(agents: impl IntoIterator<Item = &'a Agent>, path: &str, within: Duration) -> Vec<tokio::task::JoinHandle<Result<Vec<u8>, String>>> {
     let client = http_client();
-    let futs: Vec<_> = c
-        .agents
-        .iter()
+    agents
+        .into_iter()
         .map(|a| {
-            let req = client.get(a.url(path)).timeout(Duration::from_secs(60));
-            async move {
+            let req = client.get(a.url(path)).timeout(within);
+            tokio::spawn(async move {
                 let r = req.send().await.map_err(|e| e.to_string())?;
                 if r.status() != 200 {
                     return Err(format!("status {}", r.status()));
                 }
                 r.bytes().await.map(|b| b.to_vec()).map_err(|e| e.to_string())
-            }
+            })
         })
-        .collect();
-    futures_join(futs).await
+        .collect()
 }
 
-async fn futures_join<F: std::future::Future<Output = T> + Send + 'static, T: Send + 'static>(futs: Vec<F>) -> Vec<T> {
-    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
+async fn get_all(c: &Cluster, path: &str) -> Vec<Result<Vec<u8>, String>> {
     let mut out = Vec::new();
-    for h in handles {
+    for h in spawn_gets(&c.agents, path, Duration::from_secs(60)) {
         out.push(h.await.unwrap());
     }
     out
@@ -149,20 +148,9 @@ async fn a_node_killed_mid_transfer_does_not_stop_the_others() {
     // Node 0 gets the blob first (from its owner or the registry).
     t.get_ok(0).await;
     let (c, path, image, layer) = (&mut t.c, &t.path, &t.image, &t.layer);
-    let client = http_client();
     // Nodes 1 and 2 start; node 0 dies while they are fetching (uploads are throttled, so this
     // lands mid-transfer whenever node 0 is one of their sources).
-    let urls: Vec<String> = c.agents[1..].iter().map(|a| a.url(path)).collect();
-    let handles: Vec<_> = urls
-        .into_iter()
-        .map(|u| {
-            let client = client.clone();
-            tokio::spawn(async move {
-                let r = client.get(u).timeout(Duration::from_secs(90)).send().await.map_err(|e| e.to_string())?;
-                r.bytes().await.map(|b| b.to_vec()).map_err(|e| e.to_string())
-            })
-        })
-        .collect();
+    let handles = spawn_gets(&c.agents[1..], path, Duration::from_secs(90));
     tokio::time::sleep(Duration::from_millis(300)).await;
     c.agents[0].proc.kill();
     let killed = std::time::Instant::now();
@@ -333,19 +321,7 @@ async fn a_helper_killed_mid_part_is_replaced_by_the_owner() {
     let ranked = peerd_agent::transfer::ranked(&digest, &addrs);
     let node = |a: SocketAddr| addrs.iter().position(|x| *x == a).unwrap();
     let (owner, helper) = (node(ranked[0]), node(ranked[1]));
-    let client = http_client();
-    let handles: Vec<_> = t
-        .c
-        .agents
-        .iter()
-        .map(|a| {
-            let req = client.get(a.url(&t.path)).timeout(Duration::from_secs(90));
-            tokio::spawn(async move {
-                let r = req.send().await.map_err(|e| e.to_string())?;
-                r.bytes().await.map(|b| b.to_vec()).map_err(|e| e.to_string())
-            })
-        })
-        .collect();
+    let handles = spawn_gets(&t.c.agents, &t.path, Duration::from_secs(90));
     tokio::time::sleep(Duration::from_millis(400)).await;
     t.c.agents[helper].proc.kill();
     for (i, h) in handles.into_iter().enumerate() {

@@ -398,33 +398,32 @@ impl Transfer {
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
             Request::Fetch { digest, url, authorization } => {
-                let d = Digest::from_sha256_bytes(digest);
                 self.inner.counters.fetches_for_peers.fetch_add(1, Ordering::Relaxed);
-                let frame = match self.inner.fetcher.get() {
-                    None => wire::status_frame(Status::UpstreamFailed, "this node cannot fetch"),
-                    Some(f) => match f.fetch(d, url, authorization).await {
-                        Ok(()) => wire::status_frame(Status::Ok, ""),
-                        Err(e) => wire::status_frame(Status::UpstreamFailed, &e),
-                    },
-                };
+                let d = Digest::from_sha256_bytes(digest);
+                let frame = self.fetch_for_peer(|f| f.fetch(d, url, authorization)).await;
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
             Request::FetchPart { digest, part, url, authorization } => {
-                let d = Digest::from_sha256_bytes(digest);
                 self.inner.counters.part_fetches_for_peers.fetch_add(1, Ordering::Relaxed);
-                let frame = match self.inner.fetcher.get() {
-                    None => wire::status_frame(Status::UpstreamFailed, "this node cannot fetch"),
-                    Some(f) => match f.fetch_part(d, part, url, authorization).await {
-                        Ok(()) => wire::status_frame(Status::Ok, ""),
-                        Err(e) => wire::status_frame(Status::UpstreamFailed, &e),
-                    },
-                };
+                let d = Digest::from_sha256_bytes(digest);
+                let frame = self.fetch_for_peer(|f| f.fetch_part(d, part, url, authorization)).await;
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
         }
         send.finish().map_err(|e| e.to_string())?;
         let _ = send.stopped().await;
         Ok(())
+    }
+
+    /// Runs a peer's Fetch or FetchPart through the fetcher; the answer frame.
+    async fn fetch_for_peer<'a>(&'a self, job: impl FnOnce(&'a dyn Fetcher) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>) -> Bytes {
+        match self.inner.fetcher.get() {
+            None => wire::status_frame(Status::UpstreamFailed, "this node cannot fetch"),
+            Some(f) => match job(f.as_ref()).await {
+                Ok(()) => wire::status_frame(Status::Ok, ""),
+                Err(e) => wire::status_frame(Status::UpstreamFailed, &e),
+            },
+        }
     }
 
     /// The hand-out record (`handout`) when this node is the origin of `d` (still fetching it
