@@ -45,6 +45,10 @@ pub enum Which {
         /// fq_codel lets sparse flows go first; see `Spec::small_first`. Recorded separately.
         #[arg(long)]
         small_packets_first: bool,
+        /// Leave the VM's free page reporting on (see `GuestMemory`): page cache writes then
+        /// pay for faulting memory in from the host.
+        #[arg(long)]
+        keep_page_reporting: bool,
     },
     /// Gossip of N agents in one process on a simulated clock (propagation, bytes per node,
     /// memory, lookup latency). Every simulated node holds every other's state, so memory grows
@@ -99,12 +103,12 @@ pub fn run(which: Which) -> Result<()> {
         Which::Gossip { runs } => gossip(&runs),
         Which::SwarmSim { nodes, rtt_ms } => swarm_sim(&nodes, &rtt_ms),
         Which::Redirect { layers, rounds, rate } => crate::redirect_bench::redirect(&layers, rounds.max(1), rate),
-        Which::Swarm { size_mib, nodes, rate, aggregate_mbit, no_bittorrent, queue_ms, small_packets_first } => {
+        Which::Swarm { size_mib, nodes, rate, aggregate_mbit, no_bittorrent, queue_ms, small_packets_first, keep_page_reporting } => {
             let rate = match aggregate_mbit {
                 Some(a) => crate::swarm_bench::Rate::Aggregate(a),
                 None => crate::swarm_bench::Rate::PerLink(rate),
             };
-            crate::swarm_bench::swarm(size_mib, &nodes, rate, queue_ms, small_packets_first, !no_bittorrent)
+            crate::swarm_bench::swarm(size_mib, &nodes, rate, queue_ms, small_packets_first, !no_bittorrent, !keep_page_reporting)
         }
     }
 }
@@ -155,10 +159,13 @@ fn swarm_sim(nodes: &[usize], rtts: &[u64]) -> Result<()> {
     let mut tables = String::new();
     for rtt in rtts {
         let table = run_release_bin("peerd-agent", "swarm-sim", &["--nodes".into(), list.clone(), "--rtt-ms".into(), rtt.to_string()])?;
-        tables.push_str(&format!("Round trip {rtt} ms:\n\n{table}\n"));
+        tables.push_str(&format!("Round trip {rtt} ms, the agent's split fetch:\n\n{table}\n"));
     }
+    let rtt = rtts.first().copied().unwrap_or(2);
+    let table = run_release_bin("peerd-agent", "swarm-sim", &["--nodes".into(), list, "--rtt-ms".into(), rtt.to_string(), "--parts".into(), "1".into()])?;
+    tables.push_str(&format!("Round trip {rtt} ms, one owner fetching the whole blob (before the split fetch):\n\n{table}\n"));
     record("Swarm, simulated: links only", &format!(
-        "One 256 MiB blob (1 MiB pieces) to N nodes, every link 200 Mbit/s both ways, upstream's uplink too; the origin receives it from upstream (3.5% TCP overhead) and every other node runs the agent's scheduler (`transfer::swarm`) and bitfield polling, the origin the agent's hand-out (`transfer::handout`). Bytes move as fluid flows sharing each uplink and downlink max-min fairly, with 4.5% QUIC overhead; no CPU, packets, congestion control or disk (`transfer::sim`). Times are per-node completion / (S/B); origin upload counts wire bytes.\n\n{tables}"
+        "One 256 MiB blob (1 MiB pieces) to N nodes, every link 200 Mbit/s both ways, upstream's uplink too. Upstream sends the blob once (3.5% TCP overhead): split as the agent splits it (`Mirror::fetch_split`: parts of interleaved 16-piece chunks, one per node for up to 8 nodes, the owner first, all parts at once sharing upstream's uplink), or all of it to the owner. Every node runs the agent's scheduler (`transfer::swarm`: the owner's download has the part fetchers as origins, everyone else's the owner) and bitfield polling, every node holding pieces from upstream the agent's hand-out (`transfer::handout`). Bytes move as fluid flows sharing each uplink and downlink max-min fairly, with 4.5% QUIC overhead; no CPU, packets, congestion control or disk (`transfer::sim`). Times are per-node completion / (S/B); owner upload counts wire bytes.\n\n{tables}"
     ))
 }
 
@@ -191,4 +198,59 @@ pub fn record(title: &str, body: &str) -> Result<()> {
     std::fs::write(&path, new)?;
     println!("recorded in {}", path.display());
     Ok(())
+}
+
+const PAGE_REPORTING: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
+
+/// Memory the kernel keeps for this benchmark's writes. A VM with free page reporting (virtio
+/// balloon) hands 2 MiB blocks the guest frees back to its host; the next write into such a page
+/// faults it in from the host, which on the machine the results were taken on costs ~2 s per GiB
+/// against ~0.25 s for memory the guest kept (`dd` of 3 GiB: 5.9 s vs 0.86 s). Every method writes
+/// each node's copy of the blob into the page cache, so at N=16 that tax alone would be ~8 of the
+/// run's ~21 core-seconds: the VM's, not any method's. While this guard lives reporting is off
+/// (the order above the largest buddy order: the kernel reports nothing) and `bytes` of memory
+/// were touched once and freed, so page cache writes reuse memory the guest owns, as on a
+/// machine without a balloon. Dropped, it restores the setting. Absent the knob, it does nothing.
+pub struct GuestMemory {
+    saved: Option<String>,
+}
+
+impl GuestMemory {
+    pub fn keep(bytes: u64) -> Self {
+        let Ok(saved) = std::fs::read_to_string(PAGE_REPORTING) else {
+            return Self { saved: None };
+        };
+        // NR_PAGE_ORDERS on x86-64 (MAX_PAGE_ORDER 10 + 1): no free block is that large.
+        if std::fs::write(PAGE_REPORTING, "11").is_err() {
+            eprintln!("bench: could not turn off free page reporting; writes may fault memory in from the host");
+            return Self { saved: None };
+        }
+        // Never more than half of what the machine has free.
+        let avail = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemAvailable:").and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())))
+            .map_or(0, |kb| kb * 1024);
+        let bytes = bytes.min(avail / 2);
+        let t = std::time::Instant::now();
+        const CHUNK: u64 = 256 << 20;
+        // Written (not just allocated: untouched pages are never faulted in), all held at once
+        // (else one chunk's pages would be reused for the next), then freed together.
+        let held: Vec<Vec<u8>> = (0..bytes.div_ceil(CHUNK)).map(|_| vec![1u8; CHUNK as usize]).collect();
+        drop(held);
+        eprintln!("bench: free page reporting off, {:.1} GiB of memory warmed in {:.1} s", bytes as f64 / (1u64 << 30) as f64, t.elapsed().as_secs_f64());
+        Self { saved: Some(saved.trim().to_string()) }
+    }
+
+    /// For the results' description.
+    pub fn kept(&self) -> bool {
+        self.saved.is_some()
+    }
+}
+
+impl Drop for GuestMemory {
+    fn drop(&mut self) {
+        if let Some(s) = &self.saved {
+            let _ = std::fs::write(PAGE_REPORTING, s);
+        }
+    }
 }

@@ -225,7 +225,7 @@ fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<Vec<f64>> {
     Ok(times)
 }
 
-pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_first: bool, with_bt: bool) -> Result<()> {
+pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_first: bool, with_bt: bool, own_memory: bool) -> Result<()> {
     // PEERD_BENCH_BINARY=<path>: run that agent instead of this tree's (A/B runs of two builds
     // under the same machine load; diagnostics).
     let peerd = match std::env::var_os("PEERD_BENCH_BINARY") {
@@ -243,6 +243,10 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_f
     let file = base.join("blob.bin");
     std::fs::write(&file, &data)?;
     drop(data);
+    // Each node's copy from peerd, then from BitTorrent (peerd's stay until the node count's
+    // runs end), and the registry's.
+    let max_n = nodes.iter().copied().max().unwrap_or(0) as u64;
+    let memory = own_memory.then(|| crate::bench::GuestMemory::keep((2 * max_n + 2) * size));
     let mut rows = Vec::new();
     for &n in nodes {
         let rate = rates.at(n);
@@ -329,8 +333,13 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_f
         Rate::PerLink(r) => format!("every link {r} Mbit/s both ways"),
         Rate::Aggregate(a) => format!("every link {a}/N Mbit/s both ways (the cluster's total the same at every N)"),
     };
+    let memory = if memory.as_ref().is_some_and(|m| m.kept()) {
+        "The VM's free page reporting was off and memory warmed first (`GuestMemory`: page cache writes reuse memory the guest owns instead of faulting it in from the host at ~2 s/GiB)"
+    } else {
+        "The VM's free page reporting was on (page cache writes fault memory in from the host at ~2 s/GiB)"
+    };
     let mut out = vec![format!(
-        "One {size_mib} MiB blob to N nodes, {links} ({shaping}, queue of {queue_ms} ms), registry uplink at the nodes' rate, no added latency (no netem on this kernel). Times are per-node completion as multiples of the ideal S/B at that rate; egress is bytes the registry's link sent / S. Agents' CPU is their user+sys seconds summed; machine busy is the share of both cores busy during the run, every process and the kernel's packet work included (near 100%, the CPU rather than the links bounds the result).\n\n| N | link Mbit/s | S/B s | method | p50 / (S/B) | max / (S/B) | origin egress / S | agents' CPU s | machine busy |\n|---|---|---|---|---|---|---|---|---|"
+        "One {size_mib} MiB blob to N nodes, {links} ({shaping}, queue of {queue_ms} ms), registry uplink at the nodes' rate, no added latency (no netem on this kernel). {memory}. Times are per-node completion as multiples of the ideal S/B at that rate; egress is bytes the registry's link sent / S. Agents' CPU is their user+sys seconds summed; machine busy is the share of both cores busy during the run, every process and the kernel's packet work included (near 100%, the CPU rather than the links bounds the result).\n\n| N | link Mbit/s | S/B s | method | p50 / (S/B) | max / (S/B) | origin egress / S | agents' CPU s | machine busy |\n|---|---|---|---|---|---|---|---|---|"
     )];
     for r in &rows {
         let cpu = if r.cpu.is_nan() { "-".to_string() } else { format!("{:.1}", r.cpu) };

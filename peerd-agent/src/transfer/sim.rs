@@ -1,14 +1,17 @@
-//! The cold-start swarm in one process, on a simulated clock: one origin receiving a blob from
-//! upstream, every other node running the real scheduler (`swarm::Download`) and the origin the
-//! real hand-out (`handout::Handout`). Bytes move as fluid flows that share each node's uplink
-//! and downlink max-min fairly, with a per-byte wire overhead; there is no CPU, no packet, no
-//! congestion control and no disk. It shows what the scheduling achieves when only the links
-//! bound the result, at cluster sizes one machine cannot run for real (bench swarm-sim).
+//! The cold-start swarm in one process, on a simulated clock: a blob arriving from upstream at
+//! one node (the owner) or split in parts over several (`parts`, as `Mirror::fetch_split`
+//! does), every node running the real scheduler (`swarm::Download`) and every node that got
+//! pieces from upstream the real hand-out (`handout::Handout`). Bytes move as fluid flows that
+//! share each node's uplink and downlink max-min fairly, with a per-byte wire overhead; there is
+//! no CPU, no packet, no congestion control and no disk. It shows what the scheduling achieves
+//! when only the links bound the result, at cluster sizes one machine cannot run for real (bench
+//! swarm-sim).
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::handout::Handout;
 use super::swarm::{polled_on_tick, Assignment, Download, Failure, SwarmConfig};
+use super::Part;
 use crate::store::Digest;
 
 #[derive(Clone, Debug)]
@@ -28,6 +31,10 @@ pub struct SimConfig {
     pub step: Duration,
     pub swarm: SwarmConfig,
     pub grace: Duration,
+    /// Nodes fetching a part of the blob from upstream each (1: the owner fetches it all). Node
+    /// j < parts fetches part j; node 0 is the owner.
+    pub parts: usize,
+    pub chunk_pieces: u32,
 }
 
 impl SimConfig {
@@ -45,15 +52,22 @@ impl SimConfig {
             step: Duration::from_millis(2),
             swarm: SwarmConfig::default(),
             grace: super::HANDOUT_GRACE,
+            // The agent's split (`Mirror::fetch_split`): up to 8 parts of 16-piece chunks.
+            parts: nodes.min(8),
+            chunk_pieces: 16,
         }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct SimResult {
-    /// Seconds until each node holds the blob (node 0 is the origin).
+    /// Seconds until each node holds the blob (node 0 is the owner).
     pub done: Vec<f64>,
-    /// Bytes the origin sent to peers, as a multiple of the blob.
+    /// Seconds until upstream sent the last byte.
+    pub upstream_done: f64,
+    /// Pieces upstream sent (each once: the blob's piece count).
+    pub upstream_pieces: u64,
+    /// Bytes the owner sent to peers, as a multiple of the blob.
     pub origin_upload: f64,
     /// The part of `origin_upload` sent while the origin was still receiving the blob.
     pub origin_upload_fetching: f64,
@@ -115,8 +129,15 @@ fn addr(i: usize) -> SocketAddr {
 pub fn run(cfg: &SimConfig) -> SimResult {
     let n = cfg.nodes.max(2);
     let np = cfg.pieces as usize;
-    // The simulated origin's pieces all come from upstream.
-    let all_fresh = vec![true; np];
+    let k = cfg.parts.clamp(1, n).min(cfg.pieces.div_ceil(cfg.chunk_pieces.max(1)).max(1) as usize);
+    // Each fetching node's pieces from upstream, in the order it asks for them.
+    let queue: Vec<Vec<u32>> = (0..k).map(|j| Part { index: j as u8, parts: k as u8, chunk_pieces: cfg.chunk_pieces }.chunks(cfg.pieces).flatten().collect()).collect();
+    let mut fresh = vec![vec![false; np]; n];
+    for (j, q) in queue.iter().enumerate() {
+        for &p in q {
+            fresh[j][p as usize] = true;
+        }
+    }
     let d = Digest::from_sha256_bytes([7; 32]);
     let t0 = Instant::now();
     let at = |t: f64| t0 + Duration::from_secs_f64(t);
@@ -127,34 +148,44 @@ pub fn run(cfg: &SimConfig) -> SimResult {
     let ideal = blob / cfg.rate;
     let mut have = vec![vec![false; np]; n];
     let mut done = vec![f64::NAN; n];
-    let mut handout = Handout::new(cfg.grace);
-    // Node i's download lists the origin first (as the agent does), then the others.
+    // Every node that got pieces from upstream hands them out (`Transfer::handout`).
+    let mut handouts: Vec<Handout> = (0..n).map(|_| Handout::new(cfg.grace)).collect();
+    // As the agent lists sources: the owner's download has the part fetchers first (its
+    // origins), everyone else's the owner first. A single owner does not download.
     let mut peers: Vec<Vec<usize>> = Vec::new();
-    let mut dls: Vec<Option<Download>> = vec![None];
-    for i in 1..n {
+    let mut dls: Vec<Option<Download>> = Vec::new();
+    for i in 0..n {
+        if i == 0 && k == 1 {
+            peers.push(Vec::new());
+            dls.push(None);
+            continue;
+        }
         let mut c = cfg.swarm.clone();
         c.seed = 0x5eed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let mut dl = Download::new(cfg.pieces, c);
-        let list: Vec<usize> = std::iter::once(0).chain((1..n).filter(|&j| j != i)).collect();
+        let list: Vec<usize> = (0..n).filter(|&j| j != i).collect();
         for _ in &list {
             dl.add_partial_peer(true);
         }
-        dl.set_origin(0);
+        for o in 0..if i == 0 { k - 1 } else { 1 } {
+            dl.set_origin(o);
+        }
         peers.push(list);
         dls.push(Some(dl));
     }
-    peers.insert(0, Vec::new());
-    let mut flows: Vec<Flow> = vec![Flow { src: usize::MAX, dst: 0, a: None, piece: 0, left: piece_bytes * cfg.upstream_overhead, start: 0.0 }];
+    let upstream = |j: usize, idx: usize, t: f64| Flow { src: usize::MAX, dst: j, a: None, piece: queue[j][idx], left: piece_bytes * cfg.upstream_overhead, start: t };
+    let mut next_up = vec![1usize; k];
+    let mut flows: Vec<Flow> = (0..k).filter(|&j| !queue[j].is_empty()).map(|j| upstream(j, 0, 0.0)).collect();
     let mut next_poll: Vec<f64> = (0..n).map(|i| (i as f64 * 0.013) % cfg.have_every.as_secs_f64()).collect();
     let mut tick = vec![0usize; n];
-    let mut origin_sent = 0.0;
-    let mut origin_sent_fetching = 0.0;
-    let mut duplicates = 0;
+    let (mut origin_sent, mut origin_sent_fetching, mut upstream_done) = (0.0, 0.0, f64::NAN);
+    let (mut duplicates, mut upstream_pieces) = (0, 0);
     let mut t = 0.0;
     while done.iter().any(|x| x.is_nan()) && t < 20.0 * ideal {
         let now = at(t);
-        let origin_fetching = done[0].is_nan();
-        for i in 1..n {
+        // A node hands out its fresh pieces while it does not hold the whole blob.
+        let masking: Vec<bool> = (0..n).map(|j| j < k && done[j].is_nan()).collect();
+        for i in 0..n {
             if !done[i].is_nan() {
                 continue;
             }
@@ -162,15 +193,15 @@ pub fn run(cfg: &SimConfig) -> SimResult {
             if t >= next_poll[i] {
                 next_poll[i] += cfg.have_every.as_secs_f64();
                 tick[i] += 1;
-                for (k, &j) in peers[i].iter().enumerate() {
-                    if !polled_on_tick(peers[i].len(), k, tick[i]) {
+                for (q, &j) in peers[i].iter().enumerate() {
+                    if !polled_on_tick(peers[i].len(), q, tick[i]) {
                         continue;
                     }
                     let mut bits = have[j].clone();
-                    if j == 0 && origin_fetching {
-                        handout.mask(&d, addr(i), &mut bits, &all_fresh, now);
+                    if masking[j] {
+                        handouts[j].mask(&d, addr(i), &mut bits, &fresh[j], now);
                     }
-                    dl.set_have(k, bits);
+                    dl.set_have(q, bits);
                 }
             }
             for a in dl.expire(now) {
@@ -179,7 +210,7 @@ pub fn run(cfg: &SimConfig) -> SimResult {
             for a in dl.poll(now) {
                 let j = peers[i][a.peer];
                 let held = (a.first..a.first + a.count).all(|p| have[j][p as usize]);
-                let given = !(j == 0 && origin_fetching) || handout.claim(&d, &all_fresh, addr(i), a.first, a.count, now);
+                let given = !masking[j] || handouts[j].claim(&d, &fresh[j], addr(i), a.first, a.count, now);
                 if !held || !given {
                     dl.on_failure(a, Failure::NotYet);
                     continue;
@@ -192,45 +223,51 @@ pub fn run(cfg: &SimConfig) -> SimResult {
         let moving: Vec<bool> = flows.iter().map(|f| f.start <= t).collect();
         let rates = fair_rates(&flows, &moving, n, cfg.rate);
         let mut finished = Vec::new();
-        for (k, f) in flows.iter_mut().enumerate() {
-            let moved = rates[k] * step;
+        for (q, f) in flows.iter_mut().enumerate() {
+            let moved = rates[q] * step;
             if f.src == 0 {
                 origin_sent += moved.min(f.left);
             }
             f.left -= moved;
             if f.left <= 0.0 {
-                finished.push(k);
+                finished.push(q);
             }
         }
-        for k in finished.into_iter().rev() {
-            let f = flows.swap_remove(k);
-            if f.src == usize::MAX {
-                have[0][f.piece as usize] = true;
-                if f.piece + 1 < cfg.pieces {
-                    flows.push(Flow { src: usize::MAX, dst: 0, a: None, piece: f.piece + 1, left: piece_bytes * cfg.upstream_overhead, start: t });
-                } else {
-                    done[0] = t;
-                    origin_sent_fetching = origin_sent;
-                }
-                continue;
-            }
-            // The last byte reaches the requester half a round trip later; close enough to
-            // account at once (the next request waits for the next step anyway).
+        for q in finished.into_iter().rev() {
+            let f = flows.swap_remove(q);
             if have[f.dst][f.piece as usize] {
                 duplicates += 1;
             }
             have[f.dst][f.piece as usize] = true;
-            if let (Some(dl), Some(a)) = (dls[f.dst].as_mut(), f.a) {
+            if f.src == usize::MAX {
+                upstream_pieces += 1;
+                let j = f.dst;
+                if next_up[j] < queue[j].len() {
+                    flows.push(upstream(j, next_up[j], t));
+                    next_up[j] += 1;
+                } else if (0..k).all(|j| next_up[j] >= queue[j].len()) && !flows.iter().any(|f| f.src == usize::MAX) {
+                    upstream_done = t;
+                }
+                if j == 0 && next_up[0] >= queue[0].len() && origin_sent_fetching == 0.0 {
+                    origin_sent_fetching = origin_sent;
+                }
+                // The agent's download marks what its store already holds (`HAVE_EVERY`).
+                if let Some(dl) = dls[j].as_mut() {
+                    dl.on_piece(f.piece);
+                }
+            } else if let (Some(dl), Some(a)) = (dls[f.dst].as_mut(), f.a) {
+                // The last byte reaches the requester half a round trip later; close enough to
+                // account at once (the next request waits for the next step anyway).
                 dl.on_received(a, &[f.piece]);
                 dl.on_piece(f.piece);
-                if dl.is_complete() && done[f.dst].is_nan() {
-                    done[f.dst] = t + rtt / 2.0;
-                }
+            }
+            if done[f.dst].is_nan() && have[f.dst].iter().all(|h| *h) {
+                done[f.dst] = t + if f.src == usize::MAX { 0.0 } else { rtt / 2.0 };
             }
         }
         t += step;
     }
-    SimResult { done, origin_upload: origin_sent / blob, origin_upload_fetching: origin_sent_fetching / blob, duplicates }
+    SimResult { done, upstream_done, upstream_pieces, origin_upload: origin_sent / blob, origin_upload_fetching: origin_sent_fetching / blob, duplicates }
 }
 
 #[cfg(test)]
@@ -241,6 +278,7 @@ mod tests {
     fn four_nodes_finish_near_the_link_bound_and_the_origin_sends_each_piece_about_once() {
         let mut cfg = SimConfig::new(4);
         cfg.pieces = 64;
+        cfg.parts = 1;
         let ideal = 64.0 * (1u64 << 20) as f64 / cfg.rate;
         let r = run(&cfg);
         assert!(r.done.iter().all(|t| t.is_finite()), "every node finishes: {:?}", r.done);
@@ -250,6 +288,25 @@ mod tests {
         let worst = r.done.iter().cloned().fold(0.0, f64::max);
         assert!(worst < 2.0 * ideal, "the swarm is not starved: {worst} vs {ideal}");
         assert!(r.origin_upload > 1.0 && r.origin_upload < 1.5, "origin upload {}", r.origin_upload);
+    }
+
+    #[test]
+    fn a_split_fetch_takes_each_piece_from_upstream_once_and_spreads_the_fresh_uploads() {
+        let mut cfg = SimConfig::new(8);
+        cfg.pieces = 128;
+        let ideal = 128.0 * (1u64 << 20) as f64 / cfg.rate;
+        let split = run(&cfg);
+        assert_eq!(split.upstream_pieces, 128, "each piece leaves upstream once");
+        assert!(split.done.iter().all(|t| t.is_finite() && *t >= ideal), "all finish, none beats its downlink: {:?}", split.done);
+        let worst = split.done.iter().cloned().fold(0.0, f64::max);
+        assert!(worst < 1.6 * ideal, "the swarm is not starved: {worst} vs {ideal}");
+        cfg.parts = 1;
+        let single = run(&cfg);
+        assert_eq!(single.upstream_pieces, 128);
+        // One owner sends every fresh piece out of its own uplink at least once; with 8 parts
+        // it sends its own part's and forwards what it downloads like any node.
+        assert!(single.origin_upload_fetching > 0.9, "single owner {}", single.origin_upload_fetching);
+        assert!(split.origin_upload_fetching < single.origin_upload_fetching, "split {} vs single {}", split.origin_upload_fetching, single.origin_upload_fetching);
     }
 
     #[test]
