@@ -162,8 +162,8 @@ struct Inner {
 const HANDOUT_GRACE: Duration = Duration::from_secs(3);
 
 /// Silence on a connection after which the peer counts as dead (module docs of `start`).
-const IDLE_TIMEOUT: Duration = Duration::from_millis(500);
-const KEEP_ALIVE: Duration = Duration::from_millis(125);
+const IDLE_TIMEOUT: Duration = Duration::from_millis(300);
+const KEEP_ALIVE: Duration = Duration::from_millis(75);
 /// How long a peer that could not be reached is not dialled again (requests fail at once).
 const DOWN_FOR: Duration = Duration::from_secs(2);
 
@@ -636,8 +636,9 @@ impl Transfer {
 
     async fn swarm(&self, d: &Digest, m: &Arc<WireManifest>, manifest_peer: SocketAddr, peers: &[(SocketAddr, bool)], origins: usize) -> Result<(), TransferError> {
         const STALL: Duration = Duration::from_secs(1);
-        // After the source holding what others lack died (`lost_its_sources`): long enough for
-        // the remaining peers' bitfields to show what they got from it last.
+        // After the source holding what others lack died (`lost_its_sources`), every remaining
+        // peer is asked for its bitfield at once; with all answers in and nothing to take, the
+        // download ends (the caller goes upstream). This bounds the wait for answers.
         const STALL_SOURCE_LOST: Duration = Duration::from_millis(300);
         let store = &self.inner.store;
         let n = m.pieces.len();
@@ -686,13 +687,16 @@ impl Transfer {
         let manifest_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // Which peers each tick polls: `swarm::polled_on_tick`.
         let mut tick = 0usize;
-        let refresh = |this: &Self, dl: &Download, unknown: Option<Arc<Vec<bool>>>, tick: usize| {
+        // Peers asked for their bitfield after the lost source, whose answers are still due.
+        let mut awaiting: Option<std::collections::HashSet<usize>> = None;
+        // `tick` None: every peer now.
+        let refresh = |this: &Self, dl: &Download, unknown: Option<Arc<Vec<bool>>>, tick: Option<usize>| {
             for (i, &peer) in addrs.iter().enumerate() {
                 // A peer holding everything has nothing new to say.
                 if dl.excluded(i) || dl.holds_all(i) {
                     continue;
                 }
-                if !swarm::polled_on_tick(addrs.len(), i, tick) {
+                if tick.is_some_and(|tick| !swarm::polled_on_tick(addrs.len(), i, tick)) {
                     continue;
                 }
                 let this = this.clone();
@@ -745,12 +749,17 @@ impl Transfer {
                     }
                 }
                 let unknown = hashes.iter().any(|h| h.is_none()).then(|| Arc::new(hashes.iter().map(|h| h.is_none()).collect()));
-                refresh(self, &dl, unknown, tick);
+                refresh(self, &dl, unknown, Some(tick));
                 tick += 1;
+            }
+            if dl.lost_its_sources() && awaiting.is_none() {
+                // The remaining peers' latest bitfields show what they got from the lost source.
+                awaiting = Some((0..addrs.len()).filter(|&i| !dl.excluded(i) && !dl.holds_all(i)).collect());
+                refresh(self, &dl, None, None);
             }
             if dl.can_progress() {
                 last_progress = now;
-            } else if now.duration_since(last_progress) > if dl.lost_its_sources() { STALL_SOURCE_LOST } else { STALL } {
+            } else if awaiting.as_ref().is_some_and(|w| w.is_empty()) || now.duration_since(last_progress) > if dl.lost_its_sources() { STALL_SOURCE_LOST } else { STALL } {
                 break Err(TransferError::NoPeer(*d));
             }
             for a in dl.expire(now) {
@@ -784,6 +793,9 @@ impl Transfer {
                     let known: Vec<bool> = bits.iter().zip(&hashes).map(|(b, h)| *b && h.is_some()).collect();
                     debug!(target: "peerd_agent::transfer::trace", t = started.elapsed().as_millis() as u64, peer = i, bits = bits.iter().filter(|b| **b).count(), known = known.iter().filter(|b| **b).count(), "have");
                     dl.set_have(i, known);
+                    if let Some(w) = awaiting.as_mut() {
+                        w.remove(&i);
+                    }
                 }
                 Some((a, r)) = rx.recv() => {
                     tasks.remove(&(a.peer, a.first));
