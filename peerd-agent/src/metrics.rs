@@ -81,6 +81,7 @@ pub fn render(m: &Mirror) -> String {
         counter(&mut r, "peer_pieces", "Verified pieces received from peers", &t.pieces_from_peers);
         counter(&mut r, "piece_verification_failures", "Pieces from peers that failed blake3 verification", &t.corrupt_pieces);
         counter(&mut r, "peer_timeouts", "Piece requests to peers that timed out", &t.peer_timeouts);
+        counter(&mut r, "peer_hedged_requests", "Piece requests duplicated to a second peer in the endgame (the first was slow)", &t.hedged_requests);
         counter(&mut r, "peer_withheld_pieces", "Piece requests refused as a blob's origin: the pieces had just gone to another peer", &t.withheld_pieces);
         counter(&mut r, "peer_errors", "Piece requests to peers that failed", &t.peer_errors);
         counter(&mut r, "peers_unreachable", "Dials that failed and peer connections that timed out", &t.peers_unreachable);

@@ -117,6 +117,8 @@ pub struct Counters {
     pub pieces_from_peers: AtomicU64,
     pub corrupt_pieces: AtomicU64,
     pub peer_timeouts: AtomicU64,
+    /// Piece requests duplicated to a second peer in the endgame (the first was slow).
+    pub hedged_requests: AtomicU64,
     pub peer_errors: AtomicU64,
     /// Dials that failed and connections that timed out (the peer is skipped for a moment).
     pub peers_unreachable: AtomicU64,
@@ -805,7 +807,7 @@ impl Transfer {
                             // Verified and written off the loop, so requests keep flowing while
                             // pieces are hashed and synced; the peer is free for more meanwhile.
                             let got: Vec<u32> = pieces.iter().map(|p| p.0).collect();
-                            dl.on_received(a, &got);
+                            dl.on_received(a, &got, Instant::now());
                             let jobs: Vec<(u32, Vec<u8>, Option<[u8; 32]>)> = pieces.into_iter().map(|(i, b)| (i, b, hashes[i as usize])).collect();
                             let (store, d, src, stored_tx) = (store.clone(), *d, Source::Peer(addrs[a.peer].to_string()), stored_tx.clone());
                             storing.push(tokio::spawn(async move {
@@ -855,6 +857,7 @@ impl Transfer {
                 _ = tick => {}
             }
         };
+        self.inner.counters.hedged_requests.fetch_add(dl.hedges().into(), Ordering::Relaxed);
         for (_, t) in tasks.drain() {
             t.abort();
         }

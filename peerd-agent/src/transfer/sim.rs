@@ -258,7 +258,7 @@ pub fn run(cfg: &SimConfig) -> SimResult {
             } else if let (Some(dl), Some(a)) = (dls[f.dst].as_mut(), f.a) {
                 // The last byte reaches the requester half a round trip later; close enough to
                 // account at once (the next request waits for the next step anyway).
-                dl.on_received(a, &[f.piece]);
+                dl.on_received(a, &[f.piece], at(t));
                 dl.on_piece(f.piece);
             }
             if done[f.dst].is_nan() && have[f.dst].iter().all(|h| *h) {

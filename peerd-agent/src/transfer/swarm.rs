@@ -19,8 +19,9 @@
 //! - A corrupt piece or a lost connection excludes the peer from this download at once; other
 //!   failures (error, not found, timeout) exclude it after `max_failures`. Its pieces go back to the queue.
 //! - Endgame: when nothing is left to assign and every piece exists somewhere, an idle peer
-//!   duplicates an in-flight run older than `hedge_after` (a hedge against a slow peer; never
-//!   onto an incomplete origin); whichever copy lands first wins.
+//!   duplicates an in-flight run that has taken `HEDGE_FACTOR` times as long as this download's
+//!   requests typically take (at least `hedge_min`, at most `hedge_after`): a hedge against a
+//!   slow or stalled peer, never onto an incomplete origin; whichever copy lands first wins.
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -35,8 +36,11 @@ pub struct SwarmConfig {
     pub origin_in_flight: u32,
     pub request_timeout: Duration,
     pub max_failures: u32,
-    /// A run in flight this long may be duplicated to an idle peer in the endgame.
+    /// A run in flight this long may be duplicated to an idle peer in the endgame (before any
+    /// request completed, and the most the typical request time can stretch the wait to).
     pub hedge_after: Duration,
+    /// The least a run waits before it is duplicated, however fast requests have been.
+    pub hedge_min: Duration,
     pub seed: u64,
     /// No new requests while this many received pieces wait to be stored (writes slower than
     /// the network must not pile up pieces in memory).
@@ -64,10 +68,12 @@ impl Default for SwarmConfig {
             origin_in_flight: 1,
             request_timeout: Duration::from_secs(10),
             max_failures: 2,
-            // Several pieces share each link at once, so a healthy request takes a while (a
+            // Several pieces share each link at once, so a healthy request can take a while (a
             // source serving 7 downloaders 4 pieces each took over a second at 25 MB/s); a
-            // shorter hedge duplicated healthy transfers (bench swarm, before the window).
+            // fixed shorter hedge duplicated healthy transfers (bench swarm, before the window).
+            // The wait follows the requests' typical time between these bounds.
             hedge_after: Duration::from_millis(1500),
+            hedge_min: Duration::from_millis(100),
             seed: 0x5eed,
             max_storing: 16,
         }
@@ -147,7 +153,13 @@ pub struct Download {
     peers: Vec<Peer>,
     flights: Vec<Flight>,
     done: u32,
+    /// How long a request that delivered took, smoothed (EWMA, 1/4 weight per sample).
+    typical: Option<Duration>,
+    hedges: u32,
 }
+
+/// A run in the endgame is duplicated once it has taken this many times the typical request.
+const HEDGE_FACTOR: u32 = 4;
 
 fn shuffle(v: &mut [u32], mut seed: u64) {
     for i in (1..v.len()).rev() {
@@ -164,7 +176,7 @@ impl Download {
         let mut order: Vec<u32> = (0..pieces).step_by(batch as usize).collect();
         shuffle(&mut order, cfg.seed | 1);
         let n = pieces as usize;
-        Self { cfg, pieces: vec![Piece::Missing; n], order, peers: Vec::new(), flights: Vec::new(), done: 0 }
+        Self { cfg, pieces: vec![Piece::Missing; n], order, peers: Vec::new(), flights: Vec::new(), done: 0, typical: None, hedges: 0 }
     }
 
     /// Registers a peer holding the whole blob; returns its index.
@@ -320,7 +332,7 @@ impl Download {
         // origin is still receiving, and a long queue there is expected, not a stall).
         let all_exist = (0..n).all(|i| self.pieces[i as usize] == Piece::Done || self.availability(i) > 0);
         if !self.pieces.contains(&Piece::Missing) && all_exist {
-            let hedge_after = self.cfg.hedge_after;
+            let hedge_after = self.hedge_wait();
             let mut i = 0;
             while i < self.flights.len() {
                 let f = &self.flights[i];
@@ -329,6 +341,7 @@ impl Download {
                     let holds_run = |p: usize| (orig.first..orig.first + orig.count).all(|i| self.peers[p].have[i as usize]);
                     if let Some(peer) = self.pick(orig.first, Some(orig.peer), share).filter(|&p| self.peers[p].in_flight == 0 && holds_run(p) && !self.restricted(p)) {
                         self.flights[i].hedged = true;
+                        self.hedges += 1;
                         let a = Assignment { peer, ..orig };
                         self.peers[peer].in_flight += 1;
                         self.flights.push(Flight { a, since: now, hedged: true });
@@ -341,16 +354,21 @@ impl Download {
         out
     }
 
-    fn end_flight(&mut self, a: Assignment) -> bool {
-        if let Some(pos) = self.flights.iter().position(|f| f.a == a) {
-            self.flights.swap_remove(pos);
-            if let Some(p) = self.peers.get_mut(a.peer) {
-                p.in_flight = p.in_flight.saturating_sub(1);
-            }
-            true
-        } else {
-            false
+    /// How long an endgame run waits before it is duplicated: healthy requests take longer on
+    /// a busy link (several pieces share it), so the wait follows what requests have taken.
+    fn hedge_wait(&self) -> Duration {
+        let (min, max) = (self.cfg.hedge_min, self.cfg.hedge_after.max(self.cfg.hedge_min));
+        self.typical.map_or(max, |t| (t * HEDGE_FACTOR).clamp(min, max))
+    }
+
+    /// Ends `a`'s flight; when it started.
+    fn end_flight(&mut self, a: Assignment) -> Option<Instant> {
+        let pos = self.flights.iter().position(|f| f.a == a)?;
+        let f = self.flights.swap_remove(pos);
+        if let Some(p) = self.peers.get_mut(a.peer) {
+            p.in_flight = p.in_flight.saturating_sub(1);
         }
+        Some(f.since)
     }
 
     /// Piece `index` of request `a` arrived and was verified and stored.
@@ -366,8 +384,11 @@ impl Download {
     /// Request `a` delivered `pieces` (the rest of its run, if any, did not come): the peer is
     /// free for new requests while they are verified and stored; report each with `on_piece`
     /// or `on_unstored`.
-    pub fn on_received(&mut self, a: Assignment, pieces: &[u32]) {
-        self.end_flight(a);
+    pub fn on_received(&mut self, a: Assignment, pieces: &[u32], now: Instant) {
+        if let Some(since) = self.end_flight(a).filter(|_| !pieces.is_empty()) {
+            let took = now.saturating_duration_since(since);
+            self.typical = Some(self.typical.map_or(took, |t| (t * 3 + took) / 4));
+        }
         for &i in pieces {
             if let Some(p) = self.pieces.get_mut(i as usize) {
                 if *p == Piece::InFlight {
@@ -445,6 +466,11 @@ impl Download {
             self.on_failure(*a, Failure::Timeout);
         }
         old
+    }
+
+    /// Runs duplicated in the endgame so far.
+    pub fn hedges(&self) -> u32 {
+        self.hedges
     }
 
     pub fn in_flight(&self) -> usize {
@@ -588,6 +614,44 @@ mod tests {
         let expired = d.expire(t0 + Duration::from_secs(6));
         assert_eq!(expired, first);
         assert!(d.is_complete());
+    }
+
+    #[test]
+    fn the_endgame_hedge_waits_as_long_as_requests_typically_take() {
+        let mut d = Download::new(3, SwarmConfig { batch: 1, max_in_flight_per_peer: 1, window: 2, ..Default::default() });
+        d.add_peer(false);
+        d.add_peer(false);
+        let t0 = Instant::now();
+        let ms = |m| t0 + Duration::from_millis(m);
+        let first = d.poll(t0);
+        assert_eq!(first.len(), 2, "one run per peer");
+        let (slow, fast) = (first[0], first[1]);
+        // The fast peer answers in 10 ms, twice; the slow one never does.
+        d.on_received(fast, &[fast.first], ms(10));
+        d.on_piece(fast.first);
+        let next = d.poll(ms(10));
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].peer, fast.peer);
+        d.on_received(next[0], &[next[0].first], ms(20));
+        d.on_piece(next[0].first);
+        // Requests take ~10 ms here: the slow run is duplicated after hedge_min (100 ms), not
+        // after hedge_after (1.5 s) as when nothing has completed yet.
+        assert!(d.poll(ms(60)).is_empty(), "too young to hedge");
+        let hedge = d.poll(ms(120));
+        assert_eq!(hedge, vec![Assignment { peer: fast.peer, ..slow }]);
+        // Slow requests stretch the wait, up to hedge_after.
+        let mut d = Download::new(3, SwarmConfig { batch: 1, max_in_flight_per_peer: 1, window: 2, ..Default::default() });
+        d.add_peer(false);
+        d.add_peer(false);
+        let first = d.poll(t0);
+        let (slow, fast) = (first[0], first[1]);
+        d.on_received(fast, &[fast.first], ms(300));
+        d.on_piece(fast.first);
+        let next = d.poll(ms(300));
+        d.on_received(next[0], &[next[0].first], ms(600));
+        d.on_piece(next[0].first);
+        assert!(d.poll(ms(1000)).is_empty(), "4 x 300 ms not reached");
+        assert_eq!(d.poll(ms(1250)), vec![Assignment { peer: fast.peer, ..slow }]);
     }
 
     #[test]
@@ -759,13 +823,13 @@ mod tests {
         let t0 = Instant::now();
         let a = d.poll(t0);
         assert_eq!(a.len(), 1);
-        d.on_received(a[0], &[a[0].first]);
+        d.on_received(a[0], &[a[0].first], Instant::now());
         // The peer is free again; the stored piece is not asked again.
         let b = d.poll(t0);
         assert_eq!(b.len(), 1);
         assert_ne!(b[0].first, a[0].first);
         assert!(d.can_progress());
-        d.on_received(b[0], &[b[0].first]);
+        d.on_received(b[0], &[b[0].first], Instant::now());
         // Two pieces waiting for the disk: no more requests.
         assert!(d.poll(t0).is_empty());
         // One did not match: missing again (and its sender is out).

@@ -12,10 +12,15 @@ struct Node {
 }
 
 async fn node(secret: &[u8]) -> Node {
+    node_with(secret, |_| {}).await
+}
+
+async fn node_with(secret: &[u8], change: impl FnOnce(&mut TransferConfig)) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreConfig::new(1 << 30)).await.unwrap();
     let mut cfg = TransferConfig::new("127.0.0.1:0".parse().unwrap(), "n".into(), secret.to_vec());
     cfg.swarm.request_timeout = Duration::from_secs(3);
+    change(&mut cfg);
     let t = Transfer::start(cfg, store.clone()).unwrap();
     Node { _dir: dir, store, t }
 }
@@ -104,6 +109,32 @@ async fn a_dead_peer_does_not_stall_the_download() {
     me.t.download(&d, &[(dead, true), (addr(&a), false)]).await.unwrap();
     assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
     assert!(me.store.has(&d));
+}
+
+/// A peer that answers but crawls (uploads throttled to 64 KiB/s: one 1 MiB piece would take
+/// 16 s) holds up only the pieces asked of it until the endgame duplicates them to the fast
+/// peer, after a few times what the fast peer's requests took (not the request timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_peer_is_hedged_against_another() {
+    let (d, data) = blob(6 << 20, 9);
+    let slow = node_with(SECRET, |c| c.upload_limit = Some(64 << 10)).await;
+    let fast = node(SECRET).await;
+    // The longest hedge wait and the request timeout both far above what the test allows.
+    let me = node_with(SECRET, |c| {
+        c.swarm.hedge_after = Duration::from_secs(10);
+        c.swarm.request_timeout = Duration::from_secs(20);
+    })
+    .await;
+    put(&slow, &d, &data).await;
+    put(&fast, &d, &data).await;
+    let t = Instant::now();
+    me.t.download(&d, &[(addr(&slow), true), (addr(&fast), true)]).await.unwrap();
+    // A bound, not a speed target: far less than the longest hedge wait and the request
+    // timeout, so the slow peer's pieces came from a hedge sized by the fast requests.
+    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert_eq!(me.store.read_range(&d, 0, data.len() as u64).await.unwrap(), data);
+    assert!(me.t.counters().hedged_requests.load(Ordering::Relaxed) >= 1);
+    assert_eq!(me.t.counters().peer_timeouts.load(Ordering::Relaxed), 0);
 }
 
 /// A node serving from its containerd content store (no copy in its store): the right bytes,
