@@ -1425,11 +1425,16 @@ impl Mirror {
         self.feed_body(resp, w, None).await?.finish().await.map_err(|e| e.to_string())
     }
 
-    /// Joins or starts the upstream fetch of `d` on this node.
+    /// Joins or starts the upstream fetch of `d` on this node. A caller that checked the store
+    /// before a fetch completed and gets here after it ended finds the blob stored (the leader
+    /// stores it before it leaves the map) and follows a finished flight: no second fetch.
     fn flight(&self, d: Digest) -> Flight {
         let mut m = self.inner.flights.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(rx) = m.get(&d) {
             return Flight::Follower(rx.clone());
+        }
+        if self.stored_size(&d).is_some() {
+            return Flight::Follower(watch::channel(true).1);
         }
         let (tx, rx) = watch::channel(false);
         m.insert(d, rx);

@@ -164,10 +164,13 @@ struct Inner {
 const HANDOUT_GRACE: Duration = Duration::from_secs(3);
 
 /// Silence on a connection after which the peer counts as dead (module docs of `start`).
-const IDLE_TIMEOUT: Duration = Duration::from_millis(300);
-const KEEP_ALIVE: Duration = Duration::from_millis(75);
+const IDLE_TIMEOUT: Duration = Duration::from_millis(500);
+const KEEP_ALIVE: Duration = Duration::from_millis(125);
 /// How long a peer that could not be reached is not dialled again (requests fail at once).
 const DOWN_FOR: Duration = Duration::from_secs(2);
+
+/// How long a manifest request waits for its holder before the next holder is asked as well.
+const MANIFEST_HEDGE: Duration = Duration::from_millis(50);
 
 /// How often a download polls its sources' bitfields (`swarm::polled_on_tick` says which).
 const HAVE_EVERY: Duration = Duration::from_millis(100);
@@ -554,22 +557,51 @@ impl Transfer {
     }
 
     /// The manifest of `d` from the first holder that has it complete.
+    /// The manifest of `d` from the first of `holders` to answer, in their order: a holder that
+    /// has not answered within `MANIFEST_HEDGE` (dead, not yet dialled, busy) is hedged by asking
+    /// the next as well, and a refusal moves on at once, so one silent peer costs tens of
+    /// milliseconds, not the dial or manifest timeout.
     async fn manifest_from(&self, d: &Digest, holders: &[SocketAddr]) -> Option<(SocketAddr, WireManifest)> {
-        for &peer in holders {
-            let res = tokio::time::timeout(self.inner.cfg.manifest_timeout, async {
-                let (st, mut recv) = self.exchange(peer, &Request::Manifest { digest: *d.as_bytes() }).await.ok()?;
-                if st != Status::Ok {
-                    return None;
+        let mut asks = tokio::task::JoinSet::new();
+        let mut next = holders.iter().copied();
+        let ask = |asks: &mut tokio::task::JoinSet<_>, peer: SocketAddr| {
+            let (this, d) = (self.clone(), *d);
+            asks.spawn(async move {
+                let m = tokio::time::timeout(this.inner.cfg.manifest_timeout, async {
+                    let (st, mut recv) = this.exchange(peer, &Request::Manifest { digest: *d.as_bytes() }).await.ok()?;
+                    if st != Status::Ok {
+                        return None;
+                    }
+                    let body = recv.read_to_end(17 + wire::MAX_MANIFEST_PIECES as usize * 32).await.ok()?;
+                    WireManifest::decode(&body).ok()
+                })
+                .await;
+                (peer, m.ok().flatten())
+            });
+        };
+        ask(&mut asks, next.next()?);
+        loop {
+            let answer = tokio::select! {
+                a = asks.join_next() => a,
+                _ = tokio::time::sleep(MANIFEST_HEDGE) => {
+                    // Nothing yet: ask the next holder too (the earlier asks keep going).
+                    if let Some(peer) = next.next() {
+                        ask(&mut asks, peer);
+                    }
+                    continue;
                 }
-                let body = recv.read_to_end(17 + wire::MAX_MANIFEST_PIECES as usize * 32).await.ok()?;
-                WireManifest::decode(&body).ok()
-            })
-            .await;
-            if let Ok(Some(m)) = res {
-                return Some((peer, m));
+            };
+            match answer {
+                Some(Ok((peer, Some(m)))) => return Some((peer, m)),
+                // Refused, failed or timed out: the next holder now.
+                Some(_) => match next.next() {
+                    Some(peer) => ask(&mut asks, peer),
+                    None if asks.is_empty() => return None,
+                    None => {}
+                },
+                None => return None,
             }
         }
-        None
     }
 
     /// Asks `owner` to fetch `d` from upstream (with the client's credentials); returns when the

@@ -137,6 +137,28 @@ async fn a_slow_peer_is_hedged_against_another() {
     assert_eq!(me.t.counters().peer_timeouts.load(Ordering::Relaxed), 0);
 }
 
+/// The first holder listed never answers (a bound UDP port with nothing serving QUIC: the dial
+/// hangs until quinn gives the handshake up, ~3 s at its initial round-trip estimate). With the
+/// dial and manifest timeouts far above that, the manifest must come from the next holder, asked
+/// once the first was silent for the hedge delay (without the hedge this takes ~3.1 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_holder_is_hedged_for_the_manifest() {
+    let (d, data) = blob(3 << 20, 10);
+    let a = node(SECRET).await;
+    let me = node_with(SECRET, |c| {
+        c.dial_timeout = Duration::from_secs(20);
+        c.manifest_timeout = Duration::from_secs(20);
+    })
+    .await;
+    put(&a, &d, &data).await;
+    // Kept open for the test: its datagrams are swallowed (no port-unreachable either).
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let t = Instant::now();
+    me.t.download(&d, &[(silent.local_addr().unwrap(), true), (addr(&a), true)]).await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+    assert_eq!(me.store.read_range(&d, 0, data.len() as u64).await.unwrap(), data);
+}
+
 /// A node serving from its containerd content store (no copy in its store): the right bytes,
 /// verified as usual by the receiver; a file not matching its name and a removed one are "not
 /// found", so the downloader goes elsewhere.
