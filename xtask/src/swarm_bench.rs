@@ -333,13 +333,13 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_f
         Rate::PerLink(r) => format!("every link {r} Mbit/s both ways"),
         Rate::Aggregate(a) => format!("every link {a}/N Mbit/s both ways (the cluster's total the same at every N)"),
     };
-    let memory = if memory.as_ref().is_some_and(|m| m.kept()) {
+    let page_reporting = if memory.as_ref().is_some_and(|m| m.kept()) {
         "The VM's free page reporting was off and memory warmed first (`GuestMemory`: page cache writes reuse memory the guest owns instead of faulting it in from the host at ~2 s/GiB)"
     } else {
         "The VM's free page reporting was on (page cache writes fault memory in from the host at ~2 s/GiB)"
     };
     let mut out = vec![format!(
-        "One {size_mib} MiB blob to N nodes, {links} ({shaping}, queue of {queue_ms} ms), registry uplink at the nodes' rate, no added latency (no netem on this kernel). {memory}. Times are per-node completion as multiples of the ideal S/B at that rate; egress is bytes the registry's link sent / S. Agents' CPU is their user+sys seconds summed; machine busy is the share of both cores busy during the run, every process and the kernel's packet work included (near 100%, the CPU rather than the links bounds the result).\n\n| N | link Mbit/s | S/B s | method | p50 / (S/B) | max / (S/B) | origin egress / S | agents' CPU s | machine busy |\n|---|---|---|---|---|---|---|---|---|"
+        "One {size_mib} MiB blob to N nodes, {links} ({shaping}, queue of {queue_ms} ms), registry uplink at the nodes' rate, no added latency (no netem on this kernel). {page_reporting}. Times are per-node completion as multiples of the ideal S/B at that rate; egress is bytes the registry's link sent / S. Agents' CPU is their user+sys seconds summed; machine busy is the share of both cores busy during the run, every process and the kernel's packet work included (near 100%, the CPU rather than the links bounds the result).\n\n| N | link Mbit/s | S/B s | method | p50 / (S/B) | max / (S/B) | origin egress / S | agents' CPU s | machine busy |\n|---|---|---|---|---|---|---|---|---|"
     )];
     for r in &rows {
         let cpu = if r.cpu.is_nan() { "-".to_string() } else { format!("{:.1}", r.cpu) };

@@ -1328,41 +1328,44 @@ impl Mirror {
 
     /// GETs the chunks of `part` from upstream into the store with byte ranges, skipping chunks
     /// already held; `first` is the answer to the part's first chunk when the caller has it.
-    async fn fetch_part(&self, d: Digest, part: transfer::Part, url: &reqwest::Url, fwd: &HeaderMap, source: Source, mut first: Option<reqwest::Response>) -> Result<(), String> {
+    async fn fetch_part(&self, d: Digest, part: transfer::Part, url: &reqwest::Url, fwd: &HeaderMap, source: Source, first: Option<reqwest::Response>) -> Result<(), String> {
         let piece = u64::from(self.inner.store.piece_size());
         let chunk = u64::from(part.chunk_pieces) * piece;
-        let mut total: Option<u64> = None;
-        let mut c = u64::from(part.index);
-        loop {
-            let start = c * chunk;
-            if total.is_some_and(|t| start >= t) {
-                return Ok(());
+        // The part's first chunk, always fetched, tells the blob's size and so its other chunks.
+        let start = u64::from(part.index) * chunk;
+        let resp = match first {
+            Some(r) => r,
+            None => self.get_range(url, fwd, start, chunk).await?,
+        };
+        let Some(total) = self.feed_chunk(d, resp, start, None, &source).await? else { return Ok(()) };
+        for r in part.chunks(total.div_ceil(piece) as u32).skip(1) {
+            let held = self.inner.store.present_pieces(&d).is_some_and(|have| have.get(r.start as usize..r.end as usize).is_some_and(|h| h.iter().all(|p| *p)));
+            if held {
+                continue;
             }
-            if let (Some(t), Some(have)) = (total, self.inner.store.present_pieces(&d)) {
-                let range = (start / piece) as usize..((start + chunk).min(t).div_ceil(piece)) as usize;
-                if have.get(range).is_some_and(|r| r.iter().all(|p| *p)) {
-                    c += u64::from(part.parts);
-                    continue;
-                }
-            }
-            let resp = match first.take() {
-                Some(r) => r,
-                None => self.get_range(url, fwd, start, chunk).await?,
-            };
-            match resp.status() {
-                reqwest::StatusCode::PARTIAL_CONTENT => {}
-                // Past the end: the blob is smaller than this part's first chunk.
-                reqwest::StatusCode::RANGE_NOT_SATISFIABLE if total.is_none() => return Ok(()),
-                st => return Err(format!("upstream answered {st} to a byte range")),
-            }
-            let (from, to, size) = content_range(&resp).ok_or("a 206 without a usable Content-Range")?;
-            if from != start || to < from || total.is_some_and(|t| t != size) || to >= size {
-                return Err(format!("upstream sent bytes {from}-{to}/{size} for a range from {start}"));
-            }
-            total = Some(size);
-            self.feed_range(d, resp, size, start, to + 1 - from, &source).await?;
-            c += u64::from(part.parts);
+            let start = u64::from(r.start) * piece;
+            let resp = self.get_range(url, fwd, start, chunk).await?;
+            self.feed_chunk(d, resp, start, Some(total), &source).await?;
         }
+        Ok(())
+    }
+
+    /// Checks upstream's answer to a chunk's byte range from `start` (of a blob of `total` bytes,
+    /// once known) and writes it into the store; the blob's size, or `None` when the blob ends
+    /// before a part's first chunk.
+    async fn feed_chunk(&self, d: Digest, resp: reqwest::Response, start: u64, total: Option<u64>, source: &Source) -> Result<Option<u64>, String> {
+        match resp.status() {
+            reqwest::StatusCode::PARTIAL_CONTENT => {}
+            // Past the end: the blob is smaller than this part's first chunk.
+            reqwest::StatusCode::RANGE_NOT_SATISFIABLE if total.is_none() => return Ok(None),
+            st => return Err(format!("upstream answered {st} to a byte range")),
+        }
+        let (from, to, size) = content_range(&resp).ok_or("a 206 without a usable Content-Range")?;
+        if from != start || to < from || total.is_some_and(|t| t != size) || to >= size {
+            return Err(format!("upstream sent bytes {from}-{to}/{size} for a range from {start}"));
+        }
+        self.feed_range(d, resp, size, start, to + 1 - from, source).await?;
+        Ok(Some(size))
     }
 
     /// Writes one upstream byte range (from `start`, `len` bytes, piece-aligned) into the store.

@@ -556,7 +556,6 @@ impl Transfer {
         recv.read_to_end(4096).await.ok().and_then(|b| b.get(2..).map(|m| String::from_utf8_lossy(m).into_owned())).unwrap_or_default()
     }
 
-    /// The manifest of `d` from the first holder that has it complete.
     /// The manifest of `d` from the first of `holders` to answer, in their order: a holder that
     /// has not answered within `MANIFEST_HEDGE` (dead, not yet dialled, busy) is hedged by asking
     /// the next as well, and a refusal moves on at once, so one silent peer costs tens of
@@ -723,8 +722,9 @@ impl Transfer {
         let mut tick = 0usize;
         // Peers asked for their bitfield after the lost source, whose answers are still due.
         let mut awaiting: Option<std::collections::HashSet<usize>> = None;
-        // `tick` None: every peer now.
+        // `tick` None: every peer now. Returns the peers asked.
         let refresh = |this: &Self, dl: &Download, unknown: Option<Arc<Vec<bool>>>, tick: Option<usize>| {
+            let mut asked = std::collections::HashSet::new();
             for (i, &peer) in addrs.iter().enumerate() {
                 // A peer holding everything has nothing new to say.
                 if dl.excluded(i) || dl.holds_all(i) {
@@ -733,6 +733,7 @@ impl Transfer {
                 if tick.is_some_and(|tick| !swarm::polled_on_tick(addrs.len(), i, tick)) {
                     continue;
                 }
+                asked.insert(i);
                 let this = this.clone();
                 let have_tx = have_tx.clone();
                 let d = *d;
@@ -750,6 +751,7 @@ impl Transfer {
                     let _ = have_tx.send((i, bits, manifest)).await;
                 });
             }
+            asked
         };
         let outcome = 'run: loop {
             if store.has(d) {
@@ -788,8 +790,7 @@ impl Transfer {
             }
             if dl.lost_its_sources() && awaiting.is_none() {
                 // The remaining peers' latest bitfields show what they got from the lost source.
-                awaiting = Some((0..addrs.len()).filter(|&i| !dl.excluded(i) && !dl.holds_all(i)).collect());
-                refresh(self, &dl, None, None);
+                awaiting = Some(refresh(self, &dl, None, None));
             }
             if dl.can_progress() {
                 last_progress = now;
