@@ -279,18 +279,7 @@ impl Transfer {
                     }
                 };
                 let peer = conn.remote_address();
-                if tracing::enabled!(target: "peerd_agent::transfer::trace", tracing::Level::DEBUG) {
-                    // Diagnostics (bench swarm's PEERD_BENCH_TRACE): the sender's view of the path.
-                    let c = conn.clone();
-                    tokio::spawn(async move {
-                        let t0 = Instant::now();
-                        while c.close_reason().is_none() {
-                            let s = c.stats();
-                            debug!(target: "peerd_agent::transfer::trace", t = t0.elapsed().as_millis() as u64, %peer, cwnd = s.path.cwnd, rtt_us = s.path.rtt.as_micros() as u64, lost = s.path.lost_packets, mtu = s.path.current_mtu, "path");
-                            tokio::time::sleep(Duration::from_millis(250)).await;
-                        }
-                    });
-                }
+                trace_path(&conn, "served");
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let this = this.clone();
                     tokio::spawn(async move {
@@ -518,6 +507,7 @@ impl Transfer {
             Ok(Err(e)) => return Err(self.unreachable(peer, e.to_string())),
             Err(_) => return Err(self.unreachable(peer, format!("no handshake within {:?}", self.inner.cfg.dial_timeout))),
         };
+        trace_path(&conn, "dialled");
         self.inner.down.lock().unwrap_or_else(|e| e.into_inner()).remove(&peer);
         self.inner.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(peer, conn.clone());
         Ok(conn)
@@ -971,6 +961,24 @@ impl Transfer {
 /// 200 Mbit/s link: an agent that is not scheduled for longer (a busy node) drops datagrams,
 /// which QUIC then resends (bench swarm, N=8 on 2 shared cores: ~4,000 datagrams dropped per
 /// node and 1.27 x S received per node with the default, none and 1.05 x S with 8 MiB).
+/// Diagnostics (bench swarm's PEERD_BENCH_TRACE): a connection's path and packet counts every
+/// 250 ms, from the side that `role` names.
+fn trace_path(conn: &quinn::Connection, role: &'static str) {
+    if !tracing::enabled!(target: "peerd_agent::transfer::trace", tracing::Level::DEBUG) {
+        return;
+    }
+    let (c, peer) = (conn.clone(), conn.remote_address());
+    tokio::spawn(async move {
+        let t0 = Instant::now();
+        while c.close_reason().is_none() {
+            let s = c.stats();
+            let p = &s.path;
+            debug!(target: "peerd_agent::transfer::trace", t = t0.elapsed().as_millis() as u64, %peer, role, cwnd = p.cwnd, rtt_us = p.rtt.as_micros() as u64, lost = p.lost_packets, mtu = p.current_mtu, tx = s.udp_tx.datagrams, tx_ios = s.udp_tx.ios, rx = s.udp_rx.datagrams, rx_ios = s.udp_rx.ios, acks_tx = s.frame_tx.acks, "path");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+}
+
 const SOCKET_BUFFER: usize = 8 << 20;
 
 /// Sets both socket buffers to `bytes`: with CAP_NET_ADMIN past `net.core.{r,w}mem_max`
