@@ -957,10 +957,6 @@ impl Transfer {
     }
 }
 
-/// UDP socket buffers of the peer endpoint. The kernel's default (208 KiB) holds ~8 ms of a
-/// 200 Mbit/s link: an agent that is not scheduled for longer (a busy node) drops datagrams,
-/// which QUIC then resends (bench swarm, N=8 on 2 shared cores: ~4,000 datagrams dropped per
-/// node and 1.27 x S received per node with the default, none and 1.05 x S with 8 MiB).
 /// Diagnostics (bench swarm's PEERD_BENCH_TRACE): a connection's path and packet counts every
 /// 250 ms, from the side that `role` names.
 fn trace_path(conn: &quinn::Connection, role: &'static str) {
@@ -979,6 +975,10 @@ fn trace_path(conn: &quinn::Connection, role: &'static str) {
     });
 }
 
+/// UDP socket buffers of the peer endpoint. The kernel's default (208 KiB) holds ~8 ms of a
+/// 200 Mbit/s link: an agent that is not scheduled for longer (a busy node) drops datagrams,
+/// which QUIC then resends (bench swarm, N=8 on 2 shared cores: ~4,000 datagrams dropped per
+/// node and 1.27 x S received per node with the default, none and 1.05 x S with 8 MiB).
 const SOCKET_BUFFER: usize = 8 << 20;
 
 /// Sets both socket buffers to `bytes`: with CAP_NET_ADMIN past `net.core.{r,w}mem_max`
