@@ -169,9 +169,6 @@ fn stats(mut t: Vec<f64>, ideal: f64) -> (f64, f64) {
 /// BitTorrent baseline: opentracker and an aria2 seeder in the registry namespace, aria2
 /// leechers in every node (they keep seeding until all are done, as a real swarm would).
 fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<Vec<f64>> {
-    for tool in ["aria2c", "mktorrent", "opentracker"] {
-        crate::require_tool(tool)?;
-    }
     let reg_ip = c.registry.ip;
     let torrent = dir.join("blob.torrent");
     let _ = std::fs::remove_file(&torrent);
@@ -226,6 +223,10 @@ fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<Vec<f64>> {
 }
 
 pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_first: bool, with_bt: bool, own_memory: bool) -> Result<()> {
+    // Checked before minutes of runs, not when the first BitTorrent run starts.
+    for tool in ["aria2c", "mktorrent", "opentracker"].iter().filter(|_| with_bt) {
+        crate::require_tool(tool)?;
+    }
     // PEERD_BENCH_BINARY=<path>: run that agent instead of this tree's (A/B runs of two builds
     // under the same machine load; diagnostics).
     let peerd = match std::env::var_os("PEERD_BENCH_BINARY") {
