@@ -712,7 +712,7 @@ impl Mirror {
     }
 
     fn stored_size(&self, d: &Digest) -> Option<u64> {
-        self.inner.store.manifest(d).map(|m| m.size)
+        self.inner.store.complete_size(d)
     }
 
     /// Multi-tenant safety: cached content of a repository is served only after upstream has

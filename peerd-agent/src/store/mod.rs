@@ -449,6 +449,14 @@ impl Store {
         Some(PinGuard { inner: self.inner.clone(), blob })
     }
 
+    /// The size of a blob `manifest` would describe (complete, every piece hash known), without
+    /// copying its hashes: callers that only ask "is it here, how big" (some under a lock).
+    pub fn complete_size(&self, d: &Digest) -> Option<u64> {
+        let b = self.get(d)?;
+        let st = lock(&b.state);
+        (st.complete && st.hashes.iter().all(Option::is_some)).then_some(b.size)
+    }
+
     /// Piece hashes of a complete blob (partial blobs have no end-to-end verified manifest).
     pub fn manifest(&self, d: &Digest) -> Option<Manifest> {
         let b = self.get(d)?;

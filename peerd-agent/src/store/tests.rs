@@ -79,12 +79,14 @@ async fn round_trip(io: IoMode) {
     }
     assert!(!s2.has(&d));
     assert!(s2.manifest(&d).is_none(), "no manifest before the sha256 check");
+    assert_eq!(s2.complete_size(&d), None);
     // Range over present pieces 0..2 is readable before the blob completes.
     assert_eq!(s2.read_range(&d, 10, 2 * PS as u64 - 10).await.unwrap(), &data[10..2 * PS as usize]);
     let piece2 = data[2 * PS as usize..3 * PS as usize].to_vec();
     assert_eq!(s2.put_piece(&d, 2, piece2.clone(), m.pieces[2], peer("b")).await.unwrap(), PutOutcome::Completed);
     assert_eq!(s2.put_piece(&d, 2, piece2, m.pieces[2], peer("b")).await.unwrap(), PutOutcome::AlreadyPresent);
     assert!(s2.has(&d));
+    assert_eq!(s2.complete_size(&d), Some(m.size));
     assert_eq!(s2.manifest(&d), Some(m));
     assert_eq!(s2.read_range(&d, 0, data.len() as u64).await.unwrap(), data);
     assert_eq!(s2.list().len(), 1);
