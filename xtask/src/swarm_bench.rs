@@ -224,8 +224,10 @@ fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<Vec<f64>> {
 
 pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_first: bool, with_bt: bool, own_memory: bool) -> Result<()> {
     // Checked before minutes of runs, not when the first BitTorrent run starts.
-    for tool in ["aria2c", "mktorrent", "opentracker"].iter().filter(|_| with_bt) {
-        crate::require_tool(tool)?;
+    if with_bt {
+        for tool in ["aria2c", "mktorrent", "opentracker"] {
+            crate::require_tool(tool)?;
+        }
     }
     // PEERD_BENCH_BINARY=<path>: run that agent instead of this tree's (A/B runs of two builds
     // under the same machine load; diagnostics).
