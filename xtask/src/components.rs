@@ -309,6 +309,18 @@ impl Agent {
     }
 }
 
+impl Drop for Agent {
+    /// A failing test shows the tail of every agent's log (the agents' view of what went wrong).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let text = self.proc.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("---- agent {} (log {}), last {} lines ----\n{}", self.addr, self.proc.log.display(), tail.len(), tail.join("\n"));
+        }
+    }
+}
+
 /// A command for `program` run inside network namespace `netns` (`ip netns exec`, which execs:
 /// the child's pid is the program's) and cgroup `cgroup_procs` (that cgroup's `cgroup.procs`),
 /// each only if given.

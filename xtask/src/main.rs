@@ -36,6 +36,21 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Runs one test binary again and again (flaky-test hunting): `cargo xtask repeat
+    /// cluster_loopback --times 20 --busy`.
+    Repeat {
+        /// The test binary (a file of `peerd-agent/tests/`, without `.rs`), or `lib` for the
+        /// agent's unit tests.
+        test: String,
+        #[arg(long, default_value_t = 20)]
+        times: u32,
+        /// Keep both cores busy with spin loops meanwhile (a loaded node).
+        #[arg(long)]
+        busy: bool,
+        /// Extra arguments for the test binary (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Build and run one agent with defaults (one node, data under ./.peerd).
     Run {
         /// Extra arguments for `peerd agent`.
@@ -63,6 +78,7 @@ fn main() -> Result<()> {
         Cmd::Build { release } => build(release).map(|_| ()),
         Cmd::Test { args } => test(&args),
         Cmd::Run { args } => run(&args),
+        Cmd::Repeat { test, times, busy, args } => repeat(&test, times, busy, &args),
         Cmd::Bench { which } => bench::run(which),
         Cmd::Cluster { action } => cluster::run(action),
         Cmd::FetchSha256 { url } => swarm_bench::fetch_sha256(&url),
@@ -137,13 +153,93 @@ fn test(args: &[String]) -> Result<()> {
         bail!("the bpf-tests load programs into the kernel and create namespaces: run as root (CI does)");
     }
     let obj = build(false)?;
-    status(
-        Command::new("cargo")
-            .current_dir(root())
-            .env("PEERD_EBPF_OBJECT", &obj)
-            .args(["test", "--workspace", "--exclude", "peerd-ebpf"])
-            .args(args),
-    )
+    // Every test binary runs even when one fails; the failures are listed once at the end.
+    let mut child = Command::new("cargo")
+        .current_dir(root())
+        .env("PEERD_EBPF_OBJECT", &obj)
+        .args(["test", "--workspace", "--exclude", "peerd-ebpf", "--no-fail-fast"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("spawn cargo test")?;
+    let mut failed = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line.context("reading cargo test's output")?;
+            println!("{line}");
+            if let Some(name) = line.strip_prefix("test ").and_then(|l| l.strip_suffix(" ... FAILED")) {
+                failed.push(name.to_string());
+            }
+        }
+    }
+    let st = child.wait().context("waiting for cargo test")?;
+    if !st.success() {
+        eprintln!("\n=== summary: cargo test failed ({st}); failed tests ({}):", failed.len());
+        for f in &failed {
+            eprintln!("  {f}");
+        }
+        eprintln!("(cargo's own list of failed test binaries is just above; rerun one with `cargo xtask repeat NAME`)");
+        bail!("{} test(s) failed", failed.len().max(1));
+    }
+    println!("=== summary: every test passed");
+    Ok(())
+}
+
+/// `cargo xtask repeat`: builds once, then runs one test binary `times` times and counts.
+fn repeat(test: &str, times: u32, busy: bool, args: &[String]) -> Result<()> {
+    let obj = build(false)?;
+    let cargo = |extra: &[&str]| {
+        let mut c = Command::new("cargo");
+        c.current_dir(root()).env("PEERD_EBPF_OBJECT", &obj).args(["test", "-p", "peerd-agent"]);
+        if test == "lib" {
+            c.arg("--lib");
+        } else {
+            c.args(["--test", test]);
+        }
+        c.args(extra);
+        c
+    };
+    status(&mut cargo(&["--no-run"]))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinners: Vec<_> = (0..if busy { 2 } else { 0 })
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for run in 1..=times {
+        let started = std::time::Instant::now();
+        let mut c = cargo(&["--"]);
+        c.args(args);
+        let out = c.output().context("run cargo test")?;
+        let ok = out.status.success();
+        println!("run {run}/{times}: {} in {:.1}s", if ok { "pass" } else { "FAIL" }, started.elapsed().as_secs_f64());
+        if !ok {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let failed: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("test ")?.strip_suffix(" ... FAILED")).collect();
+            println!("  failed: {failed:?}");
+            let log = target_dir().join(format!("repeat-{test}-{run}.log"));
+            let _ = std::fs::write(&log, [out.stdout.as_slice(), out.stderr.as_slice()].concat());
+            println!("  output: {}", log.display());
+            failures.push(run);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in spinners {
+        let _ = s.join();
+    }
+    println!("{test}: {} of {times} runs passed{}", times - failures.len() as u32, if busy { " (both cores busy)" } else { "" });
+    if !failures.is_empty() {
+        bail!("runs {failures:?} failed");
+    }
+    Ok(())
 }
 
 fn run(args: &[String]) -> Result<()> {

@@ -472,6 +472,17 @@ impl Deployment {
 
 impl Drop for Deployment {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test shows every agent's view of what went wrong.
+            for (i, a) in self.agents.iter().enumerate() {
+                if let Some(a) = a {
+                    let text = a.log_text();
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = &lines[lines.len().saturating_sub(40)..];
+                    eprintln!("---- agent {i} (log {}), last {} lines ----\n{}", a.log.display(), tail.len(), tail.join("\n"));
+                }
+            }
+        }
         for a in self.agents.iter_mut().flatten() {
             a.kill();
         }

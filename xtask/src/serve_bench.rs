@@ -241,7 +241,8 @@ pub fn range(size_mib: u64, readers: usize, per_reader: usize) -> Result<()> {
     let s = setup(size_mib)?;
     let origin = format!("http://{}", s.nginx.addr);
     let direct = format!("{origin}/{}", s.rel);
-    let agent = Agent::start(&s.agent_bin, &s.dir, &[], &["--blob-host", "127.0.0.1", "--cache-size", &format!("{}MiB", size_mib * 2 + 64)]);
+    let blob_host = s.nginx.addr.to_string();
+    let agent = Agent::start(&s.agent_bin, &s.dir, &[], &["--blob-host", &blob_host, "--cache-size", &format!("{}MiB", size_mib * 2 + 64)]);
     let via_agent = format!("http://{}/blobs/{direct}", agent.addr);
     let rt = rt()?;
     let c = client();

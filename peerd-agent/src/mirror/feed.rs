@@ -25,6 +25,9 @@ pub struct PieceFeed {
     source: Source,
     done: bool,
     pending: VecDeque<JoinHandle<Result<PutOutcome, StoreError>>>,
+    /// A blob being written is never evicted under it (a small budget would otherwise pick
+    /// the newest, still incomplete, blob and lose the fetch).
+    _pin: Option<crate::store::PinGuard>,
 }
 
 impl PieceFeed {
@@ -35,8 +38,9 @@ impl PieceFeed {
     /// A feed whose first byte is the start of piece `first` (a byte range of a split fetch).
     pub async fn at(store: &Store, d: &Digest, size: u64, first: usize, source: Source) -> Result<Self, StoreError> {
         store.declare(d, size).await?;
+        let pin = store.pin(d);
         let piece_size = store.piece_size() as usize;
-        Ok(Self { store: store.clone(), d: *d, piece_size, buf: Vec::with_capacity(piece_size), next: first, source, done: false, pending: VecDeque::new() })
+        Ok(Self { store: store.clone(), d: *d, piece_size, buf: Vec::with_capacity(piece_size), next: first, source, done: false, pending: VecDeque::new(), _pin: pin })
     }
 
     /// Starts storing `piece`; waits for the oldest write while `max` are outstanding.

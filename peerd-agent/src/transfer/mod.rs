@@ -100,8 +100,8 @@ impl TransferConfig {
             node_id,
             secret,
             max_streams_per_peer: 32,
-            dial_timeout: Duration::from_millis(300),
-            manifest_timeout: Duration::from_millis(500),
+            dial_timeout: Duration::from_secs(2),
+            manifest_timeout: Duration::from_secs(1),
             swarm: SwarmConfig::default(),
             upload_limit: None,
             download_limit: None,
@@ -163,9 +163,13 @@ struct Inner {
 /// 100 ms) several times over, short enough that a taker that died costs little.
 const HANDOUT_GRACE: Duration = Duration::from_secs(3);
 
-/// Silence on a connection after which the peer counts as dead (module docs of `start`).
-const IDLE_TIMEOUT: Duration = Duration::from_millis(500);
-const KEEP_ALIVE: Duration = Duration::from_millis(125);
+/// Silence on a connection after which the peer counts as dead (module docs of `start`). Long
+/// enough that a live peer whose CPU is saturated (every node busiest exactly when every node
+/// pulls the same image) is not taken for dead: a false suspicion sends work elsewhere and can
+/// fetch a blob from upstream twice, while a dead peer's pieces are hedged away from it by the
+/// swarm long before this fires.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+const KEEP_ALIVE: Duration = Duration::from_millis(500);
 /// How long a peer that could not be reached is not dialled again (requests fail at once).
 const DOWN_FOR: Duration = Duration::from_secs(2);
 
@@ -443,13 +447,13 @@ impl Transfer {
     /// peer's manifest timeout: a peer gets "not found" and goes elsewhere rather than timing out;
     /// the hashing goes on and the next request finds it ready).
     async fn containerd_manifest(&self, d: &Digest, wait: bool) -> Option<Arc<crate::store::Manifest>> {
-        const VERIFY_WAIT: Duration = Duration::from_millis(300);
+        let verify_wait = self.inner.cfg.manifest_timeout * 3 / 5;
         let c = self.inner.containerd.get()?;
         if !c.contains(d) || self.inner.store.has(d) {
             return None;
         }
         if wait {
-            tokio::time::timeout(VERIFY_WAIT, c.manifest(d)).await.ok()?.ok()
+            tokio::time::timeout(verify_wait, c.manifest(d)).await.ok()?.ok()
         } else {
             c.prepare(d);
             c.cached_manifest(d)
@@ -662,7 +666,11 @@ impl Transfer {
     }
 
     async fn swarm(&self, d: &Digest, m: &Arc<WireManifest>, manifest_peer: SocketAddr, peers: &[(SocketAddr, bool)], origins: usize) -> Result<(), TransferError> {
-        const STALL: Duration = Duration::from_secs(1);
+        // Nothing to ask anyone for this long ends the download. Sources that are alive but slow
+        // (an origin still receiving from upstream, peers behind on a loaded node) are waited
+        // for: ending early sends the caller to another owner or upstream, which fetches the
+        // blob from upstream a second time. A dead source is noticed sooner (below).
+        const STALL: Duration = Duration::from_secs(5);
         // After the source holding what others lack died (`lost_its_sources`), every remaining
         // peer is asked for its bitfield at once; with all answers in and nothing to take, the
         // download ends (the caller goes upstream). This bounds the wait for answers.
