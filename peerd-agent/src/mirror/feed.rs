@@ -120,6 +120,21 @@ impl PieceFeed {
         Ok(())
     }
 
+    /// Keeps the whole pieces written so far (waiting for their writes) and drops the unfinished
+    /// one: the rest of the blob is to come by range from another attempt. Nothing becomes
+    /// readable as a blob until every piece is there and the sha256 over all of them matched,
+    /// so pieces of two bodies of the same digest can be mixed without risk.
+    pub async fn keep_partial(mut self) {
+        self.buf.clear();
+        while !self.pending.is_empty() {
+            if self.settle_one().await.is_err() {
+                self.abandon();
+                return;
+            }
+        }
+        self.done = true;
+    }
+
     /// Gives up on the blob and removes what was stored of it before returning, so a request
     /// that follows finds no partial blob left by this one (dropping does the same later).
     pub async fn discard(mut self) {

@@ -946,9 +946,17 @@ impl Mirror {
     async fn pull_through(&self, d: Digest, url: reqwest::Url, fwd: &HeaderMap, source: Source) -> Resp {
         let started = Instant::now();
         let auth = authorization(fwd).map(str::to_owned);
+        // A body that broke off is completed by range; one that failed its digest is not
+        // fetched again for this request (upstream would only send the same wrong bytes).
+        let lied = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let fallback = {
-            let (this, url, auth) = (self.clone(), url.to_string(), auth.clone());
-            async move { this.finish_from_upstream(d, url, auth).await }
+            let (this, url, auth, lied) = (self.clone(), url.to_string(), auth.clone(), lied.clone());
+            async move {
+                if lied.load(Ordering::Relaxed) {
+                    return Err("upstream's body did not match its digest".to_string());
+                }
+                this.finish_from_upstream(d, url, auth).await
+            }
         };
         let flight = match self.flight(d) {
             Flight::Leader(g) => g,
@@ -1004,7 +1012,7 @@ impl Mirror {
             let this = self.clone();
             tokio::spawn(async move {
                 let _flight = flight;
-                match this.feed_body(resp, writer, None).await {
+                match this.feed_body_keeping(resp, writer).await {
                     Ok(w) => match w.finish().await {
                         Ok(()) => {
                             info!(%d, "cached from {source}");
@@ -1013,6 +1021,7 @@ impl Mirror {
                         Err(e) => {
                             if matches!(e, crate::store::StoreError::DigestMismatch { .. }) {
                                 inc(&this.inner.counters.digest_mismatch);
+                                lied.store(true, Ordering::Relaxed);
                             }
                             warn!(%d, "not cached: {e}");
                             false
@@ -1020,7 +1029,7 @@ impl Mirror {
                     },
                     Err(e) => {
                         inc(&this.inner.counters.upstream_errors);
-                        warn!(%d, "upstream body: {e}");
+                        warn!(%d, "upstream body broke off, the rest by range: {e}");
                         false
                     }
                 }
@@ -1654,6 +1663,21 @@ impl Mirror {
             return Err(format!("upstream sent {got} of {len} bytes"));
         }
         Ok(w)
+    }
+
+    /// Writes a whole upstream body into `w`; when the body breaks off, the whole pieces received
+    /// are kept for a ranged retry (`complete_from_upstream`) instead of being thrown away.
+    async fn feed_body_keeping(&self, mut resp: reqwest::Response, mut w: feed::PieceFeed) -> Result<feed::PieceFeed, String> {
+        loop {
+            match self.upstream_chunk(&mut resp).await {
+                Ok(Some(c)) => w.write(&c).await.map_err(|e| e.to_string())?,
+                Ok(None) => return Ok(w),
+                Err(e) => {
+                    w.keep_partial().await;
+                    return Err(e.to_string());
+                }
+            }
+        }
     }
 
     /// GETs `len` bytes of the blob at `url` from `start`.
