@@ -14,6 +14,7 @@ mod cluster;
 mod serve_bench;
 mod swarm_bench;
 mod redirect_bench;
+mod setup;
 mod toolchain;
 
 #[derive(Parser)]
@@ -144,7 +145,7 @@ pub fn require_tool(tool: &str) -> Result<()> {
     Ok(())
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
 }
 
@@ -152,11 +153,16 @@ fn test(args: &[String]) -> Result<()> {
     if !is_root() {
         bail!("the bpf-tests load programs into the kernel and create namespaces: run as root (CI does)");
     }
+    // A fresh machine: system packages and the chart tools first.
+    setup::system_packages()?;
+    let tools = setup::chart_tools()?;
+    let path = std::env::join_paths(std::iter::once(tools).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())))?;
     let obj = build(false)?;
     // Every test binary runs even when one fails; the failures are listed once at the end.
     let mut child = Command::new("cargo")
         .current_dir(root())
         .env("PEERD_EBPF_OBJECT", &obj)
+        .env("PATH", path)
         .args(["test", "--workspace", "--exclude", "peerd-ebpf", "--no-fail-fast"])
         .args(args)
         .stdout(std::process::Stdio::piped())
@@ -256,11 +262,11 @@ fn run(args: &[String]) -> Result<()> {
          Stop with Ctrl-C.\n",
         data.display()
     );
-    status(
-        Command::new(target_dir().join("debug/peerd"))
-            .arg("agent")
-            .arg("--data-dir")
-            .arg(&data)
-            .args(args),
-    )
+    let bin = target_dir().join("debug/peerd");
+    println!("The CLI: {} status (or put {} on PATH).\n", bin.display(), bin.parent().map_or(String::new(), |p| p.display().to_string()));
+    // The agent replaces this process: a signal sent to this PID (Ctrl-C, SIGTERM from a
+    // supervisor) reaches the agent itself, which then shuts down and frees its ports.
+    use std::os::unix::process::CommandExt;
+    let err = Command::new(&bin).arg("agent").arg("--data-dir").arg(&data).args(args).exec();
+    Err(anyhow::anyhow!("exec {}: {err}", bin.display()))
 }
