@@ -139,6 +139,10 @@ pub struct Counters {
     pub stream_aborted: AtomicU64,
     /// Blobs the cluster delivered that failed their digest (`distrusted` for a while after).
     pub cluster_lied: AtomicU64,
+    /// Range reads of blobs not here answered with pieces from peers.
+    pub ranges_from_peers: AtomicU64,
+    /// Range reads that tried peers and were relayed from upstream instead.
+    pub range_peer_fallbacks: AtomicU64,
     /// accept() failures on the mirror listener (out of descriptors), retried after a pause.
     pub accept_errors: AtomicU64,
     /// Connections answered 503 and closed at the connection limit.
@@ -196,6 +200,9 @@ const CHUNK_PIECES: u32 = 16;
 /// upstream connection.
 const MAX_PARTS: usize = 8;
 
+/// Bound on answering a range read from peers before it is relayed from upstream instead.
+const RANGE_BUDGET: Duration = Duration::from_secs(10);
+
 /// How long a request waits for another request's upstream fetch of the same blob.
 const FOLLOW_BOUND: Duration = Duration::from_secs(600);
 
@@ -235,6 +242,10 @@ struct Inner {
     /// Parts of split blobs this node is fetching for a peer (`FetchPart`), one fetch per part:
     /// followers wait for the leader's outcome.
     part_flights: Mutex<HashMap<(Digest, u8), PartFlight>>,
+    /// Digests with a background prefetch running (at most one each).
+    prefetching: Mutex<std::collections::HashSet<Digest>>,
+    /// Verified manifests (from complete holders) of blobs read by range, not yet here whole.
+    range_manifests: Mutex<HashMap<Digest, Arc<transfer::wire::WireManifest>>>,
     upstream_limit: Option<Arc<RateLimit>>,
     counters: Counters,
     metrics_sources: Mutex<Vec<Arc<dyn crate::metrics::MetricsSource>>>,
@@ -272,6 +283,8 @@ impl Mirror {
                 distrusted: Mutex::new(HashMap::new()),
                 prefetch_slots: slots,
                 part_flights: Mutex::new(HashMap::new()),
+                prefetching: Mutex::new(std::collections::HashSet::new()),
+                range_manifests: Mutex::new(HashMap::new()),
                 upstream_limit,
                 counters: Counters::default(),
                 metrics_sources: Mutex::new(Vec::new()),
@@ -698,7 +711,19 @@ impl Mirror {
             if let Err(r) = self.authorize(&reg.name, name, &d, url.clone(), h, true).await {
                 return r;
             }
+            if let Some(range) = range_header(h) {
+                // A byte range of a blob not here: the pieces covering it, from peers that hold
+                // the blob verified; the rest of the blob in the background, peers first.
+                if let Some(resp) = self.range_from_cluster(&d, range).await {
+                    self.prefetch(d, url.clone(), fwd, Source::Upstream(reg.name.clone()));
+                    return resp;
+                }
+            }
             let started = Instant::now();
+            if range_header(h).is_some() {
+                // No peer holds it verified: upstream's range now, the blob in the background.
+                return self.relay_range(d, url, fwd, h, Source::Upstream(reg.name.clone())).await;
+            }
             let job = {
                 let (this, url, fwd) = (self.clone(), url.clone(), fwd.clone());
                 tokio::spawn(async move { this.get_from_cluster(&d, &url, &fwd).await })
@@ -734,17 +759,96 @@ impl Mirror {
                 }
             }
         }
-        if let Some(r) = range_header(h) {
-            // A part of a blob we do not hold: relay it from the origin and fetch the whole blob
-            // in the background so the next read is a verified hit.
-            let mut with_range = fwd.clone();
-            if let Ok(v) = header::HeaderValue::from_str(r) {
-                with_range.insert(header::RANGE, v);
-            }
-            self.prefetch(d, url.clone(), fwd, Source::Upstream(reg.name.clone()));
-            return self.relay(Method::GET, url, &with_range).await;
+        if range_header(h).is_some() {
+            return self.relay_range(d, url, fwd, h, Source::Upstream(reg.name.clone())).await;
         }
         self.pull_through(d, url, &fwd, Source::Upstream(reg.name.clone())).await
+    }
+
+    /// A part of a blob nobody here holds verified: relayed from the origin as is (a relay: the
+    /// client checks what it asked for), while the whole blob is fetched in the background
+    /// (peers and the owner first) so the next read is a verified hit.
+    async fn relay_range(&self, d: Digest, url: reqwest::Url, fwd: HeaderMap, h: &HeaderMap, source: Source) -> Resp {
+        let mut with_range = fwd.clone();
+        if let Some(v) = range_header(h).and_then(|r| header::HeaderValue::from_str(r).ok()) {
+            with_range.insert(header::RANGE, v);
+        }
+        self.prefetch(d, url.clone(), fwd, source);
+        self.relay(Method::GET, url, &with_range).await
+    }
+
+    /// Answers `range` of `d` from the pieces covering it: those already here, the rest from
+    /// peers holding the blob complete, each piece checked against that holder's verified
+    /// manifest (`VerifiedManifest`: hashes of a blob whose sha256 it checked). Nothing outside
+    /// the range is waited for. `None` when no peer can (the caller relays from upstream).
+    async fn range_from_cluster(&self, d: &Digest, range: &str) -> Option<Resp> {
+        let c = self.inner.cluster.as_ref()?;
+        if self.distrusted(d) {
+            return None;
+        }
+        // Complete holders first (gossip says which); static peers are all asked.
+        let holders: Vec<SocketAddr> = c.peers.holders(d).into_iter().map(|h| h.0).collect();
+        if holders.is_empty() {
+            return None;
+        }
+        let cached = self.inner.range_manifests.lock().unwrap_or_else(|e| e.into_inner()).get(d).cloned();
+        let m = match cached {
+            Some(m) => m,
+            None => {
+                let (first, m) = tokio::time::timeout(RANGE_BUDGET, c.transfer.verified_manifest(d, &holders)).await.ok()??;
+                // A second complete holder, when one answers quickly, must agree: one member
+                // with wrong hashes cannot then decide alone what a range read returns.
+                let others: Vec<SocketAddr> = holders.iter().copied().filter(|h| *h != first).collect();
+                if !others.is_empty() {
+                    if let Ok(Some((second, m2))) = tokio::time::timeout(Duration::from_millis(300), c.transfer.verified_manifest(d, &others)).await {
+                        if m2 != m {
+                            self.distrust(d, &transfer::TransferError::Lied { peer: second, msg: format!("its verified manifest differs from {first}'s") });
+                            return None;
+                        }
+                    }
+                }
+                let m = Arc::new(m);
+                let mut all = self.inner.range_manifests.lock().unwrap_or_else(|e| e.into_inner());
+                if all.len() >= 1024 {
+                    all.clear();
+                }
+                all.insert(*d, m.clone());
+                m
+            }
+        };
+        let (start, end) = match range::answer(Some(range), m.size) {
+            RangeAnswer::Partial { start, end } => (start, end),
+            // A whole-body or unsatisfiable answer is the normal path's to give.
+            _ => return None,
+        };
+        let ps = u64::from(m.piece_size);
+        let pieces = (start / ps) as u32..(end / ps) as u32 + 1;
+        let fetched = tokio::time::timeout(RANGE_BUDGET, c.transfer.fetch_pieces(d, &m, &holders, pieces.clone())).await;
+        if !matches!(fetched, Ok(Ok(()))) {
+            inc(&self.inner.counters.range_peer_fallbacks);
+            debug!(%d, "range from peers failed, relaying from upstream: {fetched:?}");
+            return None;
+        }
+        // Every covering piece must carry the verified manifest's hash (a piece stored earlier
+        // by a download whose manifest came from elsewhere is not trusted for this).
+        let (_, _, hashes) = self.inner.store.known_hashes(d)?;
+        if pieces.clone().any(|i| hashes.get(i as usize).copied().flatten().map(|h| *h.as_bytes()) != Some(m.pieces[i as usize])) {
+            inc(&self.inner.counters.range_peer_fallbacks);
+            return None;
+        }
+        let bytes = tokio::time::timeout(RANGE_BUDGET, self.inner.store.read_range(d, start, end - start + 1)).await.ok()?.ok()?;
+        inc(&self.inner.counters.ranges_from_peers);
+        self.inner.counters.bytes_from_cache.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let mut r = Response::new(Body::full(bytes));
+        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+        let hs = r.headers_mut();
+        set(hs, header::CONTENT_LENGTH, &(end - start + 1).to_string());
+        set(hs, header::CONTENT_TYPE, "application/octet-stream");
+        set(hs, header::ACCEPT_RANGES, "bytes");
+        set(hs, header::CONTENT_RANGE, &format!("bytes {start}-{end}/{}", m.size));
+        set(hs, "docker-content-digest", &d.to_string());
+        set(hs, header::ETAG, &format!("\"{d}\""));
+        Some(r)
     }
 
     async fn manifest(&self, head: bool, reg: &Registry, name: &str, reference: Reference, h: &HeaderMap) -> Resp {
@@ -1738,10 +1842,34 @@ impl Mirror {
             return;
         };
         let Flight::Leader(flight) = self.flight(d) else { return };
+        if !self.inner.prefetching.lock().unwrap_or_else(|e| e.into_inner()).insert(d) {
+            return;
+        }
         inc(&self.inner.counters.prefetch_started);
         let this = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            struct Done(Mirror, Digest);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.inner.prefetching.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+                }
+            }
+            let _done = Done(this.clone(), d);
+            // Peers (and the blob's owner, fetching once for the cluster) first; this node
+            // fetches from upstream only when the cluster cannot help.
+            if this.inner.cluster.is_some() {
+                drop(flight);
+                if this.get_from_cluster(&d, &url, &fwd).await {
+                    info!(%d, "prefetched from the cluster");
+                    return;
+                }
+                match this.finish_from_upstream(d, url.to_string(), authorization(&fwd).map(str::to_owned)).await {
+                    Ok(()) => info!(%d, "prefetched"),
+                    Err(e) => debug!(%d, "prefetch failed: {e}"),
+                }
+                return;
+            }
             let _flight = flight;
             match this.fetch_whole(d, url, &fwd, source).await {
                 Ok(()) => info!(%d, "prefetched"),
@@ -1815,6 +1943,18 @@ impl Mirror {
         let fwd = forward(req.headers(), &[header::AUTHORIZATION]);
         if head {
             return self.relay(Method::HEAD, url, &fwd).await;
+        }
+        if let (Some(r), true) = (range, self.inner.cluster.is_some()) {
+            // From peers only for a client the origin accepts at this exact URL.
+            let cred_key = format!("{}?{}", url.path(), url.query().unwrap_or(""));
+            let origin = url.origin().ascii_serialization();
+            if let Err(resp) = self.authorize(&origin, &cred_key, &d, url.clone(), req.headers(), false).await {
+                return resp;
+            }
+            if let Some(resp) = self.range_from_cluster(&d, r).await {
+                self.prefetch(d, url.clone(), fwd.clone(), Source::Upstream(host));
+                return resp;
+            }
         }
         self.prefetch(d, url.clone(), fwd.clone(), Source::Upstream(host));
         let mut with_range = fwd;
