@@ -13,6 +13,7 @@ mod bench;
 mod cluster;
 mod serve_bench;
 mod swarm_bench;
+mod range_bench;
 mod redirect_bench;
 mod setup;
 mod toolchain;
@@ -72,6 +73,21 @@ enum Cmd {
     /// socket and hashing as bytes arrive, so the client costs the benchmark little CPU.
     #[command(hide = true)]
     FetchSha256 { url: String },
+    /// (benchmark client of `bench range`) random or sequential range reads of a URL, each
+    /// checked against a local file; prints JSON.
+    #[command(hide = true)]
+    RangeClient {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value = "random")]
+        mode: String,
+        #[arg(long, default_value_t = 16)]
+        readers: usize,
+        #[arg(long, default_value_t = 20)]
+        per_reader: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -83,6 +99,7 @@ fn main() -> Result<()> {
         Cmd::Bench { which } => bench::run(which),
         Cmd::Cluster { action } => cluster::run(action),
         Cmd::FetchSha256 { url } => swarm_bench::fetch_sha256(&url),
+        Cmd::RangeClient { url, file, mode, readers, per_reader } => range_bench::client_main(&url, &file, &mode, readers, per_reader),
     }
 }
 
