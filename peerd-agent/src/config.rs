@@ -12,6 +12,8 @@ pub enum ConfigError {
     Parse { path: String, source: toml::de::Error },
     #[error("config file {path}: key {key}: {what}")]
     Value { path: String, key: String, what: &'static str },
+    #[error("config file {path}: unknown key {key:?}{hint} (keys are the long names of `peerd agent --help`'s flags, e.g. mirror-addr)")]
+    UnknownKey { path: String, key: String, hint: String },
 }
 
 /// The environment variable for a flag: `mirror-addr` -> `PEERD_MIRROR_ADDR`.
@@ -20,13 +22,20 @@ pub fn env_name(key: &str) -> String {
 }
 
 /// Reads `path` and returns `(variable, value)` pairs for every key. Lists join with commas (the
-/// flags that repeat split their environment value on commas).
-pub fn load(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
+/// flags that repeat split their environment value on commas). A key that is not one of `known`
+/// (the flags' long names) is an error: a misspelt setting silently ignored is a setting the
+/// operator believes is in force.
+pub fn load(path: &Path, known: &[String]) -> Result<Vec<(String, String)>, ConfigError> {
     let p = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: p.clone(), source })?;
     let table: toml::Table = text.parse().map_err(|source| ConfigError::Parse { path: p.clone(), source })?;
     let mut out = Vec::new();
     for (key, value) in table {
+        if !known.iter().any(|k| *k == key) {
+            let close = known.iter().min_by_key(|k| edit_distance(k, &key)).filter(|k| edit_distance(k, &key) <= 3);
+            let hint = close.map_or(String::new(), |k| format!(" (did you mean {k:?}?)"));
+            return Err(ConfigError::UnknownKey { path: p, key, hint });
+        }
         let scalar = |v: &toml::Value| -> Option<String> {
             match v {
                 toml::Value::String(s) => Some(s.clone()),
@@ -51,6 +60,20 @@ pub fn load(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
         out.push((env_name(&key), v));
     }
     Ok(out)
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 /// Parses sizes like `512MiB`, `10G`, `1048576`.
@@ -89,7 +112,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("peerd.toml");
         std::fs::write(&f, "mirror-addr = \"127.0.0.1:1\"\nregistry = [\"a=http://x\", \"b=http://y\"]\ntrust-cluster = true\n").unwrap();
-        let mut got = load(&f).unwrap();
+        let known: Vec<String> = ["mirror-addr", "registry", "trust-cluster", "x"].iter().map(|s| s.to_string()).collect();
+        let mut got = load(&f, &known).unwrap();
         got.sort();
         assert_eq!(
             got,
@@ -100,8 +124,14 @@ mod tests {
             ]
         );
         std::fs::write(&f, "x = { a = 1 }").unwrap();
-        assert!(matches!(load(&f), Err(ConfigError::Value { .. })));
+        assert!(matches!(load(&f, &known), Err(ConfigError::Value { .. })));
         std::fs::write(&f, "not toml =").unwrap();
-        assert!(matches!(load(&f), Err(ConfigError::Parse { .. })));
+        assert!(matches!(load(&f, &known), Err(ConfigError::Parse { .. })));
+        // A misspelt key is an error naming the key it was probably meant to be.
+        std::fs::write(&f, "trust-clustr = true\n").unwrap();
+        match load(&f, &known) {
+            Err(e @ ConfigError::UnknownKey { .. }) => assert!(e.to_string().contains("did you mean \"trust-cluster\""), "{e}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

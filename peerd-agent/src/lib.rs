@@ -3,6 +3,7 @@
 //! Data flows one way: request -> mirror -> store (hit) | transfer (peer) | upstream (miss).
 //! See ARCHITECTURE.md.
 
+pub mod admin;
 pub mod bpf;
 pub mod config;
 pub mod containerd;

@@ -267,45 +267,49 @@ fn main() -> Result<()> {
     }
 }
 
-/// One request to the agent's admin API (plain HTTP on its mirror listener): (status, body).
-fn admin_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("no agent answering on {addr} (is `peerd agent` running?)"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw)?;
-    let (head, body) = raw.split_once("\r\n\r\n").context("malformed answer")?;
-    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("malformed status line")?;
-    Ok((code, body.to_string()))
+/// The admin API's client: one request to the agent's mirror listener, run on a small runtime
+/// (the CLI is otherwise synchronous). `(status, body)`.
+fn admin_request(addr: SocketAddr, method: reqwest::Method, path: &str) -> Result<(u16, bytes::Bytes)> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(30)).build()?;
+        let r = client
+            .request(method, format!("http://{addr}{path}"))
+            .send()
+            .await
+            .with_context(|| format!("no agent answering on {addr} (is `peerd agent` running?)"))?;
+        let code = r.status().as_u16();
+        Ok((code, r.bytes().await?))
+    })
+}
+
+/// GET `path` as the admin type `T`.
+fn admin_get<T: serde::de::DeserializeOwned>(addr: SocketAddr, path: &str) -> Result<(T, bytes::Bytes)> {
+    let (code, body) = admin_request(addr, reqwest::Method::GET, path)?;
+    anyhow::ensure!(code == 200, "agent answered {code}: {}", String::from_utf8_lossy(&body));
+    Ok((serde_json::from_slice(&body).context("the agent's answer does not match this CLI's version")?, body))
 }
 
 /// `peerd cache ls|rm`.
 fn cache(addr: SocketAddr, action: CacheAction) -> Result<()> {
     match action {
         CacheAction::Ls { json } => {
-            let (code, body) = admin_request(addr, "GET", "/cache")?;
-            anyhow::ensure!(code == 200, "agent answered {code}: {body}");
+            let (entries, raw): (Vec<peerd_agent::admin::CacheEntry>, _) = admin_get(addr, "/cache")?;
             if json {
-                println!("{body}");
+                println!("{}", String::from_utf8_lossy(&raw));
                 return Ok(());
             }
-            let v: serde_json::Value = serde_json::from_str(&body).context("agent sent invalid JSON")?;
             println!("{:<73} {:>12} STATE", "DIGEST", "SIZE");
-            for b in v.as_array().cloned().unwrap_or_default() {
-                let state = if b["complete"].as_bool().unwrap_or(false) {
-                    "complete".to_string()
-                } else {
-                    format!("{}/{} pieces", b["pieces_present"], b["pieces_total"])
-                };
-                println!("{:<73} {:>12} {state}", b["digest"].as_str().unwrap_or(""), b["size"]);
+            for b in entries {
+                let state = if b.complete { "complete".to_string() } else { format!("{}/{} pieces", b.pieces_present, b.pieces_total) };
+                println!("{:<73} {:>12} {state}", b.digest, b.size);
             }
             Ok(())
         }
         CacheAction::Rm { digest } => {
-            let (code, body) = admin_request(addr, "DELETE", &format!("/cache/{digest}"))?;
-            anyhow::ensure!(code == 204, "agent answered {code}: {body}");
+            let (code, body) = admin_request(addr, reqwest::Method::DELETE, &format!("/cache/{digest}"))?;
+            anyhow::ensure!(code == 204, "agent answered {code}: {}", String::from_utf8_lossy(&body));
             println!("removed {digest}");
             Ok(())
         }
@@ -315,108 +319,94 @@ fn cache(addr: SocketAddr, action: CacheAction) -> Result<()> {
 /// `peerd preheat`: POST /preheat on the agent, which fetches the image's blobs through the
 /// normal miss path (peers, the rendezvous owner, upstream); progress lines become a bar.
 fn preheat(addr: SocketAddr, image: &str) -> Result<()> {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("no agent answering on {addr} (is `peerd agent` running?)"))?;
-    s.set_read_timeout(Some(Duration::from_secs(900)))?;
+    use peerd_agent::admin::PreheatLine;
     let q: String = image.bytes().map(|b| if b.is_ascii_alphanumeric() || b"-._~/:@".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") }).collect();
-    s.write_all(format!("POST /preheat?image={q} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let code: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("malformed status line")?;
-    loop {
-        line.clear();
-        r.read_line(&mut line)?;
-        if line == "\r\n" || line.is_empty() {
-            break;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build()?;
+        let mut r = client
+            .post(format!("http://{addr}/preheat?image={q}"))
+            .send()
+            .await
+            .with_context(|| format!("no agent answering on {addr} (is `peerd agent` running?)"))?;
+        if r.status() != 200 {
+            let code = r.status();
+            anyhow::bail!("agent answered {code}: {}", r.text().await.unwrap_or_default());
         }
-    }
-    if code != 200 {
-        let mut body = String::new();
-        std::io::Read::read_to_string(&mut r, &mut body)?;
-        anyhow::bail!("agent answered {code}: {body}");
-    }
-    let started = std::time::Instant::now();
-    for l in r.lines() {
-        let v: serde_json::Value = serde_json::from_str(&l?).context("agent sent invalid progress")?;
-        if let Some(e) = v["error"].as_str() {
-            eprintln!();
-            anyhow::bail!("preheat failed: {e}");
+        let started = std::time::Instant::now();
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(chunk) = r.chunk().await? {
+            buf.extend_from_slice(&chunk);
+            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                match serde_json::from_slice::<PreheatLine>(&line).context("agent sent invalid progress")? {
+                    PreheatLine::Error { error } => {
+                        eprintln!();
+                        anyhow::bail!("preheat failed: {error}");
+                    }
+                    PreheatLine::Done { blobs, total_bytes, .. } => {
+                        eprintln!();
+                        println!("preheated {image}: {blobs} blobs, {:.1} MiB in {:.1}s", total_bytes as f64 / 1048576.0, started.elapsed().as_secs_f64());
+                        return Ok(());
+                    }
+                    PreheatLine::Blob { index, blobs, done_bytes, total_bytes, .. } => {
+                        let pct = if total_bytes > 0 { done_bytes as f64 * 100.0 / total_bytes as f64 } else { 100.0 };
+                        eprint!("\r[{:<20}] {pct:5.1}%  {:.1}/{:.1} MiB  blob {index}/{blobs}", "#".repeat((pct / 5.0) as usize), done_bytes as f64 / 1048576.0, total_bytes as f64 / 1048576.0);
+                    }
+                }
+            }
         }
-        let (done, total) = (v["done_bytes"].as_u64().unwrap_or(0), v["total_bytes"].as_u64().unwrap_or(0));
-        if v["done"].as_bool() == Some(true) {
-            eprintln!();
-            println!("preheated {image}: {} blobs, {:.1} MiB in {:.1}s", v["blobs"], total as f64 / 1048576.0, started.elapsed().as_secs_f64());
-            return Ok(());
-        }
-        let pct = if total > 0 { done as f64 * 100.0 / total as f64 } else { 100.0 };
-        eprint!("\r[{:<20}] {pct:5.1}%  {:.1}/{:.1} MiB  blob {}/{}", "#".repeat((pct / 5.0) as usize), done as f64 / 1048576.0, total as f64 / 1048576.0, v["index"], v["blobs"]);
-    }
-    anyhow::bail!("the agent closed the connection before finishing")
+        anyhow::bail!("the agent closed the connection before finishing")
+    })
 }
 
 /// `peerd status`: GET /status from the agent.
 fn status(addr: SocketAddr, json: bool) -> Result<()> {
-    let (code, body) = admin_request(addr, "GET", "/status")?;
-    anyhow::ensure!(code == 200, "agent answered {code}: {body}");
-    let body = body.as_str();
+    let (v, raw): (peerd_agent::admin::Status, _) = admin_get(addr, "/status")?;
     if json {
-        println!("{body}");
+        println!("{}", String::from_utf8_lossy(&raw));
         return Ok(());
     }
-    let v: serde_json::Value = serde_json::from_str(body).context("agent sent invalid JSON")?;
     // A second sample a second later gives transfer rates.
     std::thread::sleep(Duration::from_secs(1));
-    let later: serde_json::Value = admin_request(addr, "GET", "/status")
-        .ok()
-        .and_then(|(_, b)| serde_json::from_str(&b).ok())
-        .unwrap_or(serde_json::Value::Null);
-    let n = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0);
-    let rate = |p: &str| later.pointer(p).and_then(|x| x.as_u64()).unwrap_or(0).saturating_sub(n(p)) as f64 / 1048576.0;
+    let later = admin_get::<peerd_agent::admin::Status>(addr, "/status").map(|l| l.0).unwrap_or_else(|_| v.clone());
+    let rate = |f: fn(&peerd_agent::admin::ByteCounts) -> u64| f(&later.bytes).saturating_sub(f(&v.bytes)) as f64 / 1048576.0;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    println!("peerd {}  peer address {}", v["version"].as_str().unwrap_or("?"), v["peer_addr"].as_str().filter(|s| !s.is_empty()).unwrap_or("(alone)"));
-    println!(
-        "cache: {:.2} / {:.2} GiB, {} blobs ({} complete), {} evictions",
-        gib(n("/cache/used_bytes")),
-        gib(n("/cache/budget_bytes")),
-        n("/cache/blobs"),
-        n("/cache/complete_blobs"),
-        n("/cache/evictions")
-    );
-    println!("requests: {} hits, {} from peers, {} misses", n("/requests/hits"), n("/requests/peer_hits"), n("/requests/misses"));
+    let sc = &v.self_check;
+    println!("peerd {}  node {} ({})  mode {}", v.version, sc.node_id, sc.hostname, sc.mode);
+    if v.peer_addr.is_empty() {
+        println!("peer address: (alone: no --seed, no --peer)");
+    } else {
+        println!("peer address: {} (from {}); seeds {:?} resolved to {} addresses; {} peers alive", v.peer_addr, sc.advertised_from, sc.seeds, sc.seeds_resolved, sc.peers_alive);
+    }
+    for r in &sc.registries {
+        println!("  registry {:<28} {:<8} {}", r.name, r.pulls, r.why);
+    }
+    for w in &sc.warnings {
+        println!("  WARNING: {w}");
+    }
+    let c = &v.cache;
+    println!("cache: {:.2} / {:.2} GiB, {} blobs ({} complete), {} evictions", gib(c.used_bytes), gib(c.budget_bytes), c.blobs, c.complete_blobs, c.evictions);
+    println!("requests: {} hits, {} from peers, {} misses", v.requests.hits, v.requests.peer_hits, v.requests.misses);
     println!(
         "rates (MiB/s): upstream {:.1}, from peers {:.1}, to peers {:.1}, to clients {:.1}",
-        rate("/bytes/from_upstream"),
-        rate("/bytes/from_peers"),
-        rate("/bytes/to_peers"),
-        rate("/bytes/to_clients_from_cache")
+        rate(|b| b.from_upstream),
+        rate(|b| b.from_peers),
+        rate(|b| b.to_peers),
+        rate(|b| b.to_clients_from_cache)
     );
-    let transfers = later["in_progress"].as_array().or(v["in_progress"].as_array()).cloned().unwrap_or_default();
-    println!("transfers in progress: {}", transfers.len());
-    for t in transfers {
-        let (have, all) = (t["pieces_present"].as_u64().unwrap_or(0), t["pieces_total"].as_u64().unwrap_or(1).max(1));
-        println!("  {}  {:5.1}% of {:.1} MiB", t["digest"].as_str().unwrap_or(""), have as f64 * 100.0 / all as f64, t["size"].as_u64().unwrap_or(0) as f64 / 1048576.0);
+    println!("transfers in progress: {}", later.in_progress.len());
+    for t in &later.in_progress {
+        println!("  {}  {:5.1}% of {:.1} MiB", t.digest, t.pieces_present as f64 * 100.0 / t.pieces_total.max(1) as f64, t.size as f64 / 1048576.0);
     }
-    let peers = v["peers"].as_array().cloned().unwrap_or_default();
-    println!("peers: {}", peers.len());
-    if !peers.is_empty() {
-        println!("  {:<24} {:<22} {:<10} {:<10} {:<12} ADVERTISES", "ID", "ADDRESS", "ZONE", "STATE", "LAST SEEN");
-        for p in peers {
-            let seen = p["last_seen_ms"].as_u64().map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0)).unwrap_or_else(|| "-".into());
-            let ads = match (p.pointer("/advertised/complete").and_then(|x| x.as_u64()), p.pointer("/advertised/partial").and_then(|x| x.as_u64())) {
-                (Some(c), Some(q)) => format!("{c} blobs, {q} partial"),
-                _ => "-".into(),
-            };
-            println!(
-                "  {:<24} {:<22} {:<10} {:<10} {:<12} {}",
-                p["id"].as_str().unwrap_or(""),
-                p["addr"].as_str().unwrap_or(""),
-                p["zone"].as_str().unwrap_or(""),
-                p["state"].as_str().unwrap_or(""),
-                seen,
-                ads
-            );
+    println!("peers: {}", v.peers.len());
+    if !v.peers.is_empty() {
+        println!("  {:<28} {:<22} {:<10} {:<10} {:<12} ADVERTISES", "ID", "ADDRESS", "ZONE", "STATE", "LAST SEEN");
+        for p in &v.peers {
+            let seen = p.last_seen_ms.map(|ms| format!("{:.1}s ago", ms as f64 / 1000.0)).unwrap_or_else(|| "-".into());
+            let ads = p.advertised.map_or("-".to_string(), |a| format!("{} blobs, {} partial", a.complete, a.partial));
+            println!("  {:<28} {:<22} {:<10} {:<10} {:<12} {ads}", p.id, p.addr, p.zone, p.state, seen);
         }
     }
     Ok(())
@@ -433,7 +423,12 @@ fn apply_config_file() -> Result<()> {
         .or_else(|| args.iter().find_map(|a| a.strip_prefix("--config=").map(str::to_owned)))
         .or_else(|| std::env::var("PEERD_CONFIG").ok());
     let Some(path) = path else { return Ok(()) };
-    for (k, v) in config::load(path.as_ref())? {
+    let known: Vec<String> = <AgentArgs as clap::Args>::augment_args(clap::Command::new("agent"))
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .filter(|k| k != "config")
+        .collect();
+    for (k, v) in config::load(path.as_ref(), &known)? {
         if std::env::var_os(&k).is_none() {
             // SAFETY: single-threaded at this point (called first thing in main).
             unsafe { std::env::set_var(k, v) };

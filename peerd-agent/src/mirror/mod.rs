@@ -36,6 +36,7 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    admin,
     peers::PeerDirectory,
     ratelimit::RateLimit,
     store::{Digest, Source, Store},
@@ -305,7 +306,7 @@ impl Mirror {
 
     /// What each registry gets from this node, and warnings about a setup that cannot be
     /// useful: (per registry: name, url, "cached" or "relayed", why), warnings.
-    fn self_check(&self) -> (Vec<(String, String, &'static str, String)>, Vec<String>) {
+    fn self_check(&self) -> (Vec<admin::RegistryCheck>, Vec<String>) {
         let node = self.inner.node.get().cloned().unwrap_or_default();
         let mut regs: Vec<_> = self
             .inner
@@ -320,10 +321,10 @@ impl Mirror {
                     ("transparent", true, false) => ("relayed", "HTTPS without --tls-intercept: redirected connections are relayed untouched, not cached (use hosts.toml for this registry, or --tls-intercept)".to_string()),
                     _ => ("cached", "for clients pointed at this mirror (containerd hosts.toml with ns=, or the Host header)".to_string()),
                 };
-                (r.name.clone(), r.url.to_string(), state, why)
+                admin::RegistryCheck { name: r.name.clone(), url: r.url.to_string(), pulls: state.to_string(), why }
             })
             .collect();
-        regs.sort();
+        regs.sort_by(|a, b| a.name.cmp(&b.name));
         let mut warn = Vec::new();
         if let Some(a) = node.advertised {
             if a.ip().is_unspecified() {
@@ -337,7 +338,7 @@ impl Mirror {
                 warn.push(format!("no seed resolved at start ({}): gossip keeps trying", node.seeds.join(", ")));
             }
         }
-        if regs.iter().all(|r| r.2 == "relayed") && !regs.is_empty() {
+        if regs.iter().all(|r| r.pulls == "relayed") && !regs.is_empty() {
             warn.push("no registry is cached: every pull is relayed to the registry (see registries in `peerd status`)".into());
         }
         (regs, warn)
@@ -387,25 +388,14 @@ impl Mirror {
             if *m != Method::GET {
                 return Some(error(405, "UNSUPPORTED", "GET /cache lists the cache"));
             }
-            let items: Vec<String> = self
+            let items: Vec<admin::CacheEntry> = self
                 .inner
                 .store
                 .list()
-                .iter()
-                .map(|b| {
-                    format!(
-                        "{{\"digest\":{},\"size\":{},\"complete\":{},\"pieces_present\":{},\"pieces_total\":{}}}",
-                        json(&b.digest.to_string()),
-                        b.size,
-                        b.complete,
-                        b.pieces_present,
-                        b.pieces_total
-                    )
-                })
+                .into_iter()
+                .map(|b| admin::CacheEntry { digest: b.digest.to_string(), size: b.size, complete: b.complete, pieces_present: b.pieces_present, pieces_total: b.pieces_total })
                 .collect();
-            let mut r = Response::new(Body::full(format!("[{}]", items.join(","))));
-            set(r.headers_mut(), header::CONTENT_TYPE, "application/json");
-            return Some(r);
+            return Some(json_response(200, &items));
         }
         let digest = rest.strip_prefix('/')?;
         if *m != Method::DELETE {
@@ -447,7 +437,7 @@ impl Mirror {
         let (tx, body) = Body::channel(16);
         let this = self.clone();
         tokio::spawn(async move {
-            let line = |s: String| Ok(Bytes::from(s + "\n"));
+            let line = |l: admin::PreheatLine| Ok(Bytes::from(serde_json::to_string(&l).unwrap_or_default() + "\n"));
             let result: Result<(usize, u64), String> = async {
                 let mut accept = HeaderMap::new();
                 accept.insert(header::ACCEPT, header::HeaderValue::from_static(MANIFEST_TYPES));
@@ -485,14 +475,14 @@ impl Mirror {
                         return Err(format!("blob {d}: {status}: {}", String::from_utf8_lossy(&bytes[..bytes.len().min(300)])));
                     }
                     done += size;
-                    let _ = tx.send(line(format!("{{\"blob\":{},\"index\":{},\"blobs\":{},\"done_bytes\":{done},\"total_bytes\":{total}}}", json(&d.to_string()), i + 1, blobs.len()))).await;
+                    let _ = tx.send(line(admin::PreheatLine::Blob { blob: d.to_string(), index: i + 1, blobs: blobs.len(), done_bytes: done, total_bytes: total })).await;
                 }
                 Ok((blobs.len(), total))
             }
             .await;
             let last = match result {
-                Ok((n, total)) => format!("{{\"done\":true,\"blobs\":{n},\"total_bytes\":{total}}}"),
-                Err(e) => format!("{{\"error\":{}}}", json(&e)),
+                Ok((n, total)) => admin::PreheatLine::Done { done: true, blobs: n, total_bytes: total },
+                Err(e) => admin::PreheatLine::Error { error: e },
             };
             let _ = tx.send(line(last)).await;
         });
@@ -501,85 +491,62 @@ impl Mirror {
         r
     }
 
-    /// What `peerd status` prints: this node, its cache, its peers.
-    fn status_json(&self) -> String {
+    /// What `peerd status` prints: this node, its cache, its peers, the self-check.
+    fn status(&self) -> admin::Status {
         let s = self.inner.store.stats();
         let c = &self.inner.counters;
-        let mut peers = Vec::new();
-        let mut me = String::new();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (mut me, mut peers) = (String::new(), Vec::new());
         if let Some(cl) = &self.inner.cluster {
             me = cl.peers.me().to_string();
-            for p in cl.peers.describe() {
-                peers.push(format!(
-                    "{{\"id\":{},\"addr\":{},\"zone\":{},\"state\":{},\"last_seen_ms\":{},\"advertised\":{}}}",
-                    json(&p.id),
-                    json(&p.addr),
-                    json(&p.zone),
-                    json(&p.state),
-                    p.last_seen_ms.map_or("null".to_string(), |v| v.to_string()),
-                    p.advertised.map_or("null".to_string(), |(c, p)| format!("{{\"complete\":{c},\"partial\":{p}}}"))
-                ));
-            }
+            peers = cl
+                .peers
+                .describe()
+                .into_iter()
+                .map(|p| admin::Peer { id: p.id, addr: p.addr, zone: p.zone, state: p.state, last_seen_ms: p.last_seen_ms, advertised: p.advertised.map(|(complete, partial)| admin::Advertised { complete, partial }) })
+                .collect();
         }
-        let in_progress: Vec<String> = self
+        let in_progress = self
             .inner
             .store
             .list()
-            .iter()
+            .into_iter()
             .filter(|b| !b.complete)
-            .map(|b| {
-                format!(
-                    "{{\"digest\":{},\"size\":{},\"pieces_present\":{},\"pieces_total\":{}}}",
-                    json(&b.digest.to_string()),
-                    b.size,
-                    b.pieces_present,
-                    b.pieces_total
-                )
-            })
+            .map(|b| admin::InProgress { digest: b.digest.to_string(), size: b.size, pieces_present: b.pieces_present, pieces_total: b.pieces_total })
             .collect();
         let (from_peers, to_peers) = self.inner.cluster.as_ref().map_or((0, 0), |cl| {
             let t = cl.transfer.counters();
-            (t.bytes_from_peers.load(Ordering::Relaxed), t.bytes_to_peers.load(Ordering::Relaxed))
+            (load(&t.bytes_from_peers), load(&t.bytes_to_peers))
         });
         let node = self.inner.node.get().cloned().unwrap_or_default();
-        let (regs, warnings) = self.self_check();
-        let alive = self.inner.cluster.as_ref().map_or(0, |c| c.peers.describe().iter().filter(|p| p.state == "alive" || p.state == "configured").count());
-        let registries: Vec<String> = regs
-            .iter()
-            .map(|(n, u, st, why)| format!("{{\"name\":{},\"url\":{},\"pulls\":{},\"why\":{}}}", json(n), json(u), json(st), json(why)))
-            .collect();
-        let warnings: Vec<String> = warnings.iter().map(|w| json(w)).collect();
-        let self_check = format!(
-            "{{\"node_id\":{},\"hostname\":{},\"mode\":{},\"advertised\":{},\"advertised_from\":{},\"seeds\":{},\"seeds_resolved\":{},\"peers_alive\":{alive},\"registries\":[{}],\"warnings\":[{}]}}",
-            json(&node.node_id),
-            json(&node.hostname),
-            json(&node.mode),
-            json(&node.advertised.map(|a| a.to_string()).unwrap_or_default()),
-            json(&node.advertised_how),
-            json(&node.seeds.join(",")),
-            node.seeds_resolved,
-            registries.join(","),
-            warnings.join(",")
-        );
-        format!(
-            "{{\"version\":{},\"self_check\":{self_check},\"peer_addr\":{},\"cache\":{{\"used_bytes\":{},\"budget_bytes\":{},\"blobs\":{},\"complete_blobs\":{},\"evictions\":{}}},\"requests\":{{\"hits\":{},\"peer_hits\":{},\"misses\":{}}},\"bytes\":{{\"from_upstream\":{},\"from_peers\":{},\"to_peers\":{},\"to_clients_from_cache\":{}}},\"in_progress\":[{}],\"peers\":[{}]}}",
-            json(env!("CARGO_PKG_VERSION")),
-            json(&me),
-            s.used_bytes,
-            s.budget_bytes,
-            s.blobs,
-            s.complete_blobs,
-            s.evictions,
-            c.hits.load(Ordering::Relaxed),
-            c.hits_from_peers.load(Ordering::Relaxed),
-            c.misses.load(Ordering::Relaxed),
-            c.bytes_from_upstream.load(Ordering::Relaxed),
-            from_peers,
-            to_peers,
-            c.bytes_from_cache.load(Ordering::Relaxed),
-            in_progress.join(","),
-            peers.join(",")
-        )
+        let (registries, warnings) = self.self_check();
+        let my_id = node.node_id.clone();
+        let mut warnings = warnings;
+        if !my_id.is_empty() && peers.iter().any(|p: &admin::Peer| p.id == my_id) {
+            warnings.push(format!("another member uses this node's id {my_id:?} (a copied data dir?): delete <data-dir>/node-id on one of them"));
+        }
+        let peers_alive = peers.iter().filter(|p| p.state == "alive" || p.state == "configured").count();
+        admin::Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            self_check: admin::SelfCheck {
+                node_id: node.node_id,
+                hostname: node.hostname,
+                mode: node.mode,
+                advertised: node.advertised.map(|a| a.to_string()).unwrap_or_default(),
+                advertised_from: node.advertised_how,
+                seeds: node.seeds,
+                seeds_resolved: node.seeds_resolved,
+                peers_alive,
+                registries,
+                warnings,
+            },
+            peer_addr: me,
+            cache: admin::CacheStats { used_bytes: s.used_bytes, budget_bytes: s.budget_bytes, blobs: s.blobs, complete_blobs: s.complete_blobs, evictions: s.evictions },
+            requests: admin::Requests { hits: load(&c.hits), peer_hits: load(&c.hits_from_peers), misses: load(&c.misses) },
+            bytes: admin::ByteCounts { from_upstream: load(&c.bytes_from_upstream), from_peers, to_peers, to_clients_from_cache: load(&c.bytes_from_cache) },
+            in_progress,
+            peers,
+        }
     }
 
     /// Serves HTTP/1.1 on `listener` until the task is dropped, at most `max_connections`
@@ -637,12 +604,9 @@ impl Mirror {
         // Liveness is /healthz; this says whether the node is useful as set up (the self-check
         // has no warnings), for people and probes that want to know.
         if path == "/readyz" {
-            let (_, warnings) = self.self_check();
-            let body = format!("{{\"ready\":{},\"warnings\":[{}]}}", warnings.is_empty(), warnings.iter().map(|w| json(w)).collect::<Vec<_>>().join(","));
-            let mut r = Response::new(Body::full(body));
-            *r.status_mut() = if warnings.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-            set(r.headers_mut(), header::CONTENT_TYPE, "application/json");
-            return r;
+            let warnings = self.status().self_check.warnings;
+            let ready = warnings.is_empty();
+            return json_response(if ready { 200 } else { 503 }, &admin::Ready { ready, warnings });
         }
         if path == "/metrics" {
             let mut r = Response::new(Body::full(crate::metrics::render(self)));
@@ -653,9 +617,7 @@ impl Mirror {
             if !peer.ip().is_loopback() {
                 return error(403, "DENIED", "the admin API answers this node (loopback) only");
             }
-            let mut r = Response::new(Body::full(self.status_json()));
-            set(r.headers_mut(), header::CONTENT_TYPE, "application/json");
-            return r;
+            return json_response(200, &self.status());
         }
         if path.starts_with("/blobs/") {
             return self.proxy(head, &req).await;
@@ -2018,6 +1980,15 @@ fn set(h: &mut HeaderMap, name: impl header::IntoHeaderName, value: &str) {
     }
 }
 
+/// A JSON document (the admin API's serde types) as the response.
+fn json_response(status: u16, v: &impl serde::Serialize) -> Resp {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut r = Response::new(Body::full(body));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    set(r.headers_mut(), header::CONTENT_TYPE, "application/json");
+    r
+}
+
 fn simple(status: u16, body: &'static str) -> Resp {
     let mut r = Response::new(Body::full(body));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
@@ -2116,7 +2087,6 @@ async fn read_limited(mut resp: reqwest::Response, limit: usize) -> Result<Bytes
     Ok(Bytes::from(buf))
 }
 
-use oci::json_string as json;
 
 /// Reads a whole response body (manifests, or a blob being cached: streamed bodies are drained
 /// so the fetch completes; a cached file is not read, its length is known).
