@@ -6,6 +6,9 @@
 //! out, no I/O.
 #![forbid(unsafe_code)]
 
+/// The `http` crate these types come from, for callers (the fuzz targets) that have no other need of it.
+pub use http;
+
 pub mod head;
 pub mod range;
 

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod cluster;
+mod fuzz;
 mod serve_bench;
 mod swarm_bench;
 mod redirect_bench;
@@ -30,11 +31,20 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Build, then run every test: unit tests and bpf-tests (needs root).
+    /// Build, then run every test: unit tests and bpf-tests (needs root), then each fuzz target
+    /// for a few seconds.
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Fuzz the parsers that read untrusted bytes (nightly; installs cargo-fuzz once).
+    Fuzz {
+        /// How long to fuzz each target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
     },
     /// Build and run one agent with defaults (one node, data under ./.peerd).
     Run {
@@ -62,6 +72,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Build { release } => build(release).map(|_| ()),
         Cmd::Test { args } => test(&args),
+        Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Cmd::Run { args } => run(&args),
         Cmd::Bench { which } => bench::run(which),
         Cmd::Cluster { action } => cluster::run(action),
@@ -143,8 +154,17 @@ fn test(args: &[String]) -> Result<()> {
             .env("PEERD_EBPF_OBJECT", &obj)
             .args(["test", "--workspace", "--exclude", "peerd-ebpf"])
             .args(args),
-    )
+    )?;
+    // Short: this keeps the targets building and their properties holding in CI; longer runs
+    // are `cargo xtask fuzz`. A run narrowed to some tests (arguments) skips it.
+    if !args.is_empty() {
+        return Ok(());
+    }
+    fuzz::run(FUZZ_SECONDS_IN_TEST, &[])
 }
+
+/// Seconds per fuzz target in `cargo xtask test`.
+const FUZZ_SECONDS_IN_TEST: u64 = 20;
 
 fn run(args: &[String]) -> Result<()> {
     build(false)?;
