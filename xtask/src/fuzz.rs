@@ -47,7 +47,9 @@ fn ensure_cargo_fuzz() -> Result<PathBuf> {
 }
 
 /// Builds every target once, then fuzzes each for `seconds`; `only` limits it to those named.
-pub fn run(seconds: u64, only: &[String]) -> Result<()> {
+/// `quiet` leaves out libFuzzer's progress lines (thousands per minute), keeping its final
+/// statistics and any crash report.
+pub fn run(seconds: u64, only: &[String], quiet: bool) -> Result<()> {
     let bin = ensure_cargo_fuzz()?;
     let path = std::env::var_os("PATH").unwrap_or_default();
     let path = std::env::join_paths(std::iter::once(bin).chain(std::env::split_paths(&path)))?;
@@ -84,7 +86,8 @@ pub fn run(seconds: u64, only: &[String]) -> Result<()> {
                 .arg("--")
                 .arg(format!("-max_total_time={seconds}"))
                 .arg(format!("-max_len={max_len}"))
-                .arg("-print_final_stats=1"),
+                .arg("-print_final_stats=1")
+                .arg(format!("-verbosity={}", u8::from(!quiet))),
         )
         .with_context(|| format!("fuzz target {target} failed: the input that crashed it is under fuzz/artifacts/{target}/"))?;
     }

@@ -43,6 +43,9 @@ enum Cmd {
         /// How long to fuzz each target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Only libFuzzer's final statistics and crash reports, not its progress lines.
+        #[arg(long)]
+        quiet: bool,
         /// Only these targets (default: all).
         targets: Vec<String>,
     },
@@ -72,7 +75,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Build { release } => build(release).map(|_| ()),
         Cmd::Test { args } => test(&args),
-        Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
+        Cmd::Fuzz { seconds, quiet, targets } => fuzz::run(seconds, &targets, quiet),
         Cmd::Run { args } => run(&args),
         Cmd::Bench { which } => bench::run(which),
         Cmd::Cluster { action } => cluster::run(action),
@@ -160,7 +163,7 @@ fn test(args: &[String]) -> Result<()> {
     if !args.is_empty() {
         return Ok(());
     }
-    fuzz::run(FUZZ_SECONDS_IN_TEST, &[])
+    fuzz::run(FUZZ_SECONDS_IN_TEST, &[], true)
 }
 
 /// Seconds per fuzz target in `cargo xtask test`.
