@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod cluster;
+mod fuzz;
 mod serve_bench;
 mod swarm_bench;
 mod range_bench;
@@ -32,7 +33,8 @@ enum Cmd {
         #[arg(long)]
         release: bool,
     },
-    /// Build, then run every test: unit tests and bpf-tests (needs root).
+    /// Build, then run every test: unit tests and bpf-tests (needs root), then each fuzz target
+    /// for a few seconds.
     Test {
         /// Extra arguments for `cargo test` (after `--`).
         #[arg(last = true)]
@@ -52,6 +54,17 @@ enum Cmd {
         /// Extra arguments for the test binary (after `--`), e.g. a test name filter.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Fuzz the parsers that read untrusted bytes (nightly; installs cargo-fuzz once).
+    Fuzz {
+        /// How long to fuzz each target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only libFuzzer's final statistics and crash reports, not its progress lines.
+        #[arg(long)]
+        quiet: bool,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
     },
     /// Build and run one agent with defaults (one node, data under ./.peerd).
     Run {
@@ -94,6 +107,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Build { release } => build(release).map(|_| ()),
         Cmd::Test { args } => test(&args),
+        Cmd::Fuzz { seconds, quiet, targets } => fuzz::run(seconds, &targets, quiet),
         Cmd::Run { args } => run(&args),
         Cmd::Repeat { test, times, busy, args } => repeat(&test, times, busy, &args),
         Cmd::Bench { which } => bench::run(which),
@@ -197,15 +211,21 @@ fn test(args: &[String]) -> Result<()> {
         }
     }
     let st = child.wait().context("waiting for cargo test")?;
-    if !st.success() {
-        eprintln!("\n=== summary: cargo test failed ({st}); failed tests ({}):", failed.len());
+    // Short: this keeps the fuzz targets building and their properties holding in CI; longer
+    // runs are `cargo xtask fuzz`. A run narrowed to some tests (arguments) skips it.
+    let fuzzed = if args.is_empty() { fuzz::run(FUZZ_SECONDS_IN_TEST, &[], true) } else { Ok(()) };
+    if !st.success() || fuzzed.is_err() {
+        eprintln!("\n=== summary: cargo test {st}; failed tests ({}):", failed.len());
         for f in &failed {
             eprintln!("  {f}");
         }
-        eprintln!("(cargo's own list of failed test binaries is just above; rerun one with `cargo xtask repeat NAME`)");
-        bail!("{} test(s) failed", failed.len().max(1));
+        if let Err(e) = &fuzzed {
+            eprintln!("  fuzzing: {e:#}");
+        }
+        eprintln!("(cargo's own list of failed test binaries is above; rerun one with `cargo xtask repeat NAME`)");
+        bail!("{} test(s) failed{}", failed.len(), if fuzzed.is_err() { ", fuzzing failed" } else { "" });
     }
-    println!("=== summary: every test passed");
+    println!("=== summary: every test passed, fuzz targets held");
     Ok(())
 }
 
@@ -264,6 +284,9 @@ fn repeat(test: &str, times: u32, busy: bool, args: &[String]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Seconds per fuzz target in `cargo xtask test`.
+const FUZZ_SECONDS_IN_TEST: u64 = 20;
 
 fn run(args: &[String]) -> Result<()> {
     build(false)?;

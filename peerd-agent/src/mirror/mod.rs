@@ -10,7 +10,7 @@ mod body;
 mod feed;
 mod server;
 pub mod oci;
-pub mod range;
+pub use peerd_http::range;
 pub mod upstream;
 
 use std::{
@@ -43,6 +43,7 @@ use crate::{
     transfer::{self, Transfer},
 };
 use oci::{Reference, Rejection, Route};
+use peerd_http::parse_content_range;
 use range::RangeAnswer;
 pub use upstream::{Registries, Registry, Upstream};
 
@@ -661,7 +662,7 @@ impl Mirror {
                 return r;
             }
             inc(&self.inner.counters.hits);
-            return self.serve_stored(&d, size, range_header(h), head, "application/octet-stream");
+            return self.serve_stored(&d, size, range_header(h), if_range_header(h), head, "application/octet-stream");
         }
         inc(&self.inner.counters.misses);
         let fwd = forward(h, &[header::AUTHORIZATION]);
@@ -708,7 +709,7 @@ impl Mirror {
                         r = j => {
                             job = None;
                             if r.unwrap_or(false) {
-                                return self.served_from_cluster(&d, None, started);
+                                return self.served_from_cluster(&d, None, None, started);
                             }
                         }
                         changed = content.changed() => if changed.is_err() { break },
@@ -717,7 +718,7 @@ impl Mirror {
             }
             if let Some(j) = job {
                 if j.await.unwrap_or(false) {
-                    return self.served_from_cluster(&d, range_header(h), started);
+                    return self.served_from_cluster(&d, range_header(h), if_range_header(h), started);
                 }
             }
         }
@@ -778,7 +779,7 @@ impl Mirror {
                 m
             }
         };
-        let (start, end) = match range::answer(Some(range), m.size) {
+        let (start, end) = match range::answer(&Method::GET, Some(range.as_bytes()), None, &format!("\"{d}\""), m.size) {
             RangeAnswer::Partial { start, end } => (start, end),
             // A whole-body or unsatisfiable answer is the normal path's to give.
             _ => return None,
@@ -821,7 +822,7 @@ impl Mirror {
                     return r;
                 }
                 inc(&self.inner.counters.hits);
-                return self.serve_stored(d, size, None, head, &mt);
+                return self.serve_stored(d, size, None, None, head, &mt);
             }
         }
         // Tags move, so they always revalidate upstream; digests we lack are fetched.
@@ -961,12 +962,14 @@ impl Mirror {
         Err(passthrough(resp, Some(MAX_ERROR_BODY), None).await)
     }
 
-    /// Serves a verified blob from the store, honouring Range.
-    fn serve_stored(&self, d: &Digest, size: u64, range: Option<&str>, head: bool, content_type: &str) -> Resp {
+    /// Serves a verified blob from the store, honouring Range (and If-Range).
+    fn serve_stored(&self, d: &Digest, size: u64, range: Option<&str>, if_range: Option<&[u8]>, head: bool, content_type: &str) -> Resp {
         let Some(pin) = self.inner.store.pin(d) else {
             return error(404, "BLOB_UNKNOWN", &format!("{d} was evicted"));
         };
-        let (status, start, len) = match range::answer(range, size) {
+        let method = if head { Method::HEAD } else { Method::GET };
+        let etag = format!("\"{d}\"");
+        let (status, start, len) = match range::answer(&method, range.map(str::as_bytes), if_range, &etag, size) {
             RangeAnswer::Full => (200, 0, size),
             RangeAnswer::Partial { start, end } => (206, start, end - start + 1),
             RangeAnswer::Unsatisfiable => {
@@ -994,7 +997,7 @@ impl Mirror {
         set(hs, header::CONTENT_TYPE, content_type);
         set(hs, header::ACCEPT_RANGES, "bytes");
         set(hs, "docker-content-digest", &d.to_string());
-        set(hs, header::ETAG, &format!("\"{d}\""));
+        set(hs, header::ETAG, &etag);
         if status == 206 {
             set(hs, header::CONTENT_RANGE, &format!("bytes {start}-{}/{size}", start + len - 1));
         }
@@ -1039,7 +1042,7 @@ impl Mirror {
                         r = &mut job => {
                             if r.unwrap_or(false) {
                                 let size = self.stored_size(&d).unwrap_or(0);
-                                return self.serve_stored(&d, size, None, false, "application/octet-stream");
+                                return self.serve_stored(&d, size, None, None, false, "application/octet-stream");
                             }
                             // The other fetch failed: relay for this client without caching.
                             return self.relay(Method::GET, url, fwd).await;
@@ -1166,11 +1169,11 @@ impl Mirror {
     }
 
     /// Answers with a blob `get_from_cluster` just stored.
-    fn served_from_cluster(&self, d: &Digest, range: Option<&str>, started: Instant) -> Resp {
+    fn served_from_cluster(&self, d: &Digest, range: Option<&str>, if_range: Option<&[u8]>, started: Instant) -> Resp {
         self.inner.counters.fetch_seconds.observe("cluster", started.elapsed());
         inc(&self.inner.counters.hits_from_peers);
         let size = self.stored_size(d).unwrap_or(0);
-        self.serve_stored(d, size, range, false, "application/octet-stream")
+        self.serve_stored(d, size, range, if_range, false, "application/octet-stream")
     }
 
     /// `(size, pieces)` of a blob not yet complete whose first pieces are readable: each was
@@ -1899,7 +1902,7 @@ impl Mirror {
                 return r;
             }
             inc(&self.inner.counters.hits);
-            return self.serve_stored(&d, size, range, head, "application/octet-stream");
+            return self.serve_stored(&d, size, range, if_range_header(req.headers()), head, "application/octet-stream");
         }
         inc(&self.inner.counters.misses);
         let fwd = forward(req.headers(), &[header::AUTHORIZATION]);
@@ -1949,12 +1952,6 @@ fn content_range(resp: &reqwest::Response) -> Option<(u64, u64, u64)> {
     parse_content_range(resp.headers().get(reqwest::header::CONTENT_RANGE)?.to_str().ok()?)
 }
 
-fn parse_content_range(v: &str) -> Option<(u64, u64, u64)> {
-    let (range, size) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
-    let (first, last) = range.split_once('-')?;
-    Some((first.trim().parse().ok()?, last.trim().parse().ok()?, size.trim().parse().ok()?))
-}
-
 /// The client's credentials, to travel with a fetch done for it.
 fn authorization(h: &HeaderMap) -> Option<&str> {
     h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
@@ -1962,6 +1959,11 @@ fn authorization(h: &HeaderMap) -> Option<&str> {
 
 fn range_header(h: &HeaderMap) -> Option<&str> {
     h.get(header::RANGE).and_then(|v| v.to_str().ok())
+}
+
+/// Raw bytes: an If-Range that is not valid text is still there, and matches no ETag.
+fn if_range_header(h: &HeaderMap) -> Option<&[u8]> {
+    h.get(header::IF_RANGE).map(|v| v.as_bytes())
 }
 
 fn forward(h: &HeaderMap, names: &[header::HeaderName]) -> HeaderMap {

@@ -25,11 +25,12 @@ use std::{
 };
 
 use bytes::{Buf, BytesMut};
-use ::http::{header, Request, Response};
+use ::http::{header, Response};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf},
     net::{TcpListener, TcpStream},
 };
+use peerd_http::head::{parse, Head, MAX_HEAD};
 use tracing::{debug, warn};
 
 use super::{error, upstream::Registry, Body, Mirror};
@@ -90,8 +91,6 @@ pub struct Handback {
     pub unread: BytesMut,
 }
 
-const MAX_HEAD: usize = 16 << 10;
-const MAX_HEADERS: usize = 64;
 const IDLE: Duration = Duration::from_secs(60);
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A write that makes no progress for this long ends the connection.
@@ -138,48 +137,6 @@ async fn timed<T>(fut: impl std::future::Future<Output = std::io::Result<T>>) ->
         .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading")))
 }
 
-enum Head {
-    /// The request, keep-alive, and whether a body follows the head.
-    Request(Request<()>, bool, bool),
-    Reject(u16, &'static str, &'static str),
-}
-
-fn parse(buf: &[u8]) -> Result<Option<(usize, Head)>, ()> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let n = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Ok(Some((buf.len(), Head::Reject(431, "TOO_LARGE", "more than 64 request headers"))))
-        }
-        Err(_) => return Err(()),
-    };
-    let mut b = Request::builder().method(req.method.unwrap_or("GET")).uri(req.path.unwrap_or("/"));
-    let mut keep_alive = req.version == Some(1);
-    let mut has_body = false;
-    for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case("connection") {
-            let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
-            if v.contains("close") {
-                keep_alive = false;
-            } else if v.contains("keep-alive") {
-                keep_alive = true;
-            }
-        }
-        if h.name.eq_ignore_ascii_case("transfer-encoding")
-            || (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
-        {
-            has_body = true;
-        }
-        b = b.header(h.name, h.value);
-    }
-    let Ok(request) = b.body(()) else {
-        return Ok(Some((n, Head::Reject(400, "BAD_REQUEST", "malformed request line or header"))));
-    };
-    Ok(Some((n, Head::Request(request, keep_alive, has_body))))
-}
-
 /// Serves one connection. `redirected` names the registry a redirected connection was meant for;
 /// then a request the mirror does not serve ends the loop with a [`Handback`].
 pub(super) async fn connection(
@@ -198,12 +155,12 @@ pub(super) async fn connection(
                 Ok(Some(h)) => break h,
                 // What the mirror cannot parse may still be the registry's business.
                 Ok(None) if buf.len() >= MAX_HEAD && redirected.is_some() => return Ok(Some(Handback { stream, unread: buf })),
-                Err(()) if redirected.is_some() => return Ok(Some(Handback { stream, unread: buf })),
+                Err(_) if redirected.is_some() => return Ok(Some(Handback { stream, unread: buf })),
                 Ok(None) if buf.len() >= MAX_HEAD => {
                     return reject(&mut stream, 431, "TOO_LARGE", "request head larger than 16 KiB").await;
                 }
                 Ok(None) => {}
-                Err(()) => return reject(&mut stream, 400, "BAD_REQUEST", "malformed HTTP request").await,
+                Err(_) => return reject(&mut stream, 400, "BAD_REQUEST", "malformed HTTP request").await,
             }
             let deadline = match head_deadline {
                 Some(d) => d,
