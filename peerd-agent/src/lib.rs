@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod bpf;
+pub mod cluster;
 pub mod config;
 pub mod containerd;
 pub mod gossip;

@@ -159,6 +159,11 @@ struct AgentArgs {
     /// <data-dir>/node-id (unique even where host names collide).
     #[arg(long, env = "PEERD_NODE_ID")]
     node_id: Option<String>,
+    /// containerd's hosts.toml directory (certs.d), read-only: `peerd status` then says which
+    /// registries' pulls reach this mirror through hosts.toml (the chart's `auto` mode writes
+    /// them for HTTPS registries).
+    #[arg(long, env = "PEERD_HOSTS_TOML_DIR")]
+    hosts_toml_dir: Option<PathBuf>,
     /// Connections the mirror serves at once; more get 503 and are closed.
     #[arg(long, env = "PEERD_MAX_CONNECTIONS", default_value_t = 4096)]
     max_connections: usize,
@@ -594,6 +599,8 @@ fn agent(args: AgentArgs) -> Result<()> {
             seeds: args.seeds.clone(),
             seeds_resolved,
             static_peers: args.peers.len(),
+            hosts_toml_dir: args.hosts_toml_dir.clone(),
+            mirror_port: args.mirror_addr.port(),
         };
         for line in mirror.set_node_info(info) {
             tracing::warn!("self-check: {line}");

@@ -218,6 +218,7 @@ pub fn client_main(url: &str, file: &Path, mode: &str, readers: usize, per_reade
     let data = std::sync::Arc::new(std::fs::read(file)?);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let started = Instant::now();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder().timeout(Duration::from_secs(120)).build()?;
     let (reads, errors) = rt.block_on(async {
         let size = data.len() as u64;

@@ -121,6 +121,11 @@ pub struct NodeInfo {
     pub seeds: Vec<String>,
     pub seeds_resolved: usize,
     pub static_peers: usize,
+    /// containerd's certs.d directory, when the node's hosts.toml files can be read (the chart
+    /// mounts it): registries whose hosts.toml names this mirror are cached that way.
+    pub hosts_toml_dir: Option<PathBuf>,
+    /// The mirror's listen port, to recognise this mirror in a hosts.toml.
+    pub mirror_port: u16,
 }
 
 /// Reason-coded counters (exported as metrics).
@@ -316,6 +321,14 @@ impl Mirror {
             .iter()
             .map(|r| {
                 let https = r.url.scheme() == "https";
+                let hosts_toml = node.hosts_toml_dir.as_ref().map(|dir| dir.join(&r.name).join("hosts.toml"));
+                let via_hosts_toml = hosts_toml.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).is_some_and(|t| {
+                    t.contains(&format!("127.0.0.1:{}", node.mirror_port)) || t.contains(&format!("localhost:{}", node.mirror_port))
+                });
+                if via_hosts_toml {
+                    let f = hosts_toml.map(|f| f.display().to_string()).unwrap_or_default();
+                    return admin::RegistryCheck { name: r.name.clone(), url: r.url.to_string(), pulls: "cached".into(), why: format!("containerd's {f} names this mirror (the registry is its fallback)") };
+                }
                 let (state, why) = match (node.mode.as_str(), https, node.tls_intercept) {
                     ("transparent", false, _) => ("cached", "plain HTTP: redirected connections are served by the mirror".to_string()),
                     ("transparent", true, true) => ("cached", "HTTPS terminated with the intercept CA: cached when the node trusts it, else the pull fails TLS".to_string()),
@@ -1303,118 +1316,27 @@ impl Mirror {
         if self.distrusted(d) {
             return false;
         }
-        let holders = c.peers.holders(d);
-        if !holders.is_empty() {
-            match tokio::time::timeout(c.peer_budget, c.transfer.download(d, &holders)).await {
-                Ok(Ok(())) => return true,
-                Ok(Err(e @ transfer::TransferError::Lied { .. })) => {
-                    self.distrust(d, &e);
-                    return false;
-                }
-                Ok(Err(e)) => debug!(%d, "not from peers: {e}"),
-                Err(_) => debug!(%d, "peers too slow; falling back"),
+        let ops = ClusterOps { mirror: self, c, url: url.as_str(), auth: authorization(fwd) };
+        let budgets = crate::cluster::Budgets { peers: c.peer_budget, owner: c.owner_budget };
+        let out = crate::cluster::get(&ops, d, budgets, |e| match e {
+            crate::cluster::Event::SwarmRetry(err) => {
+                inc(&self.inner.counters.swarm_retries);
+                debug!(%d, "swarm stalled while the owner fetches; again: {err}");
+            }
+            crate::cluster::Event::OwnerFailed(owner, err) => {
+                inc(&self.inner.counters.owner_failures);
+                warn!(%d, %owner, "owner could not provide the blob: {err}");
+            }
+        })
+        .await;
+        match out {
+            crate::cluster::Outcome::Stored => true,
+            crate::cluster::Outcome::Upstream => false,
+            crate::cluster::Outcome::Lied(e) => {
+                self.distrust(d, &e);
+                false
             }
         }
-        let me = c.peers.me();
-        // A member that just failed to answer is not asked (the next by rendezvous is: the
-        // others see it gone as well, or the owner's single flight still collapses the fetch).
-        let mut members: Vec<SocketAddr> = c.peers.members().into_iter().filter(|m| *m == me || !c.transfer.is_down(*m)).collect();
-        let auth = authorization(fwd);
-        // If the owner dies or fails, the next one by rendezvous takes over.
-        for _ in 0..3 {
-            let Some(owner) = transfer::owner(d, &members) else { return false };
-            if owner == me {
-                // With other members, this node splits the fetch among them (`fetch_split`)
-                // and the client is streamed the pieces as they land; alone, the caller's
-                // pull-through is the fetch.
-                if members.len() < 2 {
-                    return false;
-                }
-                return match self.fetch_to_store(*d, url.to_string(), auth.map(str::to_owned)).await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        debug!(%d, "fetch for the cluster failed: {e}");
-                        false
-                    }
-                };
-            }
-            // Ask the owner to fetch, and meanwhile swarm on the pieces it (and everyone else
-            // asking) already has: the owner serves pieces as they arrive from upstream.
-            let ask = {
-                let (t, d, url, auth, within) = (c.transfer.clone(), *d, url.to_string(), auth.map(str::to_owned), c.owner_budget);
-                tokio::spawn(async move { t.ask_fetch(owner, &d, &url, auth.as_deref(), within).await })
-            };
-            let mut sources = vec![(owner, true)];
-            sources.extend(members.iter().filter(|a| **a != owner && **a != me).map(|a| (*a, true)));
-            let started = std::time::Instant::now();
-            let mut ask = Some(ask);
-            let (mut owner_done, mut retried) = (false, false);
-            let res = loop {
-                let r = match ask.as_mut() {
-                    Some(a) => {
-                        let dl = c.transfer.download(d, &sources);
-                        tokio::pin!(dl);
-                        tokio::select! {
-                            r = &mut dl => r,
-                            joined = a => {
-                                ask = None;
-                                match joined {
-                                    Ok(Ok(())) => {
-                                        owner_done = true;
-                                        dl.await
-                                    }
-                                    // The owner could not fetch it (dead, or upstream refused): the
-                                    // swarm it fed cannot finish either; stop waiting for that swarm
-                                    // (it would only end after its stall timeout).
-                                    Ok(Err(ae)) => break Err(ae),
-                                    Err(_) => break Err(transfer::TransferError::NoPeer(*d)),
-                                }
-                            }
-                        }
-                    }
-                    None => c.transfer.download(d, &sources).await,
-                };
-                match r {
-                    Ok(()) => break Ok(()),
-                    // Nobody has a manifest yet (the owner has not received upstream's answer),
-                    // or the swarm stalled while the owner is still fetching (a busy owner, a slow
-                    // upstream): the owner is alive and working, so asking another member would
-                    // only fetch the blob from upstream a second time. Swarm again.
-                    Err(e) if ask.is_some() && !matches!(e, transfer::TransferError::Lied { .. }) && started.elapsed() < c.owner_budget => {
-                        if !matches!(e, transfer::TransferError::NoPeer(_)) {
-                            inc(&self.inner.counters.swarm_retries);
-                            debug!(%d, %owner, "swarm stalled while the owner fetches; again: {e}");
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    // The owner finished meanwhile: one last try (not after a lie).
-                    Err(e) if owner_done && !retried && !matches!(e, transfer::TransferError::Lied { .. }) => retried = true,
-                    Err(e) => {
-                        if let Some(a) = ask.take() {
-                            if a.is_finished() {
-                                if let Ok(Err(ae)) = a.await {
-                                    break Err(ae);
-                                }
-                            }
-                        }
-                        break Err(e);
-                    }
-                }
-            };
-            match res {
-                Ok(()) => return true,
-                Err(e @ transfer::TransferError::Lied { .. }) => {
-                    self.distrust(d, &e);
-                    return false;
-                }
-                Err(e) => {
-                    inc(&self.inner.counters.owner_failures);
-                    warn!(%d, %owner, "owner could not provide the blob: {e}");
-                    members.retain(|m| *m != owner);
-                }
-            }
-        }
-        false
     }
 
     /// Fetches `d` from upstream into the store, once per node even when several peers ask at
@@ -1927,6 +1849,39 @@ impl Mirror {
             with_range.insert(header::RANGE, v);
         }
         self.relay(Method::GET, url, &with_range).await
+    }
+}
+
+/// The cluster coordinator's view of this node (`cluster::Ops`): the peer directory and
+/// transfer for the cluster, this mirror's own upstream fetch for "this node is the owner".
+struct ClusterOps<'a> {
+    mirror: &'a Mirror,
+    c: &'a Cluster,
+    url: &'a str,
+    auth: Option<&'a str>,
+}
+
+impl crate::cluster::Ops for ClusterOps<'_> {
+    fn holders(&self, d: &Digest) -> Vec<(SocketAddr, bool)> {
+        self.c.peers.holders(d)
+    }
+    fn members(&self) -> Vec<SocketAddr> {
+        self.c.peers.members()
+    }
+    fn me(&self) -> SocketAddr {
+        self.c.peers.me()
+    }
+    fn is_down(&self, peer: SocketAddr) -> bool {
+        self.c.transfer.is_down(peer)
+    }
+    async fn download(&self, d: &Digest, sources: &[(SocketAddr, bool)]) -> Result<(), transfer::TransferError> {
+        self.c.transfer.download(d, sources).await
+    }
+    async fn ask_fetch(&self, owner: SocketAddr, d: &Digest, within: Duration) -> Result<(), transfer::TransferError> {
+        self.c.transfer.ask_fetch(owner, d, self.url, self.auth, within).await
+    }
+    async fn fetch_here(&self, d: &Digest) -> Result<(), String> {
+        self.mirror.fetch_to_store(*d, self.url.to_string(), self.auth.map(str::to_owned)).await
     }
 }
 
