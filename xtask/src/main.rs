@@ -36,6 +36,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build the agent's OCI image without Docker (release binary, umoci):
+    /// target/peerd-image.tar, for `ctr images import` or `skopeo copy oci-archive:...`.
+    Image,
     /// Build and run one agent with defaults (one node, data under ./.peerd).
     Run {
         /// Extra arguments for `peerd agent`.
@@ -62,6 +65,7 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Build { release } => build(release).map(|_| ()),
         Cmd::Test { args } => test(&args),
+        Cmd::Image => image().map(|_| ()),
         Cmd::Run { args } => run(&args),
         Cmd::Bench { which } => bench::run(which),
         Cmd::Cluster { action } => cluster::run(action),
@@ -137,13 +141,34 @@ fn test(args: &[String]) -> Result<()> {
         bail!("the bpf-tests load programs into the kernel and create namespaces: run as root (CI does)");
     }
     let obj = build(false)?;
+    // The pod harness test (xtask/tests/pod.rs) runs the image made from the release binary.
+    let archive = image()?;
     status(
         Command::new("cargo")
             .current_dir(root())
             .env("PEERD_EBPF_OBJECT", &obj)
+            .env("PEERD_IMAGE_ARCHIVE", &archive)
             .args(["test", "--workspace", "--exclude", "peerd-ebpf"])
             .args(args),
     )
+}
+
+/// `cargo xtask image`: the release build, then its image; returns the archive's path.
+fn image() -> Result<PathBuf> {
+    build(true)?;
+    let bin = target_dir().join("release/peerd");
+    let built = xtask::image::build_agent(&bin, &target_dir()).context("build the agent's image")?;
+    println!(
+        "image {} ({} files) in {}\n  root filesystem: {}\n  import: ctr images import {}\n  push:   skopeo copy oci-archive:{} docker://REGISTRY/peerd:{}",
+        built.reference,
+        built.paths.len(),
+        built.archive.display(),
+        built.rootfs.display(),
+        built.archive.display(),
+        built.archive.display(),
+        xtask::image::version()
+    );
+    Ok(built.archive)
 }
 
 fn run(args: &[String]) -> Result<()> {
