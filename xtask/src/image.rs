@@ -350,7 +350,7 @@ pub fn build_agent(peerd: &Path, target: &Path) -> Result<Built, ImageError> {
     let built = build(&spec, &target.join("peerd-image"), &target.join("peerd-image.tar"))?;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        let out = run(Command::new("chroot").arg(&built.rootfs).args(["/usr/local/bin/peerd", "version"]).env_clear())?;
+        let out = run(Command::new("chroot").arg(&built.rootfs).args(["/usr/local/bin/peerd", "version"]).env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"))?;
         if out.trim().is_empty() {
             return Err(ImageError::Invalid("`peerd version` in the image's root printed nothing".into()));
         }

@@ -314,7 +314,7 @@ fn image_holds_only_what_the_agent_needs() {
     for l in manifest["layers"].as_array().unwrap() {
         let blob = x.join("blobs/sha256").join(l["digest"].as_str().unwrap().trim_start_matches("sha256:"));
         let list = xtask::components::run(std::process::Command::new("tar").arg("-tzf").arg(&blob));
-        files.extend(list.lines().map(|f| format!("/{}", f.trim_start_matches("./").trim_end_matches('/'))).filter(|f| f != "/"));
+        files.extend(list.lines().map(|f| format!("/{}", f.trim_start_matches("./").trim_end_matches('/'))).filter(|f| f != "/" && f != "/."));
     }
     // The binary's libraries, as ldd resolves them for the copy in the image.
     let bin = x.join("peerd");
