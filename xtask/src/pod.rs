@@ -469,6 +469,23 @@ impl Node {
         let _ = self.ctr().args(["containers", "rm", id]).output();
     }
 
+    /// Runs `argv` in `image` once on this node (`docker run --rm -v SRC:DST IMAGE ...`), with
+    /// bind mounts (host path, container path); returns what it printed.
+    pub fn run_once(&self, image: &str, argv: &[&str], mounts: &[(&Path, &str)]) -> Result<String, PodError> {
+        let id = format!("{}-once-{}", self.id_prefix, std::process::id());
+        let log = self.dir.join(format!("{id}.log"));
+        let mut c = self.ctr();
+        c.args(["run", "--rm", &format!("--log-uri=file://{}", log.display())]);
+        for (src, dst) in mounts {
+            c.arg(format!("--mount=type=bind,src={},dst={dst},options=rbind:rw", src.display()));
+        }
+        c.args([image, &id]).args(argv);
+        let r = run(&mut c);
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        r.map_err(|e| PodError::Failed(format!("{e}\n{out}")))?;
+        Ok(out)
+    }
+
     /// The host PID of task `id` (`ctr task ls`).
     pub fn task_pid(&self, id: &str) -> Result<u32, PodError> {
         let ls = run(self.ctr().args(["task", "ls"]))?;
@@ -1331,14 +1348,18 @@ impl PodCluster {
     }
 
     /// A DaemonSet rolling update with maxUnavailable 1: node by node, the old pod deleted,
-    /// the new one started and ready before the next node.
-    pub fn rolling_restart(&mut self, within: Duration) -> Result<(), PodError> {
+    /// the new one started and ready before the next node. Returns, per node, what deleting
+    /// the old pod printed (hooks; containers that needed SIGKILL) and how long it took.
+    pub fn rolling_restart(&mut self, within: Duration) -> Result<Vec<(String, Duration)>, PodError> {
         self.generation += 1;
+        let mut out = Vec::new();
         for i in 0..self.nodes.len() {
-            self.delete_pod(i)?;
+            let t = Instant::now();
+            let text = self.delete_pod(i)?;
+            out.push((text, t.elapsed()));
             self.start_pod(i, within)?;
         }
-        Ok(())
+        Ok(out)
     }
 
     pub fn pod(&self, i: usize) -> Result<&Pod, PodError> {

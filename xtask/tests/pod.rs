@@ -221,8 +221,12 @@ fn default_values() {
 
     // A rolling restart (old pod deleted, new one ready, node by node): no cached data lost.
     let t = Instant::now();
-    c.rolling_restart(Duration::from_secs(60)).unwrap();
+    let stops = c.rolling_restart(Duration::from_secs(60)).unwrap();
     let t_roll = t.elapsed();
+    for (i, (text, took)) in stops.iter().enumerate() {
+        // The agent ends on SIGTERM, well within terminationGracePeriodSeconds.
+        assert!(!text.contains("SIGKILL") && *took < Duration::from_secs(10), "node{}: deleting the pod took {took:?}: {text}", i + 1);
+    }
     for i in 0..2 {
         wait_metric(&c, i, "peerd_members", 2.0, Duration::from_secs(30));
         let n = c.metric(i, mirror(), "peerd_store_complete_blobs").unwrap();
@@ -238,8 +242,9 @@ fn default_values() {
     assert_probes_clean(&c);
     show_warnings(&c);
     eprintln!(
-        "pod harness (mode {mode}): pods ready {t_ready:.1?}, members {t_members:.1?}, node 2 pull from node 1 {t_pull2:.1?}, \
+        "pod harness (mode {mode}): pods ready {t_ready:.1?}, pod deletions {:.1?}, members {t_members:.1?}, node 2 pull from node 1 {t_pull2:.1?}, \
          new image with node 1 down {t_pull_b:.1?}, node 1 pull past its dead agent {t_pull_dead:.1?}, rolling restart {t_roll:.1?}, total {:.1?}",
+        stops.iter().map(|s| s.1).collect::<Vec<_>>(),
         t0.elapsed()
     );
 }
@@ -285,13 +290,50 @@ fn hosts_toml_mode() {
     show_warnings(&c);
 
     // Deleting the pod runs the preStop hook: peerd's files go, the admin's comes back.
+    let t = Instant::now();
     let hooks = c.delete_pod(0).unwrap();
+    assert!(!hooks.contains("SIGKILL") && t.elapsed() < Duration::from_secs(10), "deleting the pod took {:?}: {hooks}", t.elapsed());
     assert!(!certs.join(&r).exists(), "{r} left behind; hook output: {hooks}");
     assert_eq!(std::fs::read_to_string(certs.join("docker.io/hosts.toml")).unwrap(), admin, "hook output: {hooks}");
     assert!(!certs.join("docker.io/hosts.toml.peerd-backup").exists());
     let left: Vec<_> = std::fs::read_dir(&certs).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(left, vec![std::ffi::OsString::from("docker.io")], "certs.d after uninstall");
     eprintln!("pod harness (hosts-toml): total {:.1?}", t0.elapsed());
+}
+
+/// Transparent mode with `tlsIntercept` and its required Secret, made as deploy/README.md says:
+/// the image's own `peerd ca create` (`docker run --rm -v ca:/ca IMAGE ca create /ca`), the
+/// files as a Secret. The pod mounts it read-only (items, 0400) and starts ready.
+#[test]
+fn tls_intercept_with_the_ca_the_image_creates() {
+    setup_tools();
+    let t0 = Instant::now();
+    let archive = agent_archive();
+    let dir = temp_dir("intercept");
+    let extra = "tlsIntercept:\n  enabled: true\n  existingSecret: peerd-intercept-ca\n";
+    let mut m = Manifests::render(&root().join("deploy/helm/peerd"), "peerd", "kube-system", &values(dir.path(), extra)).unwrap();
+    let prefix = format!("pd{}c", std::process::id() % 1000);
+    // The Secret comes after the cluster is up (the CA is made on a node); the pod reads it at start.
+    let mut c = PodCluster::up(&prefix, 1, dir.path(), m.clone(), &[archive]).unwrap();
+    let ca = dir.path().join("ca");
+    std::fs::create_dir_all(&ca).unwrap();
+    let reference = format!("docker.io/library/peerd:{}", image::version());
+    c.nodes[0].run_once(&reference, &["/usr/local/bin/peerd", "ca", "create", "/ca"], &[(ca.as_path(), "/ca")]).unwrap();
+    let read = |f: &str| std::fs::read_to_string(ca.join(f)).unwrap_or_else(|e| panic!("ca/{f}: {e}"));
+    m.docs.push(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "peerd-intercept-ca", "namespace": "kube-system"},
+        "stringData": {"ca.crt": read("ca.crt"), "ca.key": read("ca.key")},
+    }));
+    c.manifests = m;
+    c.start_pod(0, Duration::from_secs(60)).unwrap();
+    wait_metric(&c, 0, "peerd_members", 1.0, Duration::from_secs(30));
+    let logs = c.pod(0).unwrap().logs();
+    assert!(logs.contains("TLS interception on"), "{logs}");
+    assert!(!logs.contains("created an intercept CA"), "{logs}");
+    assert_probes_clean(&c);
+    show_warnings(&c);
+    eprintln!("pod harness (tlsIntercept): total {:.1?}", t0.elapsed());
 }
 
 /// deploy/Dockerfile builds the image `cargo xtask image` builds: its root filesystem and the
