@@ -132,7 +132,10 @@ fn default_values() {
     let archive = agent_archive();
     let dir = temp_dir("default");
     let m = Manifests::render(&root().join("deploy/helm/peerd"), "peerd", "kube-system", &values(dir.path(), "")).unwrap();
-    let mode = m.daemonset().unwrap()["spec"]["template"]["metadata"]["annotations"]["peerd.dev/mode"].as_str().unwrap_or("").to_string();
+    // The chart's default mode (it may change): transparent when the agent gets PEERD_TRANSPARENT.
+    let agent = m.pod_spec().unwrap()["containers"].as_array().unwrap().iter().find(|c| c["name"] == "agent").unwrap().clone();
+    let transparent = agent["env"].as_array().unwrap().iter().any(|e| e["name"] == "PEERD_TRANSPARENT" && e["value"] == "true");
+    let mode = if transparent { "transparent" } else { "hosts-toml" };
     let prefix = format!("pd{}a", std::process::id() % 1000);
     let mut c = PodCluster::up(&prefix, 2, dir.path(), m.clone(), &[archive.clone()]).unwrap();
 
@@ -397,4 +400,23 @@ fn image_holds_only_what_the_agent_needs() {
         assert!(files.contains(a), "{a} is missing from the image: {files:?}");
     }
     assert!(!files.iter().any(|f| f.ends_with("/sh")), "a shell in the image");
+}
+
+/// values.yaml says SYS_ADMIN can be dropped on kernels with CAP_BPF if PERFMON is added:
+/// transparent mode starts with [BPF, NET_ADMIN, PERFMON] under containerd's default seccomp
+/// profile. (Without PERFMON the verifier refuses the XDP guard: EACCES, checked by hand.)
+#[test]
+fn transparent_mode_without_sys_admin() {
+    setup_tools();
+    let archive = agent_archive();
+    let dir = temp_dir("caps");
+    let m = Manifests::render(&root().join("deploy/helm/peerd"), "peerd", "kube-system", &values(dir.path(), "mode: transparent\ncapabilities: [BPF, NET_ADMIN, PERFMON]\n")).unwrap();
+    let prefix = format!("pd{}d", std::process::id() % 1000);
+    let mut c = PodCluster::up(&prefix, 1, dir.path(), m, &[archive]).unwrap();
+    c.start_pod(0, Duration::from_secs(60)).unwrap();
+    let pid = c.nodes[0].task_pid(&c.pod(0).unwrap().container("agent").unwrap().id).unwrap();
+    assert_eq!(cap_eff(pid), (1 << 39) | (1 << 12) | (1 << 38), "BPF, NET_ADMIN, PERFMON");
+    let logs = c.pod(0).unwrap().logs();
+    assert!(logs.contains("transparent mode on"), "{logs}");
+    assert_probes_clean(&c);
 }
