@@ -38,6 +38,26 @@ fn agent_archive() -> PathBuf {
     p
 }
 
+/// The archives of every image the rendered pod names: the agent's, and a busybox image (made
+/// from the host's busybox) for the hosts-toml containers.
+fn archives_for(m: &Manifests, dir: &Path) -> Vec<PathBuf> {
+    let spec = m.pod_spec().unwrap();
+    let mut out = vec![agent_archive()];
+    let mut done = vec![format!("docker.io/library/peerd:{}", image::version())];
+    for c in ["initContainers", "containers"].iter().flat_map(|k| spec[*k].as_array().cloned().unwrap_or_default()) {
+        let r = xtask::pod::normalize_image(c["image"].as_str().unwrap());
+        if done.contains(&r) {
+            continue;
+        }
+        assert!(r.starts_with("docker.io/library/busybox:"), "the harness has no image for {r}");
+        let d = dir.join(format!("busybox{}", done.len()));
+        let bb = image::build(&image::busybox_spec(&r).unwrap(), &d, &d.join("busybox.tar")).unwrap();
+        out.push(bb.archive);
+        done.push(r);
+    }
+    out
+}
+
 /// The registry NetCluster puts in its registry namespace.
 fn registry_host() -> String {
     format!("{}:{REGISTRY_PORT}", Ipv4Addr::new(198, 18, 255, 1))
@@ -137,7 +157,7 @@ fn default_values() {
     let transparent = agent["env"].as_array().unwrap().iter().any(|e| e["name"] == "PEERD_TRANSPARENT" && e["value"] == "true");
     let mode = if transparent { "transparent" } else { "hosts-toml" };
     let prefix = format!("pd{}a", std::process::id() % 1000);
-    let mut c = PodCluster::up(&prefix, 2, dir.path(), m.clone(), &[archive.clone()]).unwrap();
+    let mut c = PodCluster::up(&prefix, 2, dir.path(), m.clone(), &archives_for(&m, dir.path())).unwrap();
 
     // skopeo pushes the archive as it is (the image users push to their registry).
     let r = registry_host();
@@ -256,15 +276,10 @@ fn default_values() {
 fn hosts_toml_mode() {
     setup_tools();
     let t0 = Instant::now();
-    let archive = agent_archive();
     let dir = temp_dir("hoststoml");
     let m = Manifests::render(&root().join("deploy/helm/peerd"), "peerd", "kube-system", &values(dir.path(), "mode: hosts-toml\n")).unwrap();
-    // The busybox image the chart names, made from the host's busybox.
-    let spec = m.pod_spec().unwrap();
-    let bb_ref = xtask::pod::normalize_image(spec["initContainers"][0]["image"].as_str().unwrap());
-    let bb = image::build(&image::busybox_spec(&bb_ref).unwrap(), &dir.path().join("busybox"), &dir.path().join("busybox.tar")).unwrap();
     let prefix = format!("pd{}b", std::process::id() % 1000);
-    let mut c = PodCluster::up(&prefix, 1, dir.path(), m, &[archive, bb.archive.clone()]).unwrap();
+    let mut c = PodCluster::up(&prefix, 1, dir.path(), m.clone(), &archives_for(&m, dir.path())).unwrap();
     let certs = c.nodes[0].host_path("/etc/containerd/certs.d");
     // An admin's own file for docker.io, which peerd must keep and put back.
     let admin = "server = \"https://registry-1.docker.io\"\n# the admin's\n";
@@ -313,7 +328,7 @@ fn tls_intercept_with_the_ca_the_image_creates() {
     let t0 = Instant::now();
     let archive = agent_archive();
     let dir = temp_dir("intercept");
-    let extra = "tlsIntercept:\n  enabled: true\n  existingSecret: peerd-intercept-ca\n";
+    let extra = "mode: transparent\ntlsIntercept:\n  enabled: true\n  existingSecret: peerd-intercept-ca\n";
     let mut m = Manifests::render(&root().join("deploy/helm/peerd"), "peerd", "kube-system", &values(dir.path(), extra)).unwrap();
     let prefix = format!("pd{}c", std::process::id() % 1000);
     // The Secret comes after the cluster is up (the CA is made on a node); the pod reads it at start.
