@@ -300,7 +300,9 @@ pub fn agent_spec(peerd: &Path, version: &str) -> Spec {
         files: vec![(PathBuf::from(CA_BUNDLE), CA_BUNDLE.into(), 0o644)],
         entrypoint: vec!["/usr/local/bin/peerd".into()],
         cmd: vec!["agent".into()],
-        env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into(), format!("SSL_CERT_FILE={CA_BUNDLE}")],
+        // NO_COLOR: the agent's text logs (tracing-subscriber) are colored unless it is set, and
+        // a container's stdout is a log file, not a terminal (kubectl logs showed escape codes).
+        env: vec!["PATH=/usr/local/bin:/usr/bin:/bin".into(), format!("SSL_CERT_FILE={CA_BUNDLE}"), "NO_COLOR=1".into()],
         user: "0:0".into(),
         labels: vec![
             ("org.opencontainers.image.title".into(), "peerd".into()),

@@ -1406,3 +1406,46 @@ impl Drop for PodCluster {
         let _ = std::fs::remove_dir("/sys/fs/cgroup/peerd-pod");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_references_normalize_as_the_kubelet_does() {
+        assert_eq!(normalize_image("peerd:0.1.0"), "docker.io/library/peerd:0.1.0");
+        assert_eq!(normalize_image("busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(normalize_image("me/app:v1"), "docker.io/me/app:v1");
+        assert_eq!(normalize_image("reg.example:5000/a/b:v2"), "reg.example:5000/a/b:v2");
+        assert_eq!(normalize_image("localhost/x"), "localhost/x:latest");
+        let d = format!("app@sha256:{}", "a".repeat(64));
+        assert_eq!(normalize_image(&d), format!("docker.io/library/{d}"));
+    }
+
+    #[test]
+    fn env_expansion_follows_kubernetes() {
+        let env = vec![("HOST_IP".to_string(), "198.18.1.1".to_string()), ("A".to_string(), "x".to_string())];
+        assert_eq!(expand("$(HOST_IP):30002", &env), "198.18.1.1:30002");
+        assert_eq!(expand("$(UNSET)-$(A)", &env), "$(UNSET)-x");
+        assert_eq!(expand("$$(A) $$ $", &env), "$(A) $ $");
+        assert_eq!(expand("é$(A", &env), "é$(A");
+    }
+
+    #[test]
+    fn quantities() {
+        assert_eq!(quantity(&Value::from("1Gi"), false).unwrap(), 1 << 30);
+        assert_eq!(quantity(&Value::from("128Mi"), false).unwrap(), 128 << 20);
+        assert_eq!(quantity(&Value::from("100m"), true).unwrap(), 100);
+        assert_eq!(quantity(&Value::from("2"), true).unwrap(), 2000);
+        assert_eq!(quantity(&serde_json::json!(2), true).unwrap(), 2000);
+        assert!(quantity(&Value::from("1Xi"), false).is_err());
+    }
+
+    #[test]
+    fn base64() {
+        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(base64_decode("aGVsbG8").unwrap(), b"hello");
+        assert_eq!(base64_decode("").unwrap(), b"");
+        assert!(base64_decode("a*b").is_none());
+    }
+}

@@ -135,6 +135,16 @@ fn show_warnings(c: &PodCluster) {
     }
 }
 
+/// Container logs are files, not terminals: no color escapes in them.
+fn assert_plain_logs(c: &PodCluster) {
+    for i in 0..c.nodes.len() {
+        if let Ok(p) = c.pod(i) {
+            let logs = p.logs();
+            assert!(!logs.contains('\u{1b}'), "node{}: terminal escapes in the logs: {logs}", i + 1);
+        }
+    }
+}
+
 fn assert_probes_clean(c: &PodCluster) {
     for i in 0..c.nodes.len() {
         if let Ok(p) = c.pod(i) {
@@ -263,6 +273,7 @@ fn default_values() {
     assert_eq!(gets_per_blob(&c, &a), after_dead, "after the rolling restart, image A reached the registry");
     assert_eq!(gets_per_blob(&c, &b), vec![1; b.blobs.len()], "after the rolling restart, image B reached the registry");
     assert_probes_clean(&c);
+    assert_plain_logs(&c);
     show_warnings(&c);
     eprintln!(
         "pod harness (mode {mode}): pods ready {t_ready:.1?}, pod deletions {:.1?}, members {t_members:.1?}, node 2 pull from node 1 {t_pull2:.1?}, \
