@@ -309,6 +309,10 @@ pub struct Node {
     pub containerd: Proc,
     /// A prefix for container ids (and so cgroup paths) unique on this machine.
     id_prefix: String,
+    /// Show the node's pods a pure cgroup v2 host: hostPath `/sys/fs/cgroup` is this machine's
+    /// v2 hierarchy (`/sys/fs/cgroup/unified` on these hybrid hosts), as on current
+    /// distributions' nodes. (runc itself still runs containers on the hybrid hierarchy.)
+    pub cgroup2_only: bool,
 }
 
 impl Node {
@@ -345,7 +349,7 @@ impl Node {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(Self { name: name.into(), ns: ns.into(), ip, root, dir: dir.to_owned(), sock, containerd, id_prefix: id_prefix.into() })
+        Ok(Self { name: name.into(), ns: ns.into(), ip, root, dir: dir.to_owned(), sock, containerd, id_prefix: id_prefix.into(), cgroup2_only: false })
     }
 
     /// `ctr` for this node's containerd (namespace k8s.io, as the kubelet's), run in the node's
@@ -360,7 +364,11 @@ impl Node {
     /// kernel), everything else is under the node's root directory.
     pub fn host_path(&self, p: &str) -> PathBuf {
         let shared = ["/sys", "/proc", "/dev"].iter().any(|s| p == *s || p.starts_with(&format!("{s}/")));
-        if shared {
+        let cg = "/sys/fs/cgroup";
+        let hybrid = Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists();
+        if self.cgroup2_only && hybrid && (p == cg || p.starts_with(&format!("{cg}/"))) && !p.starts_with("/sys/fs/cgroup/unified") {
+            PathBuf::from(format!("/sys/fs/cgroup/unified{}", &p[cg.len()..]))
+        } else if shared {
             PathBuf::from(p)
         } else {
             self.root.join(p.trim_start_matches('/'))
@@ -1326,6 +1334,11 @@ impl PodCluster {
     fn pod_name(&self, i: usize) -> String {
         let ds = self.manifests.daemonset().ok().and_then(|d| d["metadata"]["name"].as_str().map(str::to_owned)).unwrap_or_else(|| "pod".into());
         format!("{ds}-g{}-n{}", self.generation, i + 1)
+    }
+
+    /// Node i, mutable (e.g. to set `cgroup2_only` before its pod starts).
+    pub fn node_mut(&mut self, i: usize) -> &mut Node {
+        &mut self.nodes[i]
     }
 
     /// Starts the DaemonSet's pod on node i and waits until it is ready.

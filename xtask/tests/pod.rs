@@ -178,6 +178,9 @@ fn default_values() {
         &format!("docker://{r}/peerd:{}", image::version()),
     ]));
 
+    // Node 2 looks like a current distribution's node to its pods: its /sys/fs/cgroup is pure
+    // cgroup v2 (node 1's is this machine's hybrid hierarchy).
+    c.node_mut(1).cgroup2_only = true;
     for i in 0..2 {
         c.start_pod(i, Duration::from_secs(60)).unwrap_or_else(|e| panic!("node{}: {e}", i + 1));
     }
@@ -190,6 +193,13 @@ fn default_values() {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"), "{status}");
 
+    if mode == "transparent" {
+        for (i, want) in [(0, "/host/sys/fs/cgroup/unified"), (1, "/host/sys/fs/cgroup/")] {
+            let logs = c.pod(i).unwrap().logs();
+            let line = logs.lines().find(|l| l.contains("transparent mode on")).unwrap_or_else(|| panic!("node{}: {logs}", i + 1));
+            assert!(line.contains(&format!("cgroup={want}")) && !(i == 1 && line.contains("unified")), "node{}: {line}", i + 1);
+        }
+    }
     // Gossip seeded from the headless Service's name (cluster DNS): both agents see both.
     for i in 0..2 {
         wait_metric(&c, i, "peerd_members", 2.0, Duration::from_secs(30));
