@@ -456,3 +456,27 @@ fn transparent_mode_without_sys_admin() {
     assert!(logs.contains("transparent mode on"), "{logs}");
     assert_probes_clean(&c);
 }
+
+/// deploy/manifests/peerd.yaml (for `kubectl apply`, no Secret inside) runs as deploy/README.md
+/// says: the cluster Secret created first (`kubectl create secret generic peerd-cluster-secret
+/// --from-literal=cluster-secret=...`), then the file as it is (default registries only: their
+/// names do not resolve here, which the agent survives).
+#[test]
+fn plain_manifests_file() {
+    setup_tools();
+    let dir = temp_dir("manifests");
+    let mut m = Manifests::from_yaml(&std::fs::read_to_string(root().join("deploy/manifests/peerd.yaml")).unwrap()).unwrap();
+    assert!(m.find("Secret", None).is_none(), "the file must not carry a secret");
+    let secret = xtask::components::run(std::process::Command::new("sh").args(["-c", "head -c 48 /dev/urandom | base64 -w0"]));
+    m.docs.push(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "peerd-cluster-secret", "namespace": "kube-system"},
+        "stringData": {"cluster-secret": secret},
+    }));
+    let prefix = format!("pd{}e", std::process::id() % 1000);
+    let mut c = PodCluster::up(&prefix, 1, dir.path(), m.clone(), &archives_for(&m, dir.path())).unwrap();
+    c.start_pod(0, Duration::from_secs(60)).unwrap();
+    wait_metric(&c, 0, "peerd_members", 1.0, Duration::from_secs(30));
+    assert_probes_clean(&c);
+    assert_plain_logs(&c);
+}
