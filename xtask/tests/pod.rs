@@ -99,10 +99,25 @@ fn temp_dir(tag: &str) -> tempfile::TempDir {
     tempfile::Builder::new().prefix(&format!("peerd-pod-{tag}-")).tempdir().unwrap()
 }
 
-/// Registry blob GETs per digest of `image` so far.
+/// Registry blob GETs per digest of `image` so far. The registry logs a request after
+/// answering it: when the counts are still below `at_least` (GETs the caller knows happened),
+/// this waits for the log to catch up (bounded), then reads once more after a pause so that a
+/// late extra GET is seen too.
+fn gets_per_blob_at_least(c: &PodCluster, image: &Image, at_least: &[usize]) -> Vec<usize> {
+    let count = || {
+        let gets = c.deployment.registry_blob_gets();
+        image.blobs.iter().map(|b| gets.iter().filter(|l| l.contains(b.as_str())).count()).collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count().iter().zip(at_least).any(|(n, w)| n < w) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    count()
+}
+
 fn gets_per_blob(c: &PodCluster, image: &Image) -> Vec<usize> {
-    let gets = c.deployment.registry_blob_gets();
-    image.blobs.iter().map(|b| gets.iter().filter(|l| l.contains(b.as_str())).count()).collect()
+    gets_per_blob_at_least(c, image, &[])
 }
 
 /// CapEff of a process, as a set of capability numbers.
@@ -219,7 +234,7 @@ fn default_values() {
 
     // Node 1 pulls: the registry serves each blob once, through node 1's agent.
     c.nodes[0].pull(&ref_a, hosts_dir(0).as_deref()).unwrap();
-    assert_eq!(gets_per_blob(&c, &a), vec![1; a.blobs.len()], "first pull");
+    assert_eq!(gets_per_blob_at_least(&c, &a, &vec![1; a.blobs.len()]), vec![1; a.blobs.len()], "first pull");
     let misses1 = c.metric(0, mirror(), "peerd_cache_misses_total").unwrap();
     assert!(misses1 >= a.blobs.len() as f64, "node 1's pull did not go through its agent (misses {misses1})");
     // Node 2 pulls the image node 1 holds: from node 1, not the registry.
@@ -244,13 +259,15 @@ fn default_values() {
     let t = Instant::now();
     c.nodes[1].pull(&ref_b, hosts_dir(1).as_deref()).unwrap();
     let t_pull_b = t.elapsed();
-    assert_eq!(gets_per_blob(&c, &b), vec![1; b.blobs.len()], "image B with node 1 down");
+    assert_eq!(gets_per_blob_at_least(&c, &b, &vec![1; b.blobs.len()]), vec![1; b.blobs.len()], "image B with node 1 down");
     // Node 1 itself pulls past its dead agent (fail-open / hosts.toml fallback).
     c.nodes[0].forget(&ref_a, &a.blobs).unwrap();
     let t = Instant::now();
     c.nodes[0].pull(&ref_a, hosts_dir(0).as_deref()).unwrap();
     let t_pull_dead = t.elapsed();
-    let after_dead = gets_per_blob(&c, &a);
+    // With its agent dead, node 1's pull goes to the registry directly: one more GET per blob.
+    let after_dead = gets_per_blob_at_least(&c, &a, &vec![2; a.blobs.len()]);
+    assert_eq!(after_dead, vec![2; a.blobs.len()], "node 1's pull past its dead agent");
 
     // The kubelet restarts the killed container; it is ready again with its cache.
     {
@@ -321,7 +338,7 @@ fn hosts_toml_mode() {
     a.push_to(Some(&c.nodes[0].ns), &r, "app");
     let reference = format!("{r}/app:v1");
     c.nodes[0].pull(&reference, Some(&certs)).unwrap();
-    assert_eq!(gets_per_blob(&c, &a), vec![1; a.blobs.len()]);
+    assert_eq!(gets_per_blob_at_least(&c, &a, &vec![1; a.blobs.len()]), vec![1; a.blobs.len()]);
     c.nodes[0].forget(&reference, &a.blobs).unwrap();
     c.nodes[0].pull(&reference, Some(&certs)).unwrap();
     assert_eq!(gets_per_blob(&c, &a), vec![1; a.blobs.len()], "the second pull was not served by the agent");
