@@ -287,10 +287,10 @@ fn default_values() {
         // The agent ends on SIGTERM, well within terminationGracePeriodSeconds.
         assert!(!text.contains("SIGKILL") && *took < Duration::from_secs(10), "node{}: deleting the pod took {took:?}: {text}", i + 1);
     }
-    for i in 0..2 {
+    for (i, before) in blobs_before.iter().enumerate() {
         wait_metric(&c, i, "peerd_members", 2.0, Duration::from_secs(30));
         let n = c.metric(i, mirror(), "peerd_store_complete_blobs").unwrap();
-        assert!(n >= blobs_before[i], "node{}: {n} cached blobs after the rolling restart, {} before", i + 1, blobs_before[i]);
+        assert!(n >= *before, "node{}: {n} cached blobs after the rolling restart, {before} before", i + 1);
     }
     for i in 0..2 {
         c.nodes[i].forget(&ref_a, &a.blobs).unwrap();
