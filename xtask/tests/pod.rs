@@ -139,11 +139,13 @@ fn wait_metric(c: &PodCluster, i: usize, name: &str, want: f64, within: Duration
     }
 }
 
-/// Warnings and errors the pods' containers logged (shown with the test's output).
+/// Warnings and errors the pods' containers logged (shown with the test's output; every line
+/// with PEERD_POD_LOGS=1).
 fn show_warnings(c: &PodCluster) {
+    let all = std::env::var_os("PEERD_POD_LOGS").is_some();
     for i in 0..c.nodes.len() {
         if let Ok(p) = c.pod(i) {
-            for l in p.logs().lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
+            for l in p.logs().lines().filter(|l| all || l.contains("WARN") || l.contains("ERROR")) {
                 eprintln!("node{}: {l}", i + 1);
             }
         }
