@@ -7,6 +7,7 @@ pub mod bpf;
 pub mod config;
 pub mod containerd;
 pub mod gossip;
+pub mod identity;
 pub mod intercept;
 pub mod metrics;
 pub mod mirror;

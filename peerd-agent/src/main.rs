@@ -119,11 +119,13 @@ struct AgentArgs {
     /// at 30 s).
     #[arg(long, env = "PEERD_UPSTREAM_TIMEOUT", default_value_t = 15)]
     upstream_timeout: u64,
-    /// UDP address of the peer transfer endpoint (QUIC).
+    /// UDP address of the peer transfer endpoint (QUIC). Not opened by a node alone (no --seed,
+    /// no --peer).
     #[arg(long, env = "PEERD_PEER_ADDR", default_value = "0.0.0.0:30002")]
     peer_addr: SocketAddr,
-    /// The address other agents reach this one at (default: --peer-addr, which must then not be
-    /// a wildcard address to be useful).
+    /// The address other agents reach this one at. Default: --peer-addr when it is not a
+    /// wildcard, else the address of the interface that routes to the first seed or peer (else
+    /// the default route's), logged at start and shown by `peerd status`.
     #[arg(long, env = "PEERD_ADVERTISE_ADDR")]
     advertise_addr: Option<SocketAddr>,
     /// Another agent's peer address (repeatable): a fixed cluster. Without peers the agent runs
@@ -153,9 +155,13 @@ struct AgentArgs {
     /// shares one, e.g. from a Kubernetes Secret).
     #[arg(long, env = "PEERD_CLUSTER_SECRET_FILE")]
     cluster_secret_file: Option<PathBuf>,
-    /// This node's name among peers (default: the host name).
+    /// This node's name among peers. Default: `<hostname>-<random>`, kept in
+    /// <data-dir>/node-id (unique even where host names collide).
     #[arg(long, env = "PEERD_NODE_ID")]
     node_id: Option<String>,
+    /// Connections the mirror serves at once; more get 503 and are closed.
+    #[arg(long, env = "PEERD_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
     /// Upload limit to peers (bytes per second, e.g. 50M); unlimited by default.
     #[arg(long, env = "PEERD_UPLOAD_LIMIT", value_parser = config::parse_size)]
     upload_limit: Option<u64>,
@@ -458,6 +464,7 @@ fn agent(args: AgentArgs) -> Result<()> {
     let registries = Registries::new(&args.registries, !args.no_default_registries)?;
     let budget = args.cache_size.unwrap_or_else(|| default_cache_size(&args.data_dir));
     keep_freed_memory();
+    raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
         let store = Store::open(args.data_dir.join("store"), StoreConfig::new(budget))
@@ -477,19 +484,37 @@ fn agent(args: AgentArgs) -> Result<()> {
         let blob_hosts = cfg.blob_hosts.clone();
         let secret_file = args.cluster_secret_file.clone().unwrap_or_else(|| args.data_dir.join("cluster-secret"));
         let secret = cluster_secret(&secret_file, args.cluster_secret_file.is_none())?;
-        let node_id = args.node_id.clone().unwrap_or_else(hostname);
+        let node_id = match args.node_id.clone() {
+            Some(id) => id,
+            None => peerd_agent::identity::node_id(&args.data_dir)?,
+        };
+        let alone = args.seeds.is_empty() && args.peers.is_empty();
+        // Where peers dial us: never a wildcard (a cluster whose members advertise 0.0.0.0 never
+        // forms). Seeds are resolved once here for the route; gossip keeps resolving them.
+        let mut towards: Vec<SocketAddr> = args.peers.clone();
+        for seed in &args.seeds {
+            if let Ok(Ok(addrs)) = tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(seed.as_str())).await {
+                towards.extend(addrs);
+            }
+        }
+        let seeds_resolved = towards.len() - args.peers.len();
+        let (me, chosen) = peerd_agent::identity::advertise(args.peer_addr, args.advertise_addr, &towards);
         let secret_bytes = secret.clone();
-        let mut tcfg = TransferConfig::new(args.peer_addr, node_id.clone(), secret);
-        tcfg.upload_limit = args.upload_limit;
-        tcfg.download_limit = args.download_limit;
-        let me = args.advertise_addr.unwrap_or(args.peer_addr);
-        let transfer = Transfer::start(tcfg, store.clone()).context("starting the peer endpoint")?;
-        let containerd = match args.no_containerd_content {
+        // A node alone has no peers to serve: no endpoint on every interface.
+        let transfer = if alone {
+            None
+        } else {
+            let mut tcfg = TransferConfig::new(args.peer_addr, node_id.clone(), secret);
+            tcfg.upload_limit = args.upload_limit;
+            tcfg.download_limit = args.download_limit;
+            Some(Transfer::start(tcfg, store.clone()).context("starting the peer endpoint")?)
+        };
+        let containerd = match args.no_containerd_content || alone {
             true => None,
             false => ContainerdContent::start(ContainerdConfig::new(&args.containerd_content_dir, store.piece_size())).await,
         };
-        if let Some(c) = &containerd {
-            transfer.set_containerd(c.clone());
+        if let (Some(c), Some(t)) = (&containerd, &transfer) {
+            t.set_containerd(c.clone());
         }
         let mut gossip_metrics: Option<std::sync::Arc<Gossip>> = None;
         let directory: Option<std::sync::Arc<dyn PeerDirectory>> = if !args.seeds.is_empty() {
@@ -508,14 +533,16 @@ fn agent(args: AgentArgs) -> Result<()> {
         } else {
             None
         };
-        let cluster = directory.map(|peers| Cluster {
-            transfer: transfer.clone(),
+        let cluster = directory.zip(transfer.clone()).map(|(peers, transfer)| Cluster {
+            transfer,
             peers,
             peer_budget: Duration::from_secs(120),
             owner_budget: Duration::from_secs(600),
         });
         let mirror = Mirror::new(cfg, store, args.data_dir.join("mirror"), cluster)?;
-        transfer.set_fetcher(std::sync::Arc::new(mirror.clone()));
+        if let Some(t) = &transfer {
+            t.set_fetcher(std::sync::Arc::new(mirror.clone()));
+        }
         if let Some(gossip) = gossip_metrics {
             mirror.add_metrics_source(gossip);
         }
@@ -562,19 +589,34 @@ fn agent(args: AgentArgs) -> Result<()> {
         } else {
             None
         };
+        let info = peerd_agent::mirror::NodeInfo {
+            node_id: node_id.clone(),
+            hostname: peerd_agent::identity::hostname(),
+            mode: if args.transparent { "transparent".into() } else { "mirror".into() },
+            tls_intercept: args.transparent && args.tls_intercept,
+            advertised: (!alone).then_some(me),
+            advertised_how: chosen.to_string(),
+            seeds: args.seeds.clone(),
+            seeds_resolved,
+            static_peers: args.peers.len(),
+        };
+        for line in mirror.set_node_info(info) {
+            tracing::warn!("self-check: {line}");
+        }
         tracing::info!(
             data_dir = %args.data_dir.display(),
             mirror = %args.mirror_addr,
             cache_bytes = budget,
             registries = ?names,
-            peer = %me,
+            peer = %if alone { "(alone: no --seed, no --peer)".to_string() } else { format!("{me} (from {chosen})") },
             peers = args.peers.len(),
             seeds = ?args.seeds,
+            seeds_resolved,
             node = %node_id,
             "peerd agent started"
         );
         tokio::select! {
-            r = mirror.serve(listener) => r.context("mirror server")?,
+            r = mirror.serve(listener, args.max_connections) => r.context("mirror server")?,
             r = shutdown_signal() => r?,
         }
         tracing::info!("shutting down");
@@ -607,8 +649,18 @@ fn cluster_secret(path: &std::path::Path, may_create: bool) -> Result<Vec<u8>> {
     }
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "peerd".into())
+/// Raises the soft limit on open files to the hard limit: every client connection, peer
+/// stream and cached file is a descriptor, and the usual soft limit (1024) is a denial of
+/// service waiting to happen on a busy node.
+fn raise_nofile() {
+    // SAFETY: getrlimit/setrlimit on our own process with a valid struct.
+    unsafe {
+        let mut l: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
 }
 
 async fn shutdown_signal() -> Result<()> {

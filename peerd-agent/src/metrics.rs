@@ -73,6 +73,13 @@ pub fn render(m: &Mirror) -> String {
     counter(&mut r, "streamed_arriving", "Responses streamed piece by piece while the blob was still arriving", &c.streamed_arriving);
     counter(&mut r, "stream_fallbacks", "Streamed responses the cluster failed to finish; upstream finished them", &c.stream_fallbacks);
     counter(&mut r, "cluster_lied", "Blobs from peers that matched their manifest but not their digest (fetched from upstream for 10 minutes after)", &c.cluster_lied);
+    counter(&mut r, "accept_errors", "Mirror accept() failures (e.g. out of file descriptors), retried after a pause", &c.accept_errors);
+    counter(&mut r, "connections_shed", "Mirror connections answered 503 at the connection limit (--max-connections)", &c.connections_shed);
+    counter(&mut r, "peer_addrs_ignored", "Peer addresses from gossip that cannot be dialled from here (wildcard, port 0, foreign loopback), ignored", &crate::peers::IGNORED_PEER_ADDRS);
+    counter(&mut r, "ranges_from_peers", "Range reads of blobs not held here answered with verified pieces from peers", &c.ranges_from_peers);
+    counter(&mut r, "range_peer_fallbacks", "Range reads that tried peers and were relayed from upstream instead", &c.range_peer_fallbacks);
+    counter(&mut r, "swarm_retries", "Swarms that stalled while the blob's owner was still fetching it, started again (not a new owner)", &c.swarm_retries);
+    counter(&mut r, "upstream_completions", "Blobs the cluster could not finish, completed by this node from upstream (missing pieces only)", &c.upstream_completions);
     counter(&mut r, "stream_aborted", "Streamed responses cut short: the blob did not arrive whole with a matching sha256", &c.stream_aborted);
     if let Some(cl) = m.cluster() {
         let t = cl.transfer.counters();

@@ -1,8 +1,25 @@
 //! Who the other agents are and which of them may hold a blob. Gossip will answer this from its
 //! content summaries; until then (and for small fixed clusters) a static list from `--peer`.
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::store::Digest;
+
+/// Peer addresses gossip carried that cannot be dialled from here (a wildcard, port 0, or
+/// loopback from a node that is not on loopback), ignored: a peer started with a wildcard
+/// listener and an older agent would otherwise be dialled at an address that reaches nobody, or
+/// this node itself.
+pub static IGNORED_PEER_ADDRS: AtomicU64 = AtomicU64::new(0);
+
+fn usable(addr: SocketAddr, me: SocketAddr) -> Option<SocketAddr> {
+    if crate::identity::usable_peer_addr(addr, me) {
+        Some(addr)
+    } else {
+        IGNORED_PEER_ADDRS.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%addr, "ignoring a peer address that cannot be dialled from here");
+        None
+    }
+}
 
 /// One peer as `peerd status` shows it.
 pub struct PeerStatus {
@@ -92,7 +109,7 @@ impl PeerDirectory for GossipPeers {
             .who_has(d.as_bytes())
             .into_iter()
             .filter_map(|h| {
-                let addr = h.addr.filter(|a| *a != self.me)?;
+                let addr = h.addr.filter(|a| *a != self.me).and_then(|a| usable(a, self.me))?;
                 let complete = matches!(h.kind, crate::gossip::Kind::Complete);
                 Some((!complete, &*h.zone != self.zone.as_str(), addr))
             })
@@ -108,6 +125,7 @@ impl PeerDirectory for GossipPeers {
             .into_iter()
             .filter(|p| p.state == crate::gossip::PeerState::Alive)
             .filter_map(|p| p.addr)
+            .filter(|a| *a == self.me || usable(*a, self.me).is_some())
             .collect();
         if !m.contains(&self.me) {
             m.push(self.me);

@@ -335,3 +335,39 @@ async fn a_helper_killed_mid_part_is_replaced_by_the_owner() {
     let takeovers = metric_value(&m, "peerd_part_takeovers_total").unwrap_or(0);
     assert!(takeovers >= 1, "the owner took over the dead helper's part ({takeovers})");
 }
+
+/// Lazy loading: a range of a blob this node lacks is answered with the pieces covering it from
+/// a peer holding the blob, checked against that peer's verified manifest; the registry sends
+/// nothing for it (the rest of the blob follows in the background, from the peer too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_of_a_blob_held_by_a_peer_comes_from_that_peer() {
+    let t = one_layer_with(2, 8, &["--trust-cluster"]);
+    t.get_ok(0).await;
+    let node1 = &t.c.agents[1];
+    let client = http_client();
+    // Node 1 may hold it as the blob's rendezvous owner: drop that copy.
+    client.delete(node1.url(&format!("/cache/{}", t.layer))).send().await.unwrap();
+    let gets = t._registry.blob_gets().len();
+    let bytes = t.image.blob_bytes(&t.layer);
+    for (start, end) in [(0usize, 4095usize), (3 << 20, (3 << 20) + 1_048_575), (bytes.len() - 100, bytes.len() - 1), (1_000_000, 1_100_000)] {
+        let r = client.get(node1.url(&t.path)).header("Range", format!("bytes={start}-{end}")).timeout(Duration::from_secs(30)).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 206, "bytes={start}-{end}");
+        assert_eq!(r.headers()["content-range"].to_str().unwrap(), format!("bytes {start}-{end}/{}", bytes.len()));
+        assert!(r.bytes().await.unwrap() == bytes[start..=end], "bytes={start}-{end}: wrong bytes");
+    }
+    let count = |m: &str, name: &str| metric_value(m, name).unwrap_or(0);
+    let m = metrics(node1).await;
+    assert!(count(&m, "peerd_ranges_from_peers_total") >= 1, "no range came from the peer:\n{m}");
+    // The background prefetch completes the blob from the peer as well.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = client.get(node1.url(&t.path)).header("Range", "bytes=0-0").send().await.unwrap();
+        if count(&metrics(node1).await, "peerd_cache_hits_total") >= 1 {
+            assert_eq!(r.status().as_u16(), 206);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the blob never completed on node 1");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(t._registry.blob_gets().len(), gets, "the registry served node 1's ranges or prefetch");
+}

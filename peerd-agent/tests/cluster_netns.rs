@@ -101,7 +101,7 @@ fn gossip_from_one_dns_name_then_each_blob_once() {
     let image = Image::build(dir.path(), &[("big.bin", 8 << 20)]);
     push(&c, &image, &reg);
     // Wait (bounded) until every node sees the other three alive: owners are chosen from this view.
-    eventually(&c, &[0, 1, 2, 3], "membership", |i, v| alive(v, &format!("node{i}")).len() == 3);
+    eventually(&c, &[0, 1, 2, 3], "membership", |i, v| alive(v, &me(&c, i)).len() == 3);
     let before = d.registry_blob_gets().len();
     for digest in &image.blobs {
         for (i, r) in pull_everywhere(&c, &reg, digest, &[0, 1, 2, 3]).into_iter().enumerate() {
@@ -147,14 +147,25 @@ fn gossip_from_one_dns_name_then_each_blob_once() {
     assert!(arrived > 0, "no rumor arrived anywhere");
 }
 
-/// The gossip view of the agent in `ns`: (id, state) of every peer it lists.
-fn view(ns: &str) -> Vec<(String, String)> {
+/// The agent's status in `ns` (Null when it does not answer).
+fn status(ns: &str) -> serde_json::Value {
     let out = Command::new("ip").args(["netns", "exec", ns, "curl", "-s", "--max-time", "2", "http://127.0.0.1:30000/status"]).output().unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
-    v["peers"]
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// The gossip view of the agent in `ns`: (advertised address, state) of every peer it lists.
+/// Nodes are told apart by the address they found for themselves: the harness gives them no
+/// ids or addresses, as a user would not.
+fn view(ns: &str) -> Vec<(String, String)> {
+    status(ns)["peers"]
         .as_array()
-        .map(|a| a.iter().map(|p| (p["id"].as_str().unwrap_or("").to_string(), p["state"].as_str().unwrap_or("").to_string())).collect())
+        .map(|a| a.iter().map(|p| (p["addr"].as_str().unwrap_or("").to_string(), p["state"].as_str().unwrap_or("").to_string())).collect())
         .unwrap_or_default()
+}
+
+/// Node i's peer address as peers should see it.
+fn me(c: &NetCluster, i: usize) -> String {
+    format!("{}:{}", c.nodes[i].ip, xtask::netcluster::PEER_PORT)
 }
 
 fn alive(v: &[(String, String)], me: &str) -> Vec<String> {
@@ -193,42 +204,66 @@ fn gossip_membership_detects_death_heals_partitions_and_ignores_outsiders() {
         Command::new("ip").args(["netns", "exec", &n8.ns]).arg(peerd()).args(["agent", "--data-dir"]).arg(dir.path().join("outsider")).args([
             "--mirror-addr",
             "0.0.0.0:30000",
-            "--peer-addr",
-            &format!("{}:30002", n8.ip),
-            "--node-id",
-            "outsider",
             "--seed",
             &format!("{}:30001", xtask::netcluster::SEED_NAME),
-            "--gossip-addr",
-            &format!("{}:30001", n8.ip),
             "--no-default-registries",
         ]).arg("--cluster-secret-file").arg(&wrong),
         dir.path().join("outsider.log"),
     );
     let members: Vec<usize> = (0..8).collect();
     let all = |except: &[usize]| -> Vec<String> {
-        let mut v: Vec<String> = (0..8).filter(|i| !except.contains(i)).map(|i| format!("node{i}")).collect();
+        let mut v: Vec<String> = (0..8).filter(|i| !except.contains(i)).map(|i| me(&c, i)).collect();
         v.sort();
         v
     };
     // 1. Everyone agrees on the 8 members; the outsider never appears and sees no one.
-    eventually(&c, &members, "membership", |i, v| alive(v, &format!("node{i}")) == all(&[i]));
+    eventually(&c, &members, "membership", |i, v| alive(v, &me(&c, i)) == all(&[i]));
+    // The killed member 8 and the outsider share an address: tell them apart by id.
+    let outsider_id = status(&n8.ns)["self_check"]["node_id"].as_str().unwrap_or("").to_string();
+    assert!(!outsider_id.is_empty(), "the outsider's status has no node id");
     for i in members.clone() {
-        assert!(view(&c.nodes[i].ns).iter().all(|(id, _)| id != "outsider"), "the outsider got into node {i}'s view");
+        let ids: Vec<String> = status(&c.nodes[i].ns)["peers"].as_array().map(|a| a.iter().map(|p| p["id"].as_str().unwrap_or("").to_string()).collect()).unwrap_or_default();
+        assert!(!ids.contains(&outsider_id), "the outsider got into node {i}'s view: {ids:?}");
     }
-    assert!(alive(&view(&n8.ns), "outsider").is_empty(), "the outsider learned the members: {:?}", view(&n8.ns));
+    assert!(alive(&view(&n8.ns), &me(&c, 8)).is_empty(), "the outsider learned the members: {:?}", view(&n8.ns));
+    // Every namespace shares this host's name, as cloned VMs do: the ids still differ, each
+    // node advertises its own address (found from the route to the seed), and says so.
+    let mut ids: Vec<String> = members.iter().map(|&i| status(&c.nodes[i].ns)["self_check"]["node_id"].as_str().unwrap_or("").to_string()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 8, "node ids collide: {ids:?}");
+    for &i in &members {
+        let sc = &status(&c.nodes[i].ns)["self_check"];
+        assert_eq!(sc["advertised"].as_str(), Some(me(&c, i).as_str()), "node {i}: {sc}");
+        assert_eq!(sc["warnings"].as_array().map(Vec::len), Some(0), "node {i}: {sc}");
+    }
+    // One image pulled by all eight at once: each blob leaves the registry once.
+    let reg = d.registry_addr.to_string();
+    let image = Image::build(dir.path(), &[("big.bin", 8 << 20), ("small.bin", 3000)]);
+    push(&c, &image, &reg);
+    let before = d.registry_blob_gets().len();
+    for digest in &image.blobs {
+        for (i, r) in pull_everywhere(&c, &reg, digest, &members).into_iter().enumerate() {
+            assert_eq!(r.unwrap_or_else(|e| panic!("node {i}: {e}")), digest[7..]);
+        }
+    }
+    let gets = d.registry_blob_gets()[before..].to_vec();
+    for digest in &image.blobs {
+        let n = gets.iter().filter(|l| l.contains(digest.as_str())).count();
+        assert_eq!(n, 1, "{digest} fetched {n} times for 8 nodes: {gets:?}");
+    }
     // 2. A killed node is detected.
     if let Some(mut a) = d.agents[7].take() {
         a.kill();
     }
     let live: Vec<usize> = (0..7).collect();
-    eventually(&c, &live, "node7 detected dead", |i, v| alive(v, &format!("node{i}")) == all(&[i, 7]));
+    eventually(&c, &live, "node7 detected dead", |i, v| alive(v, &me(&c, i)) == all(&[i, 7]));
     // 3. A partition (node 6's link down) is detected and heals.
     let sw_if = c.nodes[6].sw_if.clone();
     run(Command::new("ip").args(["-n", &c.switch, "link", "set", &sw_if, "down"]));
     let rest: Vec<usize> = (0..6).collect();
-    eventually(&c, &rest, "node6 cut off", |i, v| alive(v, &format!("node{i}")) == all(&[i, 6, 7]));
+    eventually(&c, &rest, "node6 cut off", |i, v| alive(v, &me(&c, i)) == all(&[i, 6, 7]));
     run(Command::new("ip").args(["-n", &c.switch, "link", "set", &sw_if, "up"]));
-    eventually(&c, &live, "partition healed", |i, v| alive(v, &format!("node{i}")) == all(&[i, 7]));
+    eventually(&c, &live, "partition healed", |i, v| alive(v, &me(&c, i)) == all(&[i, 7]));
     outsider.kill();
 }

@@ -95,7 +95,8 @@ async fn range_proxy_relays_then_serves_verified_ranges_from_cache() {
     std::fs::create_dir_all(root.join(&rel).parent().unwrap()).unwrap();
     std::fs::write(root.join(&rel), &data).unwrap();
     let nginx = Nginx::start(dir.path(), &root);
-    let agent = Agent::start(peerd(), dir.path(), &[], &["--blob-host", "127.0.0.1"]);
+    let blob_host = nginx.addr.to_string();
+    let agent = Agent::start(peerd(), dir.path(), &[], &["--blob-host", &blob_host]);
     let url = agent.url(&format!("/blobs/http://{}/{rel}", nginx.addr));
     let client = http_client();
     let get = |range: &str| {

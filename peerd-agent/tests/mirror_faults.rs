@@ -98,14 +98,17 @@ async fn upstream_faults_never_reach_the_cache_and_every_wait_is_bounded() {
     assert!(t.elapsed() < Duration::from_secs(10), "took {:?}", t.elapsed());
 
     // Truncated and wrong bodies: the client's transfer fails (never a complete wrong body),
-    // and nothing is cached, so the next request goes upstream again.
-    for repo in ["trunc", "liar"] {
+    // and nothing is cached, so the next request goes upstream again. A body that broke off is
+    // tried once more for its missing part (this upstream ignores Range and breaks off again);
+    // one that failed its digest is not fetched again for the same request.
+    for (repo, per_request) in [("trunc", 2), ("liar", 1)] {
         for round in 1..=2 {
             let r = client.get(blob(repo)).send().await.unwrap();
             assert_eq!(r.status().as_u16(), 200, "{repo}: headers were already sent");
             let got = r.bytes().await;
             assert!(got.is_err(), "{repo}: a bad body must end in a transfer error, not {} bytes", got.map(|b| b.len()).unwrap_or(0));
-            assert_eq!(faulty.hits(&format!("GET /v2/{repo}/")), round, "{repo}: never cached");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(faulty.hits(&format!("GET /v2/{repo}/")), round * per_request, "{repo}: never cached");
         }
     }
 

@@ -83,15 +83,22 @@ pub enum Which {
         #[arg(long, default_value_t = 1000)]
         rate: u32,
     },
-    /// Azure peerd's "random" workload: concurrent random-range readers of one blob, direct from
-    /// the origin vs through the agent's /blobs/ proxy (cold, then warm).
+    /// Lazy-loading range reads on the cluster harness (Azure peerd's random workload and a
+    /// sequential read): direct from storage behind a slow link vs through peerd with another
+    /// node holding the blob, cold, and warm.
     Range {
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 128)]
         size_mib: u64,
         #[arg(long, default_value_t = 16)]
         readers: usize,
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = 20)]
         reads_per_reader: usize,
+        /// The storage's link, Mbit/s.
+        #[arg(long, default_value_t = 100)]
+        storage_mbit: u32,
+        /// The nodes' links, Mbit/s.
+        #[arg(long, default_value_t = 1000)]
+        node_mbit: u32,
     },
 }
 
@@ -99,7 +106,9 @@ pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Connect => connect(),
         Which::Serve { size_mib } => crate::serve_bench::serve(size_mib),
-        Which::Range { size_mib, readers, reads_per_reader } => crate::serve_bench::range(size_mib, readers, reads_per_reader),
+        Which::Range { size_mib, readers, reads_per_reader, storage_mbit, node_mbit } => {
+            crate::range_bench::run(crate::range_bench::Args { size_mib, readers, per_reader: reads_per_reader, storage_mbit, node_mbit })
+        }
         Which::Gossip { runs } => gossip(&runs),
         Which::SwarmSim { nodes, rtt_ms } => swarm_sim(&nodes, &rtt_ms),
         Which::Redirect { layers, rounds, rate } => crate::redirect_bench::redirect(&layers, rounds.max(1), rate),

@@ -13,11 +13,39 @@ use std::{
 };
 
 /// Fails the test with a clear message when a real component is not installed (CI installs them).
+/// Commands the tests run, and the Debian package that provides each.
+pub const PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("tc", "iproute2"),
+    ("sysctl", "procps"),
+    ("cc", "gcc"),
+    ("prlimit", "util-linux"),
+    ("docker-registry", "docker-registry"),
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("runc", "runc"),
+    ("skopeo", "skopeo"),
+    ("umoci", "umoci"),
+    ("nginx", "nginx-light"),
+    ("htpasswd", "apache2-utils"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("curl", "curl"),
+    ("busybox", "busybox"),
+    ("python3", "python3"),
+    ("unshare", "util-linux"),
+];
+
+/// The package that provides `tool`, for error messages.
+pub fn package_of(tool: &str) -> Option<&'static str> {
+    PACKAGES.iter().find(|(t, _)| *t == tool).map(|(_, p)| *p)
+}
+
 pub fn require(tool: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
         .unwrap_or(false);
-    assert!(found, "{tool} is not installed: run `bash .ci/run` (apt packages docker-registry containerd skopeo umoci nginx-light)");
+    let hint = package_of(tool).map_or(String::new(), |p| format!(" (apt-get install {p})"));
+    assert!(found, "{tool} is not installed{hint}: `cargo xtask test` installs every package the tests need");
 }
 
 /// A loopback port free right now for both TCP and UDP, for a component to bind later.
@@ -313,6 +341,18 @@ impl Agent {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for Agent {
+    /// A failing test shows the tail of every agent's log (the agents' view of what went wrong).
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let text = self.proc.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!("---- agent {} (log {}), last {} lines ----\n{}", self.addr, self.proc.log.display(), tail.len(), tail.join("\n"));
+        }
     }
 }
 

@@ -13,7 +13,9 @@ mod bench;
 mod cluster;
 mod serve_bench;
 mod swarm_bench;
+mod range_bench;
 mod redirect_bench;
+mod setup;
 mod toolchain;
 
 #[derive(Parser)]
@@ -39,6 +41,21 @@ enum Cmd {
     /// Build the agent's OCI image without Docker (release binary, umoci):
     /// target/peerd-image.tar, for `ctr images import` or `skopeo copy oci-archive:...`.
     Image,
+    /// Runs one test binary again and again (flaky-test hunting): `cargo xtask repeat
+    /// cluster_loopback --times 20 --busy`.
+    Repeat {
+        /// The test binary (a file of `peerd-agent/tests/`, without `.rs`), or `lib` for the
+        /// agent's unit tests.
+        test: String,
+        #[arg(long, default_value_t = 20)]
+        times: u32,
+        /// Keep both cores busy with spin loops meanwhile (a loaded node).
+        #[arg(long)]
+        busy: bool,
+        /// Extra arguments for the test binary (after `--`), e.g. a test name filter.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Build and run one agent with defaults (one node, data under ./.peerd).
     Run {
         /// Extra arguments for `peerd agent`.
@@ -59,6 +76,21 @@ enum Cmd {
     /// socket and hashing as bytes arrive, so the client costs the benchmark little CPU.
     #[command(hide = true)]
     FetchSha256 { url: String },
+    /// (benchmark client of `bench range`) random or sequential range reads of a URL, each
+    /// checked against a local file; prints JSON.
+    #[command(hide = true)]
+    RangeClient {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value = "random")]
+        mode: String,
+        #[arg(long, default_value_t = 16)]
+        readers: usize,
+        #[arg(long, default_value_t = 20)]
+        per_reader: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -67,9 +99,11 @@ fn main() -> Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::Image => image().map(|_| ()),
         Cmd::Run { args } => run(&args),
+        Cmd::Repeat { test, times, busy, args } => repeat(&test, times, busy, &args),
         Cmd::Bench { which } => bench::run(which),
         Cmd::Cluster { action } => cluster::run(action),
         Cmd::FetchSha256 { url } => swarm_bench::fetch_sha256(&url),
+        Cmd::RangeClient { url, file, mode, readers, per_reader } => range_bench::client_main(&url, &file, &mode, readers, per_reader),
     }
 }
 
@@ -132,7 +166,7 @@ pub fn require_tool(tool: &str) -> Result<()> {
     Ok(())
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
 }
 
@@ -140,17 +174,102 @@ fn test(args: &[String]) -> Result<()> {
     if !is_root() {
         bail!("the bpf-tests load programs into the kernel and create namespaces: run as root (CI does)");
     }
+    // A fresh machine: system packages and the chart tools first.
+    setup::system_packages()?;
+    let tools = setup::chart_tools()?;
+    let path = std::env::join_paths(std::iter::once(tools).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())))?;
     let obj = build(false)?;
     // The pod harness test (xtask/tests/pod.rs) runs the image made from the release binary.
     let archive = image()?;
-    status(
-        Command::new("cargo")
-            .current_dir(root())
-            .env("PEERD_EBPF_OBJECT", &obj)
-            .env("PEERD_IMAGE_ARCHIVE", &archive)
-            .args(["test", "--workspace", "--exclude", "peerd-ebpf"])
-            .args(args),
-    )
+    // Every test binary runs even when one fails; the failures are listed once at the end.
+    let mut child = Command::new("cargo")
+        .current_dir(root())
+        .env("PEERD_EBPF_OBJECT", &obj)
+        .env("PEERD_IMAGE_ARCHIVE", &archive)
+        .env("PATH", path)
+        .args(["test", "--workspace", "--exclude", "peerd-ebpf", "--no-fail-fast"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("spawn cargo test")?;
+    let mut failed = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line.context("reading cargo test's output")?;
+            println!("{line}");
+            if let Some(name) = line.strip_prefix("test ").and_then(|l| l.strip_suffix(" ... FAILED")) {
+                failed.push(name.to_string());
+            }
+        }
+    }
+    let st = child.wait().context("waiting for cargo test")?;
+    if !st.success() {
+        eprintln!("\n=== summary: cargo test failed ({st}); failed tests ({}):", failed.len());
+        for f in &failed {
+            eprintln!("  {f}");
+        }
+        eprintln!("(cargo's own list of failed test binaries is just above; rerun one with `cargo xtask repeat NAME`)");
+        bail!("{} test(s) failed", failed.len().max(1));
+    }
+    println!("=== summary: every test passed");
+    Ok(())
+}
+
+/// `cargo xtask repeat`: builds once, then runs one test binary `times` times and counts.
+fn repeat(test: &str, times: u32, busy: bool, args: &[String]) -> Result<()> {
+    let obj = build(false)?;
+    let cargo = |extra: &[&str]| {
+        let mut c = Command::new("cargo");
+        c.current_dir(root()).env("PEERD_EBPF_OBJECT", &obj).args(["test", "-p", "peerd-agent"]);
+        if test == "lib" {
+            c.arg("--lib");
+        } else {
+            c.args(["--test", test]);
+        }
+        c.args(extra);
+        c
+    };
+    status(&mut cargo(&["--no-run"]))?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinners: Vec<_> = (0..if busy { 2 } else { 0 })
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for run in 1..=times {
+        let started = std::time::Instant::now();
+        let mut c = cargo(&["--"]);
+        c.args(args);
+        let out = c.output().context("run cargo test")?;
+        let ok = out.status.success();
+        println!("run {run}/{times}: {} in {:.1}s", if ok { "pass" } else { "FAIL" }, started.elapsed().as_secs_f64());
+        if !ok {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let failed: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("test ")?.strip_suffix(" ... FAILED")).collect();
+            println!("  failed: {failed:?}");
+            let log = target_dir().join(format!("repeat-{test}-{run}.log"));
+            let _ = std::fs::write(&log, [out.stdout.as_slice(), out.stderr.as_slice()].concat());
+            println!("  output: {}", log.display());
+            failures.push(run);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in spinners {
+        let _ = s.join();
+    }
+    println!("{test}: {} of {times} runs passed{}", times - failures.len() as u32, if busy { " (both cores busy)" } else { "" });
+    if !failures.is_empty() {
+        bail!("runs {failures:?} failed");
+    }
+    Ok(())
 }
 
 /// `cargo xtask image`: the release build, then its image; returns the archive's path.
@@ -185,11 +304,11 @@ fn run(args: &[String]) -> Result<()> {
          Stop with Ctrl-C.\n",
         data.display()
     );
-    status(
-        Command::new(target_dir().join("debug/peerd"))
-            .arg("agent")
-            .arg("--data-dir")
-            .arg(&data)
-            .args(args),
-    )
+    let bin = target_dir().join("debug/peerd");
+    println!("The CLI: {} status (or put {} on PATH).\n", bin.display(), bin.parent().map_or(String::new(), |p| p.display().to_string()));
+    // The agent replaces this process: a signal sent to this PID (Ctrl-C, SIGTERM from a
+    // supervisor) reaches the agent itself, which then shuts down and frees its ports.
+    use std::os::unix::process::CommandExt;
+    let err = Command::new(&bin).arg("agent").arg("--data-dir").arg(&data).args(args).exec();
+    Err(anyhow::anyhow!("exec {}: {err}", bin.display()))
 }

@@ -365,9 +365,10 @@ impl Deployment {
             std::fs::create_dir_all(&data).expect("node dir");
             let mut args: Vec<String> = vec!["agent".into(), "--data-dir".into(), data.display().to_string()];
             let mut arg = |a: &[&str]| args.extend(a.iter().map(|s| s.to_string()));
+            // Only what a user passes: the peer and gossip endpoints keep their defaults
+            // (wildcard listeners; the agent finds the address to advertise), node ids are the
+            // agents' own (every namespace shares this host's name).
             arg(&["--mirror-addr", &format!("0.0.0.0:{MIRROR_PORT}")]);
-            arg(&["--peer-addr", &format!("{}:{PEER_PORT}", n.ip)]);
-            arg(&["--node-id", &format!("node{i}")]);
             arg(&["--cluster-secret-file", &secret.display().to_string()]);
             arg(&["--no-default-registries", "--registry", &format!("{registry_host}={registry_url}")]);
             arg(&["--cache-size", "4GiB"]);
@@ -378,7 +379,7 @@ impl Deployment {
                     }
                 }
                 Discovery::Gossip => {
-                    arg(&["--seed", &format!("{SEED_NAME}:{GOSSIP_PORT}"), "--gossip-addr", &format!("{}:{GOSSIP_PORT}", n.ip)]);
+                    arg(&["--seed", &format!("{SEED_NAME}:{GOSSIP_PORT}")]);
                 }
             }
             arg(extra);
@@ -472,6 +473,17 @@ impl Deployment {
 
 impl Drop for Deployment {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test shows every agent's view of what went wrong.
+            for (i, a) in self.agents.iter().enumerate() {
+                if let Some(a) = a {
+                    let text = a.log_text();
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = &lines[lines.len().saturating_sub(40)..];
+                    eprintln!("---- agent {i} (log {}), last {} lines ----\n{}", a.log.display(), tail.len(), tail.join("\n"));
+                }
+            }
+        }
         for a in self.agents.iter_mut().flatten() {
             a.kill();
         }

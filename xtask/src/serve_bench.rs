@@ -237,48 +237,4 @@ pub fn serve(size_mib: u64) -> Result<()> {
     record("Serving a cached blob: agent vs nginx", &table)
 }
 
-pub fn range(size_mib: u64, readers: usize, per_reader: usize) -> Result<()> {
-    let s = setup(size_mib)?;
-    let origin = format!("http://{}", s.nginx.addr);
-    let direct = format!("{origin}/{}", s.rel);
-    let agent = Agent::start(&s.agent_bin, &s.dir, &[], &["--blob-host", "127.0.0.1", "--cache-size", &format!("{}MiB", size_mib * 2 + 64)]);
-    let via_agent = format!("http://{}/blobs/{direct}", agent.addr);
-    let rt = rt()?;
-    let c = client();
-    let mut rows = vec![format!(
-        "Azure peerd's \"random\" workload: {readers} concurrent readers x {per_reader} random ranges (4 KiB to 1 MiB) of one {size_mib} MiB blob, every byte checked. Throughput is per read (bytes / latency).\n\n| path | p50 MB/s | p75 | p90 | p95 | p100 | reads/s | errors |\n|---|---|---|---|---|---|---|---|"
-    )];
-    let mut run = |name: &str, url: &str| -> Result<f64> {
-        let t = Instant::now();
-        let (res, errors) = rt.block_on(random_reads(&c, url, &s.data, readers, per_reader, 4 << 10, 1 << 20));
-        let el = t.elapsed().as_secs_f64();
-        let mut mbps: Vec<f64> = res.iter().map(|(lat, n)| *n as f64 / 1e6 / lat).collect();
-        mbps.sort_by(|a, b| a.total_cmp(b));
-        let p = |q| percentile(&mbps, q);
-        rows.push(format!(
-            "| {name} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {errors} |",
-            p(0.5),
-            p(0.75),
-            p(0.9),
-            p(0.95),
-            p(1.0),
-            res.len() as f64 / el
-        ));
-        Ok(p(0.5))
-    };
-    let d = run("origin direct (nginx)", &direct)?;
-    let cold = run("through the agent, cold (relay + background fetch)", &via_agent)?;
-    wait_cached(&agent)?;
-    let warm = run("through the agent, warm (verified cache)", &via_agent)?;
-    rows.push(format!(
-        "\np50 ratios to direct: cold **{:.2}x**, warm **{:.2}x**. The origin is nginx on loopback, so \"direct\" is a best case no real blob store reaches; {}.",
-        cold / d,
-        warm / d,
-        machine_load_note()
-    ));
-    let table = rows.join("\n");
-    println!("{table}");
-    drop(agent);
-    record("Random range reads (Azure peerd's random workload)", &table)
-}
 

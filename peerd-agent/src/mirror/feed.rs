@@ -25,6 +25,9 @@ pub struct PieceFeed {
     source: Source,
     done: bool,
     pending: VecDeque<JoinHandle<Result<PutOutcome, StoreError>>>,
+    /// A blob being written is never evicted under it (a small budget would otherwise pick
+    /// the newest, still incomplete, blob and lose the fetch).
+    _pin: Option<crate::store::PinGuard>,
 }
 
 impl PieceFeed {
@@ -35,8 +38,9 @@ impl PieceFeed {
     /// A feed whose first byte is the start of piece `first` (a byte range of a split fetch).
     pub async fn at(store: &Store, d: &Digest, size: u64, first: usize, source: Source) -> Result<Self, StoreError> {
         store.declare(d, size).await?;
+        let pin = store.pin(d);
         let piece_size = store.piece_size() as usize;
-        Ok(Self { store: store.clone(), d: *d, piece_size, buf: Vec::with_capacity(piece_size), next: first, source, done: false, pending: VecDeque::new() })
+        Ok(Self { store: store.clone(), d: *d, piece_size, buf: Vec::with_capacity(piece_size), next: first, source, done: false, pending: VecDeque::new(), _pin: pin })
     }
 
     /// Starts storing `piece`; waits for the oldest write while `max` are outstanding.
@@ -114,6 +118,21 @@ impl PieceFeed {
         }
         self.done = true;
         Ok(())
+    }
+
+    /// Keeps the whole pieces written so far (waiting for their writes) and drops the unfinished
+    /// one: the rest of the blob is to come by range from another attempt. Nothing becomes
+    /// readable as a blob until every piece is there and the sha256 over all of them matched,
+    /// so pieces of two bodies of the same digest can be mixed without risk.
+    pub async fn keep_partial(mut self) {
+        self.buf.clear();
+        while !self.pending.is_empty() {
+            if self.settle_one().await.is_err() {
+                self.abandon();
+                return;
+            }
+        }
+        self.done = true;
     }
 
     /// Gives up on the blob and removes what was stored of it before returning, so a request

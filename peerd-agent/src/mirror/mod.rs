@@ -105,6 +105,22 @@ pub enum MirrorError {
     Io(String, std::io::Error),
 }
 
+/// What this node is and how it was set up, for `peerd status`, `/readyz` and the start log.
+#[derive(Debug, Clone, Default)]
+pub struct NodeInfo {
+    pub node_id: String,
+    pub hostname: String,
+    /// `mirror` (clients pointed at it: hosts.toml) or `transparent` (eBPF redirect).
+    pub mode: String,
+    pub tls_intercept: bool,
+    /// The peer address advertised; None for a node alone.
+    pub advertised: Option<SocketAddr>,
+    pub advertised_how: String,
+    pub seeds: Vec<String>,
+    pub seeds_resolved: usize,
+    pub static_peers: usize,
+}
+
 /// Reason-coded counters (exported as metrics).
 #[derive(Default, Debug)]
 pub struct Counters {
@@ -123,6 +139,19 @@ pub struct Counters {
     pub stream_aborted: AtomicU64,
     /// Blobs the cluster delivered that failed their digest (`distrusted` for a while after).
     pub cluster_lied: AtomicU64,
+    /// Range reads of blobs not here answered with pieces from peers.
+    pub ranges_from_peers: AtomicU64,
+    /// Range reads that tried peers and were relayed from upstream instead.
+    pub range_peer_fallbacks: AtomicU64,
+    /// accept() failures on the mirror listener (out of descriptors), retried after a pause.
+    pub accept_errors: AtomicU64,
+    /// Connections answered 503 and closed at the connection limit.
+    pub connections_shed: AtomicU64,
+    /// Swarms that stalled while the blob's owner was still fetching it, started again.
+    pub swarm_retries: AtomicU64,
+    /// Blobs the cluster could not finish whose missing pieces this node fetched from upstream
+    /// itself (by byte range when it could), so the client's pull completes.
+    pub upstream_completions: AtomicU64,
     pub misses: AtomicU64,
     pub bytes_from_cache: AtomicU64,
     pub bytes_from_upstream: AtomicU64,
@@ -171,6 +200,9 @@ const CHUNK_PIECES: u32 = 16;
 /// upstream connection.
 const MAX_PARTS: usize = 8;
 
+/// Bound on answering a range read from peers before it is relayed from upstream instead.
+const RANGE_BUDGET: Duration = Duration::from_secs(10);
+
 /// How long a request waits for another request's upstream fetch of the same blob.
 const FOLLOW_BOUND: Duration = Duration::from_secs(600);
 
@@ -210,12 +242,24 @@ struct Inner {
     /// Parts of split blobs this node is fetching for a peer (`FetchPart`), one fetch per part:
     /// followers wait for the leader's outcome.
     part_flights: Mutex<HashMap<(Digest, u8), PartFlight>>,
+    /// Digests with a background prefetch running (at most one each).
+    prefetching: Mutex<std::collections::HashSet<Digest>>,
+    /// Verified manifests (from complete holders) of blobs read by range, not yet here whole.
+    range_manifests: Mutex<HashMap<Digest, Arc<transfer::wire::WireManifest>>>,
     upstream_limit: Option<Arc<RateLimit>>,
     counters: Counters,
     metrics_sources: Mutex<Vec<Arc<dyn crate::metrics::MetricsSource>>>,
+    node: std::sync::OnceLock<NodeInfo>,
 }
 
 type Resp = Response<Body>;
+
+/// Where a streamed blob is coming from (for the counters).
+#[derive(Clone, Copy)]
+enum Via {
+    Cluster,
+    Upstream,
+}
 /// A part fetch in progress: `Some(succeeded)` once it ended.
 type PartFlight = watch::Receiver<Option<bool>>;
 
@@ -223,7 +267,8 @@ impl Mirror {
     pub fn new(cfg: MirrorConfig, store: Store, state_dir: PathBuf, cluster: Option<Cluster>) -> Result<Self, MirrorError> {
         let media_dir = state_dir.join("media-types");
         std::fs::create_dir_all(&media_dir).map_err(|e| MirrorError::Io(media_dir.display().to_string(), e))?;
-        let upstream = Upstream::new(cfg.connect_timeout, cfg.head_timeout, cfg.read_timeout)?;
+        let origins = upstream::Origins::new(&cfg.registries, &cfg.blob_hosts);
+        let upstream = Upstream::new(cfg.connect_timeout, cfg.head_timeout, cfg.read_timeout, origins)?;
         let slots = Arc::new(Semaphore::new(cfg.max_prefetches));
         let upstream_limit = cfg.upstream_limit.map(RateLimit::new);
         Ok(Self {
@@ -238,15 +283,64 @@ impl Mirror {
                 distrusted: Mutex::new(HashMap::new()),
                 prefetch_slots: slots,
                 part_flights: Mutex::new(HashMap::new()),
+                prefetching: Mutex::new(std::collections::HashSet::new()),
+                range_manifests: Mutex::new(HashMap::new()),
                 upstream_limit,
                 counters: Counters::default(),
                 metrics_sources: Mutex::new(Vec::new()),
+                node: std::sync::OnceLock::new(),
             }),
         })
     }
 
     pub fn counters(&self) -> &Counters {
         &self.inner.counters
+    }
+
+    /// Records how this node was set up; returns the self-check's warnings (also in status).
+    pub fn set_node_info(&self, info: NodeInfo) -> Vec<String> {
+        let _ = self.inner.node.set(info);
+        self.self_check().1
+    }
+
+    /// What each registry gets from this node, and warnings about a setup that cannot be
+    /// useful: (per registry: name, url, "cached" or "relayed", why), warnings.
+    fn self_check(&self) -> (Vec<(String, String, &'static str, String)>, Vec<String>) {
+        let node = self.inner.node.get().cloned().unwrap_or_default();
+        let mut regs: Vec<_> = self
+            .inner
+            .cfg
+            .registries
+            .iter()
+            .map(|r| {
+                let https = r.url.scheme() == "https";
+                let (state, why) = match (node.mode.as_str(), https, node.tls_intercept) {
+                    ("transparent", false, _) => ("cached", "plain HTTP: redirected connections are served by the mirror".to_string()),
+                    ("transparent", true, true) => ("cached", "HTTPS terminated with the intercept CA: cached when the node trusts it, else the pull fails TLS".to_string()),
+                    ("transparent", true, false) => ("relayed", "HTTPS without --tls-intercept: redirected connections are relayed untouched, not cached (use hosts.toml for this registry, or --tls-intercept)".to_string()),
+                    _ => ("cached", "for clients pointed at this mirror (containerd hosts.toml with ns=, or the Host header)".to_string()),
+                };
+                (r.name.clone(), r.url.to_string(), state, why)
+            })
+            .collect();
+        regs.sort();
+        let mut warn = Vec::new();
+        if let Some(a) = node.advertised {
+            if a.ip().is_unspecified() {
+                warn.push(format!("advertising the wildcard address {a}: peers cannot reach this node (set --advertise-addr)"));
+            }
+            let remote_seeds = !node.seeds.is_empty() || node.static_peers > 0;
+            if a.ip().is_loopback() && remote_seeds && node.advertised_how == crate::identity::Chosen::Loopback.to_string() {
+                warn.push(format!("advertising loopback {a} ({}): nodes on other hosts cannot reach it (set --advertise-addr)", node.advertised_how));
+            }
+            if !node.seeds.is_empty() && node.seeds_resolved == 0 {
+                warn.push(format!("no seed resolved at start ({}): gossip keeps trying", node.seeds.join(", ")));
+            }
+        }
+        if regs.iter().all(|r| r.2 == "relayed") && !regs.is_empty() {
+            warn.push("no registry is cached: every pull is relayed to the registry (see registries in `peerd status`)".into());
+        }
+        (regs, warn)
     }
 
     /// Adds metrics rendered with the mirror's own on `/metrics`.
@@ -284,6 +378,11 @@ impl Mirror {
         }
         let rest = path.strip_prefix("/cache")?;
         let m = req.method();
+        // The listing names every cached digest: what an attacker needs to ask for someone
+        // else's blob. This node only, like every admin call.
+        if !peer.ip().is_loopback() {
+            return Some(error(403, "DENIED", "the admin API answers this node (loopback) only"));
+        }
         if rest.is_empty() || rest == "/" {
             if *m != Method::GET {
                 return Some(error(405, "UNSUPPORTED", "GET /cache lists the cache"));
@@ -442,8 +541,28 @@ impl Mirror {
             let t = cl.transfer.counters();
             (t.bytes_from_peers.load(Ordering::Relaxed), t.bytes_to_peers.load(Ordering::Relaxed))
         });
+        let node = self.inner.node.get().cloned().unwrap_or_default();
+        let (regs, warnings) = self.self_check();
+        let alive = self.inner.cluster.as_ref().map_or(0, |c| c.peers.describe().iter().filter(|p| p.state == "alive" || p.state == "configured").count());
+        let registries: Vec<String> = regs
+            .iter()
+            .map(|(n, u, st, why)| format!("{{\"name\":{},\"url\":{},\"pulls\":{},\"why\":{}}}", json(n), json(u), json(st), json(why)))
+            .collect();
+        let warnings: Vec<String> = warnings.iter().map(|w| json(w)).collect();
+        let self_check = format!(
+            "{{\"node_id\":{},\"hostname\":{},\"mode\":{},\"advertised\":{},\"advertised_from\":{},\"seeds\":{},\"seeds_resolved\":{},\"peers_alive\":{alive},\"registries\":[{}],\"warnings\":[{}]}}",
+            json(&node.node_id),
+            json(&node.hostname),
+            json(&node.mode),
+            json(&node.advertised.map(|a| a.to_string()).unwrap_or_default()),
+            json(&node.advertised_how),
+            json(&node.seeds.join(",")),
+            node.seeds_resolved,
+            registries.join(","),
+            warnings.join(",")
+        );
         format!(
-            "{{\"version\":{},\"peer_addr\":{},\"cache\":{{\"used_bytes\":{},\"budget_bytes\":{},\"blobs\":{},\"complete_blobs\":{},\"evictions\":{}}},\"requests\":{{\"hits\":{},\"peer_hits\":{},\"misses\":{}}},\"bytes\":{{\"from_upstream\":{},\"from_peers\":{},\"to_peers\":{},\"to_clients_from_cache\":{}}},\"in_progress\":[{}],\"peers\":[{}]}}",
+            "{{\"version\":{},\"self_check\":{self_check},\"peer_addr\":{},\"cache\":{{\"used_bytes\":{},\"budget_bytes\":{},\"blobs\":{},\"complete_blobs\":{},\"evictions\":{}}},\"requests\":{{\"hits\":{},\"peer_hits\":{},\"misses\":{}}},\"bytes\":{{\"from_upstream\":{},\"from_peers\":{},\"to_peers\":{},\"to_clients_from_cache\":{}}},\"in_progress\":[{}],\"peers\":[{}]}}",
             json(env!("CARGO_PKG_VERSION")),
             json(&me),
             s.used_bytes,
@@ -463,9 +582,10 @@ impl Mirror {
         )
     }
 
-    /// Serves HTTP/1.1 on `listener` until the task is dropped.
-    pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
-        server::serve(self, listener).await
+    /// Serves HTTP/1.1 on `listener` until the task is dropped, at most `max_connections`
+    /// connections at once.
+    pub async fn serve(self, listener: TcpListener, max_connections: usize) -> std::io::Result<()> {
+        server::serve(self, listener, max_connections).await
     }
 
     /// Answers one request.
@@ -514,12 +634,25 @@ impl Mirror {
         if path == "/healthz" {
             return simple(200, "ok");
         }
+        // Liveness is /healthz; this says whether the node is useful as set up (the self-check
+        // has no warnings), for people and probes that want to know.
+        if path == "/readyz" {
+            let (_, warnings) = self.self_check();
+            let body = format!("{{\"ready\":{},\"warnings\":[{}]}}", warnings.is_empty(), warnings.iter().map(|w| json(w)).collect::<Vec<_>>().join(","));
+            let mut r = Response::new(Body::full(body));
+            *r.status_mut() = if warnings.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            set(r.headers_mut(), header::CONTENT_TYPE, "application/json");
+            return r;
+        }
         if path == "/metrics" {
             let mut r = Response::new(Body::full(crate::metrics::render(self)));
             set(r.headers_mut(), header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8");
             return r;
         }
         if path == "/status" {
+            if !peer.ip().is_loopback() {
+                return error(403, "DENIED", "the admin API answers this node (loopback) only");
+            }
             let mut r = Response::new(Body::full(self.status_json()));
             set(r.headers_mut(), header::CONTENT_TYPE, "application/json");
             return r;
@@ -562,7 +695,7 @@ impl Mirror {
     async fn blob(&self, head: bool, reg: &Registry, name: &str, d: Digest, h: &HeaderMap) -> Resp {
         let url = reg.api_url(name, "blobs", &d.to_string());
         if let Some(size) = self.stored_size(&d) {
-            if let Err(r) = self.authorize(&reg.name, name, url.clone(), h).await {
+            if let Err(r) = self.authorize(&reg.name, name, &d, url.clone(), h, true).await {
                 return r;
             }
             inc(&self.inner.counters.hits);
@@ -575,10 +708,22 @@ impl Mirror {
         }
         if self.inner.cluster.is_some() {
             // Content from peers is still this client's only if the registry says so.
-            if let Err(r) = self.authorize(&reg.name, name, url.clone(), h).await {
+            if let Err(r) = self.authorize(&reg.name, name, &d, url.clone(), h, true).await {
                 return r;
             }
+            if let Some(range) = range_header(h) {
+                // A byte range of a blob not here: the pieces covering it, from peers that hold
+                // the blob verified; the rest of the blob in the background, peers first.
+                if let Some(resp) = self.range_from_cluster(&d, range).await {
+                    self.prefetch(d, url.clone(), fwd, Source::Upstream(reg.name.clone()));
+                    return resp;
+                }
+            }
             let started = Instant::now();
+            if range_header(h).is_some() {
+                // No peer holds it verified: upstream's range now, the blob in the background.
+                return self.relay_range(d, url, fwd, h, Source::Upstream(reg.name.clone())).await;
+            }
             let job = {
                 let (this, url, fwd) = (self.clone(), url.clone(), fwd.clone());
                 tokio::spawn(async move { this.get_from_cluster(&d, &url, &fwd).await })
@@ -594,8 +739,8 @@ impl Mirror {
                         // If the cluster fails mid-stream, the rest comes from upstream.
                         let this = self.clone();
                         let auth = authorization(&fwd).map(str::to_owned);
-                        let fallback = async move { this.fetch_to_store(d, url.to_string(), auth).await };
-                        return self.stream_arriving(d, size, pieces, j, fallback, started);
+                        let fallback = async move { this.finish_from_upstream(d, url.to_string(), auth).await };
+                        return self.stream_arriving(d, size, pieces, j, fallback, started, Via::Cluster);
                     }
                     tokio::select! {
                         r = j => {
@@ -614,24 +759,103 @@ impl Mirror {
                 }
             }
         }
-        if let Some(r) = range_header(h) {
-            // A part of a blob we do not hold: relay it from the origin and fetch the whole blob
-            // in the background so the next read is a verified hit.
-            let mut with_range = fwd.clone();
-            if let Ok(v) = header::HeaderValue::from_str(r) {
-                with_range.insert(header::RANGE, v);
-            }
-            self.prefetch(d, url.clone(), fwd, Source::Upstream(reg.name.clone()));
-            return self.relay(Method::GET, url, &with_range).await;
+        if range_header(h).is_some() {
+            return self.relay_range(d, url, fwd, h, Source::Upstream(reg.name.clone())).await;
         }
-        self.pull_through(d, url, &fwd, Source::Upstream(reg.name.clone()), None).await
+        self.pull_through(d, url, &fwd, Source::Upstream(reg.name.clone())).await
+    }
+
+    /// A part of a blob nobody here holds verified: relayed from the origin as is (a relay: the
+    /// client checks what it asked for), while the whole blob is fetched in the background
+    /// (peers and the owner first) so the next read is a verified hit.
+    async fn relay_range(&self, d: Digest, url: reqwest::Url, fwd: HeaderMap, h: &HeaderMap, source: Source) -> Resp {
+        let mut with_range = fwd.clone();
+        if let Some(v) = range_header(h).and_then(|r| header::HeaderValue::from_str(r).ok()) {
+            with_range.insert(header::RANGE, v);
+        }
+        self.prefetch(d, url.clone(), fwd, source);
+        self.relay(Method::GET, url, &with_range).await
+    }
+
+    /// Answers `range` of `d` from the pieces covering it: those already here, the rest from
+    /// peers holding the blob complete, each piece checked against that holder's verified
+    /// manifest (`VerifiedManifest`: hashes of a blob whose sha256 it checked). Nothing outside
+    /// the range is waited for. `None` when no peer can (the caller relays from upstream).
+    async fn range_from_cluster(&self, d: &Digest, range: &str) -> Option<Resp> {
+        let c = self.inner.cluster.as_ref()?;
+        if self.distrusted(d) {
+            return None;
+        }
+        // Complete holders first (gossip says which); static peers are all asked.
+        let holders: Vec<SocketAddr> = c.peers.holders(d).into_iter().map(|h| h.0).collect();
+        if holders.is_empty() {
+            return None;
+        }
+        let cached = self.inner.range_manifests.lock().unwrap_or_else(|e| e.into_inner()).get(d).cloned();
+        let m = match cached {
+            Some(m) => m,
+            None => {
+                let (first, m) = tokio::time::timeout(RANGE_BUDGET, c.transfer.verified_manifest(d, &holders)).await.ok()??;
+                // A second complete holder, when one answers quickly, must agree: one member
+                // with wrong hashes cannot then decide alone what a range read returns.
+                let others: Vec<SocketAddr> = holders.iter().copied().filter(|h| *h != first).collect();
+                if !others.is_empty() {
+                    if let Ok(Some((second, m2))) = tokio::time::timeout(Duration::from_millis(300), c.transfer.verified_manifest(d, &others)).await {
+                        if m2 != m {
+                            self.distrust(d, &transfer::TransferError::Lied { peer: second, msg: format!("its verified manifest differs from {first}'s") });
+                            return None;
+                        }
+                    }
+                }
+                let m = Arc::new(m);
+                let mut all = self.inner.range_manifests.lock().unwrap_or_else(|e| e.into_inner());
+                if all.len() >= 1024 {
+                    all.clear();
+                }
+                all.insert(*d, m.clone());
+                m
+            }
+        };
+        let (start, end) = match range::answer(Some(range), m.size) {
+            RangeAnswer::Partial { start, end } => (start, end),
+            // A whole-body or unsatisfiable answer is the normal path's to give.
+            _ => return None,
+        };
+        let ps = u64::from(m.piece_size);
+        let pieces = (start / ps) as u32..(end / ps) as u32 + 1;
+        let fetched = tokio::time::timeout(RANGE_BUDGET, c.transfer.fetch_pieces(d, &m, &holders, pieces.clone())).await;
+        if !matches!(fetched, Ok(Ok(()))) {
+            inc(&self.inner.counters.range_peer_fallbacks);
+            debug!(%d, "range from peers failed, relaying from upstream: {fetched:?}");
+            return None;
+        }
+        // Every covering piece must carry the verified manifest's hash (a piece stored earlier
+        // by a download whose manifest came from elsewhere is not trusted for this).
+        let (_, _, hashes) = self.inner.store.known_hashes(d)?;
+        if pieces.clone().any(|i| hashes.get(i as usize).copied().flatten().map(|h| *h.as_bytes()) != Some(m.pieces[i as usize])) {
+            inc(&self.inner.counters.range_peer_fallbacks);
+            return None;
+        }
+        let bytes = tokio::time::timeout(RANGE_BUDGET, self.inner.store.read_range(d, start, end - start + 1)).await.ok()?.ok()?;
+        inc(&self.inner.counters.ranges_from_peers);
+        self.inner.counters.bytes_from_cache.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let mut r = Response::new(Body::full(bytes));
+        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+        let hs = r.headers_mut();
+        set(hs, header::CONTENT_LENGTH, &(end - start + 1).to_string());
+        set(hs, header::CONTENT_TYPE, "application/octet-stream");
+        set(hs, header::ACCEPT_RANGES, "bytes");
+        set(hs, header::CONTENT_RANGE, &format!("bytes {start}-{end}/{}", m.size));
+        set(hs, "docker-content-digest", &d.to_string());
+        set(hs, header::ETAG, &format!("\"{d}\""));
+        Some(r)
     }
 
     async fn manifest(&self, head: bool, reg: &Registry, name: &str, reference: Reference, h: &HeaderMap) -> Resp {
         let url = reg.api_url(name, "manifests", &reference.to_string());
         if let Reference::Digest(d) = &reference {
             if let (Some(size), Some(mt)) = (self.stored_size(d), self.media_type(d)) {
-                if let Err(r) = self.authorize(&reg.name, name, url.clone(), h).await {
+                if let Err(r) = self.authorize(&reg.name, name, d, url.clone(), h, true).await {
                     return r;
                 }
                 inc(&self.inner.counters.hits);
@@ -719,19 +943,27 @@ impl Mirror {
     /// confirmed, recently, that this client's credential may read it there. The answer is a HEAD
     /// with the client's Authorization; a 401/403 goes back to the client with the registry's
     /// challenge, so it authenticates as it would against the registry itself.
+    ///
+    /// The decision is for exactly what is served: (credential, registry, repository, digest),
+    /// so a permission for one blob never unlocks another cached under the same repository.
+    /// `redirects` says whether a temporary redirect (302/303/307: a registry sending the read
+    /// to its storage) counts as yes; a permanent one (301/308: the registry canonicalising a
+    /// path) never does, nor does anything but a 2xx from blob storage itself.
     async fn authorize(
         &self,
         registry: &str,
         repo: &str,
+        what: &Digest,
         url: reqwest::Url,
         client: &HeaderMap,
+        redirects: bool,
     ) -> Result<(), Resp> {
         let auth = client.get(header::AUTHORIZATION);
         if self.inner.cfg.trust_cluster {
             return Ok(());
         }
         let mut k = sha2::Sha256::new();
-        for part in [registry.as_bytes(), repo.as_bytes(), auth.map_or(&b""[..], |a| a.as_bytes())] {
+        for part in [registry.as_bytes(), repo.as_bytes(), what.as_bytes(), auth.map_or(&b""[..], |a| a.as_bytes())] {
             k.update((part.len() as u64).to_le_bytes());
             k.update(part);
         }
@@ -756,7 +988,8 @@ impl Mirror {
             }
         };
         let status = resp.status();
-        if status.is_success() || status.is_redirection() {
+        let temporary_redirect = matches!(status.as_u16(), 302 | 303 | 307);
+        if status.is_success() || (redirects && temporary_redirect) {
             let mut m = self.inner.auth.lock().unwrap_or_else(|e| e.into_inner());
             m.retain(|_, t| t.elapsed() < ttl);
             m.insert(key, Instant::now());
@@ -806,81 +1039,138 @@ impl Mirror {
         r
     }
 
-    /// A miss: streams the blob from upstream to the client while writing the store. The last
-    /// chunk is held until the whole body's sha256 matches, so a wrong body always reaches the
-    /// client as an aborted transfer, never as a complete one.
-    async fn pull_through(&self, d: Digest, url: reqwest::Url, fwd: &HeaderMap, source: Source, range: Option<&str>) -> Resp {
+    /// A miss: the blob is fetched from upstream into the store by a task of its own, and the
+    /// client (and every other client asking meanwhile) is streamed the pieces from the store as
+    /// they land (`stream_arriving`). The fetch runs at upstream's pace whatever the clients do:
+    /// a client that stops reading holds up only itself (until the server's write timeout cuts
+    /// it), never the fetch, the cache fill or the other clients. As before, the last piece goes
+    /// out only after the whole blob's sha256 matched, so a wrong body reaches a client as an
+    /// aborted transfer, never a complete one. A blob that cannot be stored (no length, no
+    /// room) is relayed to this one client as it comes, uncached.
+    async fn pull_through(&self, d: Digest, url: reqwest::Url, fwd: &HeaderMap, source: Source) -> Resp {
+        let started = Instant::now();
+        let auth = authorization(fwd).map(str::to_owned);
+        // A body that broke off is completed by range; one that failed its digest is not
+        // fetched again for this request (upstream would only send the same wrong bytes).
+        let lied = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fallback = {
+            let (this, url, auth, lied) = (self.clone(), url.to_string(), auth.clone(), lied.clone());
+            async move {
+                if lied.load(Ordering::Relaxed) {
+                    return Err("upstream's body did not match its digest".to_string());
+                }
+                this.finish_from_upstream(d, url, auth).await
+            }
+        };
         let flight = match self.flight(d) {
             Flight::Leader(g) => g,
             Flight::Follower(rx) => {
-                if self.follow(&d, rx, FOLLOW_BOUND).await {
-                    let size = self.stored_size(&d).unwrap_or(0);
-                    return self.serve_stored(&d, size, range, false, "application/octet-stream");
+                // Another request is fetching it: read along with that fetch.
+                let this = self.clone();
+                let mut job = tokio::spawn(async move { this.follow(&d, rx, FOLLOW_BOUND).await });
+                let mut content = self.inner.store.watch_content();
+                loop {
+                    if let Some((size, pieces)) = self.streamable(&d) {
+                        return self.stream_arriving(d, size, pieces, job, fallback, started, Via::Upstream);
+                    }
+                    tokio::select! {
+                        r = &mut job => {
+                            if r.unwrap_or(false) {
+                                let size = self.stored_size(&d).unwrap_or(0);
+                                return self.serve_stored(&d, size, None, false, "application/octet-stream");
+                            }
+                            // The other fetch failed: relay for this client without caching.
+                            return self.relay(Method::GET, url, fwd).await;
+                        }
+                        changed = content.changed() => if changed.is_err() {
+                            return self.relay(Method::GET, url, fwd).await;
+                        },
+                    }
                 }
-                // The other fetch failed: relay for this client without caching.
-                return self.relay(Method::GET, url, fwd).await;
             }
         };
-        let started = Instant::now();
-        let mut resp = match self.inner.upstream.send(Method::GET, url, fwd).await {
+        let resp = match self.inner.upstream.send(Method::GET, url, fwd).await {
             Ok(r) => r,
             Err(e) => return self.upstream_failed(e),
         };
         if resp.status() != reqwest::StatusCode::OK {
             return passthrough(resp, Some(MAX_ERROR_BODY), None).await;
         }
-        let size = resp.content_length();
-        let mut writer = match size {
+        let writer = match resp.content_length() {
             Some(s) => match feed::PieceFeed::new(&self.inner.store, &d, s, source.clone()).await {
-                Ok(w) => Some(w),
-                Err(e) => {
-                    inc(&self.inner.counters.cache_skipped);
-                    debug!(%d, "not caching: {e}");
-                    None
-                }
+                Ok(w) => Ok((s, w)),
+                Err(e) => Err(e.to_string()),
             },
-            None => None,
+            None => Err("upstream sent no Content-Length".to_string()),
         };
+        let (size, writer) = match writer {
+            Ok(w) => w,
+            Err(why) => {
+                inc(&self.inner.counters.cache_skipped);
+                debug!(%d, "not caching, relaying: {why}");
+                drop(flight);
+                return self.relay_verified(d, resp);
+            }
+        };
+        let job = {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let _flight = flight;
+                match this.feed_body_keeping(resp, writer).await {
+                    Ok(w) => match w.finish().await {
+                        Ok(()) => {
+                            info!(%d, "cached from {source}");
+                            true
+                        }
+                        Err(e) => {
+                            if matches!(e, crate::store::StoreError::DigestMismatch { .. }) {
+                                inc(&this.inner.counters.digest_mismatch);
+                                lied.store(true, Ordering::Relaxed);
+                            }
+                            warn!(%d, "not cached: {e}");
+                            false
+                        }
+                    },
+                    Err(e) => {
+                        inc(&this.inner.counters.upstream_errors);
+                        warn!(%d, "upstream body broke off, the rest by range: {e}");
+                        false
+                    }
+                }
+            })
+        };
+        let pieces = size.div_ceil(u64::from(self.inner.store.piece_size())) as usize;
+        self.stream_arriving(d, size, pieces, job, fallback, started, Via::Upstream)
+    }
+
+    /// Relays an upstream blob body that cannot be cached to one client, holding the last chunk
+    /// back until the whole body's sha256 matched `d`.
+    fn relay_verified(&self, d: Digest, mut resp: reqwest::Response) -> Resp {
+        let size = resp.content_length();
         let (tx, body) = Body::channel(8);
         let this = self.clone();
         tokio::spawn(async move {
-            let _flight = flight;
             let mut sha = sha2::Sha256::new();
             let mut held: Option<Bytes> = None;
             loop {
                 match this.upstream_chunk(&mut resp).await {
                     Ok(Some(c)) => {
                         sha.update(&c);
-                        if let Some(w) = writer.as_mut() {
-                            if let Err(e) = w.write(&c).await {
-                                warn!(%d, "cache write failed, still relaying: {e}");
-                                writer = None;
-                            }
-                        }
                         if let Some(prev) = held.replace(c) {
-                            // A client that went away does not stop the download: it fills the cache.
-                            let _ = tx.send(Ok(prev)).await;
+                            if tx.send(Ok(prev)).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     Ok(None) => break,
                     Err(e) => {
                         inc(&this.inner.counters.upstream_errors);
-                        if let Some(w) = writer.take() {
-                            w.discard().await;
-                        }
                         let _ = tx.send(Err(std::io::Error::other(format!("upstream body: {e}")))).await;
                         return;
                     }
                 }
             }
-            let ok = Digest::from_sha256_bytes(sha.finalize().into()) == d;
-            if let Some(w) = writer {
-                match w.finish().await {
-                    Ok(_) => info!(%d, "cached from {source}"),
-                    Err(e) => warn!(%d, "not cached: {e}"),
-                }
-            }
-            if !ok {
+            if Digest::from_sha256_bytes(sha.finalize().into()) != d {
                 inc(&this.inner.counters.digest_mismatch);
                 warn!(%d, "upstream body does not match its digest; aborting the response");
                 let _ = tx.send(Err(std::io::Error::other("digest mismatch"))).await;
@@ -889,7 +1179,6 @@ impl Mirror {
             if let Some(last) = held {
                 let _ = tx.send(Ok(last)).await;
             }
-            this.inner.counters.fetch_seconds.observe("upstream", started.elapsed());
         });
         let mut r = Response::new(body);
         let hs = r.headers_mut();
@@ -947,6 +1236,7 @@ impl Mirror {
         job: tokio::task::JoinHandle<bool>,
         fallback: impl std::future::Future<Output = Result<(), String>> + Send + 'static,
         started: Instant,
+        via: Via,
     ) -> Resp {
         inc(&self.inner.counters.streamed_arriving);
         let (done_tx, mut done) = tokio::sync::oneshot::channel::<bool>();
@@ -954,8 +1244,13 @@ impl Mirror {
         tokio::spawn(async move {
             let mut ok = job.await.unwrap_or(false);
             if ok {
-                this.inner.counters.fetch_seconds.observe("cluster", started.elapsed());
-                inc(&this.inner.counters.hits_from_peers);
+                match via {
+                    Via::Cluster => {
+                        this.inner.counters.fetch_seconds.observe("cluster", started.elapsed());
+                        inc(&this.inner.counters.hits_from_peers);
+                    }
+                    Via::Upstream => this.inner.counters.fetch_seconds.observe("upstream", started.elapsed()),
+                }
             } else {
                 inc(&this.inner.counters.stream_fallbacks);
                 match fallback.await {
@@ -1116,8 +1411,15 @@ impl Mirror {
                 };
                 match r {
                     Ok(()) => break Ok(()),
-                    // Nobody has a manifest yet: the owner has not received upstream's answer.
-                    Err(transfer::TransferError::NoPeer(_)) if ask.is_some() && started.elapsed() < c.owner_budget => {
+                    // Nobody has a manifest yet (the owner has not received upstream's answer),
+                    // or the swarm stalled while the owner is still fetching (a busy owner, a slow
+                    // upstream): the owner is alive and working, so asking another member would
+                    // only fetch the blob from upstream a second time. Swarm again.
+                    Err(e) if ask.is_some() && !matches!(e, transfer::TransferError::Lied { .. }) && started.elapsed() < c.owner_budget => {
+                        if !matches!(e, transfer::TransferError::NoPeer(_)) {
+                            inc(&self.inner.counters.swarm_retries);
+                            debug!(%d, %owner, "swarm stalled while the owner fetches; again: {e}");
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     // The owner finished meanwhile: one last try (not after a lie).
@@ -1150,13 +1452,6 @@ impl Mirror {
         false
     }
 
-    /// Whether `host` is a configured upstream (a registry's API host or a `--blob-host`): the
-    /// only hosts the proxy and peers' fetches may reach, so neither is an open relay.
-    fn upstream_host(&self, host: &str) -> bool {
-        self.inner.cfg.registries.hosts().any(|h| h.eq_ignore_ascii_case(host))
-            || self.inner.cfg.blob_hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
-    }
-
     /// Fetches `d` from upstream into the store, once per node even when several peers ask at
     /// the same time (the store admits one writer; the others wait for it). Only configured
     /// upstream hosts: a peer cannot make this node fetch anything else.
@@ -1176,15 +1471,83 @@ impl Mirror {
         Ok(())
     }
 
+    /// The last resort of a streamed response whose blob the cluster failed to finish: this node
+    /// gets the pieces it still lacks from upstream itself, by byte range (the pieces it holds
+    /// are kept), under the digest's single flight. Any source still reachable finishes the
+    /// client's pull; only a failing upstream aborts it.
+    async fn finish_from_upstream(&self, d: Digest, url: String, authorization: Option<String>) -> Result<(), String> {
+        if self.stored_size(&d).is_some() {
+            return Ok(());
+        }
+        let (url, fwd, source) = self.for_peer(&url, authorization.as_deref())?;
+        for _ in 0..3 {
+            let _flight = match self.flight(d) {
+                Flight::Leader(g) => g,
+                Flight::Follower(rx) => {
+                    if self.follow(&d, rx, FOLLOW_BOUND).await {
+                        return Ok(());
+                    }
+                    // The other fetch (the cluster's) failed: this node's own turn.
+                    continue;
+                }
+            };
+            return self.complete_from_upstream(d, &url, &fwd, source).await;
+        }
+        Err("the blob's fetches on this node kept failing".into())
+    }
+
+    /// Completes `d` from upstream: the pieces the store lacks, fetched by byte range in runs of
+    /// at most a chunk (or the whole body when upstream ignores ranges or nothing is held yet).
+    /// The caller holds the digest's flight.
+    async fn complete_from_upstream(&self, d: Digest, url: &reqwest::Url, fwd: &HeaderMap, source: Source) -> Result<(), String> {
+        inc(&self.inner.counters.upstream_completions);
+        let piece = u64::from(self.inner.store.piece_size());
+        let chunk_pieces = CHUNK_PIECES as usize;
+        // Pieces claimed by a download that then failed are missing again on the next pass.
+        for _ in 0..3 {
+            if self.stored_size(&d).is_some() {
+                return Ok(());
+            }
+            let (Some(have), Some((size, _, _))) = (self.inner.store.present_pieces(&d), self.inner.store.known_hashes(&d)) else {
+                return self.fetch_whole(d, url.clone(), fwd, source).await;
+            };
+            let mut i = 0;
+            while i < have.len() {
+                if have[i] {
+                    i += 1;
+                    continue;
+                }
+                let mut end = i + 1;
+                while end < have.len() && !have[end] && end - i < chunk_pieces {
+                    end += 1;
+                }
+                let start = i as u64 * piece;
+                let len = (end as u64 * piece).min(size) - start;
+                let resp = self.get_range(url, fwd, start, len).await?;
+                if resp.status() == reqwest::StatusCode::OK {
+                    // No ranges here: the whole body, the pieces already held are skipped.
+                    return self.feed_whole(d, resp, source).await;
+                }
+                self.feed_chunk(d, resp, start, Some(size), &source).await?;
+                i = end;
+            }
+        }
+        if self.stored_size(&d).is_some() {
+            Ok(())
+        } else {
+            Err("upstream's pieces did not complete the blob with a matching sha256".into())
+        }
+    }
+
     /// A fetch asked for by a peer (or taken over from one): `url` must be a configured upstream
     /// host, so a peer cannot make this node fetch anything else; the client's credentials, if
     /// any, go with it.
     fn for_peer(&self, url: &str, authorization: Option<&str>) -> Result<(reqwest::Url, HeaderMap, Source), String> {
         let url = reqwest::Url::parse(url).map_err(|e| format!("bad URL: {e}"))?;
         let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-        if !matches!(url.scheme(), "http" | "https") || !self.upstream_host(&host) {
+        if !self.inner.upstream.allowed_origin(&url) {
             inc(&self.inner.counters.proxy_denied);
-            return Err(format!("{host} is not a configured upstream"));
+            return Err(format!("{} is not a configured upstream origin", url.origin().ascii_serialization()));
         }
         let mut fwd = HeaderMap::new();
         if let Some(a) = authorization.and_then(|a| header::HeaderValue::from_str(a).ok()) {
@@ -1216,7 +1579,7 @@ impl Mirror {
         let helpers: Vec<SocketAddr> = transfer::ranked(&d, &c.peers.members()).into_iter().filter(|m| *m != me && !c.transfer.is_down(*m)).collect();
         let parts = (pieces.div_ceil(CHUNK_PIECES) as usize).min(MAX_PARTS).min(helpers.len() + 1);
         let part = |index: usize| transfer::Part { index: index as u8, parts: parts as u8, chunk_pieces: CHUNK_PIECES };
-        let own = self.fetch_part(d, part(0), &url, fwd, source, Some(resp));
+        let own = self.fetch_part(d, part(0), &url, fwd, source.clone(), Some(resp));
         if parts == 1 {
             own.await?;
             return if self.stored_size(&d).is_some() { Ok(()) } else { Err("the blob did not complete".into()) };
@@ -1286,7 +1649,10 @@ impl Mirror {
                     idle_passes = if now_held > held { 0 } else { idle_passes + 1 };
                     held = now_held;
                     if idle_passes >= 3 {
-                        return Err(format!("the parts were fetched, the blob did not come together: {e}"));
+                        // A helper holding its part went quiet (dead, or too busy to answer):
+                        // the client must not pay for it. Only the missing pieces, by range.
+                        warn!(%d, "the parts were fetched, the blob did not come together ({e}); fetching the missing pieces from upstream");
+                        return self.complete_from_upstream(d, &url, fwd, source).await;
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -1403,6 +1769,21 @@ impl Mirror {
         Ok(w)
     }
 
+    /// Writes a whole upstream body into `w`; when the body breaks off, the whole pieces received
+    /// are kept for a ranged retry (`complete_from_upstream`) instead of being thrown away.
+    async fn feed_body_keeping(&self, mut resp: reqwest::Response, mut w: feed::PieceFeed) -> Result<feed::PieceFeed, String> {
+        loop {
+            match self.upstream_chunk(&mut resp).await {
+                Ok(Some(c)) => w.write(&c).await.map_err(|e| e.to_string())?,
+                Ok(None) => return Ok(w),
+                Err(e) => {
+                    w.keep_partial().await;
+                    return Err(e.to_string());
+                }
+            }
+        }
+    }
+
     /// GETs `len` bytes of the blob at `url` from `start`.
     async fn get_range(&self, url: &reqwest::Url, fwd: &HeaderMap, start: u64, len: u64) -> Result<reqwest::Response, String> {
         let mut h = fwd.clone();
@@ -1461,10 +1842,34 @@ impl Mirror {
             return;
         };
         let Flight::Leader(flight) = self.flight(d) else { return };
+        if !self.inner.prefetching.lock().unwrap_or_else(|e| e.into_inner()).insert(d) {
+            return;
+        }
         inc(&self.inner.counters.prefetch_started);
         let this = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            struct Done(Mirror, Digest);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.inner.prefetching.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
+                }
+            }
+            let _done = Done(this.clone(), d);
+            // Peers (and the blob's owner, fetching once for the cluster) first; this node
+            // fetches from upstream only when the cluster cannot help.
+            if this.inner.cluster.is_some() {
+                drop(flight);
+                if this.get_from_cluster(&d, &url, &fwd).await {
+                    info!(%d, "prefetched from the cluster");
+                    return;
+                }
+                match this.finish_from_upstream(d, url.to_string(), authorization(&fwd).map(str::to_owned)).await {
+                    Ok(()) => info!(%d, "prefetched"),
+                    Err(e) => debug!(%d, "prefetch failed: {e}"),
+                }
+                return;
+            }
             let _flight = flight;
             match this.fetch_whole(d, url, &fwd, source).await {
                 Ok(()) => info!(%d, "prefetched"),
@@ -1515,9 +1920,10 @@ impl Mirror {
             _ => return error(400, "BLOB_URL_INVALID", "expected /blobs/http(s)://host/path"),
         };
         let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-        if !self.upstream_host(&host) {
+        if !self.inner.upstream.allowed_origin(&url) {
             inc(&self.inner.counters.proxy_denied);
-            return error(403, "DENIED", &format!("host {host} is not a configured upstream (--registry or --blob-host)"));
+            let origin = url.origin().ascii_serialization();
+            return error(403, "DENIED", &format!("{origin} is not a configured upstream origin (--registry or --blob-host, port included)"));
         }
         let Some(d) = digest_from_path(url.path()) else {
             return error(400, "DIGEST_INVALID", "no sha256 digest in the URL path (expected .../blobs/sha256/xx/<hex>/data)");
@@ -1526,7 +1932,8 @@ impl Mirror {
         if let Some(size) = self.stored_size(&d) {
             // The URL (with its query, e.g. a SAS token) is the credential for blob storage.
             let cred_key = format!("{}?{}", url.path(), url.query().unwrap_or(""));
-            if let Err(r) = self.authorize(&host, &cred_key, url.clone(), req.headers()).await {
+            let origin = url.origin().ascii_serialization();
+            if let Err(r) = self.authorize(&origin, &cred_key, &d, url.clone(), req.headers(), false).await {
                 return r;
             }
             inc(&self.inner.counters.hits);
@@ -1537,6 +1944,18 @@ impl Mirror {
         if head {
             return self.relay(Method::HEAD, url, &fwd).await;
         }
+        if let (Some(r), true) = (range, self.inner.cluster.is_some()) {
+            // From peers only for a client the origin accepts at this exact URL.
+            let cred_key = format!("{}?{}", url.path(), url.query().unwrap_or(""));
+            let origin = url.origin().ascii_serialization();
+            if let Err(resp) = self.authorize(&origin, &cred_key, &d, url.clone(), req.headers(), false).await {
+                return resp;
+            }
+            if let Some(resp) = self.range_from_cluster(&d, r).await {
+                self.prefetch(d, url.clone(), fwd.clone(), Source::Upstream(host));
+                return resp;
+            }
+        }
         self.prefetch(d, url.clone(), fwd.clone(), Source::Upstream(host));
         let mut with_range = fwd;
         if let Some(v) = range.and_then(|r| header::HeaderValue::from_str(r).ok()) {
@@ -1546,17 +1965,21 @@ impl Mirror {
     }
 }
 
-/// `.../sha256/xx/<64 hex>/data` (registry storage layout) or a `sha256:<hex>` path segment.
+/// The digest a `/blobs/` URL names, in one of two exact shapes: registry storage layout ending
+/// in `.../sha256/xx/<64 hex>/data`, or a registry's blob API path `/v2/<name>/blobs/sha256:<hex>`.
+/// Nothing else: a digest anywhere in a path would let a URL that some other endpoint answers
+/// with 2xx stand in for the blob in an access check.
 pub fn digest_from_path(path: &str) -> Option<Digest> {
     let segs: Vec<&str> = path.split('/').collect();
-    for w in segs.windows(3) {
-        if w[0] == "sha256" && w[1].len() == 2 && w[2].starts_with(w[1]) {
-            if let Ok(d) = format!("sha256:{}", w[2]).parse() {
-                return Some(d);
-            }
+    if let [.., alg, xx, hex, data] = segs.as_slice() {
+        if *alg == "sha256" && *data == "data" && xx.len() == 2 && hex.starts_with(xx) {
+            return format!("sha256:{hex}").parse().ok();
         }
     }
-    segs.iter().rev().find_map(|s| s.parse().ok())
+    match oci::parse(path) {
+        Some(Ok(Route::Blob { digest, .. })) => Some(digest),
+        _ => None,
+    }
 }
 
 /// `(first, last, size)` from a 206's `Content-Range: bytes first-last/size`.
@@ -1783,7 +2206,11 @@ mod tests {
         let hex = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
         let p = format!("/container/docker/registry/v2/blobs/sha256/e3/{hex}/data");
         assert_eq!(digest_from_path(&p).unwrap().hex(), hex);
-        assert_eq!(digest_from_path(&format!("/x/sha256:{hex}")).unwrap().hex(), hex);
+        assert_eq!(digest_from_path(&format!("/v2/a/b/blobs/sha256:{hex}")).unwrap().hex(), hex);
+        assert!(digest_from_path(&format!("/x/sha256:{hex}")).is_none(), "a digest elsewhere in a path");
+        assert!(digest_from_path(&format!("/v2/a/b/blobs/sha256:{hex}/x")).is_none());
+        assert!(digest_from_path(&format!("/v2/a//b/blobs/sha256:{hex}")).is_none(), "non-canonical name");
+        assert!(digest_from_path(&format!("/docker/registry/v2/blobs/sha256/e3/{hex}/data/more")).is_none());
         assert!(digest_from_path("/docker/registry/v2/blobs/sha256/ff/abc/data").is_none());
         assert!(digest_from_path(&format!("/docker/registry/v2/blobs/sha256/ff/{hex}/data")).is_none());
     }

@@ -4,8 +4,13 @@
 //! GET and HEAD without request bodies, which keeps it small.
 //!
 //! Limits: request heads over 16 KiB get 431, more than 64 headers 431; a connection idle for
-//! 60 s, or a head not complete within 10 s, is closed; a request with a body gets 405 and the
-//! connection is closed (nothing reads the body). Keep-alive unless the client asks otherwise.
+//! 60 s, or a head not complete within 10 s of its first byte (however it trickles), is closed;
+//! a response write that makes no progress for 30 s ends the connection (a client that stops
+//! reading holds nothing for long: not a blob's pin, not a descriptor); a request with a body
+//! gets 405 and the connection is closed (nothing reads the body). Keep-alive unless the client
+//! asks otherwise. At most `max_connections` are served at once; beyond that a connection gets
+//! a 503 and is closed. An accept error (out of descriptors) is logged and retried after a
+//! pause: the listener never ends.
 //!
 //! Redirected connections (transparent mode) are served the same way as long as their requests
 //! are OCI pulls the mirror serves; at the first other request (a push, a body, `/v2/`, any other
@@ -25,7 +30,7 @@ use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf},
     net::{TcpListener, TcpStream},
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::{error, upstream::Registry, Body, Mirror};
 
@@ -89,19 +94,48 @@ const MAX_HEAD: usize = 16 << 10;
 const MAX_HEADERS: usize = 64;
 const IDLE: Duration = Duration::from_secs(60);
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// A write that makes no progress for this long ends the connection.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Accepts connections until the listener fails.
-pub async fn serve(mirror: Mirror, listener: TcpListener) -> std::io::Result<()> {
+/// Accepts connections forever, at most `max_connections` served at once.
+pub async fn serve(mirror: Mirror, listener: TcpListener, max_connections: usize) -> std::io::Result<()> {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     loop {
-        let (stream, peer) = listener.accept().await?;
+        let (stream, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS and the like: shed load, never exit. The pending
+                // connection stays in the backlog until descriptors free up.
+                mirror.counters().accept_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                warn!("accepting a connection failed, retrying shortly: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            mirror.counters().connections_shed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut s = Stream::Tcp(stream);
+                let _ = tokio::time::timeout(Duration::from_secs(1), reject(&mut s, 503, "TOO_MANY_REQUESTS", "too many connections to this agent; try again")).await;
+            });
+            continue;
+        };
         let m = mirror.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = connection(m, Stream::Tcp(stream), peer, None).await {
                 debug!(%peer, "connection ended: {e}");
             }
         });
     }
+}
+
+/// `fut` (one write), failing with TimedOut when it makes no progress within `WRITE_TIMEOUT`.
+async fn timed<T>(fut: impl std::future::Future<Output = std::io::Result<T>>) -> std::io::Result<T> {
+    tokio::time::timeout(WRITE_TIMEOUT, fut)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading")))
 }
 
 enum Head {
@@ -156,7 +190,9 @@ pub(super) async fn connection(
 ) -> std::io::Result<Option<Handback>> {
     let mut buf = BytesMut::with_capacity(4096);
     loop {
-        // Read one request head: idle bound before the first byte, head bound after it.
+        // Read one request head: idle bound before the first byte, then one deadline for the
+        // whole head (a client dripping a byte at a time does not extend it).
+        let mut head_deadline: Option<tokio::time::Instant> = None;
         let head = loop {
             match parse(&buf) {
                 Ok(Some(h)) => break h,
@@ -169,8 +205,16 @@ pub(super) async fn connection(
                 Ok(None) => {}
                 Err(()) => return reject(&mut stream, 400, "BAD_REQUEST", "malformed HTTP request").await,
             }
-            let limit = if buf.is_empty() { IDLE } else { HEAD_TIMEOUT };
-            match tokio::time::timeout(limit, stream.read_buf(&mut buf)).await {
+            let deadline = match head_deadline {
+                Some(d) => d,
+                None if buf.is_empty() => tokio::time::Instant::now() + IDLE,
+                None => *head_deadline.insert(tokio::time::Instant::now() + HEAD_TIMEOUT),
+            };
+            let read = tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await;
+            if head_deadline.is_none() && !buf.is_empty() {
+                head_deadline = Some(tokio::time::Instant::now() + HEAD_TIMEOUT);
+            }
+            match read {
                 Ok(Ok(0)) | Err(_) => return Ok(None),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(e),
@@ -237,34 +281,34 @@ async fn write_response(stream: &mut Stream, resp: Response<Body>, is_head: bool
     }
     head.extend_from_slice(if keep { b"connection: keep-alive\r\n\r\n" } else { b"connection: close\r\n\r\n" });
     if is_head {
-        stream.write_all(&head).await?;
+        timed(stream.write_all(&head)).await?;
         return Ok(keep);
     }
     match body {
-        Body::Empty => stream.write_all(&head).await?,
+        Body::Empty => timed(stream.write_all(&head)).await?,
         Body::Full(b) => {
             head.extend_from_slice(&b);
-            stream.write_all(&head).await?;
+            timed(stream.write_all(&head)).await?;
         }
         Body::Stream(mut rx) => {
-            stream.write_all(&head).await?;
+            timed(stream.write_all(&head)).await?;
             while let Some(chunk) = rx.recv().await {
                 match chunk {
-                    Ok(c) => stream.write_all(&c).await?,
+                    Ok(c) => timed(stream.write_all(&c)).await?,
                     // Abort: the client sees a short body and an error, never a "complete" one.
                     Err(e) => return Err(e),
                 }
             }
         }
         Body::File { file, offset, len, _pin } => {
-            stream.write_all(&head).await?;
+            timed(stream.write_all(&head)).await?;
             match stream {
                 Stream::Tcp(s) => send_file(s, &file, offset, len).await?,
                 Stream::Tls(s) => copy_file(s.as_mut(), file, offset, len).await?,
             }
         }
     }
-    stream.flush().await?;
+    timed(stream.flush()).await?;
     Ok(keep)
 }
 
@@ -273,7 +317,17 @@ async fn copy_file(out: &mut (impl AsyncWrite + Unpin), file: std::fs::File, off
     use tokio::io::AsyncSeekExt;
     let mut f = tokio::fs::File::from_std(file);
     f.seek(std::io::SeekFrom::Start(offset)).await?;
-    let sent = tokio::io::copy(&mut f.take(len), out).await?;
+    let mut f = f.take(len);
+    let mut buf = vec![0u8; 256 << 10];
+    let mut sent = 0u64;
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        timed(out.write_all(&buf[..n])).await?;
+        sent += n as u64;
+    }
     if sent != len {
         return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cache file shorter than expected"));
     }
@@ -286,8 +340,7 @@ async fn send_file(stream: &TcpStream, file: &std::fs::File, offset: u64, len: u
     let end = offset + len;
     while (off as u64) < end {
         let want = ((end - off as u64) as usize).min(1 << 30);
-        let n = stream
-            .async_io(Interest::WRITABLE, || {
+        let n = timed(stream.async_io(Interest::WRITABLE, || {
                 // SAFETY: both fds are open for the duration; `off` is a valid off_t we own.
                 let r = unsafe { libc::sendfile(stream.as_raw_fd(), file.as_raw_fd(), &mut off, want) };
                 if r < 0 {
@@ -295,7 +348,7 @@ async fn send_file(stream: &TcpStream, file: &std::fs::File, offset: u64, len: u
                 } else {
                     Ok(r as usize)
                 }
-            })
+            }))
             .await?;
         if n == 0 {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cache file shorter than expected"));

@@ -101,8 +101,91 @@ impl Registry {
     }
 }
 
+/// The exact origins (scheme, host, port) the agent may send requests to on a client's or a
+/// peer's behalf: the registries' API origins and the `--blob-host` entries. Hosts are compared
+/// after the URL parser normalised them (`0x7f000001`, `127.1` and `2130706433` are all
+/// `127.0.0.1`), ports always: an allowed host does not open its other ports.
+#[derive(Debug, Clone, Default)]
+pub struct Origins {
+    /// `(scheme or None for either, lowercase host, port or None for the scheme's default)`.
+    list: Vec<(Option<String>, String, Option<u16>)>,
+}
+
+impl Origins {
+    /// `blob_hosts` entries: `host` (its scheme's default port), `host:port` (http or https), or
+    /// `scheme://host[:port]` (exactly that).
+    pub fn new(registries: &Registries, blob_hosts: &[String]) -> Self {
+        let mut list = Vec::new();
+        for r in registries.iter() {
+            if let Some(h) = r.url.host_str() {
+                list.push((Some(r.url.scheme().to_string()), h.to_ascii_lowercase(), r.url.port_or_known_default()));
+            }
+        }
+        for b in blob_hosts {
+            let b = b.trim();
+            if b.contains("://") {
+                if let Ok(u) = Url::parse(b) {
+                    if let Some(h) = u.host_str() {
+                        list.push((Some(u.scheme().to_string()), h.to_ascii_lowercase(), u.port_or_known_default()));
+                    }
+                }
+            } else if let Ok(u) = Url::parse(&format!("http://{b}")) {
+                if let Some(h) = u.host_str() {
+                    list.push((None, h.to_ascii_lowercase(), u.port()));
+                }
+            }
+        }
+        Self { list }
+    }
+
+    /// Whether `url` (http or https) is on one of the configured origins.
+    pub fn allows(&self, url: &Url) -> bool {
+        let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else { return false };
+        if !matches!(url.scheme(), "http" | "https") {
+            return false;
+        }
+        let default = if url.scheme() == "https" { 443 } else { 80 };
+        self.list.iter().any(|(scheme, h, p)| {
+            scheme.as_deref().is_none_or(|s| s == url.scheme()) && h.eq_ignore_ascii_case(host) && p.unwrap_or(default) == port
+        })
+    }
+}
+
+/// Whether an address is one a redirect from a registry may lead to without being configured:
+/// a public unicast address. Loopback, private, link-local (cloud metadata), shared,
+/// benchmarking, documentation, multicast and unspecified addresses are this node's or its
+/// network's own services: reaching them through the agent would make it a proxy into them.
+pub fn public_address(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
+                || o[0] >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return public_address(IpAddr::V4(v4));
+            }
+            let s = v6.segments();
+            !(v6.is_loopback() || v6.is_unspecified() || v6.is_multicast() || (s[0] & 0xfe00) == 0xfc00 || (s[0] & 0xffc0) == 0xfe80 || s[0] == 0x2001 && s[1] == 0xdb8)
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
+    #[error("upstream {url}: redirected to {to}, which is neither a configured origin nor a public address")]
+    RedirectDenied { url: String, to: String },
     #[error("upstream {url}: no response within {secs}s")]
     Timeout { url: String, secs: u64 },
     #[error("upstream {url}: {source}")]
@@ -118,12 +201,13 @@ pub enum UpstreamError {
 pub struct Upstream {
     client: reqwest::Client,
     head_timeout: Duration,
+    origins: std::sync::Arc<Origins>,
 }
 
 const MAX_REDIRECTS: usize = 5;
 
 impl Upstream {
-    pub fn new(connect_timeout: Duration, head_timeout: Duration, read_timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub fn new(connect_timeout: Duration, head_timeout: Duration, read_timeout: Duration, origins: Origins) -> Result<Self, reqwest::Error> {
         // One TLS provider for the whole process (ring); installing twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
@@ -132,12 +216,42 @@ impl Upstream {
             .read_timeout(read_timeout)
             .user_agent(concat!("peerd/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { client, head_timeout })
+        Ok(Self { client, head_timeout, origins: std::sync::Arc::new(origins) })
+    }
+
+    /// Whether `url` is a configured origin (the only places a client's URL may point).
+    pub fn allowed_origin(&self, url: &Url) -> bool {
+        self.origins.allows(url)
+    }
+
+    /// Whether a redirect may be followed to `url`: a configured origin, or a host whose every
+    /// address is public (registries send blob reads to storage and CDNs). A name is resolved
+    /// here and checked; reqwest resolves it again to connect, so a name that changes its answer
+    /// in between (DNS rebinding) could still slip through: configure `--blob-host` exactly
+    /// where that matters.
+    async fn redirect_allowed(&self, url: &Url) -> bool {
+        if self.origins.allows(url) {
+            return true;
+        }
+        let port = url.port_or_known_default().unwrap_or(443);
+        match url.host() {
+            Some(url::Host::Ipv4(ip)) => public_address(ip.into()),
+            Some(url::Host::Ipv6(ip)) => public_address(ip.into()),
+            Some(url::Host::Domain(name)) => match tokio::net::lookup_host((name, port)).await {
+                Ok(addrs) => {
+                    let addrs: Vec<_> = addrs.collect();
+                    !addrs.is_empty() && addrs.iter().all(|a| public_address(a.ip()))
+                }
+                Err(_) => false,
+            },
+            None => false,
+        }
     }
 
     /// Sends a request, following redirects (blob storage, signed URLs) itself so that the
     /// client's Authorization never leaves the registry's host, and no redirect target is ever
-    /// remembered. `headers` are forwarded as given.
+    /// remembered. A redirect is followed only to a configured origin or a public address
+    /// (`redirect_allowed`). `headers` are forwarded as given.
     pub async fn send(
         &self,
         method: Method,
@@ -170,6 +284,9 @@ impl Upstream {
                 .and_then(|l| url.join(l).ok())
                 .filter(|u| matches!(u.scheme(), "http" | "https"))
                 .ok_or_else(|| UpstreamError::BadRedirect { url: redact(&url) })?;
+            if !self.redirect_allowed(&next).await {
+                return Err(UpstreamError::RedirectDenied { url: redact(&url), to: redact(&next) });
+            }
             url = next;
         }
         Err(UpstreamError::TooManyRedirects { url: redact(&url), max: MAX_REDIRECTS })
@@ -214,6 +331,37 @@ mod tests {
     fn rejects_bad_flags() {
         for bad in ["docker.io", "=http://x", "a=ftp://x", "a=not a url", "a=http://"] {
             assert!(Registries::new(&[bad], false).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn origins_compare_scheme_host_and_port() {
+        let regs = Registries::new(&["r=http://127.0.0.1:5000", "d=https://registry-1.docker.io"], false).unwrap();
+        let o = Origins::new(&regs, &["blob.example:8080".to_string(), "store.example".to_string(), "https://s3.example:9000".to_string()]);
+        let ok = |u: &str| o.allows(&Url::parse(u).unwrap());
+        assert!(ok("http://127.0.0.1:5000/v2/x"));
+        for same in ["http://0x7f000001:5000/x", "http://2130706433:5000/x", "http://127.1:5000/x"] {
+            assert!(ok(same), "{same} is 127.0.0.1 after normalisation");
+        }
+        assert!(!ok("http://127.0.0.1:5001/x"), "another port of an allowed host");
+        assert!(!ok("https://127.0.0.1:5000/x"), "another scheme");
+        assert!(ok("https://registry-1.docker.io/v2/"));
+        assert!(ok("https://REGISTRY-1.docker.io:443/v2/"));
+        assert!(!ok("http://registry-1.docker.io/v2/"));
+        assert!(ok("http://blob.example:8080/a") && ok("https://blob.example:8080/a"));
+        assert!(!ok("http://blob.example/a"));
+        assert!(ok("http://store.example/a") && ok("https://store.example/a") && !ok("http://store.example:81/a"));
+        assert!(ok("https://s3.example:9000/a") && !ok("http://s3.example:9000/a"));
+        assert!(!ok("http://169.254.169.254/latest"));
+    }
+
+    #[test]
+    fn public_addresses() {
+        for private in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1", "198.18.0.1", "224.0.0.1", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1"] {
+            assert!(!public_address(private.parse().unwrap()), "{private}");
+        }
+        for public in ["8.8.8.8", "104.16.0.1", "2606:4700::1"] {
+            assert!(public_address(public.parse().unwrap()), "{public}");
         }
     }
 

@@ -100,8 +100,8 @@ impl TransferConfig {
             node_id,
             secret,
             max_streams_per_peer: 32,
-            dial_timeout: Duration::from_millis(300),
-            manifest_timeout: Duration::from_millis(500),
+            dial_timeout: Duration::from_secs(2),
+            manifest_timeout: Duration::from_secs(1),
             swarm: SwarmConfig::default(),
             upload_limit: None,
             download_limit: None,
@@ -163,9 +163,13 @@ struct Inner {
 /// 100 ms) several times over, short enough that a taker that died costs little.
 const HANDOUT_GRACE: Duration = Duration::from_secs(3);
 
-/// Silence on a connection after which the peer counts as dead (module docs of `start`).
-const IDLE_TIMEOUT: Duration = Duration::from_millis(500);
-const KEEP_ALIVE: Duration = Duration::from_millis(125);
+/// Silence on a connection after which the peer counts as dead (module docs of `start`). Long
+/// enough that a live peer whose CPU is saturated (every node busiest exactly when every node
+/// pulls the same image) is not taken for dead: a false suspicion sends work elsewhere and can
+/// fetch a blob from upstream twice, while a dead peer's pieces are hedged away from it by the
+/// swarm long before this fires.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+const KEEP_ALIVE: Duration = Duration::from_millis(500);
 /// How long a peer that could not be reached is not dialled again (requests fail at once).
 const DOWN_FOR: Duration = Duration::from_secs(2);
 
@@ -378,6 +382,19 @@ impl Transfer {
                     self.inner.counters.bytes_to_peers.fetch_add(len, Ordering::Relaxed);
                 }
             }
+            Request::VerifiedManifest { digest } => {
+                let d = Digest::from_sha256_bytes(digest);
+                // Complete and sha256-verified here only: never a manifest of pieces in flight.
+                let m = match store.manifest(&d) {
+                    Some(m) => Some(m),
+                    None => self.containerd_manifest(&d, true).await.map(|m| (*m).clone()),
+                };
+                let frame = match m {
+                    Some(m) => WireManifest { size: m.size, piece_size: m.piece_size, pieces: m.pieces.iter().map(|h| *h.as_bytes()).collect() }.encode(),
+                    None => wire::status_frame(Status::NotFound, "not complete here"),
+                };
+                send.write_all(&frame).await.map_err(|e| e.to_string())?;
+            }
             Request::Have { digest } => {
                 let d = Digest::from_sha256_bytes(digest);
                 let frame = match self.containerd_manifest(&d, false).await {
@@ -443,13 +460,13 @@ impl Transfer {
     /// peer's manifest timeout: a peer gets "not found" and goes elsewhere rather than timing out;
     /// the hashing goes on and the next request finds it ready).
     async fn containerd_manifest(&self, d: &Digest, wait: bool) -> Option<Arc<crate::store::Manifest>> {
-        const VERIFY_WAIT: Duration = Duration::from_millis(300);
+        let verify_wait = self.inner.cfg.manifest_timeout * 3 / 5;
         let c = self.inner.containerd.get()?;
         if !c.contains(d) || self.inner.store.has(d) {
             return None;
         }
         if wait {
-            tokio::time::timeout(VERIFY_WAIT, c.manifest(d)).await.ok()?.ok()
+            tokio::time::timeout(verify_wait, c.manifest(d)).await.ok()?.ok()
         } else {
             c.prepare(d);
             c.cached_manifest(d)
@@ -555,13 +572,25 @@ impl Transfer {
     /// the next as well, and a refusal moves on at once, so one silent peer costs tens of
     /// milliseconds, not the dial or manifest timeout.
     async fn manifest_from(&self, d: &Digest, holders: &[SocketAddr]) -> Option<(SocketAddr, WireManifest)> {
+        self.manifest_of_kind(d, holders, false).await
+    }
+
+    /// The manifest of `d` from the first of `holders` that holds it complete and verified
+    /// (`VerifiedManifest`), hedged like `manifest_from`.
+    pub async fn verified_manifest(&self, d: &Digest, holders: &[SocketAddr]) -> Option<(SocketAddr, WireManifest)> {
+        self.manifest_of_kind(d, holders, true).await
+            .filter(|(_, m)| m.piece_size == self.inner.store.piece_size() && m.pieces.iter().all(|h| *h != [0; 32]))
+    }
+
+    async fn manifest_of_kind(&self, d: &Digest, holders: &[SocketAddr], verified: bool) -> Option<(SocketAddr, WireManifest)> {
         let mut asks = tokio::task::JoinSet::new();
         let mut next = holders.iter().copied();
         let ask = |asks: &mut tokio::task::JoinSet<_>, peer: SocketAddr| {
             let (this, d) = (self.clone(), *d);
             asks.spawn(async move {
                 let m = tokio::time::timeout(this.inner.cfg.manifest_timeout, async {
-                    let (st, mut recv) = this.exchange(peer, &Request::Manifest { digest: *d.as_bytes() }).await.ok()?;
+                    let req = if verified { Request::VerifiedManifest { digest: *d.as_bytes() } } else { Request::Manifest { digest: *d.as_bytes() } };
+                    let (st, mut recv) = this.exchange(peer, &req).await.ok()?;
                     if st != Status::Ok {
                         return None;
                     }
@@ -595,6 +624,61 @@ impl Transfer {
                 None => return None,
             }
         }
+    }
+
+    /// Gets pieces `pieces` of `d` into the store from `peers`, each checked against `m` (a
+    /// verified manifest: `verified_manifest`) before it is stored: a range read's pieces, not
+    /// the whole blob. Runs of up to `MAX_PIECES_PER_REQUEST` pieces go out at once to different
+    /// peers; a run a peer cannot give (gone, "not here", bad bytes) goes to the next.
+    pub async fn fetch_pieces(&self, d: &Digest, m: &Arc<WireManifest>, peers: &[SocketAddr], pieces: std::ops::Range<u32>) -> Result<(), TransferError> {
+        let store = &self.inner.store;
+        store.declare(d, m.size).await?;
+        let _pin = store.pin(d);
+        let have = store.present_pieces(d).unwrap_or_default();
+        let missing: Vec<u32> = pieces.filter(|i| !have.get(*i as usize).copied().unwrap_or(false)).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if peers.is_empty() {
+            return Err(TransferError::NoPeer(*d));
+        }
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for i in missing {
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == i && *count < wire::MAX_PIECES_PER_REQUEST => *count += 1,
+                _ => runs.push((i, 1)),
+            }
+        }
+        let mut jobs = tokio::task::JoinSet::new();
+        for (k, (first, count)) in runs.into_iter().enumerate() {
+            let (this, d, m, peers) = (self.clone(), *d, m.clone(), peers.to_vec());
+            jobs.spawn(async move {
+                for attempt in 0..peers.len() {
+                    let peer = peers[(k + attempt) % peers.len()];
+                    let Ok(got) = this.get_pieces(peer, &d, &m, Assignment { peer: 0, first, count }).await else { continue };
+                    let mut ok = true;
+                    for (i, bytes) in got {
+                        match this.inner.store.put_piece(&d, i as usize, bytes, to_hash(&m.pieces[i as usize]), Source::Peer(peer.to_string())).await {
+                            Ok(_) => {}
+                            Err(StoreError::PieceMismatch { .. }) => {
+                                this.inner.counters.corrupt_pieces.fetch_add(1, Ordering::Relaxed);
+                                ok = false;
+                                break;
+                            }
+                            Err(e) => return Err(TransferError::Store(e)),
+                        }
+                    }
+                    if ok {
+                        return Ok(());
+                    }
+                }
+                Err(TransferError::NoPeer(d))
+            });
+        }
+        while let Some(r) = jobs.join_next().await {
+            r.unwrap_or(Err(TransferError::NoPeer(*d)))?;
+        }
+        Ok(())
     }
 
     /// Asks `owner` to fetch `d` from upstream (with the client's credentials); returns when the
@@ -662,7 +746,11 @@ impl Transfer {
     }
 
     async fn swarm(&self, d: &Digest, m: &Arc<WireManifest>, manifest_peer: SocketAddr, peers: &[(SocketAddr, bool)], origins: usize) -> Result<(), TransferError> {
-        const STALL: Duration = Duration::from_secs(1);
+        // Nothing to ask anyone for this long ends the download. Sources that are alive but slow
+        // (an origin still receiving from upstream, peers behind on a loaded node) are waited
+        // for: ending early sends the caller to another owner or upstream, which fetches the
+        // blob from upstream a second time. A dead source is noticed sooner (below).
+        const STALL: Duration = Duration::from_secs(5);
         // After the source holding what others lack died (`lost_its_sources`), every remaining
         // peer is asked for its bitfield at once; with all answers in and nothing to take, the
         // download ends (the caller goes upstream). This bounds the wait for answers.

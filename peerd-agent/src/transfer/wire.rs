@@ -27,6 +27,10 @@ pub enum Request {
     /// Ask a node to get one part of a blob from upstream (byte ranges, `Part`), with the
     /// requesting client's credentials; answered when this node holds that part's pieces.
     FetchPart { digest: [u8; 32], part: Part, url: String, authorization: Option<String> },
+    /// The manifest of a blob the peer holds complete and verified against its sha256 (never of
+    /// a blob still arriving): the only piece hashes a range read trusts before this node has
+    /// the whole blob to check (PROTOCOL.md, "Range reads").
+    VerifiedManifest { digest: [u8; 32] },
 }
 
 /// Part `index` of `parts` of a blob cut in chunks of `chunk_pieces` pieces: the chunks `c` with
@@ -148,6 +152,10 @@ impl Request {
                 put_str(&mut b, url)?;
                 put_str(&mut b, authorization.as_deref().unwrap_or(""))?;
             }
+            Request::VerifiedManifest { digest } => {
+                b.put_u8(6);
+                b.put_slice(digest);
+            }
         }
         if b.len() > MAX_REQUEST {
             return Err(WireError::TooLarge);
@@ -193,6 +201,7 @@ impl Request {
                 let auth = get_str(&mut b)?;
                 Request::FetchPart { digest, part, url, authorization: (!auth.is_empty()).then_some(auth) }
             }
+            6 => Request::VerifiedManifest { digest: get_digest(&mut b)? },
             k => return Err(WireError::Kind(k)),
         };
         if b.has_remaining() {
@@ -297,6 +306,7 @@ mod tests {
         for r in [
             Request::Manifest { digest: d },
             Request::Pieces { digest: d, first: 3, count: 8 },
+            Request::VerifiedManifest { digest: d },
             Request::Fetch { digest: d, url: "http://r/v2/a/blobs/sha256:x".into(), authorization: Some("Bearer t".into()) },
             Request::Fetch { digest: d, url: "u".into(), authorization: None },
             Request::FetchPart { digest: d, part: Part { index: 2, parts: 3, chunk_pieces: 16 }, url: "u".into(), authorization: Some("Basic x".into()) },
