@@ -100,6 +100,13 @@ impl Proc {
         Self { child: Some(child), log }
     }
 
+    /// As `spawn`, returning the error instead of panicking (for library code).
+    pub fn try_spawn(cmd: &mut Command, log: PathBuf) -> std::io::Result<Self> {
+        let f = std::fs::File::create(&log)?;
+        let child = cmd.stdout(Stdio::from(f.try_clone()?)).stderr(Stdio::from(f)).stdin(Stdio::null()).spawn()?;
+        Ok(Self { child: Some(child), log })
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }

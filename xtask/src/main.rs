@@ -40,6 +40,9 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Build the agent's OCI image without Docker (release binary, umoci):
+    /// target/peerd-image.tar, for `ctr images import` or `skopeo copy oci-archive:...`.
+    Image,
     /// Runs one test binary again and again (flaky-test hunting): `cargo xtask repeat
     /// cluster_loopback --times 20 --busy`.
     Repeat {
@@ -108,6 +111,7 @@ fn main() -> Result<()> {
         Cmd::Build { release } => build(release).map(|_| ()),
         Cmd::Test { args } => test(&args),
         Cmd::Fuzz { seconds, quiet, targets } => fuzz::run(seconds, &targets, quiet),
+        Cmd::Image => image().map(|_| ()),
         Cmd::Run { args } => run(&args),
         Cmd::Repeat { test, times, busy, args } => repeat(&test, times, busy, &args),
         Cmd::Bench { which } => bench::run(which),
@@ -189,10 +193,13 @@ fn test(args: &[String]) -> Result<()> {
     let tools = setup::chart_tools()?;
     let path = std::env::join_paths(std::iter::once(tools).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())))?;
     let obj = build(false)?;
+    // The pod harness test (xtask/tests/pod.rs) runs the image made from the release binary.
+    let archive = image()?;
     // Every test binary runs even when one fails; the failures are listed once at the end.
     let mut child = Command::new("cargo")
         .current_dir(root())
         .env("PEERD_EBPF_OBJECT", &obj)
+        .env("PEERD_IMAGE_ARCHIVE", &archive)
         .env("PATH", path)
         .args(["test", "--workspace", "--exclude", "peerd-ebpf", "--no-fail-fast"])
         .args(args)
@@ -287,6 +294,24 @@ fn repeat(test: &str, times: u32, busy: bool, args: &[String]) -> Result<()> {
 
 /// Seconds per fuzz target in `cargo xtask test`.
 const FUZZ_SECONDS_IN_TEST: u64 = 20;
+
+/// `cargo xtask image`: the release build, then its image; returns the archive's path.
+fn image() -> Result<PathBuf> {
+    build(true)?;
+    let bin = target_dir().join("release/peerd");
+    let built = xtask::image::build_agent(&bin, &target_dir()).context("build the agent's image")?;
+    println!(
+        "image {} ({} files) in {}\n  root filesystem: {}\n  import: ctr images import {}\n  push:   skopeo copy oci-archive:{} docker://REGISTRY/peerd:{}",
+        built.reference,
+        built.paths.len(),
+        built.archive.display(),
+        built.rootfs.display(),
+        built.archive.display(),
+        built.archive.display(),
+        xtask::image::version()
+    );
+    Ok(built.archive)
+}
 
 fn run(args: &[String]) -> Result<()> {
     build(false)?;
