@@ -254,6 +254,7 @@ fn chart_lints() {
     let chart = chart.to_str().unwrap();
     run("helm", &["lint", "--strict", chart], None);
     run("helm", &["lint", "--strict", chart, "--set", "mode=hosts-toml"], None);
+    run("helm", &["lint", "--strict", chart, "--set", "mode=transparent"], None);
     run("helm", &["lint", "--strict", chart, "--set", "tlsIntercept.enabled=true,tlsIntercept.existingSecret=ca"], None);
     // Bad values are refused at render time, not at the node, with a message naming the value.
     for (bad, says) in [
@@ -263,7 +264,7 @@ fn chart_lints() {
         // An intercept CA per node (the agent's default) is one no node trusts.
         ("tlsIntercept.enabled=true", "tlsIntercept.existingSecret"),
         ("tlsIntercept=true", "tlsIntercept.enabled"),
-        ("mode=hosts-toml,tlsIntercept.enabled=true,tlsIntercept.existingSecret=ca", "mode=transparent"),
+        ("mode=hosts-toml,tlsIntercept.enabled=true,tlsIntercept.existingSecret=ca", "mode=transparent or auto"),
         ("allowedCIDRs={10.0.0.0/8,10.1.0.0/16 evil}", "allowedCIDRs"),
         (r"allowedCIDRs={10.0.0.0/8\,10.1.0.0/16}", "allowedCIDRs"),
         ("guardInterfaces={none,eth0}", "guardInterfaces"),
@@ -280,9 +281,31 @@ fn chart_lints() {
     }
 }
 
+/// The default, `auto`: the eBPF redirect and the hosts.toml drop-ins together; the agent reads
+/// the drop-ins (read-only) to say in `peerd status` which registries they cover.
 #[test]
-fn default_render_is_valid_and_wired() {
+fn auto_is_the_default_and_has_both() {
     let yaml = render(&[]);
+    validate(&yaml);
+    assert!(!yaml.contains("privileged: true"));
+    let f = Facts::of(&yaml);
+    assert_eq!(env(&f, "PEERD_TRANSPARENT").as_deref(), Some("true"));
+    assert_eq!(f.list(&format!("{AGENT}.securityContext.capabilities.add")), ["BPF", "NET_ADMIN", "SYS_ADMIN"]);
+    let install = f.list(&format!("{DS}.initContainers[hosts-toml-install].command"));
+    assert_eq!(install[..5], ["sh", "/peerd/hosts-toml.sh", "install", "/host/containerd-certs.d", "http://127.0.0.1:30000"]);
+    assert!(install.iter().any(|a| a == "docker.io=https://registry-1.docker.io"), "{install:?}");
+    assert_eq!(f.list(&format!("{DS}.containers[hosts-toml].lifecycle.preStop.exec.command"))[2], "uninstall");
+    assert_eq!(env(&f, "PEERD_HOSTS_TOML_DIR").as_deref(), Some("/host/containerd-certs.d"));
+    assert_eq!(mount(&f, "containerd-certs"), ("/host/containerd-certs.d".into(), true, Some("/etc/containerd/certs.d".into())));
+    assert_eq!(
+        f.names(&format!("{AGENT}.volumeMounts")),
+        ["data", "cluster-secret", "containerd-content", "containerd-certs", "host-cgroup"]
+    );
+}
+
+#[test]
+fn transparent_render_is_valid_and_wired() {
+    let yaml = render(&["mode=transparent"]);
     validate(&yaml);
     assert!(!yaml.contains("privileged: true"), "something is privileged:\n{yaml}");
     let f = Facts::of(&yaml);

@@ -59,8 +59,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 
 {{- define "peerd.validate" -}}
 {{- $_ := include "peerd.hostsTomlRegistries" . -}}
-{{- if not (has .Values.mode (list "transparent" "hosts-toml")) -}}
-{{- fail (printf "mode must be transparent or hosts-toml, not %q" .Values.mode) -}}
+{{- if not (has .Values.mode (list "auto" "transparent" "hosts-toml")) -}}
+{{- fail (printf "mode must be auto, transparent or hosts-toml, not %q" .Values.mode) -}}
 {{- end -}}
 {{- if and (not .Values.clusterSecret.create) (not .Values.clusterSecret.existingSecret) -}}
 {{- fail "clusterSecret.create=false needs clusterSecret.existingSecret" -}}
@@ -69,8 +69,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- fail "tlsIntercept is a map: set tlsIntercept.enabled=true and tlsIntercept.existingSecret=<Secret with ca.crt and ca.key>" -}}
 {{- end -}}
 {{- if .Values.tlsIntercept.enabled -}}
-{{- if ne .Values.mode "transparent" -}}
-{{- fail "tlsIntercept.enabled needs mode=transparent (in hosts-toml mode containerd talks plain HTTP to the agent; there is no TLS to intercept)" -}}
+{{- if eq .Values.mode "hosts-toml" -}}
+{{- fail "tlsIntercept.enabled needs mode=transparent or auto (in hosts-toml mode containerd talks plain HTTP to the agent; there is no TLS to intercept)" -}}
 {{- end -}}
 {{- if not .Values.tlsIntercept.existingSecret -}}
 {{- fail "tlsIntercept.enabled=true needs tlsIntercept.existingSecret: the name of a Secret with keys ca.crt and ca.key made by `peerd ca create` (see values.yaml); without one every agent would make its own CA, which no node trusts" -}}
