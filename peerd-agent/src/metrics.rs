@@ -78,6 +78,7 @@ pub fn render(m: &Mirror) -> String {
     counter(&mut r, "peer_addrs_ignored", "Peer addresses from gossip that cannot be dialled from here (wildcard, port 0, foreign loopback), ignored", &crate::peers::IGNORED_PEER_ADDRS);
     counter(&mut r, "ranges_from_peers", "Range reads of blobs not held here answered with verified pieces from peers", &c.ranges_from_peers);
     counter(&mut r, "range_peer_fallbacks", "Range reads that tried peers and were relayed from upstream instead", &c.range_peer_fallbacks);
+    counter(&mut r, "relayed_uncacheable", "Requests for content named by a sha512 digest, relayed to the registry uncached", &c.relayed_uncacheable);
     counter(&mut r, "swarm_retries", "Swarms that stalled while the blob's owner was still fetching it, started again (not a new owner)", &c.swarm_retries);
     counter(&mut r, "upstream_completions", "Blobs the cluster could not finish, completed by this node from upstream (missing pieces only)", &c.upstream_completions);
     counter(&mut r, "stream_aborted", "Streamed responses cut short: the blob did not arrive whole with a matching sha256", &c.stream_aborted);

@@ -166,3 +166,25 @@ impl Drop for PieceFeed {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A blob being written is pinned: a second blob that needs its room is refused (NoRoom)
+    /// instead of evicting the first under its writer.
+    #[tokio::test]
+    async fn a_blob_being_written_is_not_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), crate::store::StoreConfig::new(6 << 20)).await.unwrap();
+        let d = |b: u8| Digest::from_sha256_bytes([b; 32]);
+        let mut a = PieceFeed::new(&store, &d(1), 4 << 20, Source::Upstream("t".into())).await.unwrap();
+        a.write(&vec![7u8; 2 << 20]).await.unwrap();
+        let b = PieceFeed::new(&store, &d(2), 4 << 20, Source::Upstream("t".into())).await;
+        assert!(matches!(b, Err(StoreError::NoRoom { .. })), "the second blob took the first one's room: {:?}", b.err());
+        assert!(store.present_pieces(&d(1)).is_some(), "the blob being written was evicted");
+        a.discard().await;
+        // With the first given up, the second fits.
+        assert!(PieceFeed::new(&store, &d(2), 4 << 20, Source::Upstream("t".into())).await.is_ok());
+    }
+}

@@ -146,6 +146,8 @@ pub struct Counters {
     pub stream_aborted: AtomicU64,
     /// Blobs the cluster delivered that failed their digest (`distrusted` for a while after).
     pub cluster_lied: AtomicU64,
+    /// Requests for content named by a digest the store does not use (sha512), relayed uncached.
+    pub relayed_uncacheable: AtomicU64,
     /// Range reads of blobs not here answered with pieces from peers.
     pub ranges_from_peers: AtomicU64,
     /// Range reads that tried peers and were relayed from upstream instead.
@@ -664,6 +666,11 @@ impl Mirror {
         match route {
             Route::Blob { name, digest } => self.blob(head, &reg, &name, digest, req.headers()).await,
             Route::Manifest { name, reference } => self.manifest(head, &reg, &name, reference, req.headers()).await,
+            Route::Relay { name, kind, reference } => {
+                inc(&self.inner.counters.relayed_uncacheable);
+                let fwd = forward(req.headers(), &[header::AUTHORIZATION, header::ACCEPT, header::RANGE]);
+                self.relay(if head { Method::HEAD } else { Method::GET }, reg.api_url(&name, kind, &reference), &fwd).await
+            }
             Route::Base => unreachable!("handled above"),
         }
     }

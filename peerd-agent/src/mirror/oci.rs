@@ -8,6 +8,14 @@ pub enum Route {
     Base,
     Manifest { name: String, reference: Reference },
     Blob { name: String, digest: Digest },
+    /// A blob or manifest named by a sha512 digest (OCI allows it): relayed to the registry as
+    /// is, never cached (the store names and verifies content by sha256 only).
+    Relay { name: String, kind: &'static str, reference: String },
+}
+
+/// `sha512:<128 lowercase hex>`.
+fn sha512_digest(s: &str) -> bool {
+    s.strip_prefix("sha512:").is_some_and(|h| h.len() == 128 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +65,10 @@ pub fn parse(path: &str) -> Option<Result<Route, Rejection>> {
         return Some(Err(Rejection::new(400, "NAME_INVALID", format!("invalid repository name {name:?}"))));
     }
     let name = name.to_string();
+    if sha512_digest(last) {
+        let kind = if kind == "blobs" { "blobs" } else { "manifests" };
+        return Some(Ok(Route::Relay { name, kind, reference: last.to_string() }));
+    }
     Some(match kind {
         "blobs" => match last.parse::<Digest>() {
             Ok(digest) => Ok(Route::Blob { name, digest }),
@@ -180,6 +192,12 @@ mod tests {
             parse(&format!("/v2/x/manifests/{D}")),
             Some(Ok(Route::Manifest { reference: Reference::Digest(_), .. }))
         ));
+        // sha512 (allowed by OCI): relayed, not refused.
+        let d512 = format!("sha512:{}", "ab".repeat(64));
+        assert_eq!(parse(&format!("/v2/a/b/blobs/{d512}")), Some(Ok(Route::Relay { name: "a/b".into(), kind: "blobs", reference: d512.clone() })));
+        assert_eq!(parse(&format!("/v2/a/manifests/{d512}")), Some(Ok(Route::Relay { name: "a".into(), kind: "manifests", reference: d512.clone() })));
+        assert!(matches!(parse(&format!("/v2/a/blobs/sha512:{}", "AB".repeat(64))), Some(Err(_))), "uppercase hex");
+        assert!(matches!(parse("/v2/a/blobs/sha512:abc"), Some(Err(_))), "short");
     }
 
     #[test]

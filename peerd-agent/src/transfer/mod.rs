@@ -730,6 +730,8 @@ impl Transfer {
             return Err(TransferError::PieceSize { digest: *d, theirs: m.piece_size, ours });
         }
         store.declare(d, m.size).await?;
+        // Not evicted while it downloads.
+        let _pin = store.pin(d);
         let m = Arc::new(m);
         if m.pieces.iter().all(|h| *h != [0; 32]) {
             self.inner.partial.lock().unwrap_or_else(|e| e.into_inner()).insert(*d, m.clone());
