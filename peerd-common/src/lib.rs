@@ -93,6 +93,39 @@ impl Endpoint {
     pub const fn is_v4(&self) -> bool {
         self.ip[0] == 0 && self.ip[1] == 0 && self.ip[2] == V4_MAPPED_WORD
     }
+
+    /// The address, IPv4-mapped shown as IPv4 (the kernel programs' log records use this).
+    #[inline(always)]
+    pub fn ip_addr(&self) -> core::net::IpAddr {
+        ip_addr(&self.ip)
+    }
+
+    /// The port in host byte order.
+    #[inline(always)]
+    pub const fn port_host(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+/// Address words as stored in the maps (network-order bytes, IPv4 as IPv4-mapped) as an address.
+#[inline(always)]
+pub fn ip_addr(words: &[u32; 4]) -> core::net::IpAddr {
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD {
+        return IpAddr::V4(Ipv4Addr::from(words[3].to_ne_bytes()));
+    }
+    let mut b = [0u8; 16];
+    let mut i = 0;
+    // A plain indexed loop: the kernel side has no iterator adapters worth paying for.
+    while i < 4 {
+        let w = words[i].to_ne_bytes();
+        b[i * 4] = w[0];
+        b[i * 4 + 1] = w[1];
+        b[i * 4 + 2] = w[2];
+        b[i * 4 + 3] = w[3];
+        i += 1;
+    }
+    IpAddr::V6(Ipv6Addr::from(b))
 }
 
 /// Runtime configuration the agent writes; one element of [`maps::CONFIG`].
@@ -215,6 +248,10 @@ mod tests {
         }
         assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3]);
         assert!(!Endpoint::v6([0, 0, 0, 1u32.to_be()], 0).is_v4());
+        assert_eq!(e.ip_addr(), core::net::IpAddr::from([10, 1, 2, 3]));
+        assert_eq!(e.port_host(), 5000);
+        let v6 = Endpoint::v6([0x2001_0db8u32.to_be(), 0, 0, 1u32.to_be()], 0);
+        assert_eq!(v6.ip_addr(), "2001:db8::1".parse::<core::net::IpAddr>().unwrap());
     }
 
     #[test]

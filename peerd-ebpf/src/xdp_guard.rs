@@ -7,7 +7,8 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruPerCpuHashMap},
     programs::XdpContext,
 };
-use peerd_common::{v4_mapped, Counter, PeerStats, MAX_ALLOWED_PREFIXES, MAX_PEERS};
+use aya_log_ebpf::{debug, trace};
+use peerd_common::{ip_addr, v4_mapped, Counter, PeerStats, MAX_ALLOWED_PREFIXES, MAX_PEERS};
 
 use crate::counters;
 
@@ -87,11 +88,15 @@ fn guard(ctx: &XdpContext) -> Option<u32> {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let allowed = ALLOWED.get(&Key::new(128, src)).is_some();
     account(&src, allowed, len);
+    // Logged like the counters (gated by AYA_LOG_LEVEL, see main.rs); passes are every QUIC
+    // packet, so trace: debug shows only the drops.
     if allowed {
         counters::add(Counter::XdpPassed, 1);
+        trace!(ctx, "xdp_passed {:i} to port {} len {}", ip_addr(&src), dport, len);
         Some(XDP_PASS)
     } else {
         counters::add(Counter::XdpDropped, 1);
+        debug!(ctx, "xdp_dropped {:i} to port {} len {}", ip_addr(&src), dport, len);
         Some(XDP_DROP)
     }
 }
