@@ -11,6 +11,20 @@
 //! ring-buffer reserve + copy + submit (`AYA_LOGS`, 128 KiB); a full buffer drops the record.
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 
+/// An aya-log call whose first argument is an address held as map words (`[u32; 4]`, IPv4 as
+/// IPv4-mapped), logged as IPv4 or IPv6. Two calls, not one `IpAddr`: the IPv4 variant of an enum
+/// leaves bytes undefined that the record copy would read, and the verifier rejects reading an
+/// uninitialised register.
+#[cfg(target_arch = "bpf")]
+macro_rules! log_addr {
+    ($level:ident, $ctx:expr, $fmt:tt, $words:expr $(, $arg:expr)*) => {
+        match peerd_common::v4_addr($words) {
+            Some(ip) => aya_log_ebpf::$level!($ctx, $fmt, ip $(, $arg)*),
+            None => aya_log_ebpf::$level!($ctx, $fmt, peerd_common::v6_addr($words) $(, $arg)*),
+        }
+    };
+}
+
 #[cfg(target_arch = "bpf")]
 mod redirect;
 #[cfg(target_arch = "bpf")]

@@ -16,15 +16,15 @@ use peerd_common::{
     Config, Counter, Endpoint, BYPASS_REGISTER, MAX_EXEMPT, MAX_REDIRECTS, MAX_TRACKED_CONNECTIONS,
 };
 
-use aya_log_ebpf::{debug, trace};
+use aya_log_ebpf::debug;
 
 use crate::counters;
 
-/// Logs a connect() decision: `reason` (a counter's name, so logs and metrics read alike), the
-/// original destination and the calling process. Gated by `AYA_LOG_LEVEL` (see main.rs).
+/// Logs a connect() decision at debug: the reason (a counter's name, so logs and metrics read
+/// alike), the original destination and the calling process. Gated by `AYA_LOG_LEVEL` (main.rs).
 macro_rules! decision {
     ($ctx:expr, $fmt:tt, $orig:expr) => {
-        debug!($ctx, $fmt, $orig.ip_addr(), $orig.port_host(), current_tgid())
+        log_addr!(debug, $ctx, $fmt, &$orig.ip, $orig.port_host(), current_tgid())
     };
 }
 
@@ -109,7 +109,7 @@ fn decide(ctx: &SockAddrContext, orig: &Endpoint) -> Option<Endpoint> {
         decision!(ctx, "orig_dst_missing {:i}:{} pid {}", orig);
     }
     counters::add(Counter::Redirected, 1);
-    debug!(ctx, "redirected {:i}:{} pid {} to port {}", orig.ip_addr(), orig.port_host(), tgid, target.port_host());
+    log_addr!(debug, ctx, "redirected {:i}:{} pid {} to port {}", &orig.ip, orig.port_host(), tgid, target.port_host());
     Some(target)
 }
 
@@ -193,12 +193,12 @@ pub fn peerd_sock_ops(ctx: SockOpsContext) -> u32 {
             let key = local_endpoint(&ctx);
             if ORIG_DST.insert(&key, &orig, 0).is_ok() {
                 counters::add(Counter::OrigDstRecorded, 1);
-                trace!(&ctx, "orig_dst_recorded {:i}:{} from local port {}", orig.ip_addr(), orig.port_host(), key.port_host());
+                log_addr!(trace, &ctx, "orig_dst_recorded {:i}:{} from local port {}", &orig.ip, orig.port_host(), key.port_host());
                 // Ask for state callbacks on this socket only, to delete the entry on close.
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             } else {
                 counters::add(Counter::OrigDstMissing, 1);
-                debug!(&ctx, "orig_dst_missing {:i}:{} at SYN", orig.ip_addr(), orig.port_host());
+                log_addr!(debug, &ctx, "orig_dst_missing {:i}:{} at SYN", &orig.ip, orig.port_host());
             }
         }
         BPF_SOCK_OPS_STATE_CB => {
@@ -206,7 +206,7 @@ pub fn peerd_sock_ops(ctx: SockOpsContext) -> u32 {
                 let key = local_endpoint(&ctx);
                 if ORIG_DST.remove(&key).is_ok() {
                     counters::add(Counter::OrigDstClosed, 1);
-                    trace!(&ctx, "orig_dst_closed local port {}", key.port_host());
+                    aya_log_ebpf::trace!(&ctx, "orig_dst_closed local port {}", key.port_host());
                 }
             }
         }

@@ -7,8 +7,7 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, HashMap, LpmTrie, LruPerCpuHashMap},
     programs::XdpContext,
 };
-use aya_log_ebpf::{debug, trace};
-use peerd_common::{ip_addr, v4_mapped, Counter, PeerStats, MAX_ALLOWED_PREFIXES, MAX_PEERS};
+use peerd_common::{v4_mapped, Counter, PeerStats, MAX_ALLOWED_PREFIXES, MAX_PEERS};
 
 use crate::counters;
 
@@ -92,11 +91,11 @@ fn guard(ctx: &XdpContext) -> Option<u32> {
     // packet, so trace: debug shows only the drops.
     if allowed {
         counters::add(Counter::XdpPassed, 1);
-        trace!(ctx, "xdp_passed {:i} to port {} len {}", ip_addr(&src), dport, len);
+        log_addr!(trace, ctx, "xdp_passed {:i} to port {} len {}", &src, dport, len);
         Some(XDP_PASS)
     } else {
         counters::add(Counter::XdpDropped, 1);
-        debug!(ctx, "xdp_dropped {:i} to port {} len {}", ip_addr(&src), dport, len);
+        log_addr!(debug, ctx, "xdp_dropped {:i} to port {} len {}", &src, dport, len);
         Some(XDP_DROP)
     }
 }
