@@ -80,7 +80,8 @@ fn main() -> Result<()> {
         case("log on: attached, redirected to the agent", 2, true),
     ];
     if let Some((_, path)) = &base_object {
-        cases.push(case(&format!("{}: attached, redirected", path.to_string_lossy()), 3, true));
+        println!("Base object (PEERD_BENCH_BASE_OBJECT): {}.", path.to_string_lossy());
+        cases.push(case("base object: attached, redirected to the agent", 3, true));
     }
 
     let join = |cg: &Cgroup| std::fs::write(cg.path.join("cgroup.procs"), std::process::id().to_string());
