@@ -6,7 +6,11 @@ use std::{
     os::fd::AsRawFd,
     path::Path,
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
@@ -85,4 +89,54 @@ pub fn enter_netns(name: &str) -> Result<()> {
         bail!("setns {name}: {}", std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// What the agent's log would show: a `tracing` subscriber, scoped to the calling thread, whose
+/// output is kept in memory (the kernel log reader thread inherits it from the thread that loads
+/// the programs).
+#[derive(Clone, Default)]
+pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CaptureWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    /// Installs the subscriber with an `EnvFilter` directive (as in `RUST_LOG`) until the guard drops.
+    pub fn install(&self, filter: &str) -> tracing::subscriber::DefaultGuard {
+        let buf = self.0.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_ansi(false)
+            .with_writer(move || CaptureWriter(buf.clone()))
+            .finish();
+        tracing::subscriber::set_default(subscriber)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    /// Waits (bounded) until `n` lines contain `needle`; returns the whole log.
+    pub fn wait_for(&self, needle: &str, n: usize) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = self.text();
+            if text.lines().filter(|l| l.contains(needle)).count() >= n {
+                return Ok(text);
+            }
+            if Instant::now() > deadline {
+                bail!("{n} log lines with {needle:?} expected; the log:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! connect4/connect6 + sock_ops in the real kernel: redirect, original destination, fail open,
-//! bypass, cleanup on close. Each test has its own cgroup, netns and loaded programs.
+//! bypass, cleanup on close, the decisions' log records. Each test has its own cgroup, netns and
+//! loaded programs.
 use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener},
@@ -8,9 +9,9 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use bpf_tests::{require_root, Netns, Cgroup};
-use peerd_agent::bpf::Kernel;
-use peerd_common::Counter;
+use bpf_tests::{require_root, Cgroup, LogCapture, Netns};
+use peerd_agent::bpf::{Kernel, KernelLog, LOG_TARGET};
+use peerd_common::{programs, Counter};
 
 /// A node: a netns with an "agent" listener, "origin" listeners at the registry's addresses, and
 /// the programs attached to a cgroup the probe joins.
@@ -33,6 +34,10 @@ struct Accepted {
 
 impl Node {
     fn new(v6: bool) -> Result<Self> {
+        Self::with_log(v6, KernelLog::Off)
+    }
+
+    fn with_log(v6: bool, log: KernelLog) -> Result<Self> {
         require_root();
         let ns = Netns::new()?;
         let (registry, other, agent_bind) = if v6 {
@@ -52,7 +57,7 @@ impl Node {
         })?;
         let agent = listeners[0].1.local_addr()?;
         let cg = Cgroup::create("bpf");
-        let mut kernel = Kernel::load()?;
+        let mut kernel = Kernel::load_with(log)?;
         kernel.attach_cgroup(&cg.path)?;
         Ok(Self { ns, cg, kernel, listeners, registry: registry.parse()?, agent })
     }
@@ -274,4 +279,84 @@ fn other_network_namespaces_are_not_redirected() -> Result<()> {
     assert_eq!(node.connect(node.registry)?.by, "agent");
     assert_eq!(node.kernel.counter(Counter::Redirected), 1);
     Ok(())
+}
+
+/// With the agent's filter at debug for the kernel target, each decision shows in its log.
+#[test]
+fn decisions_are_logged_when_enabled() -> Result<()> {
+    let log = LogCapture::default();
+    {
+        // The switch is the agent's own log filter: info alone keeps the kernel quiet.
+        let _info = log.install("info");
+        assert_eq!(KernelLog::from_tracing(), KernelLog::Off);
+    }
+    let _debug = log.install(&format!("info,{LOG_TARGET}=debug"));
+    assert_eq!(KernelLog::from_tracing(), KernelLog::Debug);
+    let mut node = Node::with_log(false, KernelLog::from_tracing())?;
+    node.kernel.set_redirect(node.registry, node.agent)?;
+
+    // No heartbeat yet: fail open.
+    assert_eq!(node.connect(node.registry)?.by, "origin");
+    node.kernel.set_stale_after(Duration::from_secs(60))?;
+    node.kernel.heartbeat()?;
+    let a = node.connect(node.registry)?;
+    assert_eq!(a.by, "agent");
+    // Not in the table: no decision, no record.
+    assert_eq!(node.connect(SocketAddr::new(node.registry.ip(), 5001))?.by, "other");
+
+    let text = log.wait_for(&format!("redirected {} pid ", node.registry), 1)?;
+    let line = text.lines().find(|l| l.contains("redirected ")).context("redirect line")?;
+    assert!(line.contains(&format!(" to port {}", node.agent.port())), "{line}");
+    assert!(line.contains("DEBUG") && line.contains(LOG_TARGET) && line.contains("program=\"peerd::redirect\""), "{line}");
+    assert_eq!(text.lines().filter(|l| l.contains(&format!("fail_open {} pid ", node.registry))).count(), 1, "{text}");
+    // Debug, not trace: sock_ops' per-connection bookkeeping is not logged.
+    assert!(!text.contains("orig_dst_recorded"), "{text}");
+    assert!(!text.contains(":5001"), "{text}");
+    assert_eq!(node.kernel.counter(Counter::Redirected), 1);
+    Ok(())
+}
+
+/// Off (the default): the programs write no record at all, and the verifier has removed the
+/// log calls (fewer verified instructions than the same object loaded with logging on).
+#[test]
+fn logging_off_writes_no_records() -> Result<()> {
+    let mut node = Node::with_log(false, KernelLog::Off)?;
+    // A reader of our own on the programs' ring buffer sees whatever they wrote.
+    let id = node.kernel.program_info(programs::CONNECT4)?.id();
+    let seen = Records::default();
+    let mut reader = aya_log::EbpfLogger::init_from_id_with_logger(id, seen.clone())?;
+    node.kernel.set_redirect(node.registry, node.agent)?;
+    assert_eq!(node.connect(node.registry)?.by, "origin");
+    node.kernel.set_stale_after(Duration::from_secs(60))?;
+    node.kernel.heartbeat()?;
+    assert_eq!(node.connect(node.registry)?.by, "agent");
+    node.wait_untracked()?;
+    reader.flush();
+    assert_eq!(node.kernel.counter(Counter::Redirected), 1);
+    assert_eq!(node.kernel.counter(Counter::FailOpen), 1);
+    assert_eq!(seen.0.lock().unwrap().as_slice(), &[] as &[String], "no records with logging off");
+
+    let on = Kernel::load_with(KernelLog::Trace)?;
+    for name in [programs::CONNECT4, programs::CONNECT6, programs::SOCK_OPS, programs::XDP_GUARD] {
+        let insns = |k: &Kernel| -> Result<u32> {
+            k.program_info(name)?.verified_instruction_count().context("verified_insns (kernel >= 5.16)")
+        };
+        let (off, on) = (insns(&node.kernel)?, insns(&on)?);
+        eprintln!("{name}: {off} verified instructions with logging off, {on} on");
+        assert!(off * 2 < on, "{name}: the verifier kept the log calls with logging off ({off} vs {on} instructions)");
+    }
+    Ok(())
+}
+
+#[derive(Clone, Default)]
+struct Records(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Records {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        self.0.lock().unwrap().push(r.args().to_string());
+    }
+    fn flush(&self) {}
 }

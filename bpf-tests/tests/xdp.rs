@@ -1,6 +1,6 @@
 //! The XDP guard on a real veth pair between two network namespaces: packets to a guarded UDP port
 //! from a disallowed source are dropped, from an allowed one they pass; other ports are untouched;
-//! the counters equal the packets sent.
+//! the counters equal the packets sent; with kernel logging at debug each drop is logged.
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -9,8 +9,8 @@ use std::{
 
 use anyhow::Result;
 use aya::programs::XdpMode;
-use bpf_tests::{require_root, unique, Netns};
-use peerd_agent::bpf::Kernel;
+use bpf_tests::{require_root, unique, LogCapture, Netns};
+use peerd_agent::bpf::{Kernel, KernelLog, LOG_TARGET};
 use peerd_common::Counter;
 
 const GUARDED: u16 = 7000;
@@ -53,10 +53,12 @@ fn pair() -> Result<(Pair, String)> {
     Ok((p, b))
 }
 
-fn xdp_guard(mode: XdpMode) -> Result<()> {
+fn xdp_guard(mode: XdpMode, log: KernelLog) -> Result<()> {
     require_root();
     let (p, iface) = pair()?;
-    let mut kernel = Kernel::load()?;
+    let capture = LogCapture::default();
+    let _guard = capture.install(&format!("{LOG_TARGET}=debug"));
+    let mut kernel = Kernel::load_with(log)?;
     kernel.guard_port(GUARDED)?;
     // 198.18.0.0/31 holds .0 and .1, not .2: a prefix, not an exact match.
     kernel.allow_prefix("198.18.0.0".parse()?, 31)?;
@@ -124,15 +126,31 @@ fn xdp_guard(mode: XdpMode) -> Result<()> {
     assert_eq!((s2.passed_packets, s2.dropped_packets), (0, 15), "unguarded traffic is not counted");
     let s6 = kernel.peer_stats("2001:2::2".parse()?).expect("stats for ::2");
     assert_eq!(s6.dropped_bytes, 9 * (14 + 40 + 8 + PAYLOAD as u64));
+
+    if log == KernelLog::Debug {
+        // Ethernet + IP + UDP headers + payload, as the guard counts bytes.
+        capture.wait_for("xdp_dropped 198.18.0.2 to port 7000 len 142", 15)?;
+        let text = capture.wait_for("xdp_dropped 2001:2::2 to port 7000 len 162", 9)?;
+        assert_eq!(text.lines().filter(|l| l.contains("xdp_dropped")).count(), 15 + 9, "{text}");
+        assert!(!text.contains("xdp_passed"), "passes are trace, not debug: {text}");
+    } else {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(capture.text(), "", "logging off: nothing from the kernel");
+    }
     Ok(())
 }
 
 #[test]
 fn xdp_guard_generic_mode() -> Result<()> {
-    xdp_guard(XdpMode::Skb)
+    xdp_guard(XdpMode::Skb, KernelLog::Off)
 }
 
 #[test]
 fn xdp_guard_native_mode() -> Result<()> {
-    xdp_guard(XdpMode::Driver)
+    xdp_guard(XdpMode::Driver, KernelLog::Off)
+}
+
+#[test]
+fn xdp_guard_logs_drops() -> Result<()> {
+    xdp_guard(XdpMode::Skb, KernelLog::Debug)
 }

@@ -2,20 +2,29 @@
 //!
 //! The programs (crate `peerd-ebpf`) are embedded in the binary. [`Kernel`] owns them: dropping it
 //! detaches everything (links are released with their file descriptors).
+//!
+//! Kernel log: the programs log each decision through aya-log (see `peerd-ebpf/src/main.rs`), off
+//! unless the agent's log filter enables debug (or trace) for [`LOG_TARGET`], e.g.
+//! `RUST_LOG=info,peerd_agent::bpf=debug`. The level is fixed at load time ([`KernelLog`]); when on,
+//! a thread forwards the records to `tracing` under that target.
 
 use std::{
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
 };
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps, Xdp, XdpMode},
-    Ebpf, EbpfError,
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, ProgramInfo, SockOps, Xdp, XdpMode},
+    Ebpf, EbpfError, EbpfLoader,
 };
+use aya_log::EbpfLogger;
 use peerd_common::{maps, programs, Config, Counter, Endpoint, PeerStats};
 
 /// The kernel object, built by `cargo xtask build`.
@@ -41,6 +50,10 @@ pub enum BpfError {
     Cookie(std::io::Error),
     #[error("prefix length {len} is too long for {ip}")]
     BadPrefix { ip: IpAddr, len: u8 },
+    #[error("kernel log (aya-log): {0}")]
+    Log(#[from] aya_log::Error),
+    #[error("starting the kernel log reader: {0}")]
+    LogThread(std::io::Error),
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(MapError) -> BpfError {
@@ -134,6 +147,116 @@ pub fn cgroup2_mount() -> Result<PathBuf, BpfError> {
         .ok_or(BpfError::NoCgroup2)
 }
 
+/// The `tracing` target of the kernel programs' log records.
+pub const LOG_TARGET: &str = "peerd_agent::bpf";
+
+/// How much the kernel programs log, fixed when they are loaded (aya-log's `AYA_LOG_LEVEL`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelLog {
+    /// The programs skip every log call (the verifier removes them): no cost on connect().
+    Off,
+    /// Each decision: redirected, exempt, bypassed, other_netns, fail_open, family_mismatch,
+    /// orig_dst_missing, xdp_dropped. One ring-buffer record per redirect-table hit.
+    Debug,
+    /// Also per-packet xdp_passed and per-connection orig_dst_recorded/closed.
+    Trace,
+}
+
+impl KernelLog {
+    /// What the current `tracing` subscriber's filter wants for [`LOG_TARGET`]: off unless it
+    /// enables debug or trace there.
+    pub fn from_tracing() -> Self {
+        if tracing::enabled!(target: LOG_TARGET, tracing::Level::TRACE) {
+            KernelLog::Trace
+        } else if tracing::enabled!(target: LOG_TARGET, tracing::Level::DEBUG) {
+            KernelLog::Debug
+        } else {
+            KernelLog::Off
+        }
+    }
+
+    /// The value of `AYA_LOG_LEVEL`: calls at this level or more severe run, 0 none.
+    fn level(self) -> u8 {
+        match self {
+            KernelLog::Off => 0,
+            KernelLog::Debug => aya_log::Level::Debug as u8,
+            KernelLog::Trace => aya_log::Level::Trace as u8,
+        }
+    }
+}
+
+/// Forwards aya-log records to `tracing` under [`LOG_TARGET`] (the program's module in `program`).
+struct ToTracing;
+
+impl log::Log for ToTracing {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, r: &log::Record<'_>) {
+        let program = r.target();
+        // tracing's level is part of the call site, hence one call per level.
+        match r.level() {
+            log::Level::Error => tracing::error!(target: LOG_TARGET, program, "{}", r.args()),
+            log::Level::Warn => tracing::warn!(target: LOG_TARGET, program, "{}", r.args()),
+            log::Level::Info => tracing::info!(target: LOG_TARGET, program, "{}", r.args()),
+            log::Level::Debug => tracing::debug!(target: LOG_TARGET, program, "{}", r.args()),
+            log::Level::Trace => tracing::trace!(target: LOG_TARGET, program, "{}", r.args()),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// The thread reading the programs' log ring buffer; told to stop when dropped (it exits within
+/// one drain interval, after a last read).
+struct LogReader {
+    stop: Arc<AtomicBool>,
+}
+
+impl LogReader {
+    fn start(ebpf: &mut Ebpf) -> Result<Self, BpfError> {
+        let mut logger = EbpfLogger::init_with_logger(ebpf, ToTracing)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        // Records go to the subscriber of whoever loaded the programs (a test's scoped one too).
+        let dispatch = tracing::dispatcher::get_default(Clone::clone);
+        std::thread::Builder::new()
+            .name("peerd-bpf-log".into())
+            .spawn(move || tracing::dispatcher::with_default(&dispatch, || read_log(&mut logger, &flag)))
+            .map_err(BpfError::LogThread)?;
+        Ok(LogReader { stop })
+    }
+}
+
+impl Drop for LogReader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How often the reader drains the ring buffer. A timer, not poll(): a reader blocked in poll()
+/// is woken by every record (the submit in the program queues a wakeup when the consumer has
+/// caught up), which on a loaded 2-core node put a context switch on each redirected connect().
+/// Drained every 10 ms (100 idle wakeups a second), the 128 KiB buffer takes some 50k records a
+/// second before it drops any.
+const LOG_DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
+fn read_log(logger: &mut EbpfLogger<ToTracing>, stop: &AtomicBool) {
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        // aya-log panics on a record it cannot parse; that ends the reader, not the agent.
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| logger.flush())).is_err() {
+            tracing::warn!(target: LOG_TARGET, "unreadable kernel log record; kernel log reader stopped");
+            return;
+        }
+        if stopping {
+            return;
+        }
+        std::thread::sleep(LOG_DRAIN_INTERVAL);
+    }
+}
+
 /// Loaded kernel programs and their maps.
 pub struct Kernel {
     ebpf: Ebpf,
@@ -148,17 +271,30 @@ pub struct Kernel {
     peer_stats: PerCpuHashMap<MapData, [u32; 4], PeerStats>,
     stale_after_ns: u64,
     netns_cookie: u64,
+    /// Present while the programs log (not [`KernelLog::Off`]).
+    _log: Option<LogReader>,
 }
 
 impl Kernel {
-    /// Loads the embedded programs into the kernel (not yet attached anywhere).
+    /// Loads the embedded programs into the kernel (not yet attached anywhere), logging as the
+    /// `tracing` filter asks ([`KernelLog::from_tracing`]).
     pub fn load() -> Result<Self, BpfError> {
-        Self::load_object(OBJECT)
+        Self::load_object(OBJECT, KernelLog::from_tracing())
+    }
+
+    /// Loads the embedded programs with an explicit log level.
+    pub fn load_with(log: KernelLog) -> Result<Self, BpfError> {
+        Self::load_object(OBJECT, log)
     }
 
     /// Loads programs from an object file's bytes (tests use this to load a modified object).
-    pub fn load_object(object: &[u8]) -> Result<Self, BpfError> {
-        let mut ebpf = Ebpf::load(object)?;
+    pub fn load_object(object: &[u8], log: KernelLog) -> Result<Self, BpfError> {
+        let level = log.level();
+        // aya-log's gate, a .rodata global (its default is every level). Any object with log
+        // calls has it; one without (an older build) logs nothing, so only "on" requires it.
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, log != KernelLog::Off)
+            .load(object)?;
         fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, BpfError> {
             ebpf.take_map(name).ok_or(BpfError::MissingMap(name))
         }
@@ -179,6 +315,7 @@ impl Kernel {
             peer_stats: typed!(maps::PEER_STATS),
             stale_after_ns: peerd_common::DEFAULT_STALE_AFTER_NS,
             netns_cookie: 0,
+            _log: None,
             ebpf,
         };
         for name in [programs::CONNECT4, programs::CONNECT6] {
@@ -189,7 +326,16 @@ impl Kernel {
         p.load().map_err(prog_err(programs::SOCK_OPS))?;
         let p: &mut Xdp = kernel.program(programs::XDP_GUARD)?;
         p.load().map_err(prog_err(programs::XDP_GUARD))?;
+        if log != KernelLog::Off {
+            kernel._log = Some(LogReader::start(&mut kernel.ebpf)?);
+        }
         Ok(kernel)
+    }
+
+    /// The kernel's view of a loaded program (id, verified instruction count, translated size).
+    pub fn program_info(&self, name: &'static str) -> Result<ProgramInfo, BpfError> {
+        let p = self.ebpf.program(name).ok_or(BpfError::MissingProgram(name))?;
+        p.info().map_err(prog_err(name))
     }
 
     fn program<'a, T>(&'a mut self, name: &'static str) -> Result<&'a mut T, BpfError>

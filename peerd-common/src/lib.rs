@@ -93,6 +93,31 @@ impl Endpoint {
     pub const fn is_v4(&self) -> bool {
         self.ip[0] == 0 && self.ip[1] == 0 && self.ip[2] == V4_MAPPED_WORD
     }
+
+    /// The port in host byte order.
+    #[inline(always)]
+    pub const fn port_host(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+/// Address words as stored in the maps (network-order bytes, IPv4 as IPv4-mapped): the IPv4
+/// address if it is one. With [`v6_addr`] for log records; kept apart rather than as one
+/// `IpAddr`, whose IPv4 variant leaves bytes undefined that the kernel program would then copy
+/// (the verifier rejects the read of an uninitialised register).
+#[inline(always)]
+pub fn v4_addr(words: &[u32; 4]) -> Option<core::net::Ipv4Addr> {
+    (words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD)
+        .then(|| core::net::Ipv4Addr::from(words[3].to_ne_bytes()))
+}
+
+/// Address words as an IPv6 address (IPv4 shows IPv4-mapped).
+#[inline(always)]
+pub fn v6_addr(words: &[u32; 4]) -> core::net::Ipv6Addr {
+    let (a, b, c, d) = (words[0].to_ne_bytes(), words[1].to_ne_bytes(), words[2].to_ne_bytes(), words[3].to_ne_bytes());
+    core::net::Ipv6Addr::from([
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3],
+    ])
 }
 
 /// Runtime configuration the agent writes; one element of [`maps::CONFIG`].
@@ -215,6 +240,11 @@ mod tests {
         }
         assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 1, 2, 3]);
         assert!(!Endpoint::v6([0, 0, 0, 1u32.to_be()], 0).is_v4());
+        assert_eq!(v4_addr(&e.ip), Some(core::net::Ipv4Addr::new(10, 1, 2, 3)));
+        assert_eq!(e.port_host(), 5000);
+        let v6 = Endpoint::v6([0x2001_0db8u32.to_be(), 0, 0, 1u32.to_be()], 0);
+        assert_eq!(v4_addr(&v6.ip), None);
+        assert_eq!(v6_addr(&v6.ip), "2001:db8::1".parse::<core::net::Ipv6Addr>().unwrap());
     }
 
     #[test]

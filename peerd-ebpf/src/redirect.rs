@@ -16,7 +16,23 @@ use peerd_common::{
     Config, Counter, Endpoint, BYPASS_REGISTER, MAX_EXEMPT, MAX_REDIRECTS, MAX_TRACKED_CONNECTIONS,
 };
 
+use aya_log_ebpf::debug;
+
 use crate::counters;
+
+/// Logs a connect() decision at debug: the reason (a counter's name, so logs and metrics read
+/// alike), the original destination and the calling process. Gated by `AYA_LOG_LEVEL` (main.rs).
+macro_rules! decision {
+    ($ctx:expr, $fmt:tt, $orig:expr) => {
+        log_addr!(debug, $ctx, $fmt, &$orig.ip, $orig.port_host(), current_tgid())
+    };
+}
+
+/// The calling process as the kernel's root PID namespace numbers it.
+#[inline(always)]
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
 
 const SOCK_STREAM: u32 = 1;
 const AF_INET: u32 = 2;
@@ -55,13 +71,15 @@ fn decide(ctx: &SockAddrContext, orig: &Endpoint) -> Option<Endpoint> {
     // Only the agent's network namespace: elsewhere 127.0.0.1 is somebody else's loopback.
     if cfg.netns_cookie != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != cfg.netns_cookie {
         counters::add(Counter::OtherNetns, 1);
+        decision!(ctx, "other_netns {:i}:{} pid {}", orig);
         return None;
     }
 
     // The agent's own connections (all its threads: the tgid is the process) go untouched.
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let tgid = current_tgid();
     if unsafe { EXEMPT.get(&tgid) }.is_some() {
         counters::add(Counter::Exempt, 1);
+        decision!(ctx, "exempt {:i}:{} pid {}", orig);
         return None;
     }
 
@@ -70,8 +88,10 @@ fn decide(ctx: &SockAddrContext, orig: &Endpoint) -> Option<Endpoint> {
         if *v == BYPASS_REGISTER {
             // Registration: the agent cannot name its root-namespace PID, the kernel can.
             let _ = EXEMPT.insert(&tgid, &1, 0);
+            debug!(ctx, "exempt_registered pid {}", tgid);
         }
         counters::add(Counter::Bypassed, 1);
+        decision!(ctx, "bypassed {:i}:{} pid {}", orig);
         return None;
     }
 
@@ -79,14 +99,17 @@ fn decide(ctx: &SockAddrContext, orig: &Endpoint) -> Option<Endpoint> {
     let now = unsafe { bpf_ktime_get_ns() };
     if cfg.heartbeat_ns == 0 || now.saturating_sub(cfg.heartbeat_ns) > cfg.stale_after_ns {
         counters::add(Counter::FailOpen, 1);
+        decision!(ctx, "fail_open {:i}:{} pid {}", orig);
         return None;
     }
 
     // Remembered until the SYN, when sock_ops knows the local port and files it under that.
     if PENDING.insert(&cookie, orig, 0).is_err() {
         counters::add(Counter::OrigDstMissing, 1);
+        decision!(ctx, "orig_dst_missing {:i}:{} pid {}", orig);
     }
     counters::add(Counter::Redirected, 1);
+    log_addr!(debug, ctx, "redirected {:i}:{} pid {} to port {}", &orig.ip, orig.port_host(), tgid, target.port_host());
     Some(target)
 }
 
@@ -102,6 +125,7 @@ pub fn peerd_connect4(ctx: SockAddrContext) -> i32 {
     if let Some(target) = decide(&ctx, &orig) {
         if !target.is_v4() {
             counters::add(Counter::FamilyMismatch, 1);
+            decision!(ctx, "family_mismatch {:i}:{} pid {}", orig);
             return ALLOW;
         }
         sa.user_ip4 = target.ip[3];
@@ -169,10 +193,12 @@ pub fn peerd_sock_ops(ctx: SockOpsContext) -> u32 {
             let key = local_endpoint(&ctx);
             if ORIG_DST.insert(&key, &orig, 0).is_ok() {
                 counters::add(Counter::OrigDstRecorded, 1);
+                log_addr!(trace, &ctx, "orig_dst_recorded {:i}:{} from local port {}", &orig.ip, orig.port_host(), key.port_host());
                 // Ask for state callbacks on this socket only, to delete the entry on close.
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             } else {
                 counters::add(Counter::OrigDstMissing, 1);
+                log_addr!(debug, &ctx, "orig_dst_missing {:i}:{} at SYN", &orig.ip, orig.port_host());
             }
         }
         BPF_SOCK_OPS_STATE_CB => {
@@ -180,6 +206,7 @@ pub fn peerd_sock_ops(ctx: SockOpsContext) -> u32 {
                 let key = local_endpoint(&ctx);
                 if ORIG_DST.remove(&key).is_ok() {
                     counters::add(Counter::OrigDstClosed, 1);
+                    aya_log_ebpf::trace!(&ctx, "orig_dst_closed local port {}", key.port_host());
                 }
             }
         }

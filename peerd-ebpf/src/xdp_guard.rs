@@ -87,11 +87,15 @@ fn guard(ctx: &XdpContext) -> Option<u32> {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let allowed = ALLOWED.get(&Key::new(128, src)).is_some();
     account(&src, allowed, len);
+    // Logged like the counters (gated by AYA_LOG_LEVEL, see main.rs); passes are every QUIC
+    // packet, so trace: debug shows only the drops.
     if allowed {
         counters::add(Counter::XdpPassed, 1);
+        log_addr!(trace, ctx, "xdp_passed {:i} to port {} len {}", &src, dport, len);
         Some(XDP_PASS)
     } else {
         counters::add(Counter::XdpDropped, 1);
+        log_addr!(debug, ctx, "xdp_dropped {:i} to port {} len {}", &src, dport, len);
         Some(XDP_DROP)
     }
 }
