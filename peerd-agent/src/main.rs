@@ -623,6 +623,16 @@ fn agent(args: AgentArgs) -> Result<()> {
         tokio::select! {
             r = mirror.serve(listener, args.max_connections) => r.context("mirror server")?,
             r = shutdown_signal() => r?,
+            changed = follow_route(me, chosen.clone(), args.peer_addr, towards.clone(), alone) => {
+                // Peers know this node by the address it advertised at start (gossip, rendezvous
+                // ownership); a node whose address moved restarts to advertise the new one (its
+                // supervisor, systemd or the kubelet, brings it back at once).
+                tracing::error!("{changed}; exiting so the agent restarts with the new address");
+                if let Some(t) = transparent {
+                    t.shutdown();
+                }
+                anyhow::bail!("{changed}");
+            }
         }
         tracing::info!("shutting down");
         if let Some(t) = transparent {
@@ -664,6 +674,30 @@ fn raise_nofile() {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
             l.rlim_cur = l.rlim_max;
             let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+/// Resolves when the address chosen for peers (from the route to the seeds or the default
+/// route) no longer is the one the routing table would choose: the node's address changed. Never
+/// for an address that was given (`--advertise-addr`, a non-wildcard `--peer-addr`) or a node
+/// alone. Checked every 30 s; two checks in a row must agree (a route being replaced is not a
+/// change).
+async fn follow_route(me: SocketAddr, chosen: peerd_agent::identity::Chosen, listen: SocketAddr, towards: Vec<SocketAddr>, alone: bool) -> String {
+    use peerd_agent::identity::Chosen;
+    if alone || matches!(chosen, Chosen::Flag | Chosen::Listen) {
+        return std::future::pending().await;
+    }
+    let mut seen_other = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let (now, _) = peerd_agent::identity::advertise(listen, None, &towards);
+        if now == me {
+            seen_other = None;
+        } else if seen_other == Some(now) {
+            return format!("this node's address changed: it advertised {me}, the route now says {now}");
+        } else {
+            seen_other = Some(now);
         }
     }
 }
