@@ -296,6 +296,9 @@ fn auto_is_the_default_and_has_both() {
     assert!(install.iter().any(|a| a == "docker.io=https://registry-1.docker.io"), "{install:?}");
     assert_eq!(f.list(&format!("{DS}.containers[hosts-toml].lifecycle.preStop.exec.command"))[2], "uninstall");
     assert_eq!(env(&f, "PEERD_HOSTS_TOML_DIR").as_deref(), Some("/host/containerd-certs.d"));
+    // The script the init container and the hook run ships with the release.
+    assert_eq!(f.s(&format!("{DS}.volumes[hosts-toml-script].configMap.name")), "peerd-hosts-toml");
+    assert!(!f.s("ConfigMap/peerd-hosts-toml.data.hosts-toml.sh").is_empty(), "the hosts-toml ConfigMap is not rendered");
     assert_eq!(mount(&f, "containerd-certs"), ("/host/containerd-certs.d".into(), true, Some("/etc/containerd/certs.d".into())));
     assert_eq!(
         f.names(&format!("{AGENT}.volumeMounts")),
