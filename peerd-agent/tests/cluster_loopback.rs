@@ -47,13 +47,15 @@ fn cluster(dir: &std::path::Path, n: usize, reg: &str, extra: &[&str]) -> Cluste
 /// One incompressible layer of `mib` MiB pushed to a real registry, and `n` agents with uploads
 /// throttled (so a peer transfer takes long enough to land faults and reads in the middle), or
 /// with the given arguments.
+/// Fields drop in order: the agents first (a failing test prints their logs, which live in the
+/// directory), the directory last.
 struct OneLayer {
-    _dir: tempfile::TempDir,
+    c: Cluster,
     _registry: Registry,
     image: Image,
     layer: String,
     path: String,
-    c: Cluster,
+    _dir: tempfile::TempDir,
 }
 
 fn one_layer(n: usize, mib: usize) -> OneLayer {
@@ -345,8 +347,17 @@ async fn a_range_of_a_blob_held_by_a_peer_comes_from_that_peer() {
     t.get_ok(0).await;
     let node1 = &t.c.agents[1];
     let client = http_client();
-    // Node 1 may hold it as the blob's rendezvous owner: drop that copy.
-    client.delete(node1.url(&format!("/cache/{}", t.layer))).send().await.unwrap();
+    // Node 1 may hold it as the blob's rendezvous owner: drop that copy (once it is complete:
+    // a copy still being written answers 409).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = client.delete(node1.url(&format!("/cache/{}", t.layer))).send().await.unwrap().status().as_u16();
+        if st == 204 || st == 404 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "node 1's copy never became removable ({st})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let gets = t._registry.blob_gets().len();
     let bytes = t.image.blob_bytes(&t.layer);
     for (start, end) in [(0usize, 4095usize), (3 << 20, (3 << 20) + 1_048_575), (bytes.len() - 100, bytes.len() - 1), (1_000_000, 1_100_000)] {
