@@ -15,9 +15,12 @@ pub enum Which {
     /// A cached blob served by the agent vs the same file served by nginx (sendfile on), same
     /// client: whole-blob throughput and server CPU per GiB; random range reads.
     Serve {
-        /// Blob size in MiB.
-        #[arg(long, default_value_t = 1024)]
-        size_mib: u64,
+        /// Blob sizes in MiB, each measured in turn.
+        #[arg(long, value_delimiter = ',', default_value = "512,1024")]
+        size_mib: Vec<u64>,
+        /// Alternating runs per case.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
     /// One blob to N nodes over shaped links: direct from the registry vs BitTorrent (aria2) vs
     /// peerd; completion p50/max vs S/B and origin egress.
@@ -83,6 +86,16 @@ pub enum Which {
         #[arg(long, default_value_t = 1000)]
         rate: u32,
     },
+    /// One blob between two namespaced nodes on an unshaped veth pair, side by side: agent to
+    /// agent (QUIC peer protocol) vs TLS 1.3 over kernel TCP (nginx HTTPS, curl) vs plain TCP
+    /// sendfile; throughput and CPU seconds per GiB on each side.
+    Transport {
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Alternating runs per case (after one untimed round).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Azure peerd's "random" workload: concurrent random-range readers of one blob, direct from
     /// the origin vs through the agent's /blobs/ proxy (cold, then warm).
     Range {
@@ -98,9 +111,10 @@ pub enum Which {
 pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Connect => connect(),
-        Which::Serve { size_mib } => crate::serve_bench::serve(size_mib),
+        Which::Serve { size_mib, runs } => crate::serve_bench::serve(&size_mib, runs),
         Which::Range { size_mib, readers, reads_per_reader } => crate::serve_bench::range(size_mib, readers, reads_per_reader),
         Which::Gossip { runs } => gossip(&runs),
+        Which::Transport { size_mib, runs } => crate::transport_bench::transport(size_mib, runs),
         Which::SwarmSim { nodes, rtt_ms } => swarm_sim(&nodes, &rtt_ms),
         Which::Redirect { layers, rounds, rate } => crate::redirect_bench::redirect(&layers, rounds.max(1), rate),
         Which::Swarm { size_mib, nodes, rate, aggregate_mbit, no_bittorrent, queue_ms, small_packets_first, keep_page_reporting } => {

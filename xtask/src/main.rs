@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod cluster;
 mod serve_bench;
+mod transport_bench;
 mod swarm_bench;
 mod redirect_bench;
 mod setup;
