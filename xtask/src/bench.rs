@@ -21,6 +21,10 @@ pub enum Which {
         /// Alternating runs per case.
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Servers on core 0, curl on core 1, all SCHED_FIFO: a quiet 2-core machine's figures
+        /// on a machine shared with other work.
+        #[arg(long)]
+        realtime: bool,
     },
     /// One blob to N nodes over shaped links: direct from the registry vs BitTorrent (aria2) vs
     /// peerd; completion p50/max vs S/B and origin egress.
@@ -111,7 +115,7 @@ pub enum Which {
 pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Connect => connect(),
-        Which::Serve { size_mib, runs } => crate::serve_bench::serve(&size_mib, runs),
+        Which::Serve { size_mib, runs, realtime } => crate::serve_bench::serve(&size_mib, runs, realtime),
         Which::Range { size_mib, readers, reads_per_reader } => crate::serve_bench::range(size_mib, readers, reads_per_reader),
         Which::Gossip { runs } => gossip(&runs),
         Which::Transport { size_mib, runs } => crate::transport_bench::transport(size_mib, runs),
