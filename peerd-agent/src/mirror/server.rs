@@ -362,12 +362,18 @@ fn file_socket_options(s: &TcpStream, on: bool) {
     set(libc::IPPROTO_TCP, libc::TCP_CORK, on.into());
 }
 
+/// Bytes per sendfile(2) call, as nginx's `sendfile_max_chunk`. A fast client drains the socket
+/// as quickly as it fills, so one call for the whole body (as before) ran for the whole transfer
+/// (strace: 537 MB in one 0.2 s call) and held a runtime thread meanwhile; measured against that,
+/// 2 MiB and 256 KiB calls cost the same CPU per GiB and throughput (within the runs' spread).
+const SENDFILE_CHUNK: usize = 2 << 20;
+
 /// sendfile(2) from the cache file to the socket: the bytes never enter userspace.
 async fn send_file(stream: &TcpStream, file: &std::fs::File, offset: u64, len: u64) -> std::io::Result<()> {
     let mut off = offset as libc::off_t;
     let end = offset + len;
     while (off as u64) < end {
-        let want = ((end - off as u64) as usize).min(1 << 30);
+        let want = ((end - off as u64) as usize).min(SENDFILE_CHUNK);
         let n = timed(stream.async_io(Interest::WRITABLE, || {
                 // SAFETY: both fds are open for the duration; `off` is a valid off_t we own.
                 let r = unsafe { libc::sendfile(stream.as_raw_fd(), file.as_raw_fd(), &mut off, want) };
@@ -381,6 +387,8 @@ async fn send_file(stream: &TcpStream, file: &std::fs::File, offset: u64, len: u
         if n == 0 {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "cache file shorter than expected"));
         }
+        // Other connections' tasks on this runtime thread get their turn between chunks.
+        tokio::task::yield_now().await;
     }
     Ok(())
 }
