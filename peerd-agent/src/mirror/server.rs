@@ -345,7 +345,7 @@ async fn copy_file(out: &mut (impl AsyncWrite + Unpin), file: std::fs::File, off
 /// stop at `tcp_wmem`'s 4 MiB). Measured (512 MiB over loopback, curl and server each on its own
 /// core, 8 alternating runs, bench/RESULTS.md): the agent's CPU per GiB was 0.42-0.52 s against
 /// nginx's 0.30-0.35 s, whatever the sendfile chunk (1 GiB, 2 MiB, 256 KiB); corked 0.33-0.35 s
-/// but slower; corked with 4 MiB here 0.21-0.27 s at nginx's throughput or better (2 MiB 0.32 s,
+/// but slower; corked with 4 MiB here 0.21-0.27 s at about nginx's throughput (2 MiB 0.32 s,
 /// 8 MiB 0.29 s and slower). Uncorked, a bigger buffer alone gave 0.43 s.
 const FILE_SNDBUF: libc::c_int = 4 << 20;
 
