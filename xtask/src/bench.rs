@@ -15,9 +15,16 @@ pub enum Which {
     /// A cached blob served by the agent vs the same file served by nginx (sendfile on), same
     /// client: whole-blob throughput and server CPU per GiB; random range reads.
     Serve {
-        /// Blob size in MiB.
-        #[arg(long, default_value_t = 1024)]
-        size_mib: u64,
+        /// Blob sizes in MiB, each measured in turn.
+        #[arg(long, value_delimiter = ',', default_value = "512,1024")]
+        size_mib: Vec<u64>,
+        /// Alternating runs per case.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Servers on core 0, curl on core 1, all SCHED_FIFO: a quiet 2-core machine's figures
+        /// on a machine shared with other work.
+        #[arg(long)]
+        realtime: bool,
     },
     /// One blob to N nodes over shaped links: direct from the registry vs BitTorrent (aria2) vs
     /// peerd; completion p50/max vs S/B and origin egress.
@@ -83,6 +90,16 @@ pub enum Which {
         #[arg(long, default_value_t = 1000)]
         rate: u32,
     },
+    /// One blob between two namespaced nodes on an unshaped veth pair, side by side: agent to
+    /// agent (QUIC peer protocol) vs TLS 1.3 over kernel TCP (nginx HTTPS, curl) vs plain TCP
+    /// sendfile; throughput and CPU seconds per GiB on each side.
+    Transport {
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Alternating runs per case (after one untimed round).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Lazy-loading range reads on the cluster harness (Azure peerd's random workload and a
     /// sequential read): direct from storage behind a slow link vs through peerd with another
     /// node holding the blob, cold, and warm.
@@ -105,11 +122,12 @@ pub enum Which {
 pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Connect => connect(),
-        Which::Serve { size_mib } => crate::serve_bench::serve(size_mib),
+        Which::Serve { size_mib, runs, realtime } => crate::serve_bench::serve(&size_mib, runs, realtime),
         Which::Range { size_mib, readers, reads_per_reader, storage_mbit, node_mbit } => {
             crate::range_bench::run(crate::range_bench::Args { size_mib, readers, per_reader: reads_per_reader, storage_mbit, node_mbit })
         }
         Which::Gossip { runs } => gossip(&runs),
+        Which::Transport { size_mib, runs } => crate::transport_bench::transport(size_mib, runs),
         Which::SwarmSim { nodes, rtt_ms } => swarm_sim(&nodes, &rtt_ms),
         Which::Redirect { layers, rounds, rate } => crate::redirect_bench::redirect(&layers, rounds.max(1), rate),
         Which::Swarm { size_mib, nodes, rate, aggregate_mbit, no_bittorrent, queue_ms, small_packets_first, keep_page_reporting } => {

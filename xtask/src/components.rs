@@ -554,6 +554,11 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start(dir: &Path, root: &Path) -> Self {
+        Self::start_with(dir, root, "")
+    }
+
+    /// As `start`, with `http_extra` added to the `http` block (e.g. `tcp_nopush on;`).
+    pub fn start_with(dir: &Path, root: &Path, http_extra: &str) -> Self {
         require("nginx");
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let prefix = dir.join("nginx");
@@ -563,7 +568,7 @@ impl Nginx {
         std::fs::write(
             &conf,
             format!(
-                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/error.log;\nevents {{ worker_connections 256; }}\nhttp {{\n  access_log {log};\n  client_body_temp_path {p}/tmp; proxy_temp_path {p}/tmp; fastcgi_temp_path {p}/tmp; uwsgi_temp_path {p}/tmp; scgi_temp_path {p}/tmp;\n  sendfile on;\n  default_type application/octet-stream;\n  server {{ listen {addr}; root {root}; }}\n}}\n",
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/error.log;\nevents {{ worker_connections 256; }}\nhttp {{\n  access_log {log};\n  client_body_temp_path {p}/tmp; proxy_temp_path {p}/tmp; fastcgi_temp_path {p}/tmp; uwsgi_temp_path {p}/tmp; scgi_temp_path {p}/tmp;\n  sendfile on;\n  {http_extra}\n  default_type application/octet-stream;\n  server {{ listen {addr}; root {root}; }}\n}}\n",
                 p = prefix.display(),
                 log = access_log.display(),
                 root = root.display()

@@ -13,6 +13,7 @@ mod bench;
 mod cluster;
 mod fuzz;
 mod serve_bench;
+mod transport_bench;
 mod swarm_bench;
 mod range_bench;
 mod redirect_bench;
