@@ -1,6 +1,6 @@
 //! Gossip simulation benchmark: N agents in one process on a paused clock; prints Markdown.
 //!
-//! `cargo run --release -p peerd-agent --bin gossip-sim -- --nodes 1000 --blobs 10000`
+//! `cargo run --release -p peerd-agent --bin gossip-sim -- --nodes 1000 --blobs 2000`
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,7 +37,7 @@ static ALLOC: Counting = Counting;
 struct Args {
     #[arg(long, default_value_t = 1000)]
     nodes: usize,
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 2_000)]
     blobs: usize,
     /// Gossip interval in milliseconds.
     #[arg(long, default_value_t = 100)]
@@ -53,6 +53,9 @@ struct Args {
     /// Simulated seconds to wait for convergence.
     #[arg(long, default_value_t = 300)]
     max_wait_s: u64,
+    /// Skip the lossy propagation and partition phases (the scaling runs).
+    #[arg(long)]
+    quick: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -72,6 +75,7 @@ fn main() -> std::process::ExitCode {
         loss: args.loss,
         seed: args.seed,
         max_wait: Duration::from_secs(args.max_wait_s),
+        quick: args.quick,
     };
     let report = runtime.block_on(sim::run(opts, || LIVE.load(Ordering::Relaxed)));
     print!("{report}");
