@@ -56,10 +56,17 @@ struct Args {
     /// Skip the lossy propagation and partition phases (the scaling runs).
     #[arg(long)]
     quick: bool,
+    /// Only time lookups in filters built directly (no chitchat; cheap at 5,000 nodes).
+    #[arg(long)]
+    lookup_only: bool,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if args.lookup_only {
+        print!("{}", sim::lookup_bench(args.nodes, args.blobs, args.seed));
+        return std::process::ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -502,7 +502,7 @@ impl crate::metrics::MetricsSource for Gossip {
         let (entries, _, undecodable) = self.index_stats();
         let index = Gauge::<i64>::default();
         index.set(entries as i64);
-        r.register("gossip_index_entries", "(peer, blob fingerprint) pairs in the content index", index);
+        r.register("gossip_index_entries", "(peer, blob) pairs advertised in the peers' content filters held", index);
         r.register("gossip_undecodable_shards", "Peers' summary shards that failed to decode", ConstCounter::new(undecodable));
     }
 }

@@ -519,3 +519,58 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
     }
     out
 }
+
+/// Lookups alone, without chitchat: `nodes` peers' filters of `blobs` random digests each in
+/// one `Index` (as a node holds them), then 20,000 lookups (half hits) timed in real time. Cheap
+/// enough to measure 5,000 nodes directly, which the full simulation cannot on one machine. A
+/// lower bound for `who_has`, which adds a read lock and building the `Holder`s.
+pub fn lookup_bench(nodes: usize, blobs: usize, seed: u64) -> String {
+    use super::index::{Index, KeyView};
+    use super::summary::{self, Kind, SHARDS};
+    let mut rng = Rng::new(seed);
+    let mut index: Index<u32> = Index::default();
+    let mut held: Vec<Digest> = Vec::new();
+    let mut value_bytes = 0usize;
+    for node in 0..nodes as u32 {
+        let digests: Vec<Digest> = (0..blobs).map(|_| rng.digest()).collect();
+        let mut values = Vec::new();
+        for shard in 0..SHARDS as u8 {
+            let mut keys: Vec<u64> = digests.iter().filter(|d| summary::shard_of(d) == shard).map(summary::filter_key).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            if let Ok(value) = summary::encode_shard(&keys) {
+                value_bytes += value.len();
+                values.push((summary::shard_key(Kind::Complete, shard), value));
+            }
+        }
+        let views = values.iter().map(|(key, value)| KeyView { key, value, version: 1, deleted: false });
+        if index.update_node(&node, 1, views).is_err() {
+            break;
+        }
+        if let Some(d) = digests.first() {
+            held.push(*d);
+        }
+    }
+    let mut times = Vec::with_capacity(20_000);
+    let mut found = 0usize;
+    let mut out = Vec::new();
+    for i in 0..20_000usize {
+        let digest = if i % 2 == 0 { held[rng.next_u64() as usize % held.len().max(1)] } else { rng.digest() };
+        out.clear();
+        let t = std::time::Instant::now();
+        index.lookup(&digest, &mut out);
+        times.push(t.elapsed());
+        found += out.len();
+        std::hint::black_box(&out);
+    }
+    times.sort();
+    let us = |p: f64| percentile(&times, p).unwrap_or_default().as_secs_f64() * 1e6;
+    format!(
+        "lookup-bench: {nodes} nodes x {blobs} blobs: index lookup p50 {:.2} us, p99 {:.2} us; filters held {:.1} MB, their base64 values {:.1} MB; {:.2} holders per lookup (half hits)\n",
+        us(50.0),
+        us(99.0),
+        index.table_bytes() as f64 / 1e6,
+        value_bytes as f64 / 1e6,
+        found as f64 / times.len().max(1) as f64,
+    )
+}
