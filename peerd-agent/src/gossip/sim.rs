@@ -555,7 +555,11 @@ pub fn lookup_bench(nodes: usize, blobs: usize, seed: u64) -> String {
     let mut found = 0usize;
     let mut out = Vec::new();
     for i in 0..20_000usize {
-        let digest = if i % 2 == 0 { held[rng.next_u64() as usize % held.len().max(1)] } else { rng.digest() };
+        let hit = held.get(rng.next_u64() as usize % held.len().max(1)).copied();
+        let digest = match hit {
+            Some(digest) if i % 2 == 0 => digest,
+            _ => rng.digest(),
+        };
         out.clear();
         let t = std::time::Instant::now();
         index.lookup(&digest, &mut out);
