@@ -24,8 +24,6 @@ struct Setup {
     _dir: tempfile_dir::Dir,
     data: Arc<Vec<u8>>,
     nginx: Nginx,
-    /// Path of the blob under the nginx root, registry storage layout.
-    rel: String,
     agent_bin: PathBuf,
     dir: PathBuf,
 }
@@ -58,7 +56,7 @@ fn setup(size_mib: u64) -> Result<Setup> {
     std::fs::create_dir_all(oci.parent().context("parent")?)?;
     std::fs::hard_link(root.join(&rel), &oci)?;
     let nginx = Nginx::start_with(&dir, &root, "tcp_nopush on;");
-    Ok(Setup { _dir: guard, data: Arc::new(data), nginx, rel, agent_bin, dir })
+    Ok(Setup { _dir: guard, data: Arc::new(data), nginx, agent_bin, dir })
 }
 
 fn rt() -> Result<tokio::runtime::Runtime> {

@@ -1,6 +1,6 @@
 //! Gossip simulation benchmark: N agents in one process on a paused clock; prints Markdown.
 //!
-//! `cargo run --release -p peerd-agent --bin gossip-sim -- --nodes 1000 --blobs 10000`
+//! `cargo run --release -p peerd-agent --bin gossip-sim -- --nodes 1000 --blobs 2000`
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,7 +37,7 @@ static ALLOC: Counting = Counting;
 struct Args {
     #[arg(long, default_value_t = 1000)]
     nodes: usize,
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 2_000)]
     blobs: usize,
     /// Gossip interval in milliseconds.
     #[arg(long, default_value_t = 100)]
@@ -53,10 +53,20 @@ struct Args {
     /// Simulated seconds to wait for convergence.
     #[arg(long, default_value_t = 300)]
     max_wait_s: u64,
+    /// Skip the lossy propagation and partition phases (the scaling runs).
+    #[arg(long)]
+    quick: bool,
+    /// Only time lookups in filters built directly (no chitchat; cheap at 5,000 nodes).
+    #[arg(long)]
+    lookup_only: bool,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if args.lookup_only {
+        print!("{}", sim::lookup_bench(args.nodes, args.blobs, args.seed));
+        return std::process::ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -72,6 +82,7 @@ fn main() -> std::process::ExitCode {
         loss: args.loss,
         seed: args.seed,
         max_wait: Duration::from_secs(args.max_wait_s),
+        quick: args.quick,
     };
     let report = runtime.block_on(sim::run(opts, || LIVE.load(Ordering::Relaxed)));
     print!("{report}");

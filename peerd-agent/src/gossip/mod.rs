@@ -1,9 +1,9 @@
 //! Cluster membership and content discovery by gossip (chitchat): no leader, no DHT.
 //!
 //! Every node publishes a few small keys (peer address, zone, version, and its content summary
-//! in 256 shards, see `summary`), gossips them sealed with the cluster secret (`seal`,
-//! `transport`), and folds what it hears into a local inverted index (`index`), so "who has
-//! digest D" never leaves the process. Small content changes are also pushed as rumors
+//! as binary fuse filters in 8 shards, see `summary`), gossips them sealed with the cluster secret (`seal`,
+//! `transport`), and keeps every peer's filters (`index`), so "who has digest D" never leaves the
+//! process: per node about 1.4 bytes per (peer, blob), no false negatives. Small content changes are also pushed as rumors
 //! (`rumor`) so they reach everyone within a few rounds, while chitchat's anti-entropy, whose
 //! every exchange carries a digest of all members, is held to a byte budget (`pace`).
 //! Encoding and invariants: PROTOCOL.md.
@@ -255,7 +255,12 @@ impl Gossip {
             },
             marked_for_deletion_grace_period: Duration::from_secs(3600),
             catchup_callback: None,
-            extra_liveness_predicate: None,
+            // Only filters chitchat's live-nodes watch channel, which this code never reads: with
+            // None chitchat clones every live member's whole state into it whenever any member's
+            // version or liveness changes (a second copy of all summaries, and O(members x keys)
+            // work per change: most of the simulator's time at 1,000 nodes). False keeps it empty;
+            // `live_nodes()` and the failure detector are unaffected.
+            extra_liveness_predicate: Some(Box::new(|_| false)),
             // V1 compresses the per-node digest every SYN carries; all peers are this code.
             protocol_version: ProtocolVersion::V1,
         };
@@ -372,8 +377,9 @@ impl Gossip {
         }
     }
 
-    /// Live peers advertising `digest` (a 24-bit fingerprint match: rarely a false positive,
-    /// PROTOCOL.md; the transfer verifies and falls back).
+    /// Live peers advertising `digest`: a match in their binary fuse filter (no false negatives;
+    /// a false positive per peer with probability ~1/256, PROTOCOL.md; a peer without the blob
+    /// answers "not found" and the transfer goes on to the next holder or upstream).
     pub fn who_has(&self, digest: &Digest) -> Vec<Holder> {
         let Ok(view) = self.view.read() else { return Vec::new() };
         let mut slots = Vec::new();
@@ -416,6 +422,26 @@ impl Gossip {
             Ok(view) => (view.index.len(), view.index.table_bytes(), view.index.undecodable),
             Err(_) => (0, 0, 0),
         }
+    }
+
+    /// Bytes of chitchat's state, measured: (content summaries, everything else), each the
+    /// key and value bytes plus chitchat's per-key entry (`String` key, `VersionedValue`).
+    pub async fn state_bytes(&self) -> (usize, usize) {
+        let per_key = std::mem::size_of::<String>() + std::mem::size_of::<chitchat::VersionedValue>();
+        let chitchat = self.handle.chitchat();
+        let chitchat = chitchat.lock().await;
+        let (mut content, mut other) = (0, 0);
+        for state in chitchat.node_states().values() {
+            for (key, value) in state.key_values_including_deleted() {
+                let bytes = per_key + key.len() + value.value.len();
+                if summary::parse_shard_key(key).is_some() {
+                    content += bytes;
+                } else {
+                    other += bytes;
+                }
+            }
+        }
+        (content, other)
     }
 
     /// Rebuilds the local view now instead of at the next change or tick.
@@ -476,7 +502,7 @@ impl crate::metrics::MetricsSource for Gossip {
         let (entries, _, undecodable) = self.index_stats();
         let index = Gauge::<i64>::default();
         index.set(entries as i64);
-        r.register("gossip_index_entries", "(peer, blob fingerprint) pairs in the content index", index);
+        r.register("gossip_index_entries", "(peer, blob) pairs advertised in the peers' content filters held", index);
         r.register("gossip_undecodable_shards", "Peers' summary shards that failed to decode", ConstCounter::new(undecodable));
     }
 }

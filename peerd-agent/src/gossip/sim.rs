@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use tokio::sync::mpsc;
 
 use super::seal::{Counters, MAX_DATAGRAM, OVERHEAD};
-use super::summary::{self, ContentChange, Digest};
+use super::summary::{ContentChange, Digest};
 use super::{Gossip, GossipConfig, RumorLink, RumorSender};
 
 #[derive(Debug, Clone)]
@@ -37,6 +37,8 @@ pub struct SimOptions {
     pub seed: u64,
     /// Give up waiting for convergence after this much simulated time.
     pub max_wait: Duration,
+    /// Skip the lossy propagation and partition phases (the scaling runs).
+    pub quick: bool,
 }
 
 /// Seeded splitmix64: deterministic digests and losses.
@@ -229,6 +231,32 @@ async fn propagation(nodes: &[Gossip], from: usize, digest: Digest, max_wait: Du
     times
 }
 
+/// Halves cannot talk for 5 s; one side advertises; then heal. Returns how many nodes of the
+/// other side saw the advertisement during the partition and how long after the heal all did.
+async fn partition(nodes: &[Gossip], net: &Net, rng: &mut Rng, n: usize) -> (usize, Option<Duration>) {
+    if let Ok(mut side_b) = net.side_b.lock() {
+        side_b.extend((n / 2..n).map(addr_of));
+    }
+    net.partitioned.store(true, Ordering::Relaxed);
+    let hidden = rng.digest();
+    nodes[0].apply([ContentChange::Complete(hidden)]).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let owner = nodes[0].id();
+    let sees = |n: &Gossip| n.who_has(&hidden).iter().any(|h| h.id == owner);
+    let leaked = nodes[n / 2..].iter().filter(|n| sees(n)).count();
+    net.partitioned.store(false, Ordering::Relaxed);
+    let healed_at = Instant::now();
+    let mut healed = None;
+    while healed_at.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if nodes[1..].iter().all(sees) {
+            healed = Some(healed_at.elapsed());
+            break;
+        }
+    }
+    (leaked, healed)
+}
+
 /// Runs the scenarios and returns a Markdown report. `heap_bytes` reports live heap bytes (the
 /// binary installs a counting allocator).
 pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
@@ -266,11 +294,9 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
         // latency here, which is close to real only if nodes' rounds are out of phase.
         tokio::time::sleep(opts.interval / opts.nodes as u32).await;
     }
-    // Index entries each node should end up with: everyone else's distinct fingerprints.
-    let entries: Vec<usize> = contents
-        .iter()
-        .map(|c| c.iter().map(summary::fingerprint).collect::<HashSet<_>>().len())
-        .collect();
+    // Index entries each node should end up with: everyone else's blobs (random digests are
+    // distinct, so each is one filter entry).
+    let entries: Vec<usize> = contents.iter().map(Vec::len).collect();
     let total: usize = entries.iter().sum();
 
     let start = Instant::now();
@@ -294,6 +320,15 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
 
     let heap_per_node = heap_bytes().saturating_sub(heap_before) / opts.nodes.max(1);
     let index_bytes = nodes.first().map_or(0, |n| n.index_stats().1);
+    // Discovery: the filters held (index) plus chitchat's copy of every summary key; membership:
+    // everything else in the heap per node (chitchat's other keys, failure detector, views,
+    // tasks, rumors, the simulated network's queues).
+    let (content_state, other_state) = match nodes.first() {
+        Some(node) => node.state_bytes().await,
+        None => (0, 0),
+    };
+    let discovery_bytes = index_bytes + content_state;
+    let membership_bytes = heap_per_node.saturating_sub(discovery_bytes);
 
     // Steady state: nothing changes for 10 s, measured once nodes stopped catching up (a node
     // gossips unpaced for 2 s after its last large delta, `pace`).
@@ -318,11 +353,78 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
 
     let mid = opts.nodes / 2;
     let rumor_before = net.rumor_bytes.load(Ordering::Relaxed);
-    let clean = propagation(&nodes, mid, rng.digest(), Duration::from_secs(30)).await;
+    let fresh = rng.digest();
+    let clean = propagation(&nodes, mid, fresh, Duration::from_secs(30)).await;
+    contents[mid].push(fresh);
     let rumor_cost = net.rumor_bytes.load(Ordering::Relaxed) - rumor_before;
-    net.loss_ppm.store((opts.loss * 1e6) as u64, Ordering::Relaxed);
-    let lossy = propagation(&nodes, mid, rng.digest(), Duration::from_secs(30)).await;
-    net.loss_ppm.store(0, Ordering::Relaxed);
+    let lossy = if opts.quick {
+        Vec::new()
+    } else {
+        net.loss_ppm.store((opts.loss * 1e6) as u64, Ordering::Relaxed);
+        let fresh = rng.digest();
+        let lossy = propagation(&nodes, mid, fresh, Duration::from_secs(30)).await;
+        contents[mid].push(fresh);
+        net.loss_ppm.store(0, Ordering::Relaxed);
+        lossy
+    };
+
+    // False negatives once converged: random (holder, blob) pairs asked at random nodes.
+    let mut false_negatives = 0usize;
+    let checks = 2_000usize;
+    for _ in 0..checks {
+        let owner = rng.next_u64() as usize % opts.nodes;
+        let at = (owner + 1 + rng.next_u64() as usize % (opts.nodes - 1).max(1)) % opts.nodes;
+        let list = &contents[owner];
+        let Some(digest) = list.get(rng.next_u64() as usize % list.len().max(1)) else { continue };
+        let name = nodes[owner].id();
+        if !nodes[at].who_has(digest).iter().any(|h| h.id == name) {
+            false_negatives += 1;
+        }
+    }
+
+    // A node joins the converged cluster: how long until its filters cover every blob of every
+    // member, and whether it then finds them all.
+    let joined_total: usize = contents.iter().map(Vec::len).sum();
+    let join = {
+        let i = opts.nodes;
+        let mut config = GossipConfig::new(SocketAddr::new(addr_of(i).ip(), 30002), b"simulated cluster secret".to_vec());
+        config.node_id = format!("n{i}");
+        config.listen_addr = addr_of(i);
+        config.seeds = seeds.clone();
+        config.gossip_interval = opts.interval;
+        config.budget = opts.budget;
+        let link = net.rumor_link(addr_of(i));
+        match Gossip::start_with_transport(config, &transport, Arc::new(Counters::default()), link).await {
+            Ok(joiner) => {
+                let started = Instant::now();
+                let mut done = None;
+                while started.elapsed() < Duration::from_secs(60) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Complete when it holds every member's filters and sees every member
+                    // alive (`who_has` lists live peers only).
+                    if joiner.index_stats().0 >= joined_total
+                        && joiner.peers().iter().filter(|p| p.state == super::PeerState::Alive).count() >= opts.nodes
+                    {
+                        done = Some(started.elapsed());
+                        break;
+                    }
+                }
+                let mut missed = 0usize;
+                for _ in 0..checks {
+                    let owner = rng.next_u64() as usize % opts.nodes;
+                    let list = &contents[owner];
+                    let Some(digest) = list.get(rng.next_u64() as usize % list.len().max(1)) else { continue };
+                    let name = nodes[owner].id();
+                    if !joiner.who_has(digest).iter().any(|h| h.id == name) {
+                        missed += 1;
+                    }
+                }
+                joiner.shutdown().await;
+                (done, missed)
+            }
+            Err(_) => (None, checks),
+        }
+    };
 
     // Reported as soon as measured: at 1,000 nodes the partition phase alone takes many minutes
     // of wall time, and a run stopped there should not lose these.
@@ -343,26 +445,7 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
     );
     eprintln!("gossip-sim: propagation measured ({:.0} s wall); partition", wall.elapsed().as_secs_f64());
     // Partition: halves cannot talk for 5 s; one side advertises; then heal.
-    if let Ok(mut side_b) = net.side_b.lock() {
-        side_b.extend((opts.nodes / 2..opts.nodes).map(addr_of));
-    }
-    net.partitioned.store(true, Ordering::Relaxed);
-    let hidden = rng.digest();
-    nodes[0].apply([ContentChange::Complete(hidden)]).await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let owner = nodes[0].id();
-    let sees = |n: &Gossip| n.who_has(&hidden).iter().any(|h| h.id == owner);
-    let leaked = nodes[opts.nodes / 2..].iter().filter(|n| sees(n)).count();
-    net.partitioned.store(false, Ordering::Relaxed);
-    let healed_at = Instant::now();
-    let mut healed = None;
-    while healed_at.elapsed() < Duration::from_secs(60) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if nodes[1..].iter().all(sees) {
-            healed = Some(healed_at.elapsed());
-            break;
-        }
-    }
+    let (leaked, healed) = if opts.quick { (0, None) } else { partition(&nodes, &net, &mut rng, opts.nodes).await };
 
     // Lookups on one node, real time: half hits (others' blobs), half misses.
     let mut lookups = Vec::with_capacity(20_000);
@@ -398,19 +481,100 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
     let _ = writeln!(out, "| membership converged (all see all alive) | {} | |", ms(membership));
     let _ = writeln!(out, "| content converged (all indexes complete) | {} | |", ms(content));
     let _ = writeln!(out, "| new advertisement reaches 50% / 99% / 100% | {} / {} / {} | p99 <= 1000 ms |", ms(percentile(&clean, 50.0)), ms(percentile(&clean, 99.0)), if clean.len() == n - 1 { ms(clean.last().copied()) } else { format!("{}/{} nodes", clean.len(), n - 1) });
-    let _ = writeln!(out, "| same with {:.0}% packet loss | {} / {} / {} | |", opts.loss * 100.0, ms(percentile(&lossy, 50.0)), ms(percentile(&lossy, 99.0)), if lossy.len() == n - 1 { ms(lossy.last().copied()) } else { format!("{}/{} nodes", lossy.len(), n - 1) });
-    let _ = writeln!(out, "| partition (halves, 5 s): other side saw it / all after heal | {leaked} nodes / {} | 0 / |", ms(healed));
+    if !opts.quick {
+        let _ = writeln!(out, "| same with {:.0}% packet loss | {} / {} / {} | |", opts.loss * 100.0, ms(percentile(&lossy, 50.0)), ms(percentile(&lossy, 99.0)), if lossy.len() == n - 1 { ms(lossy.last().copied()) } else { format!("{}/{} nodes", lossy.len(), n - 1) });
+        let _ = writeln!(out, "| partition (halves, 5 s): other side saw it / all after heal | {leaked} nodes / {} | 0 / |", ms(healed));
+    }
+    let _ = writeln!(out, "| a joining node finds everything after | {} (then {} of {checks} held blobs missed) | <= 10000 ms, 0 |", ms(join.0), join.1);
     let _ = writeln!(out, "| steady state bytes sent per node (of which rumors) | {:.1} KB/s ({:.1} KB/s) | <= 20 KB/s |", steady / 1000.0, steady_rumors / 1000.0);
     let _ = writeln!(out, "| live peers a node wrongly sees dead, steady state (average) | {dead_views:.1} of {} | 0 |", n - 1);
     let _ = writeln!(out, "| SYNs held back by the {} B/s budget, per node | {paced_per_s:.1}/s | |", opts.budget);
     let _ = writeln!(out, "| rumor bytes to spread one advertisement, per node | {:.0} B | |", rumor_cost as f64 / n as f64);
-    let _ = writeln!(out, "| heap per node (all state, index, tasks) | {:.1} MB | |", heap_per_node as f64 / 1e6);
-    let _ = writeln!(out, "| index tables per node | {:.1} MB | |", index_bytes as f64 / 1e6);
+    let _ = writeln!(out, "| heap per node (all state, filters, tasks) | {:.1} MB | <= 16 MB |", heap_per_node as f64 / 1e6);
+    let _ = writeln!(out, "| of which discovery: filters held / chitchat's copy of the summaries | {:.2} MB / {:.2} MB | |", index_bytes as f64 / 1e6, content_state as f64 / 1e6);
+    let _ = writeln!(out, "| of which membership (the rest; chitchat's other keys alone: {:.2} MB) | {:.2} MB | |", other_state as f64 / 1e6, membership_bytes as f64 / 1e6);
     let _ = writeln!(out, "| who_has p50 / p99 (20,000 lookups, half hits) | {:.2} us / {:.2} us | p99 <= 10 us |", percentile(&lookups, 50.0).unwrap_or_default().as_secs_f64() * 1e6, percentile(&lookups, 99.0).unwrap_or_default().as_secs_f64() * 1e6);
-    let _ = writeln!(out, "| false-positive holders per miss | {false_positive_nodes:.3} | |");
+    let _ = writeln!(out, "| false-positive holders per miss (per node asked) | {false_positive_nodes:.3} ({:.4}) | ~1/256 per node |", false_positive_nodes / (n - 1).max(1) as f64);
+    let _ = writeln!(out, "| false negatives once converged ({checks} held blobs at random nodes) | {false_negatives} | 0 |");
     let _ = writeln!(out, "| wall time to converge | {:.1} s | |", converge_wall.as_secs_f64());
+    // For `cargo xtask bench gossip`'s growth table.
+    let _ = writeln!(
+        out,
+        "\n<!-- figures nodes={n} blobs={} heap_mb={:.3} discovery_mb={:.3} membership_mb={:.3} steady_kbs={:.2} p50_ms={} p99_ms={} p100_ms={} join_ms={} fp_per_miss={:.4} fn={} lookup_p99_us={:.2} -->",
+        opts.blobs,
+        heap_per_node as f64 / 1e6,
+        discovery_bytes as f64 / 1e6,
+        membership_bytes as f64 / 1e6,
+        steady / 1000.0,
+        percentile(&clean, 50.0).map_or(-1, |d| d.as_millis() as i64),
+        percentile(&clean, 99.0).map_or(-1, |d| d.as_millis() as i64),
+        if clean.len() == n - 1 { clean.last().map_or(-1, |d| d.as_millis() as i64) } else { -1 },
+        join.0.map_or(-1, |d| d.as_millis() as i64),
+        false_positive_nodes,
+        false_negatives + join.1,
+        percentile(&lookups, 99.0).unwrap_or_default().as_secs_f64() * 1e6,
+    );
     for node in nodes {
         node.shutdown().await;
     }
     out
+}
+
+/// Lookups alone, without chitchat: `nodes` peers' filters of `blobs` random digests each in
+/// one `Index` (as a node holds them), then 20,000 lookups (half hits) timed in real time. Cheap
+/// enough to measure 5,000 nodes directly, which the full simulation cannot on one machine. A
+/// lower bound for `who_has`, which adds a read lock and building the `Holder`s.
+pub fn lookup_bench(nodes: usize, blobs: usize, seed: u64) -> String {
+    use super::index::{Index, KeyView};
+    use super::summary::{self, Kind, SHARDS};
+    let mut rng = Rng::new(seed);
+    let mut index: Index<u32> = Index::default();
+    let mut held: Vec<Digest> = Vec::new();
+    let mut value_bytes = 0usize;
+    for node in 0..nodes as u32 {
+        let digests: Vec<Digest> = (0..blobs).map(|_| rng.digest()).collect();
+        let mut values = Vec::new();
+        for shard in 0..SHARDS as u8 {
+            let mut keys: Vec<u64> = digests.iter().filter(|d| summary::shard_of(d) == shard).map(summary::filter_key).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            if let Ok(value) = summary::encode_shard(&keys) {
+                value_bytes += value.len();
+                values.push((summary::shard_key(Kind::Complete, shard), value));
+            }
+        }
+        let views = values.iter().map(|(key, value)| KeyView { key, value, version: 1, deleted: false });
+        if index.update_node(&node, 1, views).is_err() {
+            break;
+        }
+        if let Some(d) = digests.first() {
+            held.push(*d);
+        }
+    }
+    let mut times = Vec::with_capacity(20_000);
+    let mut found = 0usize;
+    let mut out = Vec::new();
+    for i in 0..20_000usize {
+        let hit = held.get(rng.next_u64() as usize % held.len().max(1)).copied();
+        let digest = match hit {
+            Some(digest) if i % 2 == 0 => digest,
+            _ => rng.digest(),
+        };
+        out.clear();
+        let t = std::time::Instant::now();
+        index.lookup(&digest, &mut out);
+        times.push(t.elapsed());
+        found += out.len();
+        std::hint::black_box(&out);
+    }
+    times.sort();
+    let us = |p: f64| percentile(&times, p).unwrap_or_default().as_secs_f64() * 1e6;
+    format!(
+        "lookup-bench: {nodes} nodes x {blobs} blobs: index lookup p50 {:.2} us, p99 {:.2} us; filters held {:.1} MB, their base64 values {:.1} MB; {:.2} holders per lookup (half hits)\n",
+        us(50.0),
+        us(99.0),
+        index.table_bytes() as f64 / 1e6,
+        value_bytes as f64 / 1e6,
+        found as f64 / times.len().max(1) as f64,
+    )
 }

@@ -1,27 +1,38 @@
 //! Content summaries: what one node holds, as a few small chitchat keys (PROTOCOL.md).
 //!
-//! A digest's first byte picks one of 256 shards; the shard's value lists the next two bytes of
-//! every digest in it. A change touches one key of about 100 bytes, so it travels as a tiny delta,
-//! and the whole summary costs 2 bytes per blob: 1,000 nodes x 10,000 blobs stay near 27 MB of
-//! cluster state instead of the 640 MB that one key per blob would take.
+//! A digest's first three bits pick one of 8 shards; the shard's value is a binary fuse filter
+//! (`xorf::BinaryFuse8`, 8-bit fingerprints) over the digests in it: about 1.2-1.6 bytes per
+//! blob whatever the cluster size, no false negatives, a false positive with probability about
+//! 1/256 per (lookup, node). A peer wrongly listed as a holder answers "not found" when asked
+//! (every fetch is verified), so a false positive costs one round trip, never wrong data. A
+//! change touches one key (1/8 of the filter), so it travels as a small delta.
 
 use std::collections::BTreeSet;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use xorf::{BinaryFuse8, Filter};
 
 /// A raw sha256 digest.
 pub type Digest = [u8; 32];
 
-/// Number of shards, one per value of the digest's first byte.
-pub const SHARDS: usize = 256;
+/// Number of shards, one per value of the digest's first three bits.
+pub const SHARDS: usize = 8;
 
 /// Entries kept per shard; beyond this the shard is truncated (counted) so one value always fits
-/// a datagram: 8,192 x 2 bytes = 22 KB of base64, 2 million blobs per node before it matters.
-pub const MAX_SHARD_ENTRIES: usize = 8_192;
+/// a datagram: 32,768 entries are a ~40 KB filter, ~53 KB of base64; 262,144 blobs per node
+/// before it matters.
+pub const MAX_SHARD_ENTRIES: usize = 32_768;
 
-/// Version tag at the start of every shard value, so the encoding can change later.
-const FORMAT_V1: char = '1';
+/// Version tag at the start of every shard value. '1' (24-bit fingerprint lists, 256 shards)
+/// is gone; '2' is a binary fuse filter.
+const FORMAT_V2: char = '2';
+
+/// Bytes before the fingerprints: entries (u32 BE), seed (u64 BE), log2 of the segment length.
+const HEADER: usize = 4 + 8 + 1;
+
+/// Largest segment length xorf builds (2^18).
+const MAX_SEGMENT_LOG2: u8 = 18;
 
 /// Whether a node holds a blob fully or is still fetching it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,36 +59,87 @@ impl Kind {
     }
 }
 
-/// The 24-bit fingerprint of a digest: shard (first byte) and suffix (next two bytes).
-pub fn fingerprint(digest: &Digest) -> (u8, u16) {
-    (digest[0], u16::from_be_bytes([digest[1], digest[2]]))
+/// The shard of a digest: its first three bits.
+pub fn shard_of(digest: &Digest) -> u8 {
+    digest[0] >> 5
 }
 
-/// The chitchat key of one shard, e.g. `c/3f`.
+/// The filter key of a digest: bytes 8..16 (independent of the shard bits; sha256 is uniform).
+pub fn filter_key(digest: &Digest) -> u64 {
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&digest[8..16]);
+    u64::from_le_bytes(key)
+}
+
+/// The chitchat key of one shard, e.g. `c/3`.
 pub fn shard_key(kind: Kind, shard: u8) -> String {
-    format!("{}{shard:02x}", kind.prefix())
+    format!("{}{shard:x}", kind.prefix())
 }
 
-/// Parses a shard key; `None` for any other key (node metadata).
+/// Parses a shard key; `None` for any other key (node metadata, or another format's shards).
 pub fn parse_shard_key(key: &str) -> Option<(Kind, u8)> {
     let kind = Kind::ALL.into_iter().find(|kind| key.starts_with(kind.prefix()))?;
-    let hex = &key[2..];
-    if hex.len() != 2 {
+    let digit = key[2..].as_bytes();
+    if digit.len() != 1 {
         return None;
     }
-    u8::from_str_radix(hex, 16).ok().map(|shard| (kind, shard))
+    let shard = (digit[0] as char).to_digit(16)?;
+    (shard < SHARDS as u32).then_some((kind, shard as u8))
 }
 
-/// Encodes sorted, deduplicated suffixes as a shard value.
-pub fn encode_shard(suffixes: &[u16]) -> String {
-    let mut raw = Vec::with_capacity(suffixes.len() * 2);
-    for suffix in suffixes {
-        raw.extend_from_slice(&suffix.to_be_bytes());
+/// A peer's (or our) filter over one shard, checked on decode so lookups cannot index out of it.
+#[derive(Debug, Clone)]
+pub struct ShardFilter {
+    filter: BinaryFuse8,
+    entries: u32,
+}
+
+impl ShardFilter {
+    /// Whether the digest may be in the set (never false for a member).
+    #[inline]
+    pub fn contains(&self, key: u64) -> bool {
+        self.filter.contains(&key)
     }
+
+    /// How many digests the sender put in it.
+    pub fn entries(&self) -> u32 {
+        self.entries
+    }
+
+    /// Heap bytes held (the fingerprints).
+    pub fn bytes(&self) -> usize {
+        self.filter.fingerprints.len()
+    }
+}
+
+/// Why a shard could not be encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("an empty shard is deleted, not encoded")]
+    Empty,
+    #[error("the filter could not be built")]
+    Build,
+}
+
+/// Encodes sorted, deduplicated filter keys as a shard value.
+pub fn encode_shard(keys: &[u64]) -> Result<String, EncodeError> {
+    if keys.is_empty() {
+        return Err(EncodeError::Empty);
+    }
+    let filter = BinaryFuse8::try_from(keys).map_err(|_| EncodeError::Build)?;
+    let segment = filter.descriptor.segment_length;
+    if !segment.is_power_of_two() || segment.trailing_zeros() > u32::from(MAX_SEGMENT_LOG2) {
+        return Err(EncodeError::Build);
+    }
+    let mut raw = Vec::with_capacity(HEADER + filter.fingerprints.len());
+    raw.extend_from_slice(&(keys.len() as u32).to_be_bytes());
+    raw.extend_from_slice(&filter.descriptor.seed.to_be_bytes());
+    raw.push(segment.trailing_zeros() as u8);
+    raw.extend_from_slice(&filter.fingerprints);
     let mut out = String::with_capacity(1 + raw.len().div_ceil(3) * 4);
-    out.push(FORMAT_V1);
+    out.push(FORMAT_V2);
     URL_SAFE_NO_PAD.encode_string(&raw, &mut out);
-    out
+    Ok(out)
 }
 
 /// Why a received shard value was ignored.
@@ -87,32 +149,51 @@ pub enum DecodeError {
     UnknownFormat,
     #[error("shard value is not valid base64")]
     BadBase64,
-    #[error("shard value has an odd byte count")]
-    OddLength,
+    #[error("shard filter is malformed")]
+    Malformed,
     #[error("shard value has more than {MAX_SHARD_ENTRIES} entries")]
     TooLong,
 }
 
-/// Decodes a shard value into sorted, deduplicated suffixes (a peer's order is not trusted).
-pub fn decode_shard(value: &str) -> Result<Vec<u16>, DecodeError> {
-    if value.is_empty() {
-        return Ok(Vec::new());
-    }
-    let body = value.strip_prefix(FORMAT_V1).ok_or(DecodeError::UnknownFormat)?;
+/// Decodes a shard value; the layout is checked so every lookup stays inside the fingerprints.
+pub fn decode_shard(value: &str) -> Result<ShardFilter, DecodeError> {
+    let body = value.strip_prefix(FORMAT_V2).ok_or(DecodeError::UnknownFormat)?;
     let raw = URL_SAFE_NO_PAD.decode(body).map_err(|_| DecodeError::BadBase64)?;
-    if raw.len() % 2 != 0 {
-        return Err(DecodeError::OddLength);
+    if raw.len() < HEADER {
+        return Err(DecodeError::Malformed);
     }
-    if raw.len() / 2 > MAX_SHARD_ENTRIES {
+    let (header, fingerprints) = raw.split_at(HEADER);
+    let mut entries = [0u8; 4];
+    entries.copy_from_slice(&header[..4]);
+    let entries = u32::from_be_bytes(entries);
+    let mut seed = [0u8; 8];
+    seed.copy_from_slice(&header[4..12]);
+    let seed = u64::from_be_bytes(seed);
+    let log2 = header[12];
+    if entries as usize > MAX_SHARD_ENTRIES {
         return Err(DecodeError::TooLong);
     }
-    let mut suffixes: Vec<u16> = raw
-        .chunks_exact(2)
-        .map(|pair| u16::from_be_bytes([pair[0], pair[1]]))
-        .collect();
-    suffixes.sort_unstable();
-    suffixes.dedup();
-    Ok(suffixes)
+    if log2 > MAX_SEGMENT_LOG2 {
+        return Err(DecodeError::Malformed);
+    }
+    let segment = 1u32 << log2;
+    let len = fingerprints.len();
+    // xorf's layout: (segment count + 2) segments; positions h0 < count x segment, h1 and h2 in
+    // the next two segments. A length that is a multiple of the segment, at least three of them,
+    // keeps every position in bounds.
+    if len % segment as usize != 0 || len < 3 * segment as usize || len > u32::MAX as usize {
+        return Err(DecodeError::Malformed);
+    }
+    let filter = BinaryFuse8 {
+        descriptor: xorf::Descriptor {
+            seed,
+            segment_length: segment,
+            segment_length_mask: segment - 1,
+            segment_count_length: len as u32 - 2 * segment,
+        },
+        fingerprints: fingerprints.into(),
+    };
+    Ok(ShardFilter { filter, entries })
 }
 
 /// One change to a node's published state: set a key or delete it.
@@ -144,6 +225,8 @@ pub struct LocalContent {
     published: [BTreeSet<u8>; 2],
     /// Entries left out because a shard exceeded `MAX_SHARD_ENTRIES`.
     pub truncated: u64,
+    /// Shards whose filter could not be built (left as they were; never seen in practice).
+    pub unencodable: u64,
     /// Per-blob changes since the last `take_changes`, for rumors; `None` once there were more
     /// than `rumor::MAX_PUBLISH` (a bulk change: anti-entropy carries it).
     changes: Option<Vec<ContentChange>>,
@@ -161,6 +244,7 @@ impl Default for LocalContent {
             dirty: Default::default(),
             published: Default::default(),
             truncated: 0,
+            unencodable: 0,
             changes: Some(Vec::new()),
             bulk: 0,
         }
@@ -179,11 +263,11 @@ impl LocalContent {
         let mut next: [Vec<BTreeSet<Digest>>; 2] =
             [vec![BTreeSet::new(); SHARDS], vec![BTreeSet::new(); SHARDS]];
         for digest in complete {
-            next[0][digest[0] as usize].insert(digest);
+            next[0][shard_of(&digest) as usize].insert(digest);
         }
         for digest in partial {
-            if !next[0][digest[0] as usize].contains(&digest) {
-                next[1][digest[0] as usize].insert(digest);
+            if !next[0][shard_of(&digest) as usize].contains(&digest) {
+                next[1][shard_of(&digest) as usize].insert(digest);
             }
         }
         for shard in 0..SHARDS {
@@ -218,7 +302,7 @@ impl LocalContent {
                 ContentChange::Partial(digest) => (digest, Some(Kind::Partial)),
                 ContentChange::Removed(digest) => (digest, None),
             };
-            let shard = digest[0];
+            let shard = shard_of(&digest);
             // A complete blob is never also advertised as partial.
             if into == Some(Kind::Partial) && self.shards[0][shard as usize].contains(&digest) {
                 continue;
@@ -266,7 +350,7 @@ impl LocalContent {
     pub fn has(&self, digest: &Digest) -> Option<Kind> {
         Kind::ALL
             .into_iter()
-            .find(|kind| self.shards[kind.index()][digest[0] as usize].contains(digest))
+            .find(|kind| self.shards[kind.index()][shard_of(digest) as usize].contains(digest))
     }
 
     /// The key updates that bring the published state up to date. Re-encoding an unchanged
@@ -284,14 +368,20 @@ impl LocalContent {
                     }
                     continue;
                 }
-                let mut suffixes: Vec<u16> = set.iter().map(|d| fingerprint(d).1).collect();
-                suffixes.dedup(); // digests are sorted, so equal suffixes are adjacent
-                if suffixes.len() > MAX_SHARD_ENTRIES {
-                    self.truncated += (suffixes.len() - MAX_SHARD_ENTRIES) as u64;
-                    suffixes.truncate(MAX_SHARD_ENTRIES);
+                let mut keys: Vec<u64> = set.iter().map(filter_key).collect();
+                keys.sort_unstable();
+                keys.dedup();
+                if keys.len() > MAX_SHARD_ENTRIES {
+                    self.truncated += (keys.len() - MAX_SHARD_ENTRIES) as u64;
+                    keys.truncate(MAX_SHARD_ENTRIES);
                 }
-                self.published[k].insert(shard);
-                updates.push(KeyUpdate::Set(key, encode_shard(&suffixes)));
+                match encode_shard(&keys) {
+                    Ok(value) => {
+                        self.published[k].insert(shard);
+                        updates.push(KeyUpdate::Set(key, value));
+                    }
+                    Err(_) => self.unencodable += 1,
+                }
             }
         }
         updates
@@ -302,117 +392,146 @@ impl LocalContent {
 mod tests {
     use super::*;
 
-    fn digest(a: u8, b: u8, c: u8, tail: u8) -> Digest {
-        let mut d = [tail; 32];
-        d[0] = a;
-        d[1] = b;
-        d[2] = c;
+    /// A digest in shard `shard` whose filter key is derived from `n`.
+    fn digest(shard: u8, n: u64) -> Digest {
+        let mut d = [0u8; 32];
+        d[0] = shard << 5;
+        d[8..16].copy_from_slice(&n.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
         d
+    }
+
+    fn value_of(updates: &[KeyUpdate], key: &str) -> Option<String> {
+        updates.iter().find_map(|u| match u {
+            KeyUpdate::Set(k, v) if k == key => Some(v.clone()),
+            _ => None,
+        })
     }
 
     #[test]
     fn per_blob_changes_are_tracked_until_a_bulk_change() {
         let mut local = LocalContent::default();
-        let (a, b, c) = (digest(1, 0, 0, 1), digest(1, 0, 1, 2), digest(9, 9, 9, 3));
+        let (a, b, c) = (digest(1, 1), digest(1, 2), digest(7, 3));
         local.set([a], [b]);
         let mut got = local.take_changes().expect("per-blob changes");
         got.sort_by_key(|c| format!("{c:?}"));
-        assert_eq!(got, vec![ContentChange::Complete(a), ContentChange::Partial(b)]);
+        let mut want = vec![ContentChange::Complete(a), ContentChange::Partial(b)];
+        want.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(got, want);
         local.set([a, b], [c]);
         let mut got = local.take_changes().expect("per-blob changes");
         got.sort_by_key(|c| format!("{c:?}"));
-        assert_eq!(got, vec![ContentChange::Complete(b), ContentChange::Partial(c)]);
+        let mut want = vec![ContentChange::Complete(b), ContentChange::Partial(c)];
+        want.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(got, want);
         local.set([b], []);
         let mut got = local.take_changes().expect("per-blob changes");
         got.sort_by_key(|c| format!("{c:?}"));
-        assert_eq!(got, vec![ContentChange::Removed(a), ContentChange::Removed(c)]);
+        let mut want = vec![ContentChange::Removed(a), ContentChange::Removed(c)];
+        want.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(got, want);
         local.apply([ContentChange::Complete(b), ContentChange::Removed(c)]);
         assert_eq!(local.take_changes(), Ok(vec![]), "no-op changes are not rumored");
         // One past the bound (b removed, 65 new): a bulk change, counted in changes.
-        local.set((0..=MAX_TRACKED_CHANGES as u8).map(|i| digest(i, i, i, i)), []);
+        local.set((0..=MAX_TRACKED_CHANGES as u64).map(|i| digest((i % 8) as u8, 100 + i)), []);
         assert_eq!(local.take_changes(), Err(MAX_TRACKED_CHANGES as u64 + 2));
         assert_eq!(local.take_changes(), Ok(vec![]));
     }
 
     #[test]
-    fn shard_round_trip() {
-        let suffixes = vec![0u16, 7, 300, u16::MAX];
-        let value = encode_shard(&suffixes);
-        assert!(value.starts_with('1'));
-        assert_eq!(decode_shard(&value).unwrap(), suffixes);
-        assert_eq!(decode_shard("").unwrap(), Vec::<u16>::new());
+    fn filters_have_no_false_negatives_and_few_false_positives() {
+        for n in [1usize, 2, 3, 10, 250, 2_000] {
+            let keys: BTreeSet<u64> = (0..n as u64).map(|i| filter_key(&digest(0, i))).collect();
+            let keys: Vec<u64> = keys.into_iter().collect();
+            let value = encode_shard(&keys).unwrap();
+            assert!(value.starts_with('2'));
+            let filter = decode_shard(&value).unwrap();
+            assert_eq!(filter.entries() as usize, n);
+            assert!(keys.iter().all(|k| filter.contains(*k)), "false negative at n={n}");
+            if n >= 250 {
+                // ~1.2-1.6 bytes per entry.
+                assert!(filter.bytes() <= n * 16 / 10, "{} bytes for {n}", filter.bytes());
+            }
+        }
+        let keys: Vec<u64> = {
+            let set: BTreeSet<u64> = (0..2_000u64).map(|i| filter_key(&digest(0, i))).collect();
+            set.into_iter().collect()
+        };
+        let filter = decode_shard(&encode_shard(&keys).unwrap()).unwrap();
+        let misses = 200_000u64;
+        let fp = (0..misses).filter(|i| filter.contains(filter_key(&digest(0, 1_000_000 + i)))).count();
+        let rate = fp as f64 / misses as f64;
+        assert!(rate < 0.006 && rate > 0.002, "false-positive rate {rate}");
     }
 
     #[test]
-    fn decode_rejects_garbage_and_sorts() {
-        assert_eq!(decode_shard("2AAAA"), Err(DecodeError::UnknownFormat));
-        assert_eq!(decode_shard("1***"), Err(DecodeError::BadBase64));
-        assert_eq!(decode_shard("1AA"), Err(DecodeError::OddLength));
-        let unsorted = {
-            let mut s = String::from("1");
-            URL_SAFE_NO_PAD.encode_string([0, 9, 0, 1, 0, 9], &mut s);
+    fn decode_rejects_garbage() {
+        assert_eq!(decode_shard("1AAAA").err(), Some(DecodeError::UnknownFormat));
+        assert_eq!(decode_shard("2***").err(), Some(DecodeError::BadBase64));
+        assert_eq!(decode_shard("2AAAA").err(), Some(DecodeError::Malformed));
+        assert_eq!(encode_shard(&[]), Err(EncodeError::Empty));
+        let good = encode_shard(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]).unwrap();
+        let raw = URL_SAFE_NO_PAD.decode(&good[1..]).unwrap();
+        let reencode = |raw: &[u8]| {
+            let mut s = String::from("2");
+            URL_SAFE_NO_PAD.encode_string(raw, &mut s);
             s
         };
-        assert_eq!(decode_shard(&unsorted).unwrap(), vec![1, 9]);
+        // A segment length the fingerprints do not fit, one too large, a cut fingerprint array.
+        for bad in [
+            { let mut r = raw.clone(); r[12] = (usize::BITS - (raw.len() - HEADER).leading_zeros()) as u8; r },
+            { let mut r = raw.clone(); r[12] = 30; r },
+            raw[..raw.len() - 1].to_vec(),
+        ] {
+            assert_eq!(decode_shard(&reencode(&bad)).err(), Some(DecodeError::Malformed));
+        }
+        let mut too_many = raw.clone();
+        too_many[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(decode_shard(&reencode(&too_many)).err(), Some(DecodeError::TooLong));
     }
 
     #[test]
     fn keys_parse() {
-        assert_eq!(parse_shard_key("c/0a"), Some((Kind::Complete, 10)));
-        assert_eq!(parse_shard_key("p/ff"), Some((Kind::Partial, 255)));
+        assert_eq!(parse_shard_key("c/7"), Some((Kind::Complete, 7)));
+        assert_eq!(parse_shard_key("p/0"), Some((Kind::Partial, 0)));
         assert_eq!(parse_shard_key("addr"), None);
-        assert_eq!(parse_shard_key("c/zz"), None);
+        assert_eq!(parse_shard_key("c/8"), None);
+        assert_eq!(parse_shard_key("c/0a"), None, "the old 256-shard keys are not ours");
         assert_eq!(parse_shard_key(&shard_key(Kind::Partial, 3)), Some((Kind::Partial, 3)));
     }
 
     #[test]
     fn a_change_touches_one_key() {
         let mut local = LocalContent::default();
-        local.set((0..=255u8).map(|i| digest(i, i, 1, 0)), []);
-        assert_eq!(local.take_updates().len(), 256);
-        local.apply([ContentChange::Complete(digest(5, 0, 2, 0))]);
+        local.set((0..64u64).map(|i| digest((i % 8) as u8, i)), []);
+        assert_eq!(local.take_updates().len(), SHARDS);
+        local.apply([ContentChange::Complete(digest(5, 1_000))]);
         let updates = local.take_updates();
         assert_eq!(updates.len(), 1);
-        assert!(matches!(&updates[0], KeyUpdate::Set(k, _) if k == "c/05"));
+        assert!(matches!(&updates[0], KeyUpdate::Set(k, _) if k == "c/5"));
         // Re-setting the same content changes nothing.
-        local.set(
-            (0..=255u8)
-                .map(|i| digest(i, i, 1, 0))
-                .chain([digest(5, 0, 2, 0)]),
-            [],
-        );
+        local.set((0..64u64).map(|i| digest((i % 8) as u8, i)).chain([digest(5, 1_000)]), []);
         assert!(local.take_updates().is_empty());
     }
 
     #[test]
     fn partial_then_complete_then_removed() {
-        let d = digest(9, 1, 2, 3);
+        let d = digest(1, 42);
         let mut local = LocalContent::default();
         local.apply([ContentChange::Partial(d)]);
         assert_eq!(local.has(&d), Some(Kind::Partial));
-        assert_eq!(
-            local.take_updates(),
-            vec![KeyUpdate::Set("p/09".into(), encode_shard(&[0x0102]))]
-        );
+        let updates = local.take_updates();
+        assert_eq!(updates.len(), 1);
+        let filter = decode_shard(&value_of(&updates, "p/1").unwrap()).unwrap();
+        assert!(filter.contains(filter_key(&d)));
         local.apply([ContentChange::Complete(d)]);
         assert_eq!(local.has(&d), Some(Kind::Complete));
         let updates = local.take_updates();
-        assert!(updates.contains(&KeyUpdate::Set("c/09".into(), encode_shard(&[0x0102]))));
-        assert!(updates.contains(&KeyUpdate::Delete("p/09".into())));
+        assert!(value_of(&updates, "c/1").is_some());
+        assert!(updates.contains(&KeyUpdate::Delete("p/1".into())));
         local.apply([ContentChange::Partial(d)]); // ignored: complete wins
         assert!(local.take_updates().is_empty());
         local.apply([ContentChange::Removed(d)]);
-        assert_eq!(local.take_updates(), vec![KeyUpdate::Delete("c/09".into())]);
+        assert_eq!(local.take_updates(), vec![KeyUpdate::Delete("c/1".into())]);
         assert_eq!(local.has(&d), None);
-    }
-
-    #[test]
-    fn equal_fingerprints_are_published_once() {
-        let mut local = LocalContent::default();
-        local.set([digest(1, 2, 3, 4), digest(1, 2, 3, 5)], []);
-        assert_eq!(
-            local.take_updates(),
-            vec![KeyUpdate::Set("c/01".into(), encode_shard(&[0x0203]))]
-        );
     }
 }
