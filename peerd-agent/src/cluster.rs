@@ -184,6 +184,8 @@ mod tests {
         SocketAddr::from(([198, 18, 0, i], 30002))
     }
 
+    type Ask = (SocketAddr, u64, Result<(), TransferError>);
+
     /// A scripted cluster: each call takes the next (delay, result) of its script, on tokio's
     /// paused clock; the asks are recorded.
     #[derive(Default)]
@@ -193,7 +195,7 @@ mod tests {
         holders: Vec<u8>,
         downloads: Mutex<VecDeque<(u64, Result<(), TransferError>)>>,
         /// Per owner: (delay ms, result).
-        asks: Mutex<Vec<(SocketAddr, u64, Result<(), TransferError>)>>,
+        asks: Mutex<Vec<Ask>>,
         asked: Mutex<Vec<SocketAddr>>,
         fetched_here: Mutex<u32>,
         /// Set when an owner's fetch succeeded: unscripted downloads then find the pieces.

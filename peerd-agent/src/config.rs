@@ -31,7 +31,7 @@ pub fn load(path: &Path, known: &[String]) -> Result<Vec<(String, String)>, Conf
     let table: toml::Table = text.parse().map_err(|source| ConfigError::Parse { path: p.clone(), source })?;
     let mut out = Vec::new();
     for (key, value) in table {
-        if !known.iter().any(|k| *k == key) {
+        if !known.contains(&key) {
             let close = known.iter().min_by_key(|k| edit_distance(k, &key)).filter(|k| edit_distance(k, &key) <= 3);
             let hint = close.map_or(String::new(), |k| format!(" (did you mean {k:?}?)"));
             return Err(ConfigError::UnknownKey { path: p, key, hint });

@@ -19,11 +19,7 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const TARGETS: &[(&str, usize)] = &[("head", 20 << 10), ("range", 512), ("digest", 256)];
 
 fn cache_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/var/cache"));
-    base.join("peerd")
+    crate::toolchain::cache_dir()
 }
 
 /// Returns the directory holding `cargo-fuzz`, to put first on PATH.

@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use xtask::components::{cpu_seconds, free_port, pseudo_random, sha256_hex, Agent, Nginx};
+use xtask::components::{children_cpu, cpu_seconds, free_port, pseudo_random, sha256_hex, Agent, Nginx};
 
 use crate::bench::record;
 
@@ -103,16 +103,6 @@ fn realtime_server(pid: u32) -> Result<()> {
     crate::status(Command::new("chrt").args(["-a", "-f", "-p", "50", &p]))
 }
 
-/// user+sys seconds of this process's waited-for children (getrusage).
-fn children_cpu() -> f64 {
-    // SAFETY: getrusage writes into the struct we pass.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
-        return 0.0;
-    }
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
-}
 
 /// Random range reads: (latencies in seconds, bytes per read, errors).
 async fn random_reads(

@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use xtask::components::{cpu_seconds, pseudo_random, sha256_hex, Proc, TestCa};
+use xtask::components::{children_cpu, cpu_seconds, pseudo_random, sha256_hex, Proc, TestCa};
 
 use crate::bench::record;
 
@@ -73,16 +73,6 @@ fn in_ns(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
     c
 }
 
-/// user+sys seconds of this process's waited-for children.
-fn children_cpu() -> f64 {
-    // SAFETY: getrusage writes into the struct we pass.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
-        return 0.0;
-    }
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(ru.ru_utime) + tv(ru.ru_stime)
-}
 
 /// curl in `ns` to /dev/null: (seconds, curl's CPU seconds, bytes).
 fn curl(ns: &str, url: &str, extra: &[&str]) -> Result<(f64, f64, u64)> {

@@ -79,7 +79,7 @@ pub fn shard_key(kind: Kind, shard: u8) -> String {
 /// Parses a shard key; `None` for any other key (node metadata, or another format's shards).
 pub fn parse_shard_key(key: &str) -> Option<(Kind, u8)> {
     let kind = Kind::ALL.into_iter().find(|kind| key.starts_with(kind.prefix()))?;
-    let digit = key[2..].as_bytes();
+    let digit = &key.as_bytes()[2..];
     if digit.len() != 1 {
         return None;
     }
