@@ -30,7 +30,7 @@ pub trait Ops: Send + Sync {
     /// Asks `owner` to fetch `d` from upstream; done when it holds the verified blob.
     fn ask_fetch(&self, owner: SocketAddr, d: &Digest, within: Duration) -> impl Future<Output = Result<(), TransferError>> + Send;
     /// This node, as the blob's owner with other members, fetches it for the cluster.
-    fn fetch_here(&self, d: &Digest) -> impl Future<Output = Result<(), String>> + Send;
+    fn fetch_here(&self, d: &Digest) -> impl Future<Output = Result<(), transfer::FetchError>> + Send;
 }
 
 /// Bounds of the policy.
@@ -93,6 +93,8 @@ pub async fn get(ops: &impl Ops, d: &Digest, budgets: Budgets, mut on: impl FnMu
             }
             return match ops.fetch_here(d).await {
                 Ok(()) => Outcome::Stored,
+                // The helpers of a split fetch gave a wrong blob: as a lie from any source.
+                Err(transfer::FetchError::Cluster(e @ TransferError::Lied { .. })) => Outcome::Lied(e),
                 Err(e) => {
                     tracing::debug!(%d, "fetch for the cluster failed: {e}");
                     Outcome::Upstream
@@ -200,6 +202,8 @@ mod tests {
         fetched_here: Mutex<u32>,
         /// Set when an owner's fetch succeeded: unscripted downloads then find the pieces.
         stored: std::sync::atomic::AtomicBool,
+        /// This node's own fetch (as owner) ends in a lie from its split's helpers.
+        here_lies: bool,
     }
 
     fn stall(d: &Digest) -> Result<(), TransferError> {
@@ -240,8 +244,11 @@ mod tests {
             }
             r
         }
-        async fn fetch_here(&self, _d: &Digest) -> Result<(), String> {
+        async fn fetch_here(&self, _d: &Digest) -> Result<(), transfer::FetchError> {
             *self.fetched_here.lock().unwrap() += 1;
+            if self.here_lies {
+                return Err(transfer::FetchError::Cluster(TransferError::Lied { peer: addr(2), msg: "sha256".into() }));
+            }
             Ok(())
         }
     }
@@ -316,6 +323,16 @@ mod tests {
         let out = get(&f, &d, BUDGETS, |_| {}).await;
         assert!(matches!(out, Outcome::Lied(_)), "{out:?}");
         assert_eq!(*f.asked.lock().unwrap(), vec![addr(2)], "no other owner after a lie");
+    }
+
+    /// As the blob's owner this node splits the fetch; a lie from its helpers is a lie (the
+    /// caller distrusts the digest), not a plain failure (it was a string once, and never
+    /// distrusted).
+    #[tokio::test(start_paused = true)]
+    async fn a_lie_to_the_owner_is_a_lie() {
+        let d = owned_by(1, &[1, 2]);
+        let f = Fake { me: 1, members: vec![1, 2], here_lies: true, ..Default::default() };
+        assert!(matches!(get(&f, &d, BUDGETS, |_| {}).await, Outcome::Lied(_)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -40,7 +40,7 @@ use crate::{
     peers::PeerDirectory,
     ratelimit::RateLimit,
     store::{Digest, Source, Store},
-    transfer::{self, Transfer},
+    transfer::{self, FetchError, Transfer},
 };
 use oci::{Reference, Rejection, Route};
 use peerd_http::parse_content_range;
@@ -1042,7 +1042,7 @@ impl Mirror {
             let (this, url, auth, lied) = (self.clone(), url.to_string(), auth.clone(), lied.clone());
             async move {
                 if lied.load(Ordering::Relaxed) {
-                    return Err("upstream's body did not match its digest".to_string());
+                    return Err(FetchError::Protocol("sent a body that did not match its digest".into()));
                 }
                 this.finish_from_upstream(d, url, auth).await
             }
@@ -1218,7 +1218,7 @@ impl Mirror {
         d: Digest,
         (size, pieces): (u64, usize),
         job: tokio::task::JoinHandle<bool>,
-        fallback: impl std::future::Future<Output = Result<(), String>> + Send + 'static,
+        fallback: impl std::future::Future<Output = Result<(), FetchError>> + Send + 'static,
         started: Instant,
         via: Via,
     ) -> Resp {
@@ -1348,7 +1348,7 @@ impl Mirror {
     /// Fetches `d` from upstream into the store, once per node even when several peers ask at
     /// the same time (the store admits one writer; the others wait for it). Only configured
     /// upstream hosts: a peer cannot make this node fetch anything else.
-    async fn fetch_to_store(&self, d: Digest, url: String, authorization: Option<String>) -> Result<(), String> {
+    async fn fetch_to_store(&self, d: Digest, url: String, authorization: Option<String>) -> Result<(), FetchError> {
         if self.stored_size(&d).is_some() {
             return Ok(());
         }
@@ -1356,7 +1356,7 @@ impl Mirror {
         let _flight = match self.flight(d) {
             Flight::Leader(g) => g,
             Flight::Follower(rx) => {
-                return if self.follow(&d, rx, FOLLOW_BOUND).await { Ok(()) } else { Err("the fetch on this node failed".into()) };
+                return if self.follow(&d, rx, FOLLOW_BOUND).await { Ok(()) } else { Err(FetchError::Followed("the fetch on this node failed")) };
             }
         };
         self.fetch_split(d, url, &fwd, source).await?;
@@ -1368,7 +1368,7 @@ impl Mirror {
     /// gets the pieces it still lacks from upstream itself, by byte range (the pieces it holds
     /// are kept), under the digest's single flight. Any source still reachable finishes the
     /// client's pull; only a failing upstream aborts it.
-    async fn finish_from_upstream(&self, d: Digest, url: String, authorization: Option<String>) -> Result<(), String> {
+    async fn finish_from_upstream(&self, d: Digest, url: String, authorization: Option<String>) -> Result<(), FetchError> {
         if self.stored_size(&d).is_some() {
             return Ok(());
         }
@@ -1386,13 +1386,13 @@ impl Mirror {
             };
             return self.complete_from_upstream(d, &url, &fwd, source).await;
         }
-        Err("the blob's fetches on this node kept failing".into())
+        Err(FetchError::Followed("the blob's fetches on this node kept failing"))
     }
 
     /// Completes `d` from upstream: the pieces the store lacks, fetched by byte range in runs of
     /// at most a chunk (or the whole body when upstream ignores ranges or nothing is held yet).
     /// The caller holds the digest's flight.
-    async fn complete_from_upstream(&self, d: Digest, url: &reqwest::Url, fwd: &HeaderMap, source: Source) -> Result<(), String> {
+    async fn complete_from_upstream(&self, d: Digest, url: &reqwest::Url, fwd: &HeaderMap, source: Source) -> Result<(), FetchError> {
         inc(&self.inner.counters.upstream_completions);
         let piece = u64::from(self.inner.store.piece_size());
         let chunk_pieces = CHUNK_PIECES as usize;
@@ -1428,19 +1428,19 @@ impl Mirror {
         if self.stored_size(&d).is_some() {
             Ok(())
         } else {
-            Err("upstream's pieces did not complete the blob with a matching sha256".into())
+            Err(FetchError::Protocol("pieces did not complete the blob with a matching sha256".into()))
         }
     }
 
     /// A fetch asked for by a peer (or taken over from one): `url` must be a configured upstream
     /// host, so a peer cannot make this node fetch anything else; the client's credentials, if
     /// any, go with it.
-    fn for_peer(&self, url: &str, authorization: Option<&str>) -> Result<(reqwest::Url, HeaderMap, Source), String> {
-        let url = reqwest::Url::parse(url).map_err(|e| format!("bad URL: {e}"))?;
+    fn for_peer(&self, url: &str, authorization: Option<&str>) -> Result<(reqwest::Url, HeaderMap, Source), FetchError> {
+        let url = reqwest::Url::parse(url).map_err(|e| FetchError::BadUrl(e.to_string()))?;
         let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
         if !self.inner.upstream.allowed_origin(&url) {
             inc(&self.inner.counters.proxy_denied);
-            return Err(format!("{} is not a configured upstream origin", url.origin().ascii_serialization()));
+            return Err(FetchError::NotAllowed(url.origin().ascii_serialization()));
         }
         let mut fwd = HeaderMap::new();
         if let Some(a) = authorization.and_then(|a| header::HeaderValue::from_str(a).ok()) {
@@ -1455,17 +1455,17 @@ impl Mirror {
     /// them. No single uplink then carries every fresh piece, and upstream sends over several
     /// connections, so one slow TCP flow (a node whose ACKs queue behind its own uploads) does
     /// not set the pace. A helper that fails is replaced by this node fetching its part.
-    async fn fetch_split(&self, d: Digest, url: reqwest::Url, fwd: &HeaderMap, source: Source) -> Result<(), String> {
+    async fn fetch_split(&self, d: Digest, url: reqwest::Url, fwd: &HeaderMap, source: Source) -> Result<(), FetchError> {
         let Some(c) = &self.inner.cluster else { return self.fetch_whole(d, url, fwd, source).await };
         let chunk = u64::from(CHUNK_PIECES) * u64::from(self.inner.store.piece_size());
         let resp = self.get_range(&url, fwd, 0, chunk).await?;
         let total = match resp.status() {
             // No byte ranges here: the whole blob, by this node alone.
             reqwest::StatusCode::OK => return self.feed_whole(d, resp, source).await,
-            reqwest::StatusCode::PARTIAL_CONTENT => content_range(&resp).map(|r| r.2).ok_or("a 206 without a usable Content-Range")?,
+            reqwest::StatusCode::PARTIAL_CONTENT => content_range(&resp).map(|r| r.2).ok_or_else(|| FetchError::Protocol("sent a 206 without a usable Content-Range".into()))?,
             // An empty blob has no byte 0.
             reqwest::StatusCode::RANGE_NOT_SATISFIABLE => return self.fetch_whole(d, url, fwd, source).await,
-            st => return Err(format!("upstream answered {st}")),
+            st => return Err(FetchError::Status(st.as_u16())),
         };
         let pieces = total.div_ceil(u64::from(self.inner.store.piece_size())) as u32;
         let me = c.peers.me();
@@ -1475,7 +1475,7 @@ impl Mirror {
         let own = self.fetch_part(d, part(0), &url, fwd, source.clone(), Some(resp));
         if parts == 1 {
             own.await?;
-            return if self.stored_size(&d).is_some() { Ok(()) } else { Err("the blob did not complete".into()) };
+            return if self.stored_size(&d).is_some() { Ok(()) } else { Err(FetchError::Protocol("sent a blob that did not complete".into())) };
         }
         let helpers = &helpers[..parts - 1];
         inc(&self.inner.counters.split_fetches);
@@ -1499,7 +1499,7 @@ impl Mirror {
         let fetched = async {
             let mut all = own.await;
             while let Some(r) = asks.join_next().await {
-                let r = r.unwrap_or_else(|e| Err(e.to_string()));
+                let r = r.unwrap_or_else(|e| Err(FetchError::Upstream(format!("a part's task failed: {e}"))));
                 all = all.and(r);
             }
             all
@@ -1533,7 +1533,7 @@ impl Mirror {
             };
             match r {
                 Ok(()) => return Ok(()),
-                Err(e @ transfer::TransferError::Lied { .. }) => return Err(e.to_string()),
+                Err(e @ transfer::TransferError::Lied { .. }) => return Err(FetchError::Cluster(e)),
                 // Nothing to take yet (the parts have not started arriving), or the swarm
                 // stalled while parts are still on their way: try again shortly.
                 Err(_) if !parts_done => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -1555,7 +1555,7 @@ impl Mirror {
 
     /// Fetches `part` of `d` from upstream for a peer splitting the blob, once per node and
     /// part however many ask (only from configured upstream hosts, as `fetch_to_store`).
-    async fn fetch_part_to_store(&self, d: Digest, part: transfer::Part, url: String, authorization: Option<String>) -> Result<(), String> {
+    async fn fetch_part_to_store(&self, d: Digest, part: transfer::Part, url: String, authorization: Option<String>) -> Result<(), FetchError> {
         let (url, fwd, source) = self.for_peer(&url, authorization.as_deref())?;
         let key = (d, part.index);
         let leader = {
@@ -1575,7 +1575,7 @@ impl Mirror {
                 let r = tokio::time::timeout(FOLLOW_BOUND, rx.wait_for(Option::is_some)).await;
                 return match r.ok().and_then(|v| v.ok().and_then(|v| *v)) {
                     Some(true) => Ok(()),
-                    _ => Err("this node's fetch of that part failed".into()),
+                    _ => Err(FetchError::Followed("this node's fetch of that part failed")),
                 };
             }
         };
@@ -1587,7 +1587,7 @@ impl Mirror {
 
     /// GETs the chunks of `part` from upstream into the store with byte ranges, skipping chunks
     /// already held; `first` is the answer to the part's first chunk when the caller has it.
-    async fn fetch_part(&self, d: Digest, part: transfer::Part, url: &reqwest::Url, fwd: &HeaderMap, source: Source, first: Option<reqwest::Response>) -> Result<(), String> {
+    async fn fetch_part(&self, d: Digest, part: transfer::Part, url: &reqwest::Url, fwd: &HeaderMap, source: Source, first: Option<reqwest::Response>) -> Result<(), FetchError> {
         let piece = u64::from(self.inner.store.piece_size());
         let chunk = u64::from(part.chunk_pieces) * piece;
         // The part's first chunk, always fetched, tells the blob's size and so its other chunks.
@@ -1612,31 +1612,31 @@ impl Mirror {
     /// Checks upstream's answer to a chunk's byte range from `start` (of a blob of `total` bytes,
     /// once known) and writes it into the store; the blob's size, or `None` when the blob ends
     /// before a part's first chunk.
-    async fn feed_chunk(&self, d: Digest, resp: reqwest::Response, start: u64, total: Option<u64>, source: &Source) -> Result<Option<u64>, String> {
+    async fn feed_chunk(&self, d: Digest, resp: reqwest::Response, start: u64, total: Option<u64>, source: &Source) -> Result<Option<u64>, FetchError> {
         match resp.status() {
             reqwest::StatusCode::PARTIAL_CONTENT => {}
             // Past the end: the blob is smaller than this part's first chunk.
             reqwest::StatusCode::RANGE_NOT_SATISFIABLE if total.is_none() => return Ok(None),
-            st => return Err(format!("upstream answered {st} to a byte range")),
+            st => return Err(FetchError::Status(st.as_u16())),
         }
-        let (from, to, size) = content_range(&resp).ok_or("a 206 without a usable Content-Range")?;
+        let (from, to, size) = content_range(&resp).ok_or_else(|| FetchError::Protocol("sent a 206 without a usable Content-Range".into()))?;
         if from != start || to < from || total.is_some_and(|t| t != size) || to >= size {
-            return Err(format!("upstream sent bytes {from}-{to}/{size} for a range from {start}"));
+            return Err(FetchError::Protocol(format!("sent bytes {from}-{to}/{size} for a range from {start}")));
         }
         self.feed_range(d, resp, size, start, to + 1 - from, source).await?;
         Ok(Some(size))
     }
 
     /// Writes one upstream byte range (from `start`, `len` bytes, piece-aligned) into the store.
-    async fn feed_range(&self, d: Digest, resp: reqwest::Response, size: u64, start: u64, len: u64, source: &Source) -> Result<(), String> {
+    async fn feed_range(&self, d: Digest, resp: reqwest::Response, size: u64, start: u64, len: u64, source: &Source) -> Result<(), FetchError> {
         let first = (start / u64::from(self.inner.store.piece_size())) as usize;
-        let w = feed::PieceFeed::at(&self.inner.store, &d, size, first, source.clone()).await.map_err(|e| e.to_string())?;
-        self.feed_body(resp, w, Some(len)).await?.finish_part().await.map_err(|e| e.to_string())
+        let w = feed::PieceFeed::at(&self.inner.store, &d, size, first, source.clone()).await?;
+        Ok(self.feed_body(resp, w, Some(len)).await?.finish_part().await?)
     }
 
     /// Writes an upstream body into `w` (exactly `len` bytes when given); on failure the feed's
     /// partial blob is given up before the error returns.
-    async fn feed_body(&self, mut resp: reqwest::Response, mut w: feed::PieceFeed, len: Option<u64>) -> Result<feed::PieceFeed, String> {
+    async fn feed_body(&self, mut resp: reqwest::Response, mut w: feed::PieceFeed, len: Option<u64>) -> Result<feed::PieceFeed, FetchError> {
         let mut got = 0u64;
         loop {
             match self.upstream_chunk(&mut resp).await {
@@ -1644,62 +1644,62 @@ impl Mirror {
                     got += c.len() as u64;
                     if let Some(len) = len.filter(|len| got > *len) {
                         w.discard().await;
-                        return Err(format!("upstream sent more than the {len} bytes of its range"));
+                        return Err(FetchError::Protocol(format!("sent more than the {len} bytes of its range")));
                     }
-                    w.write(&c).await.map_err(|e| e.to_string())?;
+                    w.write(&c).await?;
                 }
                 Ok(None) => break,
                 Err(e) => {
                     w.discard().await;
-                    return Err(e.to_string());
+                    return Err(FetchError::from(e));
                 }
             }
         }
         if let Some(len) = len.filter(|len| got != *len) {
             w.discard().await;
-            return Err(format!("upstream sent {got} of {len} bytes"));
+            return Err(FetchError::Protocol(format!("sent {got} of {len} bytes")));
         }
         Ok(w)
     }
 
     /// Writes a whole upstream body into `w`; when the body breaks off, the whole pieces received
     /// are kept for a ranged retry (`complete_from_upstream`) instead of being thrown away.
-    async fn feed_body_keeping(&self, mut resp: reqwest::Response, mut w: feed::PieceFeed) -> Result<feed::PieceFeed, String> {
+    async fn feed_body_keeping(&self, mut resp: reqwest::Response, mut w: feed::PieceFeed) -> Result<feed::PieceFeed, FetchError> {
         loop {
             match self.upstream_chunk(&mut resp).await {
-                Ok(Some(c)) => w.write(&c).await.map_err(|e| e.to_string())?,
+                Ok(Some(c)) => w.write(&c).await?,
                 Ok(None) => return Ok(w),
                 Err(e) => {
                     w.keep_partial().await;
-                    return Err(e.to_string());
+                    return Err(FetchError::from(e));
                 }
             }
         }
     }
 
     /// GETs `len` bytes of the blob at `url` from `start`.
-    async fn get_range(&self, url: &reqwest::Url, fwd: &HeaderMap, start: u64, len: u64) -> Result<reqwest::Response, String> {
+    async fn get_range(&self, url: &reqwest::Url, fwd: &HeaderMap, start: u64, len: u64) -> Result<reqwest::Response, FetchError> {
         let mut h = fwd.clone();
         let range = format!("bytes={start}-{}", start + len - 1);
-        h.insert(header::RANGE, header::HeaderValue::from_str(&range).map_err(|e| e.to_string())?);
-        self.inner.upstream.send(Method::GET, url.clone(), &h).await.map_err(|e| e.to_string())
+        h.insert(header::RANGE, header::HeaderValue::from_str(&range).map_err(|e| FetchError::Protocol(e.to_string()))?);
+        self.inner.upstream.send(Method::GET, url.clone(), &h).await.map_err(|e| FetchError::Upstream(e.to_string()))
     }
 
     /// GETs a whole blob from upstream into the store (piece by piece, verified at the end). The
     /// caller holds the digest's flight.
-    async fn fetch_whole(&self, d: Digest, url: reqwest::Url, fwd: &HeaderMap, source: Source) -> Result<(), String> {
-        let resp = self.inner.upstream.send(Method::GET, url, fwd).await.map_err(|e| e.to_string())?;
+    async fn fetch_whole(&self, d: Digest, url: reqwest::Url, fwd: &HeaderMap, source: Source) -> Result<(), FetchError> {
+        let resp = self.inner.upstream.send(Method::GET, url, fwd).await.map_err(|e| FetchError::Upstream(e.to_string()))?;
         self.feed_whole(d, resp, source).await
     }
 
     /// Writes a whole-blob answer (200) into the store.
-    async fn feed_whole(&self, d: Digest, resp: reqwest::Response, source: Source) -> Result<(), String> {
+    async fn feed_whole(&self, d: Digest, resp: reqwest::Response, source: Source) -> Result<(), FetchError> {
         if resp.status() != reqwest::StatusCode::OK {
-            return Err(format!("upstream answered {}", resp.status()));
+            return Err(FetchError::Status(resp.status().as_u16()));
         }
-        let size = resp.content_length().ok_or("upstream sent no Content-Length")?;
-        let w = feed::PieceFeed::new(&self.inner.store, &d, size, source).await.map_err(|e| e.to_string())?;
-        self.feed_body(resp, w, None).await?.finish().await.map_err(|e| e.to_string())
+        let size = resp.content_length().ok_or_else(|| FetchError::Protocol("sent no Content-Length".into()))?;
+        let w = feed::PieceFeed::new(&self.inner.store, &d, size, source).await?;
+        Ok(self.feed_body(resp, w, None).await?.finish().await?)
     }
 
     /// Joins or starts the upstream fetch of `d` on this node. A caller that checked the store
@@ -1886,7 +1886,7 @@ impl crate::cluster::Ops for ClusterOps<'_> {
     async fn ask_fetch(&self, owner: SocketAddr, d: &Digest, within: Duration) -> Result<(), transfer::TransferError> {
         self.c.transfer.ask_fetch(owner, d, self.url, self.auth, within).await
     }
-    async fn fetch_here(&self, d: &Digest) -> Result<(), String> {
+    async fn fetch_here(&self, d: &Digest) -> Result<(), FetchError> {
         self.mirror.fetch_to_store(*d, self.url.to_string(), self.auth.map(str::to_owned)).await
     }
 }
@@ -2115,7 +2115,7 @@ impl transfer::Fetcher for Mirror {
         digest: Digest,
         url: String,
         authorization: Option<String>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), FetchError>> + Send + '_>> {
         Box::pin(self.fetch_to_store(digest, url, authorization))
     }
 
@@ -2125,7 +2125,7 @@ impl transfer::Fetcher for Mirror {
         part: transfer::Part,
         url: String,
         authorization: Option<String>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), FetchError>> + Send + '_>> {
         Box::pin(self.fetch_part_to_store(digest, part, url, authorization))
     }
 }

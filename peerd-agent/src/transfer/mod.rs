@@ -55,6 +55,51 @@ pub enum TransferError {
     Store(#[from] StoreError),
 }
 
+/// Why a fetch from upstream (for this node's clients, for a peer, or as the blob's owner)
+/// failed. Callers decide on the kind: a lying cluster is distrusted, a refused origin is not
+/// retried, an upstream failure may be.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Not a configured upstream origin: a peer cannot make this node fetch it.
+    #[error("{0} is not a configured upstream origin")]
+    NotAllowed(String),
+    #[error("bad URL: {0}")]
+    BadUrl(String),
+    /// Upstream unreachable, timed out, or its body broke off.
+    #[error("upstream: {0}")]
+    Upstream(String),
+    /// Upstream answered with a status that cannot be used.
+    #[error("upstream answered {0}")]
+    Status(u16),
+    /// Upstream's answer broke the protocol (range bounds, lengths, missing headers).
+    #[error("upstream {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The cluster failed the fetch; `TransferError::Lied` means it gave a wrong blob.
+    #[error(transparent)]
+    Cluster(#[from] TransferError),
+    /// This request followed another fetch of the same blob on this node, which failed.
+    #[error("{0}")]
+    Followed(&'static str),
+}
+
+impl FetchError {
+    /// The cluster's lie, if that is what failed the fetch.
+    pub fn lie(&self) -> Option<&TransferError> {
+        match self {
+            FetchError::Cluster(e @ TransferError::Lied { .. }) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<reqwest::Error> for FetchError {
+    fn from(e: reqwest::Error) -> Self {
+        FetchError::Upstream(e.to_string())
+    }
+}
+
 /// Gets a blob from upstream into the local store (the mirror implements it). `url` is checked
 /// against the configured upstreams by the implementation: peers cannot make us fetch anything.
 pub trait Fetcher: Send + Sync + 'static {
@@ -63,7 +108,7 @@ pub trait Fetcher: Send + Sync + 'static {
         digest: Digest,
         url: String,
         authorization: Option<String>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), FetchError>> + Send + '_>>;
     /// Gets one part of the blob (`wire::Part`) from upstream into the store; done when this
     /// node holds that part's pieces.
     fn fetch_part(
@@ -72,7 +117,7 @@ pub trait Fetcher: Send + Sync + 'static {
         part: Part,
         url: String,
         authorization: Option<String>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), FetchError>> + Send + '_>>;
 }
 
 #[derive(Clone, Debug)]
@@ -431,12 +476,12 @@ impl Transfer {
     }
 
     /// Runs a peer's Fetch or FetchPart through the fetcher; the answer frame.
-    async fn fetch_for_peer<'a>(&'a self, job: impl FnOnce(&'a dyn Fetcher) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>) -> Bytes {
+    async fn fetch_for_peer<'a>(&'a self, job: impl FnOnce(&'a dyn Fetcher) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), FetchError>> + Send + 'a>>) -> Bytes {
         match self.inner.fetcher.get() {
             None => wire::status_frame(Status::UpstreamFailed, "this node cannot fetch"),
             Some(f) => match job(f.as_ref()).await {
                 Ok(()) => wire::status_frame(Status::Ok, ""),
-                Err(e) => wire::status_frame(Status::UpstreamFailed, &e),
+                Err(e) => wire::status_frame(Status::UpstreamFailed, &e.to_string()),
             },
         }
     }
