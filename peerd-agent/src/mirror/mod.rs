@@ -812,6 +812,19 @@ impl Mirror {
             debug!(%d, "range from peers failed, relaying from upstream: {fetched:?}");
             return None;
         }
+        // A covering piece another download (the background prefetch) had claimed lands when
+        // that download stores it: wait for it rather than relay from upstream.
+        let landed = tokio::time::timeout(RANGE_BUDGET, async {
+            for i in pieces.clone() {
+                self.inner.store.wait_piece(d, i as usize).await?;
+            }
+            Ok::<(), crate::store::StoreError>(())
+        })
+        .await;
+        if !matches!(landed, Ok(Ok(()))) {
+            inc(&self.inner.counters.range_peer_fallbacks);
+            return None;
+        }
         // Every covering piece must carry the verified manifest's hash (a piece stored earlier
         // by a download whose manifest came from elsewhere is not trusted for this).
         let (_, _, hashes) = self.inner.store.known_hashes(d)?;
