@@ -31,7 +31,7 @@ fn cluster(dir: &std::path::Path, n: usize, reg: &str, extra: &[&str]) -> Cluste
     for (i, me) in peer_addrs.iter().enumerate() {
         let d = dir.join(format!("node{i}"));
         std::fs::create_dir_all(&d).unwrap();
-        let mut args: Vec<String> = vec!["--peer-addr".into(), me.to_string(), "--cluster-secret-file".into(), secret.clone(), "--node-id".into(), format!("node{i}")];
+        let mut args: Vec<String> = vec!["--peer-addr".into(), me.to_string(), "--cluster-secret-file".into(), secret.clone()];
         for p in &peer_addrs {
             args.push("--peer".into());
             args.push(p.to_string());

@@ -57,7 +57,7 @@ async fn blobs_in_containerd_are_served_to_peers_and_withdrawn_when_removed() {
     let start = |i: usize, extra: &[&str]| {
         let d = dir.path().join(format!("node{i}"));
         std::fs::create_dir_all(&d).unwrap();
-        let mut args: Vec<String> = ["--peer-addr", &peers[i].to_string(), "--cluster-secret-file", &secret.display().to_string(), "--node-id", &format!("node{i}"), "--trust-cluster"]
+        let mut args: Vec<String> = ["--peer-addr", &peers[i].to_string(), "--cluster-secret-file", &secret.display().to_string(), "--trust-cluster"]
             .iter()
             .map(|s| s.to_string())
             .collect();

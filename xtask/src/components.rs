@@ -323,9 +323,10 @@ impl Agent {
         let mut cmd = Command::new(bin);
         cmd.arg("agent").arg("--data-dir").arg(&data).arg("--mirror-addr").arg(addr.to_string());
         cmd.arg("--no-default-registries");
-        // Defaults a caller may override through `extra`.
-        let peer_addr = format!("127.0.0.1:{}", free_port());
-        for (flag, value) in [("--cache-size", "2GiB"), ("--upstream-timeout", "3"), ("--peer-addr", peer_addr.as_str())] {
+        // Defaults a caller may override through `extra`. No peer endpoint: an agent alone opens
+        // none, and several agents on this one host pass their own `--peer-addr` ports (the one
+        // flag a user running two agents on one host needs too).
+        for (flag, value) in [("--cache-size", "2GiB"), ("--upstream-timeout", "3")] {
             if !extra.contains(&flag) {
                 cmd.args([flag, value]);
             }

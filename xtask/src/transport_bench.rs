@@ -126,13 +126,12 @@ fn nginx(dir: &Path, root: &Path, cert: &Path, key: &Path) -> Result<Proc> {
     Ok(Proc::spawn(&mut cmd, prefix.join("stderr.log")))
 }
 
-fn agent(bin: &Path, dir: &Path, ns: &str, me: &str, peer: &str, secret: &Path, log: &str) -> Proc {
+fn agent(bin: &Path, dir: &Path, ns: &str, peer: &str, secret: &Path, log: &str) -> Proc {
     let mut cmd = in_ns(ns, bin);
     cmd.arg("agent")
         .arg("--data-dir")
         .arg(dir.join(ns))
         .args(["--mirror-addr", MIRROR])
-        .args(["--peer-addr", &format!("{me}:{PEER_PORT}")])
         .args(["--peer", &format!("{peer}:{PEER_PORT}")])
         .arg("--cluster-secret-file")
         .arg(secret)
@@ -203,13 +202,13 @@ pub fn transport(size_mib: u64, runs: usize) -> Result<()> {
     let secret = dir.join("secret");
     std::fs::write(&secret, pseudo_random(32, 27))?;
     // A first, alone: it pulls the blob from the registry into its cache.
-    let a = agent(&bin, &dir, NS_A, IP_A, IP_B, &secret, "agent-a.log");
+    let a = agent(&bin, &dir, NS_A, IP_B, &secret, "agent-a.log");
     wait_up(NS_A, &format!("http://{MIRROR}/healthz"), Duration::from_secs(20))?;
     let blob_url = format!("http://{MIRROR}/{rel}?ns=bench");
     eprintln!("bench: filling node A's cache");
     curl(NS_A, &blob_url, &[])?;
     wait_log(&a, &["cached from", "fetched from upstream for the cluster"], 1, Duration::from_secs(120))?;
-    let b = agent(&bin, &dir, NS_B, IP_B, IP_A, &secret, "agent-b.log");
+    let b = agent(&bin, &dir, NS_B, IP_A, &secret, "agent-b.log");
     wait_up(NS_B, &format!("http://{MIRROR}/healthz"), Duration::from_secs(20))?;
 
     let cases = ["(a) agent to agent (QUIC peer protocol)", "(b) TLS 1.3 over kernel TCP (nginx HTTPS -> curl)", "(c) plain TCP sendfile (nginx HTTP -> curl)"];
