@@ -214,6 +214,22 @@ enum Verified {
     Io(std::io::Error),
 }
 
+impl crate::metrics::MetricsSource for ContainerdContent {
+    fn render(&self, r: &mut prometheus_client::registry::Registry) {
+        use crate::metrics::{counter, gauge};
+        let c = self.counters();
+        counter(r, "containerd_verified", "Blobs in containerd's content store verified (sha256) and hashed into pieces on first use", &c.verified);
+        counter(r, "containerd_verify_failed", "Blobs in containerd's content store whose content did not match their name (never served)", &c.verify_failed);
+        counter(r, "containerd_changed", "Blobs in containerd's content store withdrawn because they changed or vanished while in use", &c.changed);
+        counter(r, "containerd_removed", "Blobs removed from containerd's content store and withdrawn", &c.removed);
+        counter(r, "containerd_read_errors", "Reads of containerd's content store that failed", &c.read_errors);
+        counter(r, "containerd_sent_bytes", "Bytes sent to peers from containerd's content store", &c.bytes_served);
+        counter(r, "containerd_scan_errors", "Scans of containerd's content store that could not list it", &c.scan_errors);
+        counter(r, "containerd_scan_truncated", "Entries of containerd's content store ignored past the per-scan bound", &c.scan_truncated);
+        gauge(r, "containerd_blobs", "Blobs of containerd's content store advertised to peers", self.len() as i64);
+    }
+}
+
 impl ContainerdContent {
     /// A source over `cfg.dir`, empty until [`ContainerdContent::scan`] runs.
     pub fn new(cfg: ContainerdConfig) -> Self {
@@ -413,7 +429,7 @@ impl ContainerdContent {
                 report.bad += 1;
                 continue;
             }
-            if id.size.div_ceil(u64::from(self.cfg.piece_size)) > u64::from(crate::transfer::wire::MAX_MANIFEST_PIECES) {
+            if id.size.div_ceil(u64::from(self.cfg.piece_size)) > u64::from(crate::store::MAX_PIECES) {
                 continue;
             }
             found.insert(d, id);

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod containerd;
 pub mod gossip;
+pub mod httpd;
 pub mod identity;
 pub mod intercept;
 pub mod metrics;

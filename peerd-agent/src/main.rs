@@ -516,9 +516,6 @@ fn agent(args: AgentArgs) -> Result<()> {
             true => None,
             false => ContainerdContent::start(ContainerdConfig::new(&args.containerd_content_dir, store.piece_size())).await,
         };
-        if let (Some(c), Some(t)) = (&containerd, &transfer) {
-            t.set_containerd(c.clone());
-        }
         let mut gossip_metrics: Option<std::sync::Arc<Gossip>> = None;
         let directory: Option<std::sync::Arc<dyn PeerDirectory>> = if !args.seeds.is_empty() {
             let mut g = GossipConfig::new(me, secret_bytes.clone());
@@ -544,7 +541,11 @@ fn agent(args: AgentArgs) -> Result<()> {
         });
         let mirror = Mirror::new(cfg, store, args.data_dir.join("mirror"), cluster)?;
         if let Some(t) = &transfer {
-            t.set_fetcher(std::sync::Arc::new(mirror.clone()));
+            t.serve(peerd_agent::transfer::Handler { fetcher: Some(std::sync::Arc::new(mirror.clone())), containerd: containerd.clone() });
+            mirror.add_metrics_source(std::sync::Arc::new(t.clone()));
+            if let Some(c) = &containerd {
+                mirror.add_metrics_source(c.clone());
+            }
         }
         if let Some(gossip) = gossip_metrics {
             mirror.add_metrics_source(gossip);

@@ -31,8 +31,9 @@ pub const MAX_PAYLOAD: usize = 1_200;
 /// Peers each round's rumors go to.
 pub const FANOUT: usize = 3;
 /// Changes published at once beyond which they are left to anti-entropy (a node's initial
-/// content, a bulk eviction): rumors are for the trickle of single blobs.
-pub const MAX_PUBLISH: usize = 64;
+/// content, a bulk eviction): rumors are for the trickle of single blobs. The local content
+/// tracks exactly as many.
+pub const MAX_PUBLISH: usize = super::summary::MAX_TRACKED_CHANGES;
 const FORMAT_V1: u8 = 1;
 /// Changes per rumor, so one rumor always fits a datagram (16 x 33 bytes + header).
 const MAX_CHANGES: usize = 16;

@@ -234,8 +234,9 @@ pub struct LocalContent {
     bulk: u64,
 }
 
-/// Per-blob changes remembered between two `take_changes`: no more than rumors carry at once.
-use super::rumor::MAX_PUBLISH as MAX_TRACKED_CHANGES;
+/// Per-blob changes remembered between two `take_changes`: as many as rumors publish at once
+/// (`rumor::MAX_PUBLISH`); a bigger change is left to anti-entropy anyway.
+pub const MAX_TRACKED_CHANGES: usize = 64;
 
 impl Default for LocalContent {
     fn default() -> Self {

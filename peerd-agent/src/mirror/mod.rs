@@ -6,9 +6,8 @@
 //! chunk is held back until the whole body's sha256 matches, so a client never receives a complete
 //! body with the wrong digest.
 
-mod body;
+mod counters;
 mod feed;
-mod server;
 pub mod oci;
 pub use peerd_http::range;
 pub mod upstream;
@@ -24,8 +23,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use body::Body;
-pub use server::{Handback, Stream};
+pub use crate::httpd::{Body, Handback, Stream};
+pub use counters::Counters;
 use bytes::Bytes;
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use sha2::Digest as _;
@@ -36,6 +35,8 @@ use tokio::{
 use tracing::{debug, info, warn};
 
 use crate::{
+    httpd,
+    metrics::MetricsSource,
     admin,
     peers::PeerDirectory,
     ratelimit::RateLimit,
@@ -56,6 +57,42 @@ const MANIFEST_TYPES: &str = "application/vnd.oci.image.index.v1+json, applicati
 fn serves_redirected(req: &Request<()>) -> bool {
     matches!(*req.method(), Method::GET | Method::HEAD)
         && matches!(oci::parse(req.uri().path()), Some(Ok(Route::Blob { .. } | Route::Manifest { .. })))
+}
+
+/// The mirror answers the HTTP front end's requests (and a redirected connection's pulls).
+impl httpd::Handler for Mirror {
+    type Target = Registry;
+
+    fn handle(&self, req: Request<()>, peer: SocketAddr) -> impl std::future::Future<Output = Resp> + Send {
+        Mirror::handle(self, req, peer)
+    }
+
+    fn serves_redirected(&self, req: &Request<()>, _registry: &Registry) -> bool {
+        serves_redirected(req)
+    }
+
+    fn handle_redirected(&self, req: Request<()>, peer: SocketAddr, registry: &Registry) -> impl std::future::Future<Output = Resp> + Send {
+        Mirror::handle_redirected(self, req, peer, registry)
+    }
+
+    /// Refusals in the OCI error format, as every other answer of the mirror.
+    fn refusal(&self, why: httpd::Refusal) -> Resp {
+        let code = match why {
+            httpd::Refusal::HeadTooLarge(_) => "TOO_LARGE",
+            httpd::Refusal::Malformed(_) => "BAD_REQUEST",
+            httpd::Refusal::HasBody => "UNSUPPORTED",
+            httpd::Refusal::Busy => "TOO_MANY_REQUESTS",
+        };
+        error(why.status(), code, why.message())
+    }
+
+    fn count(&self, event: httpd::Event) {
+        let c = match event {
+            httpd::Event::AcceptError => &self.counters().accept_errors,
+            httpd::Event::Shed => &self.counters().connections_shed,
+        };
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Error bodies relayed from upstream are cut at this size.
@@ -128,51 +165,24 @@ pub struct NodeInfo {
     pub mirror_port: u16,
 }
 
-/// Reason-coded counters (exported as metrics).
-#[derive(Default, Debug)]
-pub struct Counters {
-    pub hits: AtomicU64,
-    pub hits_from_peers: AtomicU64,
-    pub owner_failures: AtomicU64,
-    /// Blobs this node split among members as their owner (`fetch_split`).
-    pub split_fetches: AtomicU64,
-    /// Parts of split blobs a helper failed to fetch, fetched by the owner instead.
-    pub part_takeovers: AtomicU64,
-    /// Responses streamed while the blob was still arriving (`stream_arriving`).
-    pub streamed_arriving: AtomicU64,
-    /// Streamed responses whose blob the cluster failed to finish (upstream finished it).
-    pub stream_fallbacks: AtomicU64,
-    /// Streamed responses cut short: the blob did not arrive whole and verified.
-    pub stream_aborted: AtomicU64,
-    /// Blobs the cluster delivered that failed their digest (`distrusted` for a while after).
-    pub cluster_lied: AtomicU64,
-    /// Requests for content named by a digest the store does not use (sha512), relayed uncached.
-    pub relayed_uncacheable: AtomicU64,
-    /// Range reads of blobs not here answered with pieces from peers.
-    pub ranges_from_peers: AtomicU64,
-    /// Range reads that tried peers and were relayed from upstream instead.
-    pub range_peer_fallbacks: AtomicU64,
-    /// accept() failures on the mirror listener (out of descriptors), retried after a pause.
-    pub accept_errors: AtomicU64,
-    /// Connections answered 503 and closed at the connection limit.
-    pub connections_shed: AtomicU64,
-    /// Swarms that stalled while the blob's owner was still fetching it, started again.
-    pub swarm_retries: AtomicU64,
-    /// Blobs the cluster could not finish whose missing pieces this node fetched from upstream
-    /// itself (by byte range when it could), so the client's pull completes.
-    pub upstream_completions: AtomicU64,
-    pub misses: AtomicU64,
-    pub bytes_from_cache: AtomicU64,
-    pub bytes_from_upstream: AtomicU64,
-    pub upstream_errors: AtomicU64,
-    pub auth_checks: AtomicU64,
-    pub auth_denied: AtomicU64,
-    pub digest_mismatch: AtomicU64,
-    pub cache_skipped: AtomicU64,
-    pub prefetch_started: AtomicU64,
-    pub prefetch_skipped: AtomicU64,
-    pub proxy_denied: AtomicU64,
-    pub fetch_seconds: crate::metrics::FetchLatency,
+
+/// The store's gauges and the cluster's membership, rendered on `/metrics`.
+struct NodeGauges<'a>(&'a Mirror);
+
+impl MetricsSource for NodeGauges<'_> {
+    fn render(&self, r: &mut prometheus_client::registry::Registry) {
+        use crate::metrics::{counter, gauge};
+        let s = self.0.store().stats();
+        gauge(r, "store_used_bytes", "Bytes reserved by cached blobs", s.used_bytes as i64);
+        gauge(r, "store_budget_bytes", "Cache budget", s.budget_bytes as i64);
+        gauge(r, "store_blobs", "Blobs in the cache, complete or partial", s.blobs as i64);
+        gauge(r, "store_complete_blobs", "Complete, verified blobs in the cache", s.complete_blobs as i64);
+        r.register("store_evictions", "Blobs evicted to stay within the budget", prometheus_client::metrics::counter::ConstCounter::new(s.evictions));
+        if let Some(cl) = self.0.cluster() {
+            gauge(r, "members", "Live cluster members known to this node, itself included", cl.peers.members().len() as i64);
+        }
+        counter(r, "peer_addrs_ignored", "Peer addresses from gossip that cannot be dialled from here (wildcard, port 0, foreign loopback), ignored", &crate::peers::IGNORED_PEER_ADDRS);
+    }
 }
 
 /// How long a digest the cluster lied about is fetched from upstream directly.
@@ -257,7 +267,7 @@ struct Inner {
     range_manifests: Mutex<HashMap<Digest, Arc<transfer::wire::WireManifest>>>,
     upstream_limit: Option<Arc<RateLimit>>,
     counters: Counters,
-    metrics_sources: Mutex<Vec<Arc<dyn crate::metrics::MetricsSource>>>,
+    metrics_sources: Mutex<Vec<Arc<dyn MetricsSource>>>,
     node: std::sync::OnceLock<NodeInfo>,
 }
 
@@ -360,12 +370,21 @@ impl Mirror {
         (regs, warn)
     }
 
+    /// `/metrics`: the mirror's counters, this node's gauges and every added source.
+    fn metrics_text(&self) -> String {
+        let added = self.metrics_sources();
+        let node = NodeGauges(self);
+        let mut all: Vec<&dyn MetricsSource> = vec![self.counters(), &node];
+        all.extend(added.iter().map(|s| s.as_ref() as &dyn MetricsSource));
+        crate::metrics::render(&all)
+    }
+
     /// Adds metrics rendered with the mirror's own on `/metrics`.
-    pub fn add_metrics_source(&self, src: Arc<dyn crate::metrics::MetricsSource>) {
+    pub fn add_metrics_source(&self, src: Arc<dyn MetricsSource>) {
         self.inner.metrics_sources.lock().unwrap_or_else(|e| e.into_inner()).push(src);
     }
 
-    pub fn metrics_sources(&self) -> Vec<Arc<dyn crate::metrics::MetricsSource>> {
+    pub fn metrics_sources(&self) -> Vec<Arc<dyn MetricsSource>> {
         self.inner.metrics_sources.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -568,7 +587,7 @@ impl Mirror {
     /// Serves HTTP/1.1 on `listener` until the task is dropped, at most `max_connections`
     /// connections at once.
     pub async fn serve(self, listener: TcpListener, max_connections: usize) -> std::io::Result<()> {
-        server::serve(self, listener, max_connections).await
+        httpd::serve(self, listener, max_connections).await
     }
 
     /// Answers one request.
@@ -581,7 +600,7 @@ impl Mirror {
     /// Serves a connection the kernel redirected to the agent, meant for `registry`, for as long
     /// as its requests are pulls; returns the rest of the connection when one is not.
     pub async fn serve_redirected(&self, stream: Stream, peer: SocketAddr, registry: Registry) -> std::io::Result<Option<Handback>> {
-        server::connection(self.clone(), stream, peer, Some(registry)).await
+        httpd::connection(self.clone(), stream, peer, Some(registry)).await
     }
 
     /// A pull on a redirected connection. The Host header names the registry when it is one we
@@ -625,7 +644,7 @@ impl Mirror {
             return json_response(if ready { 200 } else { 503 }, &admin::Ready { ready, warnings });
         }
         if path == "/metrics" {
-            let mut r = Response::new(Body::full(crate::metrics::render(self)));
+            let mut r = Response::new(Body::full(self.metrics_text()));
             set(r.headers_mut(), header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8");
             return r;
         }
@@ -1021,7 +1040,7 @@ impl Mirror {
                 return error(404, "BLOB_UNKNOWN", &format!("{d} was evicted"));
             };
             self.inner.counters.bytes_from_cache.fetch_add(len, Ordering::Relaxed);
-            Body::File { file, offset: start, len, _pin: pin }
+            Body::File { file, offset: start, len, hold: Box::new(pin) }
         };
         let mut r = Response::new(body);
         *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
@@ -2080,7 +2099,7 @@ async fn collect(body: Body) -> std::io::Result<Bytes> {
             }
             Ok(Bytes::from(out))
         }
-        Body::File { file, offset, len, _pin } => {
+        Body::File { file, offset, len, .. } => {
             if len > MAX_MANIFEST as u64 {
                 return Ok(Bytes::new());
             }

@@ -56,6 +56,10 @@ use piece_map::PieceMap;
 /// transfers in milliseconds on a node network.
 pub const PIECE_SIZE: u32 = 1 << 20;
 
+/// Most pieces a blob exchanged between nodes may have (1 TiB at 1 MiB pieces): bounds the
+/// manifest a peer may send us and the blobs of containerd's store we offer.
+pub const MAX_PIECES: u32 = 1 << 20;
+
 /// Who supplied bytes, so a verification failure can name the liar.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Source {

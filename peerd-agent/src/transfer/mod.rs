@@ -17,7 +17,7 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -120,6 +120,17 @@ pub trait Fetcher: Send + Sync + 'static {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), FetchError>> + Send + '_>>;
 }
 
+/// What the peer server answers from besides the store, given at [`Transfer::serve`].
+#[derive(Default)]
+pub struct Handler {
+    /// Runs peers' `Fetch` and `FetchPart` requests (the mirror's upstream path); without it
+    /// they are answered "this node cannot fetch".
+    pub fetcher: Option<Arc<dyn Fetcher>>,
+    /// The node's containerd content store: its blobs are served, straight from containerd's
+    /// files, when the store does not hold them.
+    pub containerd: Option<Arc<ContainerdContent>>,
+}
+
 #[derive(Clone, Debug)]
 pub struct TransferConfig {
     pub listen: SocketAddr,
@@ -176,6 +187,25 @@ pub struct Counters {
     pub withheld_pieces: AtomicU64,
 }
 
+impl crate::metrics::MetricsSource for Transfer {
+    fn render(&self, r: &mut prometheus_client::registry::Registry) {
+        use crate::metrics::counter;
+        let c = &self.inner.counters;
+        counter(r, "peer_received_bytes", "Bytes received from peers", &c.bytes_from_peers);
+        counter(r, "peer_sent_bytes", "Bytes sent to peers", &c.bytes_to_peers);
+        counter(r, "peer_pieces", "Verified pieces received from peers", &c.pieces_from_peers);
+        counter(r, "piece_verification_failures", "Pieces from peers that failed blake3 verification", &c.corrupt_pieces);
+        counter(r, "peer_timeouts", "Piece requests to peers that timed out", &c.peer_timeouts);
+        counter(r, "peer_hedged_requests", "Piece requests duplicated to a second peer in the endgame (the first was slow)", &c.hedged_requests);
+        counter(r, "peer_withheld_pieces", "Piece requests refused as a blob's origin: the pieces had just gone to another peer", &c.withheld_pieces);
+        counter(r, "peer_errors", "Piece requests to peers that failed", &c.peer_errors);
+        counter(r, "peers_unreachable", "Dials that failed and peer connections that timed out", &c.peers_unreachable);
+        counter(r, "peer_refused", "Peer connections or requests refused (no cluster certificate, malformed)", &c.refused_requests);
+        counter(r, "peer_fetches", "Upstream fetches done for peers as rendezvous owner", &c.fetches_for_peers);
+        counter(r, "peer_part_fetches", "Parts of split blobs fetched from upstream for the node that split them", &c.part_fetches_for_peers);
+    }
+}
+
 #[derive(Clone)]
 pub struct Transfer {
     inner: Arc<Inner>,
@@ -186,9 +216,6 @@ struct Inner {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     store: Store,
-    fetcher: OnceLock<Arc<dyn Fetcher>>,
-    /// Blobs in the node's containerd content store, served when the store lacks them.
-    containerd: OnceLock<Arc<ContainerdContent>>,
     conns: Mutex<HashMap<SocketAddr, quinn::Connection>>,
     /// Peers whose dial failed or whose connection timed out, until when they are not dialled
     /// again: a dead peer costs every request to it a failed dial otherwise.
@@ -275,8 +302,6 @@ impl Transfer {
                 endpoint,
                 client,
                 store,
-                fetcher: OnceLock::new(),
-                containerd: OnceLock::new(),
                 conns: Mutex::new(HashMap::new()),
                 down: Mutex::new(HashMap::new()),
                 partial: Mutex::new(HashMap::new()),
@@ -286,9 +311,16 @@ impl Transfer {
                 counters: Counters::default(),
             }),
         };
-        let server = t.clone();
-        tokio::spawn(async move { server.accept_loop().await });
         Ok(t)
+    }
+
+    /// Starts answering peers, with `handler` for what the store does not hold. Until then the
+    /// endpoint only dials out (the handler is usually built from parts that need this
+    /// `Transfer` first: the mirror's cluster fetch path).
+    pub fn serve(&self, handler: Handler) {
+        let server = self.clone();
+        let handler = Arc::new(handler);
+        tokio::spawn(async move { server.accept_loop(handler).await });
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -299,24 +331,10 @@ impl Transfer {
         &self.inner.counters
     }
 
-    /// Installs the upstream fetcher used to answer peers' `Fetch` requests.
-    pub fn set_fetcher(&self, f: Arc<dyn Fetcher>) {
-        let _ = self.inner.fetcher.set(f);
-    }
-
-    /// Serves peers the blobs of the node's containerd content store too (those the store does
-    /// not hold), straight from containerd's files.
-    pub fn set_containerd(&self, c: Arc<ContainerdContent>) {
-        let _ = self.inner.containerd.set(c);
-    }
-
-    pub fn containerd(&self) -> Option<&Arc<ContainerdContent>> {
-        self.inner.containerd.get()
-    }
-
-    async fn accept_loop(&self) {
+    async fn accept_loop(&self, handler: Arc<Handler>) {
         while let Some(incoming) = self.inner.endpoint.accept().await {
             let this = self.clone();
+            let handler = handler.clone();
             tokio::spawn(async move {
                 let conn = match incoming.await {
                     Ok(c) => c,
@@ -331,8 +349,9 @@ impl Transfer {
                 trace_path(&conn, "served");
                 while let Ok((send, recv)) = conn.accept_bi().await {
                     let this = this.clone();
+                    let handler = handler.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = this.serve_stream(peer, send, recv).await {
+                        if let Err(e) = this.serve_stream(&handler, peer, send, recv).await {
                             debug!(%peer, "stream: {e}");
                         }
                     });
@@ -341,7 +360,7 @@ impl Transfer {
         }
     }
 
-    async fn serve_stream(&self, peer: SocketAddr, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
+    async fn serve_stream(&self, h: &Handler, peer: SocketAddr, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), String> {
         let raw = recv.read_to_end(wire::MAX_REQUEST).await.map_err(|e| e.to_string())?;
         let req = match Request::decode(&raw) {
             Ok(r) => r,
@@ -356,7 +375,7 @@ impl Transfer {
         match req {
             Request::Manifest { digest } => {
                 let d = Digest::from_sha256_bytes(digest);
-                let m = match self.containerd_manifest(&d, true).await {
+                let m = match self.containerd_manifest(h, &d, true).await {
                     Some(m) => Some(Arc::new(WireManifest { size: m.size, piece_size: m.piece_size, pieces: m.pieces.iter().map(|h| *h.as_bytes()).collect() })),
                     None => self.manifest_of(&d),
                 };
@@ -368,7 +387,7 @@ impl Transfer {
             }
             Request::Pieces { digest, first, count } => {
                 let d = Digest::from_sha256_bytes(digest);
-                if let (Some(m), Some(c)) = (self.containerd_manifest(&d, false).await, self.inner.containerd.get()) {
+                if let (Some(m), Some(c)) = (self.containerd_manifest(h, &d, false).await, h.containerd.as_ref()) {
                     if first.checked_add(count).is_none_or(|end| end as usize > m.pieces.len()) {
                         return refuse(&mut send, Status::BadRequest, "pieces out of range").await;
                     }
@@ -432,7 +451,7 @@ impl Transfer {
                 // Complete and sha256-verified here only: never a manifest of pieces in flight.
                 let m = match store.manifest(&d) {
                     Some(m) => Some(m),
-                    None => self.containerd_manifest(&d, true).await.map(|m| (*m).clone()),
+                    None => self.containerd_manifest(h, &d, true).await.map(|m| (*m).clone()),
                 };
                 let frame = match m {
                     Some(m) => WireManifest { size: m.size, piece_size: m.piece_size, pieces: m.pieces.iter().map(|h| *h.as_bytes()).collect() }.encode(),
@@ -442,7 +461,7 @@ impl Transfer {
             }
             Request::Have { digest } => {
                 let d = Digest::from_sha256_bytes(digest);
-                let frame = match self.containerd_manifest(&d, false).await {
+                let frame = match self.containerd_manifest(h, &d, false).await {
                     Some(m) => wire::encode_have(&vec![true; m.pieces.len()]),
                     None => match (self.manifest_of(&d), store.present_pieces(&d)) {
                         (Some(_), Some(mut bits)) => {
@@ -460,13 +479,13 @@ impl Transfer {
             Request::Fetch { digest, url, authorization } => {
                 self.inner.counters.fetches_for_peers.fetch_add(1, Ordering::Relaxed);
                 let d = Digest::from_sha256_bytes(digest);
-                let frame = self.fetch_for_peer(|f| f.fetch(d, url, authorization)).await;
+                let frame = self.fetch_for_peer(h, |f| f.fetch(d, url, authorization)).await;
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
             Request::FetchPart { digest, part, url, authorization } => {
                 self.inner.counters.part_fetches_for_peers.fetch_add(1, Ordering::Relaxed);
                 let d = Digest::from_sha256_bytes(digest);
-                let frame = self.fetch_for_peer(|f| f.fetch_part(d, part, url, authorization)).await;
+                let frame = self.fetch_for_peer(h, |f| f.fetch_part(d, part, url, authorization)).await;
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
         }
@@ -476,8 +495,8 @@ impl Transfer {
     }
 
     /// Runs a peer's Fetch or FetchPart through the fetcher; the answer frame.
-    async fn fetch_for_peer<'a>(&'a self, job: impl FnOnce(&'a dyn Fetcher) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), FetchError>> + Send + 'a>>) -> Bytes {
-        match self.inner.fetcher.get() {
+    async fn fetch_for_peer<'a>(&'a self, h: &'a Handler, job: impl FnOnce(&'a dyn Fetcher) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), FetchError>> + Send + 'a>>) -> Bytes {
+        match &h.fetcher {
             None => wire::status_frame(Status::UpstreamFailed, "this node cannot fetch"),
             Some(f) => match job(f.as_ref()).await {
                 Ok(()) => wire::status_frame(Status::Ok, ""),
@@ -504,9 +523,9 @@ impl Transfer {
     /// Verification starts on first use; with `wait` the answer waits for it briefly (less than a
     /// peer's manifest timeout: a peer gets "not found" and goes elsewhere rather than timing out;
     /// the hashing goes on and the next request finds it ready).
-    async fn containerd_manifest(&self, d: &Digest, wait: bool) -> Option<Arc<crate::store::Manifest>> {
+    async fn containerd_manifest(&self, h: &Handler, d: &Digest, wait: bool) -> Option<Arc<crate::store::Manifest>> {
         let verify_wait = self.inner.cfg.manifest_timeout * 3 / 5;
-        let c = self.inner.containerd.get()?;
+        let c = h.containerd.as_ref()?;
         if !c.contains(d) || self.inner.store.has(d) {
             return None;
         }

@@ -16,12 +16,17 @@ async fn node(secret: &[u8]) -> Node {
 }
 
 async fn node_with(secret: &[u8], change: impl FnOnce(&mut TransferConfig)) -> Node {
+    node_serving(secret, change, Handler::default()).await
+}
+
+async fn node_serving(secret: &[u8], change: impl FnOnce(&mut TransferConfig), handler: Handler) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), StoreConfig::new(1 << 30)).await.unwrap();
     let mut cfg = TransferConfig::new("127.0.0.1:0".parse().unwrap(), "n".into(), secret.to_vec());
     cfg.swarm.request_timeout = Duration::from_secs(3);
     change(&mut cfg);
     let t = Transfer::start(cfg, store.clone()).unwrap();
+    t.serve(handler);
     Node { _dir: dir, store, t }
 }
 
@@ -165,15 +170,15 @@ async fn a_silent_holder_is_hedged_for_the_manifest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_blobs_from_containerds_content_store() {
     let (d, data) = blob((3 << 20) + 4321, 5);
-    let (a, me) = (node(SECRET).await, node(SECRET).await);
     let ctd = tempfile::tempdir().unwrap();
     let blobs = ctd.path().join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
     std::fs::write(blobs.join(d.hex()), &data).unwrap();
     let (liar, _) = blob(1000, 6);
     std::fs::write(blobs.join(liar.hex()), b"not what the name says").unwrap();
-    let c = crate::containerd::ContainerdContent::start(crate::containerd::ContainerdConfig::new(ctd.path(), a.store.piece_size())).await.unwrap();
-    a.t.set_containerd(c.clone());
+    let c = crate::containerd::ContainerdContent::start(crate::containerd::ContainerdConfig::new(ctd.path(), crate::store::PIECE_SIZE)).await.unwrap();
+    let a = node_serving(SECRET, |_| {}, Handler { fetcher: None, containerd: Some(c.clone()) }).await;
+    let me = node(SECRET).await;
     me.t.download(&d, &[(addr(&a), true)]).await.unwrap();
     assert_eq!(me.store.read_range(&d, 0, data.len() as u64).await.unwrap(), data);
     assert!(!a.store.has(&d), "served without a copy in the store");

@@ -10,8 +10,8 @@ pub const VERSION: u8 = 1;
 pub const MAX_PIECES_PER_REQUEST: u32 = 8;
 /// Largest request frame (a Fetch with credentials and a URL).
 pub const MAX_REQUEST: usize = 16 << 10;
-/// Largest manifest answer we accept: 1M pieces (1 TiB at 1 MiB pieces).
-pub const MAX_MANIFEST_PIECES: u32 = 1 << 20;
+/// Largest manifest answer we accept.
+pub const MAX_MANIFEST_PIECES: u32 = crate::store::MAX_PIECES;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {

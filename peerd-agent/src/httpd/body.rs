@@ -6,14 +6,13 @@ use std::fs::File;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use crate::store::PinGuard;
-
 pub enum Body {
     Empty,
     Full(Bytes),
     Stream(mpsc::Receiver<std::io::Result<Bytes>>),
-    /// `len` bytes of `file` from `offset`; the pin keeps the blob from eviction while sending.
-    File { file: File, offset: u64, len: u64, _pin: PinGuard },
+    /// `len` bytes of `file` from `offset`; `hold` is kept until the last byte is sent (the
+    /// mirror's pin, which keeps the blob from eviction meanwhile).
+    File { file: File, offset: u64, len: u64, hold: Box<dyn Send> },
 }
 
 impl Body {

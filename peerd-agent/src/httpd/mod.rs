@@ -1,7 +1,8 @@
-//! HTTP/1.1 for the mirror listener: requests parsed with `httparse` (the parser hyper uses), responses
-//! written here so that cache hits go out with sendfile(2), zero-copy from the page cache to the
-//! socket. hyper's server owns its socket and cannot do that; this server only has to handle
-//! GET and HEAD without request bodies, which keeps it small.
+//! The HTTP/1.1 front end: requests parsed with `httparse` (the parser hyper uses), responses
+//! written here so that file bodies (the mirror's cache hits) go out with sendfile(2), zero-copy
+//! from the page cache to the socket. hyper's server owns its socket and cannot do that, nor hand
+//! a redirected connection back; this server only has to handle GET and HEAD without request
+//! bodies, which keeps it small. It knows nothing of OCI: a [`Handler`] answers each request.
 //!
 //! Limits: request heads over 16 KiB get 431, more than 64 headers 431; a connection idle for
 //! 60 s, or a head not complete within 10 s of its first byte (however it trickles), is closed;
@@ -12,9 +13,10 @@
 //! a 503 and is closed. An accept error (out of descriptors) is logged and retried after a
 //! pause: the listener never ends.
 //!
-//! Redirected connections (transparent mode) are served the same way as long as their requests
-//! are OCI pulls the mirror serves; at the first other request (a push, a body, `/v2/`, any other
-//! path) the connection is handed back with its unread bytes, to be relayed to the registry.
+//! Redirected connections (transparent mode) are served the same way as long as the handler
+//! serves their requests; at the first other request (for the mirror: a push, a body, `/v2/`,
+//! any other path) the connection is handed back with its unread bytes, to be relayed on.
+mod body;
 use std::{
     io::IoSlice,
     net::SocketAddr,
@@ -25,7 +27,8 @@ use std::{
 };
 
 use bytes::{Buf, BytesMut};
-use ::http::{header, Response};
+use ::http::{header, Request, Response};
+use std::future::Future;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -33,7 +36,69 @@ use tokio::{
 use peerd_http::head::{parse, Head, MAX_HEAD};
 use tracing::{debug, warn};
 
-use super::{error, upstream::Registry, Body, Mirror};
+pub use body::Body;
+
+/// Why the server answered a connection itself, before any handler saw a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// 431: the request head is too large (the message says which bound).
+    HeadTooLarge(&'static str),
+    /// 400: not HTTP/1.1 the parser accepts.
+    Malformed(&'static str),
+    /// 405: the request has a body (only GET and HEAD are served).
+    HasBody,
+    /// 503: the connection limit is reached.
+    Busy,
+}
+
+impl Refusal {
+    pub fn status(self) -> u16 {
+        match self {
+            Refusal::HeadTooLarge(_) => 431,
+            Refusal::Malformed(_) => 400,
+            Refusal::HasBody => 405,
+            Refusal::Busy => 503,
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::HeadTooLarge(m) | Refusal::Malformed(m) => m,
+            Refusal::HasBody => "request bodies are not accepted (GET and HEAD only)",
+            Refusal::Busy => "too many connections to this agent; try again",
+        }
+    }
+}
+
+/// Events the server counts through its handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// accept() failed (e.g. out of descriptors); retried after a pause.
+    AcceptError,
+    /// A connection was answered 503 at the connection limit.
+    Shed,
+}
+
+/// Answers the requests of one listener.
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// What a redirected connection was meant for (for the mirror, the registry).
+    type Target: Send + Sync + 'static;
+    /// Answers one request (no body: the server refuses requests with one).
+    fn handle(&self, req: Request<()>, peer: SocketAddr) -> impl Future<Output = Response<Body>> + Send;
+    /// Whether a request on a redirected connection is answered here; the first that is not
+    /// ends the loop with a [`Handback`].
+    fn serves_redirected(&self, req: &Request<()>, target: &Self::Target) -> bool;
+    /// Answers a request on a redirected connection.
+    fn handle_redirected(&self, req: Request<()>, peer: SocketAddr, target: &Self::Target) -> impl Future<Output = Response<Body>> + Send;
+    /// The response for a request the server refused itself.
+    fn refusal(&self, why: Refusal) -> Response<Body> {
+        let mut r = Response::new(Body::full(why.message()));
+        *r.status_mut() = ::http::StatusCode::from_u16(why.status()).unwrap_or(::http::StatusCode::BAD_REQUEST);
+        r
+    }
+    /// Counts an event (the mirror exports them as metrics).
+    fn count(&self, _event: Event) {}
+}
 
 /// A client connection: plain TCP (cache hits go out with sendfile), or TLS terminated by the
 /// agent (transparent mode with `--tls-intercept`; hits are copied through the TLS stream).
@@ -97,7 +162,7 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Accepts connections forever, at most `max_connections` served at once.
-pub async fn serve(mirror: Mirror, listener: TcpListener, max_connections: usize) -> std::io::Result<()> {
+pub async fn serve<H: Handler>(handler: H, listener: TcpListener, max_connections: usize) -> std::io::Result<()> {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -105,7 +170,7 @@ pub async fn serve(mirror: Mirror, listener: TcpListener, max_connections: usize
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS and the like: shed load, never exit. The pending
                 // connection stays in the backlog until descriptors free up.
-                mirror.counters().accept_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                handler.count(Event::AcceptError);
                 warn!("accepting a connection failed, retrying shortly: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
@@ -113,17 +178,18 @@ pub async fn serve(mirror: Mirror, listener: TcpListener, max_connections: usize
         };
         let _ = stream.set_nodelay(true);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            mirror.counters().connections_shed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            handler.count(Event::Shed);
+            let resp = handler.refusal(Refusal::Busy);
             tokio::spawn(async move {
                 let mut s = Stream::Tcp(stream);
-                let _ = tokio::time::timeout(Duration::from_secs(1), reject(&mut s, 503, "TOO_MANY_REQUESTS", "too many connections to this agent; try again")).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), write_response(&mut s, resp, false, false)).await;
             });
             continue;
         };
-        let m = mirror.clone();
+        let h = handler.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(e) = connection(m, Stream::Tcp(stream), peer, None).await {
+            if let Err(e) = connection(h, Stream::Tcp(stream), peer, None).await {
                 debug!(%peer, "connection ended: {e}");
             }
         });
@@ -137,13 +203,13 @@ async fn timed<T>(fut: impl std::future::Future<Output = std::io::Result<T>>) ->
         .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "client stopped reading")))
 }
 
-/// Serves one connection. `redirected` names the registry a redirected connection was meant for;
-/// then a request the mirror does not serve ends the loop with a [`Handback`].
-pub(super) async fn connection(
-    mirror: Mirror,
+/// Serves one connection. `redirected` names what a redirected connection was meant for; then a
+/// request the handler does not serve ends the loop with a [`Handback`].
+pub async fn connection<H: Handler>(
+    handler: H,
     mut stream: Stream,
     peer: SocketAddr,
-    redirected: Option<Registry>,
+    redirected: Option<H::Target>,
 ) -> std::io::Result<Option<Handback>> {
     let mut buf = BytesMut::with_capacity(4096);
     loop {
@@ -157,10 +223,10 @@ pub(super) async fn connection(
                 Ok(None) if buf.len() >= MAX_HEAD && redirected.is_some() => return Ok(Some(Handback { stream, unread: buf })),
                 Err(_) if redirected.is_some() => return Ok(Some(Handback { stream, unread: buf })),
                 Ok(None) if buf.len() >= MAX_HEAD => {
-                    return reject(&mut stream, 431, "TOO_LARGE", "request head larger than 16 KiB").await;
+                    return reject(&handler, &mut stream, Refusal::HeadTooLarge("request head larger than 16 KiB")).await;
                 }
                 Ok(None) => {}
-                Err(_) => return reject(&mut stream, 400, "BAD_REQUEST", "malformed HTTP request").await,
+                Err(_) => return reject(&handler, &mut stream, Refusal::Malformed("malformed HTTP request")).await,
             }
             let deadline = match head_deadline {
                 Some(d) => d,
@@ -181,15 +247,16 @@ pub(super) async fn connection(
         let (req, keep_alive, has_body) = match head {
             Head::Request(r, k, b) => (r, k, b),
             Head::Reject(..) if redirected.is_some() => return Ok(Some(Handback { stream, unread: buf })),
-            Head::Reject(status, code, msg) => return reject(&mut stream, status, code, msg).await,
+            Head::Reject(431, _, msg) => return reject(&handler, &mut stream, Refusal::HeadTooLarge(msg)).await,
+            Head::Reject(_, _, msg) => return reject(&handler, &mut stream, Refusal::Malformed(msg)).await,
         };
         if let Some(reg) = &redirected {
-            if has_body || !super::serves_redirected(&req) {
+            if has_body || !handler.serves_redirected(&req, reg) {
                 return Ok(Some(Handback { stream, unread: buf }));
             }
             buf.advance(used.min(buf.len()));
             let is_head = req.method() == http::Method::HEAD;
-            let resp = mirror.handle_redirected(req, peer, reg).await;
+            let resp = handler.handle_redirected(req, peer, reg).await;
             if !write_response(&mut stream, resp, is_head, keep_alive).await? || !keep_alive {
                 return Ok(None);
             }
@@ -197,18 +264,18 @@ pub(super) async fn connection(
         }
         buf.advance(used.min(buf.len()));
         if has_body {
-            return reject(&mut stream, 405, "UNSUPPORTED", "request bodies are not accepted (GET and HEAD only)").await;
+            return reject(&handler, &mut stream, Refusal::HasBody).await;
         }
         let is_head = req.method() == http::Method::HEAD;
-        let resp = mirror.handle(req, peer).await;
+        let resp = handler.handle(req, peer).await;
         if !write_response(&mut stream, resp, is_head, keep_alive).await? || !keep_alive {
             return Ok(None);
         }
     }
 }
 
-async fn reject(stream: &mut Stream, status: u16, code: &str, msg: &str) -> std::io::Result<Option<Handback>> {
-    write_response(stream, error(status, code, msg), false, false).await?;
+async fn reject<H: Handler>(handler: &H, stream: &mut Stream, why: Refusal) -> std::io::Result<Option<Handback>> {
+    write_response(stream, handler.refusal(why), false, false).await?;
     Ok(None)
 }
 
@@ -257,7 +324,7 @@ async fn write_response(stream: &mut Stream, resp: Response<Body>, is_head: bool
                 }
             }
         }
-        Body::File { file, offset, len, _pin } => match stream {
+        Body::File { file, offset, len, hold: _hold } => match stream {
             Stream::Tcp(s) => {
                 // Corked, the head leaves in the body's first segment and the body in full
                 // segments (nginx's `tcp_nopush`); uncorking pushes the tail at once.
@@ -349,3 +416,6 @@ async fn send_file(stream: &TcpStream, file: &std::fs::File, offset: u64, len: u
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
