@@ -8,6 +8,7 @@ pub mod bpf;
 pub mod cluster;
 pub mod config;
 pub mod containerd;
+pub mod flight;
 pub mod gossip;
 pub mod httpd;
 pub mod identity;

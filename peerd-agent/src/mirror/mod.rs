@@ -30,11 +30,12 @@ use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use sha2::Digest as _;
 use tokio::{
     net::TcpListener,
-    sync::{watch, Semaphore},
+    sync::Semaphore,
 };
 use tracing::{debug, info, warn};
 
 use crate::{
+    flight::{Follow, Join, SingleFlight},
     httpd,
     metrics::MetricsSource,
     admin,
@@ -192,25 +193,6 @@ fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-enum Flight {
-    Leader(FlightGuard),
-    Follower(watch::Receiver<bool>),
-}
-
-/// Marks this node's upstream fetch of a digest; followers are released when it drops.
-struct FlightGuard {
-    mirror: Mirror,
-    d: Digest,
-    tx: watch::Sender<bool>,
-}
-
-impl Drop for FlightGuard {
-    fn drop(&mut self) {
-        self.mirror.inner.flights.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.d);
-        let _ = self.tx.send(true);
-    }
-}
-
 /// A blob's owner fetches it from upstream in chunks of this many pieces (16 MiB) when it splits
 /// the fetch: big enough that a request's round trip is small next to its transfer, small enough
 /// that a 256 MiB blob gives 16 chunks to spread.
@@ -252,7 +234,7 @@ struct Inner {
     auth: Mutex<HashMap<[u8; 32], Instant>>,
     /// Upstream fetches in progress on this node, one per digest (single flight): a second
     /// request for the same blob waits for the first instead of fetching again.
-    flights: Mutex<HashMap<Digest, watch::Receiver<bool>>>,
+    flights: SingleFlight<Digest>,
     /// Digests the cluster gave a wrong blob for (every piece matched its manifest, the blob
     /// not its digest), until when: this node fetches those from upstream itself meanwhile, so a
     /// lying member costs each node one aborted stream per blob, not one per request.
@@ -260,9 +242,9 @@ struct Inner {
     prefetch_slots: Arc<Semaphore>,
     /// Parts of split blobs this node is fetching for a peer (`FetchPart`), one fetch per part:
     /// followers wait for the leader's outcome.
-    part_flights: Mutex<HashMap<(Digest, u8), PartFlight>>,
-    /// Digests with a background prefetch running (at most one each).
-    prefetching: Mutex<std::collections::HashSet<Digest>>,
+    part_flights: SingleFlight<(Digest, u8)>,
+    /// Background prefetches running (at most one per digest).
+    prefetches: SingleFlight<Digest>,
     /// Verified manifests (from complete holders) of blobs read by range, not yet here whole.
     range_manifests: Mutex<HashMap<Digest, Arc<transfer::wire::WireManifest>>>,
     upstream_limit: Option<Arc<RateLimit>>,
@@ -280,7 +262,6 @@ enum Via {
     Upstream,
 }
 /// A part fetch in progress: `Some(succeeded)` once it ended.
-type PartFlight = watch::Receiver<Option<bool>>;
 
 impl Mirror {
     pub fn new(cfg: MirrorConfig, store: Store, state_dir: PathBuf, cluster: Option<Cluster>) -> Result<Self, MirrorError> {
@@ -298,11 +279,11 @@ impl Mirror {
                 upstream,
                 media_dir,
                 auth: Mutex::new(HashMap::new()),
-                flights: Mutex::new(HashMap::new()),
+                flights: SingleFlight::default(),
                 distrusted: Mutex::new(HashMap::new()),
                 prefetch_slots: slots,
-                part_flights: Mutex::new(HashMap::new()),
-                prefetching: Mutex::new(std::collections::HashSet::new()),
+                part_flights: SingleFlight::default(),
+                prefetches: SingleFlight::default(),
                 range_manifests: Mutex::new(HashMap::new()),
                 upstream_limit,
                 counters: Counters::default(),
@@ -1080,8 +1061,8 @@ impl Mirror {
             }
         };
         let flight = match self.flight(d) {
-            Flight::Leader(g) => g,
-            Flight::Follower(rx) => {
+            Join::Lead(g) => g,
+            Join::Follow(rx) => {
                 // Another request is fetching it: read along with that fetch.
                 let this = self.clone();
                 let mut job = tokio::spawn(async move { this.follow(&d, rx, FOLLOW_BOUND).await });
@@ -1386,8 +1367,8 @@ impl Mirror {
         }
         let (url, fwd, source) = self.for_peer(&url, authorization.as_deref())?;
         let _flight = match self.flight(d) {
-            Flight::Leader(g) => g,
-            Flight::Follower(rx) => {
+            Join::Lead(g) => g,
+            Join::Follow(rx) => {
                 return if self.follow(&d, rx, FOLLOW_BOUND).await { Ok(()) } else { Err(FetchError::Followed("the fetch on this node failed")) };
             }
         };
@@ -1407,8 +1388,8 @@ impl Mirror {
         let (url, fwd, source) = self.for_peer(&url, authorization.as_deref())?;
         for _ in 0..3 {
             let _flight = match self.flight(d) {
-                Flight::Leader(g) => g,
-                Flight::Follower(rx) => {
+                Join::Lead(g) => g,
+                Join::Follow(rx) => {
                     if self.follow(&d, rx, FOLLOW_BOUND).await {
                         return Ok(());
                     }
@@ -1589,31 +1570,19 @@ impl Mirror {
     /// part however many ask (only from configured upstream hosts, as `fetch_to_store`).
     async fn fetch_part_to_store(&self, d: Digest, part: transfer::Part, url: String, authorization: Option<String>) -> Result<(), FetchError> {
         let (url, fwd, source) = self.for_peer(&url, authorization.as_deref())?;
-        let key = (d, part.index);
-        let leader = {
-            let mut m = self.inner.part_flights.lock().unwrap_or_else(|e| e.into_inner());
-            match m.get(&key) {
-                Some(rx) => Err(rx.clone()),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    m.insert(key, rx);
-                    Ok(tx)
-                }
-            }
-        };
-        let tx = match leader {
-            Ok(tx) => tx,
-            Err(mut rx) => {
-                let r = tokio::time::timeout(FOLLOW_BOUND, rx.wait_for(Option::is_some)).await;
-                return match r.ok().and_then(|v| v.ok().and_then(|v| *v)) {
+        let mut lead = match self.inner.part_flights.join((d, part.index), || false) {
+            Join::Lead(l) => l,
+            Join::Follow(f) => {
+                return match f.outcome(FOLLOW_BOUND).await {
                     Some(true) => Ok(()),
                     _ => Err(FetchError::Followed("this node's fetch of that part failed")),
                 };
             }
         };
         let res = self.fetch_part(d, part, &url, &fwd, source, None).await;
-        self.inner.part_flights.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-        let _ = tx.send(Some(res.is_ok()));
+        if res.is_ok() {
+            lead.succeeded();
+        }
         res
     }
 
@@ -1737,22 +1706,13 @@ impl Mirror {
     /// Joins or starts the upstream fetch of `d` on this node. A caller that checked the store
     /// before a fetch completed and gets here after it ended finds the blob stored (the leader
     /// stores it before it leaves the map) and follows a finished flight: no second fetch.
-    fn flight(&self, d: Digest) -> Flight {
-        let mut m = self.inner.flights.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(rx) = m.get(&d) {
-            return Flight::Follower(rx.clone());
-        }
-        if self.stored_size(&d).is_some() {
-            return Flight::Follower(watch::channel(true).1);
-        }
-        let (tx, rx) = watch::channel(false);
-        m.insert(d, rx);
-        Flight::Leader(FlightGuard { mirror: self.clone(), d, tx })
+    fn flight(&self, d: Digest) -> Join<Digest> {
+        self.inner.flights.join(d, || self.stored_size(&d).is_some())
     }
 
     /// Waits (bounded) for another request's fetch of `d`; true if the blob is now stored.
-    async fn follow(&self, d: &Digest, mut rx: watch::Receiver<bool>, within: Duration) -> bool {
-        let _ = tokio::time::timeout(within, rx.wait_for(|done| *done)).await;
+    async fn follow(&self, d: &Digest, flight: Follow, within: Duration) -> bool {
+        flight.outcome(within).await;
         self.stored_size(d).is_some()
     }
 
@@ -1766,21 +1726,15 @@ impl Mirror {
             inc(&self.inner.counters.prefetch_skipped);
             return;
         };
-        let Flight::Leader(flight) = self.flight(d) else { return };
-        if !self.inner.prefetching.lock().unwrap_or_else(|e| e.into_inner()).insert(d) {
-            return;
-        }
+        let Join::Lead(flight) = self.flight(d) else { return };
+        // The fetch flight is let go below when the cluster fetches (its own flights take over);
+        // this one keeps a second prefetch of `d` from starting meanwhile.
+        let Join::Lead(prefetch) = self.inner.prefetches.join(d, || false) else { return };
         inc(&self.inner.counters.prefetch_started);
         let this = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            struct Done(Mirror, Digest);
-            impl Drop for Done {
-                fn drop(&mut self) {
-                    self.0.inner.prefetching.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.1);
-                }
-            }
-            let _done = Done(this.clone(), d);
+            let _prefetch = prefetch;
             // Peers (and the blob's owner, fetching once for the cluster) first; this node
             // fetches from upstream only when the cluster cannot help.
             if this.inner.cluster.is_some() {
