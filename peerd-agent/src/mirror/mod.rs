@@ -261,7 +261,6 @@ enum Via {
     Cluster,
     Upstream,
 }
-/// A part fetch in progress: `Some(succeeded)` once it ended.
 
 impl Mirror {
     pub fn new(cfg: MirrorConfig, store: Store, state_dir: PathBuf, cluster: Option<Cluster>) -> Result<Self, MirrorError> {
