@@ -20,3 +20,4 @@ mod ratelimit;
 pub mod redirect;
 pub mod store;
 pub mod transfer;
+pub mod upstream;

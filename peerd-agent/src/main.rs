@@ -541,7 +541,7 @@ fn agent(args: AgentArgs) -> Result<()> {
         });
         let mirror = Mirror::new(cfg, store, args.data_dir.join("mirror"), cluster)?;
         if let Some(t) = &transfer {
-            t.serve(peerd_agent::transfer::Handler { fetcher: Some(std::sync::Arc::new(mirror.clone())), containerd: containerd.clone() });
+            t.serve(peerd_agent::transfer::Handler { fetcher: Some(std::sync::Arc::new(mirror.coordinator().clone())), containerd: containerd.clone() });
             mirror.add_metrics_source(std::sync::Arc::new(t.clone()));
             if let Some(c) = &containerd {
                 mirror.add_metrics_source(c.clone());

@@ -10,19 +10,12 @@ use crate::metrics::{counter, FetchLatency, MetricsSource};
 pub struct Counters {
     pub hits: AtomicU64,
     pub hits_from_peers: AtomicU64,
-    pub owner_failures: AtomicU64,
-    /// Blobs this node split among members as their owner (`fetch_split`).
-    pub split_fetches: AtomicU64,
-    /// Parts of split blobs a helper failed to fetch, fetched by the owner instead.
-    pub part_takeovers: AtomicU64,
     /// Responses streamed while the blob was still arriving (`stream_arriving`).
     pub streamed_arriving: AtomicU64,
     /// Streamed responses whose blob the cluster failed to finish (upstream finished it).
     pub stream_fallbacks: AtomicU64,
     /// Streamed responses cut short: the blob did not arrive whole and verified.
     pub stream_aborted: AtomicU64,
-    /// Blobs the cluster delivered that failed their digest (`distrusted` for a while after).
-    pub cluster_lied: AtomicU64,
     /// Requests for content named by a digest the store does not use (sha512), relayed uncached.
     pub relayed_uncacheable: AtomicU64,
     /// Range reads of blobs not here answered with pieces from peers.
@@ -33,22 +26,13 @@ pub struct Counters {
     pub accept_errors: AtomicU64,
     /// Connections answered 503 and closed at the connection limit.
     pub connections_shed: AtomicU64,
-    /// Swarms that stalled while the blob's owner was still fetching it, started again.
-    pub swarm_retries: AtomicU64,
-    /// Blobs the cluster could not finish whose missing pieces this node fetched from upstream
-    /// itself (by byte range when it could), so the client's pull completes.
-    pub upstream_completions: AtomicU64,
     pub misses: AtomicU64,
     pub bytes_from_cache: AtomicU64,
-    pub bytes_from_upstream: AtomicU64,
     pub upstream_errors: AtomicU64,
     pub auth_checks: AtomicU64,
     pub auth_denied: AtomicU64,
     pub digest_mismatch: AtomicU64,
     pub cache_skipped: AtomicU64,
-    pub prefetch_started: AtomicU64,
-    pub prefetch_skipped: AtomicU64,
-    pub proxy_denied: AtomicU64,
     pub fetch_seconds: FetchLatency,
 }
 
@@ -59,28 +43,18 @@ impl MetricsSource for Counters {
         counter(r, "peer_hits", "Misses served after fetching the blob from peers", &c.hits_from_peers);
         counter(r, "cache_misses", "Requests for content not in the cache", &c.misses);
         counter(r, "served_from_cache_bytes", "Bytes sent to clients from the cache", &c.bytes_from_cache);
-        counter(r, "upstream_bytes", "Bytes fetched from upstream registries and blob stores", &c.bytes_from_upstream);
         counter(r, "upstream_errors", "Upstream requests that failed (connect, timeout, body)", &c.upstream_errors);
         counter(r, "auth_checks", "Upstream access checks made for cached content", &c.auth_checks);
         counter(r, "auth_denied", "Requests refused because upstream denied or could not confirm access", &c.auth_denied);
         counter(r, "digest_mismatches", "Upstream bodies that did not match their digest", &c.digest_mismatch);
         counter(r, "cache_skipped", "Fetches relayed without caching (budget, concurrent writer)", &c.cache_skipped);
-        counter(r, "prefetch_started", "Background whole-blob fetches started by range reads", &c.prefetch_started);
-        counter(r, "prefetch_skipped", "Background fetches skipped at the concurrency bound", &c.prefetch_skipped);
-        counter(r, "proxy_denied", "Requests for hosts that are not configured upstreams", &c.proxy_denied);
-        counter(r, "owner_failures", "Rendezvous owners that could not provide a blob", &c.owner_failures);
-        counter(r, "split_fetches", "Blobs whose upstream fetch this node split among members as their owner", &c.split_fetches);
-        counter(r, "part_takeovers", "Parts of split blobs a helper could not fetch, fetched by the owner instead", &c.part_takeovers);
         counter(r, "streamed_arriving", "Responses streamed piece by piece while the blob was still arriving", &c.streamed_arriving);
         counter(r, "stream_fallbacks", "Streamed responses the cluster failed to finish; upstream finished them", &c.stream_fallbacks);
-        counter(r, "cluster_lied", "Blobs from peers that matched their manifest but not their digest (fetched from upstream for 10 minutes after)", &c.cluster_lied);
         counter(r, "accept_errors", "Mirror accept() failures (e.g. out of file descriptors), retried after a pause", &c.accept_errors);
         counter(r, "connections_shed", "Mirror connections answered 503 at the connection limit (--max-connections)", &c.connections_shed);
         counter(r, "ranges_from_peers", "Range reads of blobs not held here answered with verified pieces from peers", &c.ranges_from_peers);
         counter(r, "range_peer_fallbacks", "Range reads that tried peers and were relayed from upstream instead", &c.range_peer_fallbacks);
         counter(r, "relayed_uncacheable", "Requests for content named by a sha512 digest, relayed to the registry uncached", &c.relayed_uncacheable);
-        counter(r, "swarm_retries", "Swarms that stalled while the blob's owner was still fetching it, started again (not a new owner)", &c.swarm_retries);
-        counter(r, "upstream_completions", "Blobs the cluster could not finish, completed by this node from upstream (missing pieces only)", &c.upstream_completions);
         counter(r, "stream_aborted", "Streamed responses cut short: the blob did not arrive whole with a matching sha256", &c.stream_aborted);
         c.fetch_seconds.register(r, "blob_fetch_seconds", "Seconds from a miss to a verified blob, by source (cluster: peers or the owner; upstream: this node)");
     }

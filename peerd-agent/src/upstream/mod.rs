@@ -1,5 +1,22 @@
-//! Upstream registries and blob stores: which ones exist, and a bounded HTTP client for them.
-use std::{collections::HashMap, time::Duration};
+//! Upstream registries and blob stores: which ones exist, a bounded HTTP client for them (which
+//! counts and paces every body byte it reads), and the feed that writes a body into the store.
+pub mod feed;
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+
+use crate::{
+    metrics::{counter, MetricsSource},
+    ratelimit::RateLimit,
+};
 
 use reqwest::{header, Method, StatusCode, Url};
 
@@ -201,13 +218,38 @@ pub enum UpstreamError {
 pub struct Upstream {
     client: reqwest::Client,
     head_timeout: Duration,
-    origins: std::sync::Arc<Origins>,
+    origins: Arc<Origins>,
+    /// `--upstream-limit`: bytes per second read from upstream, all bodies together.
+    limit: Option<Arc<RateLimit>>,
+    counters: Arc<Counters>,
+}
+
+/// Reason-coded counters of upstream traffic.
+#[derive(Default, Debug)]
+pub struct Counters {
+    /// Body bytes read from upstreams (blobs fed to the store and relayed verified).
+    pub bytes: AtomicU64,
+    /// URLs refused because their origin is not a configured upstream.
+    pub denied: AtomicU64,
+}
+
+impl MetricsSource for Upstream {
+    fn render(&self, r: &mut prometheus_client::registry::Registry) {
+        counter(r, "upstream_bytes", "Bytes fetched from upstream registries and blob stores", &self.counters.bytes);
+        counter(r, "proxy_denied", "Requests for hosts that are not configured upstreams", &self.counters.denied);
+    }
+}
+
+/// `(first, last, size)` from a 206's `Content-Range: bytes first-last/size`.
+pub fn content_range(resp: &reqwest::Response) -> Option<(u64, u64, u64)> {
+    peerd_http::parse_content_range(resp.headers().get(header::CONTENT_RANGE)?.to_str().ok()?)
 }
 
 const MAX_REDIRECTS: usize = 5;
 
 impl Upstream {
-    pub fn new(connect_timeout: Duration, head_timeout: Duration, read_timeout: Duration, origins: Origins) -> Result<Self, reqwest::Error> {
+    /// `limit`: bytes per second over all upstream bodies (`--upstream-limit`).
+    pub fn new(connect_timeout: Duration, head_timeout: Duration, read_timeout: Duration, origins: Origins, limit: Option<u64>) -> Result<Self, reqwest::Error> {
         // One TLS provider for the whole process (ring); installing twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
@@ -216,12 +258,38 @@ impl Upstream {
             .read_timeout(read_timeout)
             .user_agent(concat!("peerd/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self { client, head_timeout, origins: std::sync::Arc::new(origins) })
+        Ok(Self { client, head_timeout, origins: Arc::new(origins), limit: limit.map(RateLimit::new), counters: Arc::default() })
     }
 
-    /// Whether `url` is a configured origin (the only places a client's URL may point).
-    pub fn allowed_origin(&self, url: &Url) -> bool {
-        self.origins.allows(url)
+    /// Whether `url` is a configured origin (the only places a client's URL may point); a
+    /// refusal is counted.
+    pub fn admits(&self, url: &Url) -> bool {
+        let ok = self.origins.allows(url);
+        if !ok {
+            self.counters.denied.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// The next chunk of an upstream body, counted and paced by `--upstream-limit`.
+    pub async fn chunk(&self, resp: &mut reqwest::Response) -> reqwest::Result<Option<Bytes>> {
+        let c = resp.chunk().await?;
+        if let Some(c) = &c {
+            self.counters.bytes.fetch_add(c.len() as u64, Ordering::Relaxed);
+            if let Some(l) = &self.limit {
+                l.take(c.len() as u64).await;
+            }
+        }
+        Ok(c)
+    }
+
+    /// The rate limit relayed bodies are paced by.
+    pub fn limit(&self) -> Option<Arc<RateLimit>> {
+        self.limit.clone()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     /// Whether a redirect may be followed to `url`: a configured origin, or a host whose every
