@@ -6,8 +6,7 @@
 //! `Fetch` (get this blob from upstream with these credentials) through the [`Fetcher`] the
 //! mirror installs. The mirror calls [`Transfer::download`] on a miss when peers hold a blob.
 mod congestion;
-mod handout;
-pub mod sim;
+pub mod handout;
 pub mod swarm;
 pub mod tls;
 pub mod wire;
@@ -233,7 +232,7 @@ struct Inner {
 /// How long a fresh piece the origin sent to one peer is withheld from the others (`handout`):
 /// enough for that peer to store it and for the others to see it in its bitfield (polled every
 /// 100 ms) several times over, short enough that a taker that died costs little.
-const HANDOUT_GRACE: Duration = Duration::from_secs(3);
+pub const HANDOUT_GRACE: Duration = Duration::from_secs(3);
 
 /// Silence on a connection after which the peer counts as dead (module docs of `start`). Long
 /// enough that a live peer whose CPU is saturated (every node busiest exactly when every node
@@ -249,7 +248,7 @@ const DOWN_FOR: Duration = Duration::from_secs(2);
 const MANIFEST_HEDGE: Duration = Duration::from_millis(50);
 
 /// How often a download polls its sources' bitfields (`swarm::polled_on_tick` says which).
-const HAVE_EVERY: Duration = Duration::from_millis(100);
+pub const HAVE_EVERY: Duration = Duration::from_millis(100);
 
 fn to_hash(h: &[u8; 32]) -> blake3::Hash {
     blake3::Hash::from_bytes(*h)

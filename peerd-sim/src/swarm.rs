@@ -1,5 +1,5 @@
 //! The cold-start swarm in one process, on a simulated clock: a blob arriving from upstream at
-//! one node (the owner) or split in parts over several (`parts`, as `Mirror::fetch_split`
+//! one node (the owner) or split in parts over several (`parts`, as `Coordinator::fetch_split`
 //! does), every node running the real scheduler (`swarm::Download`) and every node that got
 //! pieces from upstream the real hand-out (`handout::Handout`). Bytes move as fluid flows that
 //! share each node's uplink and downlink max-min fairly, with a per-byte wire overhead; there is
@@ -9,10 +9,10 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use super::handout::Handout;
-use super::swarm::{polled_on_tick, Assignment, Download, Failure, SwarmConfig};
-use super::Part;
-use crate::store::Digest;
+use peerd_agent::store::Digest;
+use peerd_agent::transfer::handout::Handout;
+use peerd_agent::transfer::swarm::{polled_on_tick, Assignment, Download, Failure, SwarmConfig};
+use peerd_agent::transfer::{Part, HANDOUT_GRACE, HAVE_EVERY};
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -48,10 +48,10 @@ impl SimConfig {
             peer_overhead: 1.045,
             upstream_overhead: 1.035,
             rtt: Duration::from_millis(2),
-            have_every: super::HAVE_EVERY,
+            have_every: HAVE_EVERY,
             step: Duration::from_millis(2),
             swarm: SwarmConfig::default(),
-            grace: super::HANDOUT_GRACE,
+            grace: HANDOUT_GRACE,
             // The agent's split (`Mirror::fetch_split`): up to 8 parts of 16-piece chunks.
             parts: nodes.min(8),
             chunk_pieces: 16,

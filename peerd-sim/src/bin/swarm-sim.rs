@@ -1,8 +1,8 @@
 //! Swarm simulation: one blob to N nodes on a simulated clock, links only (no CPU); prints
-//! Markdown rows. `cargo run --release -p peerd-agent --bin swarm-sim -- --nodes 4,8,16`
+//! Markdown rows. `cargo run --release -p peerd-sim --bin swarm-sim -- --nodes 4,8,16`
 
 use clap::Parser;
-use peerd_agent::transfer::sim::{self, SimConfig};
+use peerd_sim::swarm::{self as sim, SimConfig};
 
 #[derive(Parser)]
 struct Args {
