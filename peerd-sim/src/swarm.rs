@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use peerd_agent::store::Digest;
 use peerd_agent::transfer::handout::Handout;
-use peerd_agent::transfer::swarm::{polled_on_tick, Assignment, Download, Failure, SwarmConfig};
-use peerd_agent::transfer::{Part, HANDOUT_GRACE, HAVE_EVERY};
+use peerd_agent::transfer::swarm::{Assignment, Download, Failure, SwarmConfig};
+use peerd_agent::transfer::{Part, HANDOUT_GRACE};
 
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -48,7 +48,7 @@ impl SimConfig {
             peer_overhead: 1.045,
             upstream_overhead: 1.035,
             rtt: Duration::from_millis(2),
-            have_every: HAVE_EVERY,
+            have_every: SwarmConfig::default().have_every,
             step: Duration::from_millis(2),
             swarm: SwarmConfig::default(),
             grace: HANDOUT_GRACE,
@@ -162,7 +162,10 @@ pub fn run(cfg: &SimConfig) -> SimResult {
         }
         let mut c = cfg.swarm.clone();
         c.seed = 0x5eed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        c.have_every = cfg.have_every;
         let mut dl = Download::new(cfg.pieces, c);
+        // Nodes' polls are staggered, as real nodes' are (they start at different moments).
+        dl.first_poll_at(at((i as f64 * 0.013) % cfg.have_every.as_secs_f64()));
         let list: Vec<usize> = (0..n).filter(|&j| j != i).collect();
         for _ in &list {
             dl.add_partial_peer(true);
@@ -176,8 +179,6 @@ pub fn run(cfg: &SimConfig) -> SimResult {
     let upstream = |j: usize, idx: usize, t: f64| Flow { src: usize::MAX, dst: j, a: None, piece: queue[j][idx], left: piece_bytes * cfg.upstream_overhead, start: t };
     let mut next_up = vec![1usize; k];
     let mut flows: Vec<Flow> = (0..k).filter(|&j| !queue[j].is_empty()).map(|j| upstream(j, 0, 0.0)).collect();
-    let mut next_poll: Vec<f64> = (0..n).map(|i| (i as f64 * 0.013) % cfg.have_every.as_secs_f64()).collect();
-    let mut tick = vec![0usize; n];
     let (mut origin_sent, mut origin_sent_fetching, mut upstream_done) = (0.0, 0.0, f64::NAN);
     let (mut duplicates, mut upstream_pieces) = (0, 0);
     let mut t = 0.0;
@@ -190,18 +191,16 @@ pub fn run(cfg: &SimConfig) -> SimResult {
                 continue;
             }
             let Some(dl) = dls[i].as_mut() else { continue };
-            if t >= next_poll[i] {
-                next_poll[i] += cfg.have_every.as_secs_f64();
-                tick[i] += 1;
-                for (q, &j) in peers[i].iter().enumerate() {
-                    if !polled_on_tick(peers[i].len(), q, tick[i]) {
-                        continue;
-                    }
+            // The agent's own polling decisions (`Download::bitfield_polls`).
+            if let Some(asked) = dl.bitfield_polls(now) {
+                for q in asked {
+                    let j = peers[i][q];
                     let mut bits = have[j].clone();
                     if masking[j] {
                         handouts[j].mask(&d, addr(i), &mut bits, &fresh[j], now);
                     }
                     dl.set_have(q, bits);
+                    dl.on_bitfield(q);
                 }
             }
             for a in dl.expire(now) {

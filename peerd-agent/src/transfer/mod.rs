@@ -247,9 +247,6 @@ const DOWN_FOR: Duration = Duration::from_secs(2);
 /// How long a manifest request waits for its holder before the next holder is asked as well.
 const MANIFEST_HEDGE: Duration = Duration::from_millis(50);
 
-/// How often a download polls its sources' bitfields (`swarm::polled_on_tick` says which).
-pub const HAVE_EVERY: Duration = Duration::from_millis(100);
-
 fn to_hash(h: &[u8; 32]) -> blake3::Hash {
     blake3::Hash::from_bytes(*h)
 }
@@ -773,7 +770,7 @@ impl Transfer {
     /// Downloads `d` from `peers` (address, same zone) into the store, piece by piece, each
     /// piece checked against the manifest's blake3 and the whole blob against its sha256 at the
     /// end. Peers may hold the whole blob or only part of it (they are downloading too): their
-    /// bitfields are refreshed every `HAVE_EVERY` or few, and this node serves its own verified pieces to
+    /// bitfields are refreshed every `have_every` or few, and this node serves its own verified pieces to
     /// them meanwhile. Fails if no peer has a manifest, or nothing can progress for `STALL`.
     pub async fn download(&self, d: &Digest, peers: &[(SocketAddr, bool)]) -> Result<(), TransferError> {
         self.download_with_origins(d, peers, 1).await
@@ -811,15 +808,8 @@ impl Transfer {
     }
 
     async fn swarm(&self, d: &Digest, m: &Arc<WireManifest>, manifest_peer: SocketAddr, peers: &[(SocketAddr, bool)], origins: usize) -> Result<(), TransferError> {
-        // Nothing to ask anyone for this long ends the download. Sources that are alive but slow
-        // (an origin still receiving from upstream, peers behind on a loaded node) are waited
-        // for: ending early sends the caller to another owner or upstream, which fetches the
-        // blob from upstream a second time. A dead source is noticed sooner (below).
-        const STALL: Duration = Duration::from_secs(5);
-        // After the source holding what others lack died (`lost_its_sources`), every remaining
-        // peer is asked for its bitfield at once; with all answers in and nothing to take, the
-        // download ends (the caller goes upstream). This bounds the wait for answers.
-        const STALL_SOURCE_LOST: Duration = Duration::from_millis(300);
+        // When to poll bitfields and when to give up are the sans-IO machine's decisions
+        // (`Download::bitfield_polls`, `gave_up`); this loop does the I/O they ask for.
         let store = &self.inner.store;
         let n = m.pieces.len();
         // A different piece order on every node, so nodes downloading together hold different
@@ -860,27 +850,14 @@ impl Transfer {
         let mut tasks: HashMap<(usize, u32), tokio::task::JoinHandle<()>> = HashMap::new();
         let started = Instant::now();
         debug!(target: "peerd_agent::transfer::trace", peers = ?addrs, "swarm");
-        let mut last_have = Instant::now() - HAVE_EVERY;
-        let mut last_progress = Instant::now();
         // At most one manifest request at a time, and only to a peer whose bitfield shows pieces
         // with hashes we lack (a manifest is 32 bytes per piece; bitfields are 1 bit).
         let manifest_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // Which peers each tick polls: `swarm::polled_on_tick`.
-        let mut tick = 0usize;
-        // Peers asked for their bitfield after the lost source, whose answers are still due.
-        let mut awaiting: Option<std::collections::HashSet<usize>> = None;
-        // `tick` None: every peer now. Returns the peers asked.
-        let refresh = |this: &Self, dl: &Download, unknown: Option<Arc<Vec<bool>>>, tick: Option<usize>| {
-            let mut asked = std::collections::HashSet::new();
-            for (i, &peer) in addrs.iter().enumerate() {
-                // A peer holding everything has nothing new to say.
-                if dl.excluded(i) || dl.holds_all(i) {
-                    continue;
-                }
-                if tick.is_some_and(|tick| !swarm::polled_on_tick(addrs.len(), i, tick)) {
-                    continue;
-                }
-                asked.insert(i);
+        // Asks `asked` for their bitfields (and one of them for a manifest filling in `unknown`
+        // hashes); the answers come back on `have_rx`.
+        let refresh = |this: &Self, asked: Vec<usize>, unknown: Option<Arc<Vec<bool>>>| {
+            for i in asked {
+                let peer = addrs[i];
                 let this = this.clone();
                 let have_tx = have_tx.clone();
                 let d = *d;
@@ -898,7 +875,6 @@ impl Transfer {
                     let _ = have_tx.send((i, bits, manifest)).await;
                 });
             }
-            asked
         };
         let outcome = 'run: loop {
             if store.has(d) {
@@ -922,8 +898,7 @@ impl Transfer {
                 break Err(TransferError::NoPeer(*d));
             }
             let now = Instant::now();
-            if now.duration_since(last_have) >= HAVE_EVERY {
-                last_have = now;
+            if let Some(asked) = dl.bitfield_polls(now) {
                 // Pieces this node holds already (an earlier pass of this download, or its own
                 // part of a split fetch arriving from upstream) are not asked of anyone.
                 if let Some(present) = store.present_pieces(d) {
@@ -932,16 +907,9 @@ impl Transfer {
                     }
                 }
                 let unknown = hashes.iter().any(|h| h.is_none()).then(|| Arc::new(hashes.iter().map(|h| h.is_none()).collect()));
-                refresh(self, &dl, unknown, Some(tick));
-                tick += 1;
+                refresh(self, asked, unknown);
             }
-            if dl.lost_its_sources() && awaiting.is_none() {
-                // The remaining peers' latest bitfields show what they got from the lost source.
-                awaiting = Some(refresh(self, &dl, None, None));
-            }
-            if dl.can_progress() {
-                last_progress = now;
-            } else if awaiting.as_ref().is_some_and(|w| w.is_empty()) || now.duration_since(last_progress) > if dl.lost_its_sources() { STALL_SOURCE_LOST } else { STALL } {
+            if dl.gave_up(now) {
                 break Err(TransferError::NoPeer(*d));
             }
             for a in dl.expire(now) {
@@ -975,9 +943,7 @@ impl Transfer {
                     let known: Vec<bool> = bits.iter().zip(&hashes).map(|(b, h)| *b && h.is_some()).collect();
                     debug!(target: "peerd_agent::transfer::trace", t = started.elapsed().as_millis() as u64, peer = i, bits = bits.iter().filter(|b| **b).count(), known = known.iter().filter(|b| **b).count(), "have");
                     dl.set_have(i, known);
-                    if let Some(w) = awaiting.as_mut() {
-                        w.remove(&i);
-                    }
+                    dl.on_bitfield(i);
                 }
                 Some((a, r)) = rx.recv() => {
                     tasks.remove(&(a.peer, a.first));

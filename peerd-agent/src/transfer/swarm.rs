@@ -22,6 +22,12 @@
 //!   duplicates an in-flight run that has taken `HEDGE_FACTOR` times as long as this download's
 //!   requests typically take (at least `hedge_min`, at most `hedge_after`): a hedge against a
 //!   slow or stalled peer, never onto an incomplete origin; whichever copy lands first wins.
+//! - Pacing (`bitfield_polls`, `gave_up`): sources' bitfields are asked for every `have_every`
+//!   (a bounded number per tick, `polled_on_tick`); when the source holding what the others lack
+//!   is lost, every remaining source at once. Nothing to take for `stall` ends the download
+//!   (`stall_source_lost` after such a loss, or as soon as every remaining source answered with
+//!   nothing to take): the caller goes to another owner or upstream.
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -45,6 +51,12 @@ pub struct SwarmConfig {
     /// No new requests while this many received pieces wait to be stored (writes slower than
     /// the network must not pile up pieces in memory).
     pub max_storing: u32,
+    /// How often sources' bitfields are polled (`bitfield_polls`).
+    pub have_every: Duration,
+    /// Nothing to ask anyone for this long ends the download (`gave_up`).
+    pub stall: Duration,
+    /// The same after the source holding what the others lack was lost.
+    pub stall_source_lost: Duration,
 }
 
 impl Default for SwarmConfig {
@@ -76,6 +88,15 @@ impl Default for SwarmConfig {
             hedge_min: Duration::from_millis(100),
             seed: 0x5eed,
             max_storing: 16,
+            have_every: Duration::from_millis(100),
+            // Sources that are alive but slow (an origin still receiving from upstream, peers
+            // behind on a loaded node) are waited for: ending early sends the caller to another
+            // owner or upstream, which fetches the blob from upstream a second time. A dead
+            // source is noticed sooner (its requests fail or time out and it is excluded).
+            stall: Duration::from_secs(5),
+            // After the lost source every remaining peer is asked at once; this bounds the wait
+            // for their answers.
+            stall_source_lost: Duration::from_millis(300),
         }
     }
 }
@@ -156,6 +177,13 @@ pub struct Download {
     /// How long a request that delivered took, smoothed (EWMA, 1/4 weight per sample).
     typical: Option<Duration>,
     hedges: u32,
+    /// When bitfields were last polled, and the poll count (`polled_on_tick`).
+    last_poll: Option<Instant>,
+    tick: usize,
+    /// Sources asked for their bitfield after the lost source whose answers are still due.
+    awaiting: Option<HashSet<usize>>,
+    /// When any usable source last had something to take (`gave_up`).
+    last_progress: Option<Instant>,
 }
 
 /// A run in the endgame is duplicated once it has taken this many times the typical request.
@@ -176,7 +204,72 @@ impl Download {
         let mut order: Vec<u32> = (0..pieces).step_by(batch as usize).collect();
         shuffle(&mut order, cfg.seed | 1);
         let n = pieces as usize;
-        Self { cfg, pieces: vec![Piece::Missing; n], order, peers: Vec::new(), flights: Vec::new(), done: 0, typical: None, hedges: 0 }
+        Self {
+            cfg,
+            pieces: vec![Piece::Missing; n],
+            order,
+            peers: Vec::new(),
+            flights: Vec::new(),
+            done: 0,
+            typical: None,
+            hedges: 0,
+            last_poll: None,
+            tick: 0,
+            awaiting: None,
+            last_progress: None,
+        }
+    }
+
+    /// The sources whose bitfields to ask for now, or `None` when no poll is due. A poll is due
+    /// every `have_every` (the first at once), covering the sources `polled_on_tick` picks; and
+    /// once, right after the source holding what the others lack was lost, every remaining
+    /// source (their latest bitfields show what they got from it). Sources excluded or holding
+    /// everything have nothing new to say and are skipped.
+    pub fn bitfield_polls(&mut self, now: Instant) -> Option<Vec<usize>> {
+        let asking = |this: &Self, tick: Option<usize>| -> Vec<usize> {
+            (0..this.peers.len())
+                .filter(|&i| !this.excluded(i) && !this.holds_all(i))
+                .filter(|&i| tick.is_none_or(|t| polled_on_tick(this.peers.len(), i, t)))
+                .collect()
+        };
+        if self.lost_its_sources() && self.awaiting.is_none() {
+            let all = asking(self, None);
+            self.awaiting = Some(all.iter().copied().collect());
+            self.last_poll = Some(now);
+            return Some(all);
+        }
+        if self.last_poll.is_some_and(|at| now.saturating_duration_since(at) < self.cfg.have_every) {
+            return None;
+        }
+        self.last_poll = Some(now);
+        let polled = asking(self, Some(self.tick));
+        self.tick += 1;
+        Some(polled)
+    }
+
+    /// Delays the first poll until `at` (a simulator staggers its nodes' polls this way).
+    pub fn first_poll_at(&mut self, at: Instant) {
+        self.last_poll = at.checked_sub(self.cfg.have_every);
+    }
+
+    /// A source answered a poll (after its `set_have`, or with nothing).
+    pub fn on_bitfield(&mut self, peer: usize) {
+        if let Some(w) = self.awaiting.as_mut() {
+            w.remove(&peer);
+        }
+    }
+
+    /// Whether the download should end for lack of anything to take: nothing for `stall`
+    /// (`stall_source_lost` after the lost source), or every source asked after the lost source
+    /// has answered and none has anything.
+    pub fn gave_up(&mut self, now: Instant) -> bool {
+        if self.can_progress() {
+            self.last_progress = Some(now);
+            return false;
+        }
+        let since = *self.last_progress.get_or_insert(now);
+        let limit = if self.lost_its_sources() { self.cfg.stall_source_lost } else { self.cfg.stall };
+        self.awaiting.as_ref().is_some_and(HashSet::is_empty) || now.saturating_duration_since(since) > limit
     }
 
     /// Registers a peer holding the whole blob; returns its index.
@@ -481,6 +574,85 @@ impl Download {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bitfields_are_polled_every_interval_a_bounded_number_at_a_time() {
+        let mut d = Download::new(8, SwarmConfig::default());
+        for _ in 0..12 {
+            d.add_partial_peer(true);
+        }
+        d.set_origin(0);
+        let t0 = Instant::now();
+        let every = d.cfg.have_every;
+        let first = d.bitfield_polls(t0).expect("the first poll is at once");
+        assert!(first.contains(&0), "the origin every tick: {first:?}");
+        assert!(first.len() < 12, "12 sources are spread over ticks: {first:?}");
+        assert_eq!(d.bitfield_polls(t0 + every / 2), None, "not before the interval");
+        let mut seen: HashSet<usize> = first.into_iter().collect();
+        for k in 1..=4u32 {
+            let polled = d.bitfield_polls(t0 + every * k).expect("due");
+            assert!(polled.contains(&0));
+            seen.extend(polled);
+        }
+        assert_eq!(seen.len(), 12, "every source within a few ticks");
+        // A source holding everything has nothing new to say.
+        d.set_have(5, vec![true; 8]);
+        for k in 5..=9u32 {
+            assert!(!d.bitfield_polls(t0 + every * k).expect("due").contains(&5));
+        }
+    }
+
+    #[test]
+    fn a_download_with_nothing_to_take_gives_up_after_the_stall_bound() {
+        let mut d = Download::new(4, SwarmConfig::default());
+        let p = d.add_partial_peer(true);
+        let t0 = Instant::now();
+        let stall = d.cfg.stall;
+        assert!(!d.gave_up(t0));
+        assert!(!d.gave_up(t0 + stall), "a slow source is waited for");
+        d.set_have(p, vec![true, false, false, false]);
+        assert!(!d.gave_up(t0 + stall * 2), "something to take: progress");
+        d.set_have(p, vec![false; 4]);
+        assert!(!d.gave_up(t0 + stall * 2 + stall / 2));
+        assert!(d.gave_up(t0 + stall * 3 + Duration::from_millis(1)), "nothing for the stall bound");
+    }
+
+    #[test]
+    fn losing_the_source_polls_everyone_at_once_and_ends_when_all_answered_empty() {
+        let mut d = Download::new(4, SwarmConfig::default());
+        let origin = d.add_partial_peer(true);
+        let (a, b) = (d.add_partial_peer(true), d.add_partial_peer(true));
+        d.set_origin(origin);
+        d.set_have(origin, vec![true; 4]);
+        let t0 = Instant::now();
+        let _ = d.bitfield_polls(t0);
+        let reqs = d.poll(t0);
+        assert!(reqs.iter().all(|r| r.peer == origin), "{reqs:?}");
+        for r in reqs {
+            d.on_failure(r, Failure::Unreachable);
+        }
+        assert!(d.lost_its_sources());
+        let all = d.bitfield_polls(t0 + Duration::from_millis(1)).expect("at once, not at the next tick");
+        assert_eq!(all.iter().copied().collect::<HashSet<_>>(), HashSet::from([a, b]));
+        assert!(!d.gave_up(t0 + Duration::from_millis(2)), "answers still due");
+        d.on_bitfield(a);
+        assert!(!d.gave_up(t0 + Duration::from_millis(3)));
+        d.on_bitfield(b);
+        assert!(d.gave_up(t0 + Duration::from_millis(4)), "everyone answered, nobody has anything");
+        // Had one answered with pieces, the download would go on.
+        let mut e = Download::new(4, SwarmConfig::default());
+        let o = e.add_partial_peer(true);
+        let c = e.add_partial_peer(true);
+        e.set_origin(o);
+        e.set_have(o, vec![true; 4]);
+        for r in e.poll(t0) {
+            e.on_failure(r, Failure::Unreachable);
+        }
+        let _ = e.bitfield_polls(t0);
+        e.set_have(c, vec![false, true, false, false]);
+        e.on_bitfield(c);
+        assert!(!e.gave_up(t0 + Duration::from_secs(1)));
+    }
 
     fn cfg() -> SwarmConfig {
         SwarmConfig { batch: 2, max_in_flight_per_peer: 2, window: 64, ..Default::default() }
