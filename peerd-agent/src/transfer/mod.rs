@@ -372,7 +372,7 @@ impl Transfer {
             Request::Manifest { digest } => {
                 let d = Digest::from_sha256_bytes(digest);
                 let m = match self.containerd_manifest(h, &d, true).await {
-                    Some(m) => Some(Arc::new(WireManifest { size: m.size, piece_size: m.piece_size, pieces: m.pieces.iter().map(|h| *h.as_bytes()).collect() })),
+                    Some(m) => Some(Arc::new(WireManifest::from(&*m))),
                     None => self.manifest_of(&d),
                 };
                 let frame = match m {
@@ -450,7 +450,7 @@ impl Transfer {
                     None => self.containerd_manifest(h, &d, true).await.map(|m| (*m).clone()),
                 };
                 let frame = match m {
-                    Some(m) => WireManifest { size: m.size, piece_size: m.piece_size, pieces: m.pieces.iter().map(|h| *h.as_bytes()).collect() }.encode(),
+                    Some(m) => WireManifest::from(&m).encode(),
                     None => wire::status_frame(Status::NotFound, "not complete here"),
                 };
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
@@ -536,7 +536,7 @@ impl Transfer {
     /// The manifest of a complete blob, or of one being downloaded from peers.
     fn manifest_of(&self, d: &Digest) -> Option<Arc<WireManifest>> {
         if let Some(m) = self.inner.store.manifest(d) {
-            return Some(Arc::new(WireManifest { size: m.size, piece_size: m.piece_size, pieces: m.pieces.iter().map(|h| *h.as_bytes()).collect() }));
+            return Some(Arc::new(WireManifest::from(&m)));
         }
         if let Some(m) = self.inner.partial.lock().unwrap_or_else(|e| e.into_inner()).get(d).cloned() {
             return Some(m);

@@ -219,6 +219,13 @@ pub struct WireManifest {
     pub pieces: Vec<[u8; 32]>,
 }
 
+/// A complete manifest as it goes on the wire (the store's has every hash).
+impl From<&crate::store::Manifest> for WireManifest {
+    fn from(m: &crate::store::Manifest) -> Self {
+        WireManifest { size: m.size, piece_size: m.piece_size, pieces: m.pieces.iter().map(|h| *h.as_bytes()).collect() }
+    }
+}
+
 impl WireManifest {
     pub fn encode(&self) -> Bytes {
         let mut b = BytesMut::with_capacity(17 + self.pieces.len() * 32);
