@@ -34,7 +34,7 @@ use crate::{
     peers::PeerDirectory,
     store::{Digest, Source, Store},
     transfer::{self, FetchError, Transfer, TransferError},
-    upstream::{content_range, feed::PieceFeed, Upstream},
+    upstream::{authorization, content_range, feed::PieceFeed, Upstream},
 };
 
 /// A blob's owner fetches it from upstream in chunks of this many pieces (16 MiB) when it splits
@@ -100,9 +100,6 @@ fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-fn authorization(h: &HeaderMap) -> Option<&str> {
-    h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
-}
 
 #[derive(Clone)]
 pub struct Coordinator {

@@ -46,7 +46,7 @@ use oci::{Reference, Rejection, Route};
 use range::RangeAnswer;
 pub use crate::upstream::{Registries, Registry, Upstream};
 pub use crate::cluster::Cluster;
-use crate::upstream;
+use crate::upstream::{self, authorization};
 
 /// Manifests above this size are refused (the spec suggests 4 MiB).
 const MAX_MANIFEST: usize = 4 << 20;
@@ -1102,9 +1102,6 @@ pub fn digest_from_path(path: &str) -> Option<Digest> {
 
 
 /// The client's credentials, to travel with a fetch done for it.
-fn authorization(h: &HeaderMap) -> Option<&str> {
-    h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
-}
 
 fn range_header(h: &HeaderMap) -> Option<&str> {
     h.get(header::RANGE).and_then(|v| v.to_str().ok())

@@ -240,6 +240,11 @@ impl MetricsSource for Upstream {
     }
 }
 
+/// The client's Authorization header, forwarded as is to upstream (never to another host).
+pub fn authorization(h: &header::HeaderMap) -> Option<&str> {
+    h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+}
+
 /// `(first, last, size)` from a 206's `Content-Range: bytes first-last/size`.
 pub fn content_range(resp: &reqwest::Response) -> Option<(u64, u64, u64)> {
     peerd_http::parse_content_range(resp.headers().get(header::CONTENT_RANGE)?.to_str().ok()?)
