@@ -1100,9 +1100,6 @@ pub fn digest_from_path(path: &str) -> Option<Digest> {
     }
 }
 
-
-/// The client's credentials, to travel with a fetch done for it.
-
 fn range_header(h: &HeaderMap) -> Option<&str> {
     h.get(header::RANGE).and_then(|v| v.to_str().ok())
 }
