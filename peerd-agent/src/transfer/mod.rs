@@ -370,7 +370,7 @@ impl Transfer {
         let store = &self.inner.store;
         match req {
             Request::Manifest { digest } => {
-                let d = Digest::from_sha256_bytes(digest);
+                let d = digest;
                 let m = match self.containerd_manifest(h, &d, true).await {
                     Some(m) => Some(Arc::new(WireManifest::from(&*m))),
                     None => self.manifest_of(&d),
@@ -382,7 +382,7 @@ impl Transfer {
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
             Request::Pieces { digest, first, count } => {
-                let d = Digest::from_sha256_bytes(digest);
+                let d = digest;
                 if let (Some(m), Some(c)) = (self.containerd_manifest(h, &d, false).await, h.containerd.as_ref()) {
                     if first.checked_add(count).is_none_or(|end| end as usize > m.pieces.len()) {
                         return refuse(&mut send, Status::BadRequest, "pieces out of range").await;
@@ -443,7 +443,7 @@ impl Transfer {
                 }
             }
             Request::VerifiedManifest { digest } => {
-                let d = Digest::from_sha256_bytes(digest);
+                let d = digest;
                 // Complete and sha256-verified here only: never a manifest of pieces in flight.
                 let m = match store.manifest(&d) {
                     Some(m) => Some(m),
@@ -456,7 +456,7 @@ impl Transfer {
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
             Request::Have { digest } => {
-                let d = Digest::from_sha256_bytes(digest);
+                let d = digest;
                 let frame = match self.containerd_manifest(h, &d, false).await {
                     Some(m) => wire::encode_have(&vec![true; m.pieces.len()]),
                     None => match (self.manifest_of(&d), store.present_pieces(&d)) {
@@ -474,13 +474,13 @@ impl Transfer {
             }
             Request::Fetch { digest, url, authorization } => {
                 self.inner.counters.fetches_for_peers.fetch_add(1, Ordering::Relaxed);
-                let d = Digest::from_sha256_bytes(digest);
+                let d = digest;
                 let frame = self.fetch_for_peer(h, |f| f.fetch(d, url, authorization)).await;
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
             Request::FetchPart { digest, part, url, authorization } => {
                 self.inner.counters.part_fetches_for_peers.fetch_add(1, Ordering::Relaxed);
-                let d = Digest::from_sha256_bytes(digest);
+                let d = digest;
                 let frame = self.fetch_for_peer(h, |f| f.fetch_part(d, part, url, authorization)).await;
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
@@ -550,7 +550,7 @@ impl Transfer {
     /// A peer's bitfield for `d`, bounded by the manifest timeout.
     async fn have(&self, peer: SocketAddr, d: &Digest, pieces: usize) -> Option<Vec<bool>> {
         tokio::time::timeout(self.inner.cfg.manifest_timeout, async {
-            let (st, mut recv) = self.exchange(peer, &Request::Have { digest: *d.as_bytes() }).await.ok()?;
+            let (st, mut recv) = self.exchange(peer, &Request::Have { digest: *d }).await.ok()?;
             if st != Status::Ok {
                 return None;
             }
@@ -649,7 +649,7 @@ impl Transfer {
             let (this, d) = (self.clone(), *d);
             asks.spawn(async move {
                 let m = tokio::time::timeout(this.inner.cfg.manifest_timeout, async {
-                    let req = if verified { Request::VerifiedManifest { digest: *d.as_bytes() } } else { Request::Manifest { digest: *d.as_bytes() } };
+                    let req = if verified { Request::VerifiedManifest { digest: d } } else { Request::Manifest { digest: d } };
                     let (st, mut recv) = this.exchange(peer, &req).await.ok()?;
                     if st != Status::Ok {
                         return None;
@@ -744,13 +744,13 @@ impl Transfer {
     /// Asks `owner` to fetch `d` from upstream (with the client's credentials); returns when the
     /// owner holds the verified blob, or fails (the caller tries the next owner or upstream).
     pub async fn ask_fetch(&self, owner: SocketAddr, d: &Digest, url: &str, authorization: Option<&str>, within: Duration) -> Result<(), TransferError> {
-        let req = Request::Fetch { digest: *d.as_bytes(), url: url.to_string(), authorization: authorization.map(str::to_owned) };
+        let req = Request::Fetch { digest: *d, url: url.to_string(), authorization: authorization.map(str::to_owned) };
         self.ask(owner, req, within).await
     }
 
     /// Asks `peer` to fetch `part` of `d` from upstream; returns when it holds that part.
     pub async fn ask_fetch_part(&self, peer: SocketAddr, d: &Digest, part: Part, url: &str, authorization: Option<&str>, within: Duration) -> Result<(), TransferError> {
-        let req = Request::FetchPart { digest: *d.as_bytes(), part, url: url.to_string(), authorization: authorization.map(str::to_owned) };
+        let req = Request::FetchPart { digest: *d, part, url: url.to_string(), authorization: authorization.map(str::to_owned) };
         self.ask(peer, req, within).await
     }
 
@@ -1017,7 +1017,7 @@ impl Transfer {
     }
 
     async fn get_pieces(&self, peer: SocketAddr, d: &Digest, m: &WireManifest, a: Assignment) -> Result<Vec<(u32, Vec<u8>)>, Failure> {
-        let req = Request::Pieces { digest: *d.as_bytes(), first: a.first, count: a.count };
+        let req = Request::Pieces { digest: *d, first: a.first, count: a.count };
         let (st, mut recv) = self.exchange(peer, &req).await.map_err(|e| match e {
             TransferError::Unreachable { .. } => Failure::Unreachable,
             _ => Failure::Error,

@@ -4,6 +4,8 @@
 //! the server answers with a status byte and a body. All integers are big-endian.
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::store::Digest;
+
 pub const VERSION: u8 = 1;
 /// At most this many pieces per request: a peer cannot make us read more than 8 MiB for it at
 /// once (with 1 MiB pieces), and a slow piece delays only its own request.
@@ -16,21 +18,21 @@ pub const MAX_MANIFEST_PIECES: u32 = crate::store::MAX_PIECES;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// The blob's size, piece size and piece hashes (complete blobs only).
-    Manifest { digest: [u8; 32] },
+    Manifest { digest: Digest },
     /// Pieces `first..first+count` of a complete blob, concatenated.
-    Pieces { digest: [u8; 32], first: u32, count: u32 },
+    Pieces { digest: Digest, first: u32, count: u32 },
     /// Ask the node that owns this digest (rendezvous) to get it from upstream, with the
     /// requesting client's credentials; answered when the blob is complete and verified.
-    Fetch { digest: [u8; 32], url: String, authorization: Option<String> },
+    Fetch { digest: Digest, url: String, authorization: Option<String> },
     /// Which pieces the peer holds (verified) right now: answered with a bitfield.
-    Have { digest: [u8; 32] },
+    Have { digest: Digest },
     /// Ask a node to get one part of a blob from upstream (byte ranges, `Part`), with the
     /// requesting client's credentials; answered when this node holds that part's pieces.
-    FetchPart { digest: [u8; 32], part: Part, url: String, authorization: Option<String> },
+    FetchPart { digest: Digest, part: Part, url: String, authorization: Option<String> },
     /// The manifest of a blob the peer holds complete and verified against its sha256 (never of
     /// a blob still arriving): the only piece hashes a range read trusts before this node has
     /// the whole blob to check (PROTOCOL.md, "Range reads").
-    VerifiedManifest { digest: [u8; 32] },
+    VerifiedManifest { digest: Digest },
 }
 
 /// Part `index` of `parts` of a blob cut in chunks of `chunk_pieces` pieces: the chunks `c` with
@@ -97,11 +99,15 @@ fn need(b: &impl Buf, n: usize) -> Result<(), WireError> {
     }
 }
 
-fn get_digest(b: &mut impl Buf) -> Result<[u8; 32], WireError> {
+fn get_hash(b: &mut impl Buf) -> Result<[u8; 32], WireError> {
     need(b, 32)?;
     let mut d = [0u8; 32];
     b.copy_to_slice(&mut d);
     Ok(d)
+}
+
+fn get_digest(b: &mut impl Buf) -> Result<Digest, WireError> {
+    get_hash(b).map(Digest::from_sha256_bytes)
 }
 
 fn get_str(b: &mut impl Buf) -> Result<String, WireError> {
@@ -125,27 +131,27 @@ impl Request {
         match self {
             Request::Manifest { digest } => {
                 b.put_u8(1);
-                b.put_slice(digest);
+                b.put_slice(digest.as_bytes());
             }
             Request::Pieces { digest, first, count } => {
                 b.put_u8(2);
-                b.put_slice(digest);
+                b.put_slice(digest.as_bytes());
                 b.put_u32(*first);
                 b.put_u32(*count);
             }
             Request::Fetch { digest, url, authorization } => {
                 b.put_u8(3);
-                b.put_slice(digest);
+                b.put_slice(digest.as_bytes());
                 put_str(&mut b, url)?;
                 put_str(&mut b, authorization.as_deref().unwrap_or(""))?;
             }
             Request::Have { digest } => {
                 b.put_u8(4);
-                b.put_slice(digest);
+                b.put_slice(digest.as_bytes());
             }
             Request::FetchPart { digest, part, url, authorization } => {
                 b.put_u8(5);
-                b.put_slice(digest);
+                b.put_slice(digest.as_bytes());
                 b.put_u8(part.index);
                 b.put_u8(part.parts);
                 b.put_u32(part.chunk_pieces);
@@ -154,7 +160,7 @@ impl Request {
             }
             Request::VerifiedManifest { digest } => {
                 b.put_u8(6);
-                b.put_slice(digest);
+                b.put_slice(digest.as_bytes());
             }
         }
         if b.len() > MAX_REQUEST {
@@ -252,7 +258,7 @@ impl WireManifest {
             return Err(WireError::Invalid("piece count does not match size"));
         }
         need(&b, count as usize * 32)?;
-        let pieces = (0..count).map(|_| get_digest(&mut b)).collect::<Result<Vec<_>, _>>()?;
+        let pieces = (0..count).map(|_| get_hash(&mut b)).collect::<Result<Vec<_>, _>>()?;
         if b.has_remaining() {
             return Err(WireError::Invalid("trailing bytes"));
         }
@@ -309,7 +315,7 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        let d = [7u8; 32];
+        let d = Digest::from_sha256_bytes([7u8; 32]);
         for r in [
             Request::Manifest { digest: d },
             Request::Pieces { digest: d, first: 3, count: 8 },
@@ -334,7 +340,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_frames() {
-        let d = [0u8; 32];
+        let d = Digest::from_sha256_bytes([0u8; 32]);
         let mut bad_version = Request::Manifest { digest: d }.encode().unwrap().to_vec();
         bad_version[0] = 9;
         assert_eq!(Request::decode(&bad_version), Err(WireError::Version(9)));
