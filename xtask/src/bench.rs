@@ -230,7 +230,7 @@ fn gossip(runs: &[String], scale: &[String]) -> Result<()> {
         if quick {
             args.push("--quick".into());
         }
-        let table = run_release_bin("peerd-agent", "gossip-sim", &args)?;
+        let table = run_release_bin("peerd-sim", "gossip-sim", &args)?;
         if !quick {
             tables.push_str(&table);
             tables.push('\n');
@@ -277,7 +277,7 @@ fn swarm_sim(nodes: &[usize], rtts: &[u64]) -> Result<()> {
     let table = run_release_bin("peerd-sim", "swarm-sim", &["--nodes".into(), list, "--rtt-ms".into(), rtt.to_string(), "--parts".into(), "1".into()])?;
     tables.push_str(&format!("Round trip {rtt} ms, one owner fetching the whole blob (before the split fetch):\n\n{table}\n"));
     record("Swarm, simulated: links only", &format!(
-        "One 256 MiB blob (1 MiB pieces) to N nodes, every link 200 Mbit/s both ways, upstream's uplink too. Upstream sends the blob once (3.5% TCP overhead): split as the agent splits it (`Mirror::fetch_split`: parts of interleaved 16-piece chunks, one per node for up to 8 nodes, the owner first, all parts at once sharing upstream's uplink), or all of it to the owner. Every node runs the agent's scheduler (`transfer::swarm`: the owner's download has the part fetchers as origins, everyone else's the owner) and bitfield polling, every node holding pieces from upstream the agent's hand-out (`transfer::handout`). Bytes move as fluid flows sharing each uplink and downlink max-min fairly, with 4.5% QUIC overhead; no CPU, packets, congestion control or disk (`transfer::sim`). Times are per-node completion / (S/B); owner upload counts wire bytes.\n\n{tables}"
+        "One 256 MiB blob (1 MiB pieces) to N nodes, every link 200 Mbit/s both ways, upstream's uplink too. Upstream sends the blob once (3.5% TCP overhead): split as the agent splits it (`Coordinator::fetch_split`: parts of interleaved 16-piece chunks, one per node for up to 8 nodes, the owner first, all parts at once sharing upstream's uplink), or all of it to the owner. Every node runs the agent's scheduler (`transfer::swarm`: the owner's download has the part fetchers as origins, everyone else's the owner) and bitfield polling (`Download::bitfield_polls`), every node holding pieces from upstream the agent's hand-out (`transfer::handout`). Bytes move as fluid flows sharing each uplink and downlink max-min fairly, with 4.5% QUIC overhead; no CPU, packets, congestion control or disk (`peerd-sim`'s `swarm`). Times are per-node completion / (S/B); owner upload counts wire bytes.\n\n{tables}"
     ))
 }
 

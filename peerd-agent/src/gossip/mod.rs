@@ -11,8 +11,8 @@
 pub mod index;
 pub mod pace;
 pub mod rumor;
+pub mod rng;
 pub mod seal;
-pub mod sim;
 pub mod summary;
 pub mod transport;
 

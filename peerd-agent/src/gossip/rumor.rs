@@ -23,7 +23,7 @@ use chitchat::ChitchatId;
 use tokio::time::Instant;
 
 use super::index::Slot;
-use super::sim::Rng;
+use super::rng::Rng;
 use super::summary::{ContentChange, Digest, Kind};
 
 /// Largest rumor datagram payload (before sealing): stays under any path MTU.

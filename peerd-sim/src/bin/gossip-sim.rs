@@ -1,13 +1,13 @@
 //! Gossip simulation benchmark: N agents in one process on a paused clock; prints Markdown.
 //!
-//! `cargo run --release -p peerd-agent --bin gossip-sim -- --nodes 1000 --blobs 2000`
+//! `cargo run --release -p peerd-sim --bin gossip-sim -- --nodes 1000 --blobs 2000`
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
-use peerd_agent::gossip::sim::{self, SimOptions};
+use peerd_sim::gossip::{self as sim, SimOptions};
 
 /// Counts live heap bytes so the report can state memory per node.
 struct Counting;

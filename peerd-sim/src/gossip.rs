@@ -21,9 +21,10 @@ use tokio::time::Instant;
 
 use tokio::sync::mpsc;
 
-use super::seal::{Counters, MAX_DATAGRAM, OVERHEAD};
-use super::summary::{ContentChange, Digest};
-use super::{Gossip, GossipConfig, RumorLink, RumorSender};
+use peerd_agent::gossip::rng::Rng;
+use peerd_agent::gossip::seal::{Counters, MAX_DATAGRAM, OVERHEAD};
+use peerd_agent::gossip::summary::{ContentChange, Digest};
+use peerd_agent::gossip::{Gossip, GossipConfig, PeerState, RumorLink, RumorSender};
 
 #[derive(Debug, Clone)]
 pub struct SimOptions {
@@ -39,32 +40,6 @@ pub struct SimOptions {
     pub max_wait: Duration,
     /// Skip the lossy propagation and partition phases (the scaling runs).
     pub quick: bool,
-}
-
-/// Seeded splitmix64: deterministic digests and losses.
-#[derive(Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    pub fn digest(&mut self) -> Digest {
-        let mut d = [0u8; 32];
-        for chunk in d.chunks_mut(8) {
-            chunk.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        d
-    }
 }
 
 /// Where a node's received rumor payloads go.
@@ -305,7 +280,7 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
     while start.elapsed() < opts.max_wait && content.is_none() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         if membership.is_none()
-            && nodes.iter().all(|n| n.peers().iter().filter(|p| p.state == super::PeerState::Alive).count() == opts.nodes - 1)
+            && nodes.iter().all(|n| n.peers().iter().filter(|p| p.state == PeerState::Alive).count() == opts.nodes - 1)
         {
             membership = Some(start.elapsed());
         }
@@ -342,7 +317,7 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
     for _ in 0..window.as_secs() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         for node in &nodes {
-            dead_views += node.peers().iter().filter(|p| p.state != super::PeerState::Alive).count();
+            dead_views += node.peers().iter().filter(|p| p.state != PeerState::Alive).count();
         }
     }
     let dead_views = dead_views as f64 / (window.as_secs() as usize * opts.nodes).max(1) as f64;
@@ -403,7 +378,7 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
                     // Complete when it holds every member's filters and sees every member
                     // alive (`who_has` lists live peers only).
                     if joiner.index_stats().0 >= joined_total
-                        && joiner.peers().iter().filter(|p| p.state == super::PeerState::Alive).count() >= opts.nodes
+                        && joiner.peers().iter().filter(|p| p.state == PeerState::Alive).count() >= opts.nodes
                     {
                         done = Some(started.elapsed());
                         break;
@@ -525,8 +500,8 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
 /// enough to measure 5,000 nodes directly, which the full simulation cannot on one machine. A
 /// lower bound for `who_has`, which adds a read lock and building the `Holder`s.
 pub fn lookup_bench(nodes: usize, blobs: usize, seed: u64) -> String {
-    use super::index::{Index, KeyView};
-    use super::summary::{self, Kind, SHARDS};
+    use peerd_agent::gossip::index::{Index, KeyView};
+    use peerd_agent::gossip::summary::{self, Kind, SHARDS};
     let mut rng = Rng::new(seed);
     let mut index: Index<u32> = Index::default();
     let mut held: Vec<Digest> = Vec::new();
