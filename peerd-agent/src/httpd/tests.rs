@@ -177,3 +177,35 @@ async fn a_redirected_connection_is_handed_back_at_the_first_request_not_served(
     // The declined request is returned whole (whatever of its body had arrived too).
     assert!(back.unread.starts_with(b"POST /push HTTP/1.1\r\n"), "{:?}", back.unread);
 }
+
+/// A client that stops reading is cut after `WRITE_TIMEOUT` without progress (on tokio's paused
+/// clock: the wait is real socket back-pressure, the 30 s are not waited for).
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_is_cut_after_the_write_timeout() {
+    #[derive(Clone)]
+    struct Big;
+    impl Handler for Big {
+        type Target = ();
+        async fn handle(&self, _req: Request<()>, _peer: SocketAddr) -> Response<Body> {
+            Response::new(Body::full(vec![7u8; 64 << 20]))
+        }
+        fn serves_redirected(&self, _req: &Request<()>, _target: &()) -> bool {
+            false
+        }
+        async fn handle_redirected(&self, _req: Request<()>, _peer: SocketAddr, _target: &()) -> Response<Body> {
+            unreachable!()
+        }
+    }
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (s, peer) = l.accept().await.unwrap();
+    let started = tokio::time::Instant::now();
+    let served = tokio::spawn(connection(Big, Stream::Tcp(s), peer, None));
+    c.write_all(b"GET /big HTTP/1.1\r\n\r\n").await.unwrap();
+    // Never read: 64 MiB do not fit the sockets' buffers.
+    let r = tokio::time::timeout(Duration::from_secs(120), served).await.expect("cut within the write timeout, not held forever").unwrap();
+    let e = r.err().expect("the write gives up");
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+    assert!(started.elapsed() >= WRITE_TIMEOUT, "{:?}", started.elapsed());
+    drop(c);
+}
