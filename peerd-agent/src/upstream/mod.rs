@@ -218,6 +218,8 @@ pub enum UpstreamError {
 pub struct Upstream {
     client: reqwest::Client,
     head_timeout: Duration,
+    connect_timeout: Duration,
+    read_timeout: Duration,
     origins: Arc<Origins>,
     /// `--upstream-limit`: bytes per second read from upstream, all bodies together.
     limit: Option<Arc<RateLimit>>,
@@ -252,18 +254,39 @@ pub fn content_range(resp: &reqwest::Response) -> Option<(u64, u64, u64)> {
 
 const MAX_REDIRECTS: usize = 5;
 
+fn client_builder(connect_timeout: Duration, read_timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(connect_timeout)
+        .read_timeout(read_timeout)
+        .user_agent(concat!("peerd/", env!("CARGO_PKG_VERSION")))
+}
+
+/// Where a redirect may go.
+enum Hop {
+    /// A configured origin: the shared client.
+    Origin,
+    /// A public host outside the configuration: a client pinned to the addresses that were
+    /// checked, so the name cannot resolve to something else when it connects (DNS rebinding).
+    Pinned(reqwest::Client),
+    Denied,
+}
+
 impl Upstream {
     /// `limit`: bytes per second over all upstream bodies (`--upstream-limit`).
     pub fn new(connect_timeout: Duration, head_timeout: Duration, read_timeout: Duration, origins: Origins, limit: Option<u64>) -> Result<Self, reqwest::Error> {
         // One TLS provider for the whole process (ring); installing twice is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(connect_timeout)
-            .read_timeout(read_timeout)
-            .user_agent(concat!("peerd/", env!("CARGO_PKG_VERSION")))
-            .build()?;
-        Ok(Self { client, head_timeout, origins: Arc::new(origins), limit: limit.map(RateLimit::new), counters: Arc::default() })
+        let client = client_builder(connect_timeout, read_timeout).build()?;
+        Ok(Self {
+            client,
+            head_timeout,
+            connect_timeout,
+            read_timeout,
+            origins: Arc::new(origins),
+            limit: limit.map(RateLimit::new),
+            counters: Arc::default(),
+        })
     }
 
     /// Whether `url` is a configured origin (the only places a client's URL may point); a
@@ -297,34 +320,38 @@ impl Upstream {
         &self.counters
     }
 
-    /// Whether a redirect may be followed to `url`: a configured origin, or a host whose every
-    /// address is public (registries send blob reads to storage and CDNs). A name is resolved
-    /// here and checked; reqwest resolves it again to connect, so a name that changes its answer
-    /// in between (DNS rebinding) could still slip through: configure `--blob-host` exactly
-    /// where that matters.
-    async fn redirect_allowed(&self, url: &Url) -> bool {
+    /// Whether a redirect may be followed to `url`, and with which client: a configured origin,
+    /// or a host whose every address is public (registries send blob reads to storage and CDNs).
+    /// A name is resolved here, checked, and the connection is pinned to those addresses.
+    async fn redirect_hop(&self, url: &Url) -> Hop {
         if self.origins.allows(url) {
-            return true;
+            return Hop::Origin;
         }
         let port = url.port_or_known_default().unwrap_or(443);
         match url.host() {
-            Some(url::Host::Ipv4(ip)) => public_address(ip.into()),
-            Some(url::Host::Ipv6(ip)) => public_address(ip.into()),
-            Some(url::Host::Domain(name)) => match tokio::net::lookup_host((name, port)).await {
-                Ok(addrs) => {
-                    let addrs: Vec<_> = addrs.collect();
-                    !addrs.is_empty() && addrs.iter().all(|a| public_address(a.ip()))
+            Some(url::Host::Ipv4(ip)) if public_address(ip.into()) => Hop::Origin,
+            Some(url::Host::Ipv6(ip)) if public_address(ip.into()) => Hop::Origin,
+            Some(url::Host::Domain(name)) => {
+                let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((name, port)).await {
+                    Ok(a) => a.collect(),
+                    Err(_) => return Hop::Denied,
+                };
+                if addrs.is_empty() || !addrs.iter().all(|a| public_address(a.ip())) {
+                    return Hop::Denied;
                 }
-                Err(_) => false,
-            },
-            None => false,
+                match client_builder(self.connect_timeout, self.read_timeout).resolve_to_addrs(name, &addrs).build() {
+                    Ok(c) => Hop::Pinned(c),
+                    Err(_) => Hop::Denied,
+                }
+            }
+            _ => Hop::Denied,
         }
     }
 
     /// Sends a request, following redirects (blob storage, signed URLs) itself so that the
     /// client's Authorization never leaves the registry's host, and no redirect target is ever
     /// remembered. A redirect is followed only to a configured origin or a public address
-    /// (`redirect_allowed`). `headers` are forwarded as given.
+    /// (`redirect_hop`), pinned to the addresses checked. `headers` are forwarded as given.
     pub async fn send(
         &self,
         method: Method,
@@ -333,12 +360,14 @@ impl Upstream {
     ) -> Result<reqwest::Response, UpstreamError> {
         let origin_host = url.host_str().map(str::to_owned);
         let mut url = url;
+        let mut pinned: Option<reqwest::Client> = None;
         for _ in 0..=MAX_REDIRECTS {
             let mut h = headers.clone();
             if url.host_str().map(str::to_owned) != origin_host {
                 h.remove(header::AUTHORIZATION);
             }
-            let req = self.client.request(method.clone(), url.clone()).headers(h);
+            let client = pinned.as_ref().unwrap_or(&self.client);
+            let req = client.request(method.clone(), url.clone()).headers(h);
             let resp = tokio::time::timeout(self.head_timeout, req.send())
                 .await
                 .map_err(|_| UpstreamError::Timeout { url: redact(&url), secs: self.head_timeout.as_secs() })?
@@ -357,9 +386,11 @@ impl Upstream {
                 .and_then(|l| url.join(l).ok())
                 .filter(|u| matches!(u.scheme(), "http" | "https"))
                 .ok_or_else(|| UpstreamError::BadRedirect { url: redact(&url) })?;
-            if !self.redirect_allowed(&next).await {
-                return Err(UpstreamError::RedirectDenied { url: redact(&url), to: redact(&next) });
-            }
+            pinned = match self.redirect_hop(&next).await {
+                Hop::Origin => None,
+                Hop::Pinned(c) => Some(c),
+                Hop::Denied => return Err(UpstreamError::RedirectDenied { url: redact(&url), to: redact(&next) }),
+            };
             url = next;
         }
         Err(UpstreamError::TooManyRedirects { url: redact(&url), max: MAX_REDIRECTS })
