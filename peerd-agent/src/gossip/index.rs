@@ -2,14 +2,15 @@
 //!
 //! A lookup must ask every node's filter for the digest's shard, so what it costs is set by how
 //! those filters lie in memory. Filters with the same layout (`summary::Layout`: hash seed and
-//! geometry, which follow from the entry count, so nodes holding similar numbers of blobs share
-//! one) are stored together, transposed: byte `p` of every member's fingerprints is one row. A
+//! geometry; xorf's first seed is fixed and the geometry follows from the entry count, so nodes
+//! holding similar numbers of blobs share one) are stored together, transposed: byte `p` of
+//! every member's fingerprints is one row. A
 //! key is hashed once per layout, and its three positions name three rows that are read
 //! sequentially, 8 members per word, instead of three scattered loads per member behind a
 //! pointer each. A lookup costs one hash and three row reads per layout present plus a pass
 //! over N bytes (O(nodes), but ~1 byte each, in order) rather than N hashes and 3N random
-//! loads. Memory is the fingerprints plus at most 1/8 spare columns per layout; nothing is kept
-//! per (node, blob) pair.
+//! loads. Memory is the fingerprints plus 1/8 spare columns per layout (up to as many again
+//! after many nodes left, until the group shrinks); nothing is kept per (node, blob) pair.
 
 use std::collections::HashMap;
 use std::hash::Hash;
