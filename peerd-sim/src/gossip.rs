@@ -498,8 +498,10 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
 /// Lookups alone, without chitchat: `nodes` peers' filters of `blobs` random digests each in
 /// one `Index` (as a node holds them), then 20,000 lookups (half hits) timed in real time. Cheap
 /// enough to measure 5,000 nodes directly, which the full simulation cannot on one machine. A
-/// lower bound for `who_has`, which adds a read lock and building the `Holder`s.
-pub fn lookup_bench(nodes: usize, blobs: usize, seed: u64) -> String {
+/// lower bound for `who_has`, which adds a read lock and building the `Holder`s. `vary` gives
+/// each node between half and 1.5 times `blobs` (uniformly) instead of exactly `blobs`, as real
+/// nodes differ: filters of more sizes, so more layout groups to probe.
+pub fn lookup_bench(nodes: usize, blobs: usize, seed: u64, vary: bool) -> String {
     use peerd_agent::gossip::index::{Index, KeyView};
     use peerd_agent::gossip::summary::{self, Kind, SHARDS};
     let mut rng = Rng::new(seed);
@@ -507,7 +509,8 @@ pub fn lookup_bench(nodes: usize, blobs: usize, seed: u64) -> String {
     let mut held: Vec<Digest> = Vec::new();
     let mut value_bytes = 0usize;
     for node in 0..nodes as u32 {
-        let digests: Vec<Digest> = (0..blobs).map(|_| rng.digest()).collect();
+        let count = if vary { blobs / 2 + (rng.next_u64() as usize % (blobs + 1)) } else { blobs };
+        let digests: Vec<Digest> = (0..count).map(|_| rng.digest()).collect();
         let mut values = Vec::new();
         for shard in 0..SHARDS as u8 {
             let mut keys: Vec<u64> = digests.iter().filter(|d| summary::shard_of(d) == shard).map(summary::filter_key).collect();
@@ -545,9 +548,13 @@ pub fn lookup_bench(nodes: usize, blobs: usize, seed: u64) -> String {
     times.sort();
     let us = |p: f64| percentile(&times, p).unwrap_or_default().as_secs_f64() * 1e6;
     format!(
-        "lookup-bench: {nodes} nodes x {blobs} blobs: index lookup p50 {:.2} us, p99 {:.2} us; filters held {:.1} MB, their base64 values {:.1} MB; {:.2} holders per lookup (half hits)\n",
+        "lookup-bench: {nodes} nodes x {}{blobs} blobs: index lookup p50 {:.2} us, p99 {:.2} us, max {:.2} us; {} layout groups ({:.1} per shard); filters held {:.1} MB, their base64 values {:.1} MB; {:.2} holders per lookup (half hits)\n",
+        if vary { "0.5-1.5 x " } else { "" },
         us(50.0),
         us(99.0),
+        us(100.0),
+        index.groups(),
+        index.groups() as f64 / SHARDS as f64,
         index.table_bytes() as f64 / 1e6,
         value_bytes as f64 / 1e6,
         found as f64 / times.len().max(1) as f64,

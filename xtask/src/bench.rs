@@ -258,7 +258,7 @@ fn gossip(runs: &[String], scale: &[String]) -> Result<()> {
     };
     let show = |v: Option<f64>| v.map_or("n/a".to_string(), |v| format!("{v:.1}"));
     growth.push_str(&format!(
-        "\nExtrapolated, not measured: 5,000 nodes x {blobs} blobs, a least-squares line in nodes through the {blobs}-blob runs above: heap {} MB per node (discovery {} MB, membership {} MB; target <= 64 MB), who_has p99 {} us (a filter probe per node: linear in nodes). Steady-state bytes do not follow the line: the anti-entropy budget caps them (16,000 B/s plus rumors).\n",
+        "\nExtrapolated, not measured: 5,000 nodes x {blobs} blobs, a least-squares line in nodes through the {blobs}-blob runs above: heap {} MB per node (discovery {} MB, membership {} MB; target <= 64 MB), who_has p99 {} us (per layout group one hash and three row reads, plus about a byte per node read in order: linear in nodes with a small slope). Steady-state bytes do not follow the line: the anti-entropy budget caps them (16,000 B/s plus rumors).\n",
         show(line("heap_mb")), show(line("discovery_mb")), show(line("membership_mb")), show(line("lookup_p99_us")),
     ));
     record("Gossip: propagation, bandwidth, memory, lookup (simulated)", &format!(

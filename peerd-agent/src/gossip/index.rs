@@ -1,18 +1,31 @@
 //! Peers' content filters as this node holds them, so `who_has` never leaves the process.
 //!
-//! Per kind and shard, one vector indexed by slot of the peer's decoded binary fuse filter
-//! (`summary::ShardFilter`, ~1.2-1.6 bytes per blob). A lookup probes, for the digest's shard,
-//! every node's filter: three byte loads per node with a filter there, contiguous per shard, so
-//! it costs O(nodes) and not O(nodes x blobs). Memory is what the filters weigh; nothing is kept
-//! per (node, blob) pair beyond the filter's fingerprints.
+//! A lookup must ask every node's filter for the digest's shard, so what it costs is set by how
+//! those filters lie in memory. Filters with the same layout (`summary::Layout`: hash seed and
+//! geometry; xorf's first seed is fixed and the geometry follows from the entry count, so nodes
+//! holding similar numbers of blobs share one) are stored together, transposed: byte `p` of
+//! every member's fingerprints is one row. A
+//! key is hashed once per layout, and its three positions name three rows that are read
+//! sequentially, 8 members per word, instead of three scattered loads per member behind a
+//! pointer each. A lookup costs one hash and three row reads per layout present plus a pass
+//! over N bytes (O(nodes), but ~1 byte each, in order) rather than N hashes and 3N random
+//! loads. Memory is the fingerprints plus 1/8 spare columns per layout (up to as many again
+//! after many nodes left, until the group shrinks); nothing is kept per (node, blob) pair.
 
 use std::collections::HashMap;
 use std::hash::Hash;
 
-use super::summary::{self, Digest, Kind, SHARDS, ShardFilter};
+use super::summary::{self, Digest, Kind, Layout, SHARDS, ShardFilter};
 
 /// A node's position in the index; at most 65,536 nodes at once.
 pub type Slot = u16;
+
+/// Where one node's filter for one (kind, shard) is stored: its layout group and column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct At {
+    group: u16,
+    column: u16,
+}
 
 /// What the index remembers about one node.
 #[derive(Debug)]
@@ -22,8 +35,10 @@ pub struct Entry<K> {
     applied: [[u64; SHARDS]; 2],
     /// The node's max version when its keys were last scanned.
     scanned_version: Option<u64>,
-    /// Blobs it advertises, per kind (the senders' entry counts, for status).
-    counts: [u32; 2],
+    /// Blobs it advertises per kind and shard (the senders' entry counts, for status).
+    entries: [[u32; SHARDS]; 2],
+    /// Where its filters are, per kind and shard.
+    at: [[Option<At>; SHARDS]; 2],
 }
 
 /// One key of a peer's state as chitchat holds it.
@@ -35,11 +50,131 @@ pub struct KeyView<'a> {
     pub deleted: bool,
 }
 
+/// The filters of one kind and shard that share a layout, transposed: `cells[p * stride + c]`
+/// is fingerprint `p` of the node `members[c]`. Columns past `members.len()` are padding.
+#[derive(Debug)]
+struct Group {
+    layout: Layout,
+    members: Vec<Slot>,
+    /// Columns per row (members and spare).
+    stride: usize,
+    cells: Vec<u8>,
+}
+
+const WORD: usize = 8;
+const ONES: u64 = u64::from_le_bytes([0x01; WORD]);
+const LOW7: u64 = u64::from_le_bytes([0x7f; WORD]);
+
+/// 0x80 in every byte of `x` that is zero, 0 elsewhere (exact: no borrow crosses bytes).
+#[inline]
+fn zero_bytes(x: u64) -> u64 {
+    !(((x & LOW7) + LOW7) | x | LOW7)
+}
+
+#[inline]
+fn word(bytes: &[u8]) -> u64 {
+    let mut w = [0u8; WORD];
+    w.copy_from_slice(bytes);
+    u64::from_le_bytes(w)
+}
+
+impl Group {
+    fn new(layout: Layout) -> Self {
+        Self { layout, members: Vec::new(), stride: 0, cells: Vec::new() }
+    }
+
+    /// Stride for `members` columns: 1/8 spare, so a growing group is re-laid out O(log n)
+    /// times and holds at most 12.5% more than its fingerprints (twice, after many leave,
+    /// before it shrinks). No rounding up: a layout only one node has must cost what its filter
+    /// does, since in a cluster of varied nodes there can be many such.
+    fn stride_for(members: usize) -> usize {
+        members + members / 8
+    }
+
+    fn relayout(&mut self, stride: usize) {
+        let (rows, used) = (self.layout.len(), self.members.len());
+        let mut cells = vec![0u8; rows * stride];
+        if self.stride > 0 {
+            for (new, old) in cells.chunks_exact_mut(stride).zip(self.cells.chunks_exact(self.stride)) {
+                new[..used].copy_from_slice(&old[..used]);
+            }
+        }
+        self.cells = cells;
+        self.stride = stride;
+    }
+
+    /// Adds a filter of this layout; returns its column.
+    fn push(&mut self, slot: Slot, fingerprints: &[u8]) -> usize {
+        let column = self.members.len();
+        if column >= self.stride {
+            self.relayout(Self::stride_for(column + 1));
+        }
+        for (row, &fp) in self.cells.chunks_exact_mut(self.stride).zip(fingerprints) {
+            row[column] = fp;
+        }
+        self.members.push(slot);
+        column
+    }
+
+    /// Removes a column by moving the last one into it; returns the node moved, if any.
+    fn swap_remove(&mut self, column: usize) -> Option<Slot> {
+        let last = self.members.len().checked_sub(1)?;
+        if column > last {
+            return None;
+        }
+        if column != last {
+            for row in self.cells.chunks_exact_mut(self.stride) {
+                row[column] = row[last];
+            }
+        }
+        self.members.swap_remove(column);
+        let left = self.members.len();
+        if left > 0 && Self::stride_for(left) * 2 <= self.stride {
+            self.relayout(Self::stride_for(left));
+        }
+        self.members.get(column).copied()
+    }
+
+    /// Appends the members whose filter may hold the key hashed to `hash` (this layout's seed).
+    #[inline]
+    fn scan(&self, hash: u64, kind: Kind, out: &mut Vec<(Slot, Kind)>) {
+        let probe = self.layout.probe_hashed(hash);
+        let used = self.members.len();
+        let row = |p: usize| self.cells.get(p * self.stride..p * self.stride + used).unwrap_or_default();
+        let [r0, r1, r2] = probe.positions.map(row);
+        let want = u64::from(probe.fingerprint) * ONES;
+        let (w0, w1, w2) = (r0.chunks_exact(WORD), r1.chunks_exact(WORD), r2.chunks_exact(WORD));
+        let tail = [w0.remainder(), w1.remainder(), w2.remainder()];
+        for (i, ((a, b), c)) in w0.zip(w1).zip(w2).enumerate() {
+            let mut hits = zero_bytes(word(a) ^ word(b) ^ word(c) ^ want);
+            while hits != 0 {
+                let column = i * WORD + hits.trailing_zeros() as usize / 8;
+                if let Some(&slot) = self.members.get(column) {
+                    out.push((slot, kind));
+                }
+                hits &= hits - 1;
+            }
+        }
+        let start = used - tail[0].len();
+        for (i, ((a, b), c)) in tail[0].iter().zip(tail[1]).zip(tail[2]).enumerate() {
+            if a ^ b ^ c == probe.fingerprint {
+                if let Some(&slot) = self.members.get(start + i) {
+                    out.push((slot, kind));
+                }
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        std::mem::size_of::<Self>() + self.cells.capacity() + self.members.capacity() * std::mem::size_of::<Slot>()
+    }
+}
+
 /// The index, generic over the node key so tests need no chitchat types.
 #[derive(Debug)]
 pub struct Index<K> {
-    /// `filters[kind][shard][slot]`.
-    filters: [[Vec<Option<ShardFilter>>; SHARDS]; 2],
+    /// `groups[kind][shard]`: one group per layout present.
+    groups: [[Vec<Group>; SHARDS]; 2],
     entries: Vec<Option<Entry<K>>>,
     slots: HashMap<K, Slot>,
     free: Vec<Slot>,
@@ -50,7 +185,7 @@ pub struct Index<K> {
 impl<K: Clone + Eq + Hash> Default for Index<K> {
     fn default() -> Self {
         Self {
-            filters: Default::default(),
+            groups: Default::default(),
             entries: Vec::new(),
             slots: HashMap::new(),
             free: Vec::new(),
@@ -118,18 +253,56 @@ impl<K: Clone + Eq + Hash> Index<K> {
             }
         }
         for (kind, shard, filter) in changes {
-            let added = filter.as_ref().map_or(0, ShardFilter::entries);
-            let column = &mut self.filters[kind.index()][shard];
-            if column.len() <= slot as usize {
-                column.resize(slot as usize + 1, None);
-            }
-            let removed = std::mem::replace(&mut column[slot as usize], filter).map_or(0, |f| f.entries());
-            if let Some(entry) = self.entries[slot as usize].as_mut() {
-                let count = &mut entry.counts[kind.index()];
-                *count = count.saturating_sub(removed).saturating_add(added);
+            self.remove(slot, kind, shard);
+            if let Some(filter) = filter {
+                self.insert(slot, kind, shard, &filter);
             }
         }
         Ok(slot)
+    }
+
+    /// Files a node's filter under its layout's group (made if new).
+    fn insert(&mut self, slot: Slot, kind: Kind, shard: usize, filter: &ShardFilter) {
+        let Some(entry) = self.entries.get_mut(slot as usize).and_then(Option::as_mut) else { return };
+        let groups = &mut self.groups[kind.index()][shard];
+        let layout = filter.layout();
+        let group = match groups.iter().position(|g| g.layout == layout) {
+            Some(group) => group,
+            None => {
+                groups.push(Group::new(layout));
+                groups.len() - 1
+            }
+        };
+        let column = groups[group].push(slot, filter.fingerprints());
+        // Both fit: at most 65,536 nodes, so at most that many groups and columns.
+        entry.at[kind.index()][shard] = Some(At { group: group as u16, column: column as u16 });
+        entry.entries[kind.index()][shard] = filter.entries();
+    }
+
+    /// Drops a node's filter for one kind and shard, if it has one; keeps every other node's
+    /// position right (a column or group moved into the hole).
+    fn remove(&mut self, slot: Slot, kind: Kind, shard: usize) {
+        let (k, entries) = (kind.index(), &mut self.entries);
+        let Some(entry) = entries.get_mut(slot as usize).and_then(Option::as_mut) else { return };
+        entry.entries[k][shard] = 0;
+        let Some(at) = entry.at[k][shard].take() else { return };
+        let groups = &mut self.groups[k][shard];
+        let Some(group) = groups.get_mut(at.group as usize) else { return };
+        if let Some(moved) = group.swap_remove(at.column as usize) {
+            if let Some(e) = entries.get_mut(moved as usize).and_then(Option::as_mut) {
+                e.at[k][shard] = Some(at);
+            }
+        }
+        if group.members.is_empty() {
+            groups.swap_remove(at.group as usize);
+            if let Some(group) = groups.get(at.group as usize) {
+                for (column, &member) in group.members.iter().enumerate() {
+                    if let Some(e) = entries.get_mut(member as usize).and_then(Option::as_mut) {
+                        e.at[k][shard] = Some(At { group: at.group, column: column as u16 });
+                    }
+                }
+            }
+        }
     }
 
     /// Forgets every node for which `keep` is false.
@@ -144,9 +317,9 @@ impl<K: Clone + Eq + Hash> Index<K> {
             })
             .collect();
         for slot in gone {
-            for column in self.filters.iter_mut().flatten() {
-                if let Some(filter) = column.get_mut(slot as usize) {
-                    *filter = None;
+            for kind in Kind::ALL {
+                for shard in 0..SHARDS {
+                    self.remove(slot, kind, shard);
                 }
             }
             if let Some(entry) = self.entries[slot as usize].take() {
@@ -160,19 +333,30 @@ impl<K: Clone + Eq + Hash> Index<K> {
     /// false positive per node with probability ~1/256).
     pub fn lookup(&self, digest: &Digest, out: &mut Vec<(Slot, Kind)>) {
         let (shard, key) = (summary::shard_of(digest) as usize, summary::filter_key(digest));
+        // Most groups share xorf's first seed: hash once for them.
+        let mut hashed: Option<(u64, u64)> = None;
         for kind in Kind::ALL {
-            for (slot, filter) in self.filters[kind.index()][shard].iter().enumerate() {
-                if let Some(filter) = filter {
-                    if filter.contains(key) {
-                        out.push((slot as Slot, kind));
+            for group in &self.groups[kind.index()][shard] {
+                let seed = group.layout.seed();
+                let hash = match hashed {
+                    Some((s, hash)) if s == seed => hash,
+                    _ => {
+                        let hash = Layout::hash(key, seed);
+                        hashed = Some((seed, hash));
+                        hash
                     }
-                }
+                };
+                group.scan(hash, kind, out);
             }
         }
     }
 
     pub fn advertised(&self, slot: Slot) -> (u32, u32) {
-        self.entries.get(slot as usize).and_then(Option::as_ref).map_or((0, 0), |e| (e.counts[Kind::Complete.index()], e.counts[Kind::Partial.index()]))
+        let count = |e: &Entry<K>, kind: Kind| e.entries[kind.index()].iter().sum::<u32>();
+        self.entries
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .map_or((0, 0), |e| (count(e, Kind::Complete), count(e, Kind::Partial)))
     }
 
     pub fn key(&self, slot: Slot) -> Option<&K> {
@@ -185,23 +369,30 @@ impl<K: Clone + Eq + Hash> Index<K> {
 
     /// (node, blob) pairs advertised, as the senders counted them.
     pub fn len(&self) -> usize {
-        self.entries.iter().flatten().map(|e| e.counts[0] as usize + e.counts[1] as usize).sum()
+        self.entries.iter().flatten().map(|e| e.entries.iter().flatten().map(|&n| n as usize).sum::<usize>()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Bytes the filters and their tables hold.
+    /// Bytes the filters hold: the groups (fingerprints, spare columns, member lists) and each
+    /// node's record of where its filters are and what they count.
     pub fn table_bytes(&self) -> usize {
-        self.filters
+        let groups: usize = self
+            .groups
             .iter()
             .flatten()
-            .map(|column| {
-                column.capacity() * std::mem::size_of::<Option<ShardFilter>>()
-                    + column.iter().flatten().map(ShardFilter::bytes).sum::<usize>()
-            })
-            .sum()
+            .map(|groups| groups.capacity() * std::mem::size_of::<Group>() + groups.iter().map(Group::bytes).sum::<usize>())
+            .sum();
+        let per_node = std::mem::size_of::<[[Option<At>; SHARDS]; 2]>() + std::mem::size_of::<[[u32; SHARDS]; 2]>();
+        groups + self.entries.iter().flatten().count() * per_node
+    }
+
+    /// Layout groups held, over all kinds and shards (a lookup hashes and reads rows once per
+    /// group of its shard).
+    pub fn groups(&self) -> usize {
+        self.groups.iter().flatten().map(Vec::len).sum()
     }
 
     fn slot_for(&mut self, key: &K) -> Result<Slot, Full> {
@@ -220,7 +411,8 @@ impl<K: Clone + Eq + Hash> Index<K> {
             key: key.clone(),
             applied: [[0; SHARDS]; 2],
             scanned_version: None,
-            counts: [0; 2],
+            entries: [[0; SHARDS]; 2],
+            at: [[None; SHARDS]; 2],
         });
         self.slots.insert(key.clone(), slot);
         Ok(slot)
@@ -328,6 +520,102 @@ mod tests {
         let c = index.update_node(&"c", 1, std::iter::empty()).unwrap();
         assert_eq!(a, c);
         assert_eq!(holders(&index, &d(1, K1)), vec![("b", Kind::Complete)], "c inherits nothing");
+    }
+
+    #[test]
+    fn zero_bytes_is_exact() {
+        let mut x = 0x0123_4567_89ab_cdefu64;
+        for _ in 0..100_000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            // Some zero bytes, some 0x80s and 0x01s (the cases a borrow would get wrong).
+            let w = (x & 0x00ff_80ff_0001_ff00) ^ (x >> 56);
+            let want = w.to_le_bytes().iter().enumerate().fold(0u64, |m, (i, b)| if *b == 0 { m | 0x80 << (8 * i) } else { m });
+            assert_eq!(zero_bytes(w), want, "{w:016x}");
+        }
+    }
+
+    /// The transposed groups answer exactly what probing each node's own filter would, through
+    /// nodes joining, changing, emptying and leaving, with layouts of many sizes (so groups are
+    /// made, shared, emptied and moved): no false negative, and no extra or missing holder.
+    #[test]
+    fn groups_match_the_filters_through_churn() {
+        let mut index: Index<u32> = Index::default();
+        // What each node currently advertises: (key set, its filter) per (node, kind, shard).
+        let mut truth: HashMap<(u32, usize, usize), (Vec<u64>, ShardFilter)> = HashMap::new();
+        let mut versions: HashMap<u32, u64> = HashMap::new();
+        let mut x = 7u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut moved_groups = 0;
+        for round in 0..30u64 {
+            // Re-publish a few nodes' state: random sizes (1..400 keys) in random shards.
+            for _ in 0..12 {
+                let node = (next() % 40) as u32;
+                let version = versions.entry(node).or_insert(0);
+                *version += 1;
+                let mut values = Vec::new();
+                truth.retain(|(n, _, _), _| *n != node);
+                for kind in Kind::ALL {
+                    for shard in 0..SHARDS as u8 {
+                        if next() % 3 == 0 {
+                            continue; // absent (or removed) shard
+                        }
+                        let n = [1, 3, 40, 90, 150, 250, 310][(next() % 7) as usize] + (next() % 5) as usize;
+                        let mut keys: Vec<u64> = (0..n).map(|_| next() % 4_000).collect();
+                        keys.sort_unstable();
+                        keys.dedup();
+                        let value = encode_shard(&keys).unwrap();
+                        truth.insert((node, kind.index(), shard as usize), (keys, summary::decode_shard(&value).unwrap()));
+                        values.push((shard_key(kind, shard), value));
+                    }
+                }
+                let views = values.iter().map(|(k, v)| kv(k, v, *version));
+                let before = index.groups();
+                index.update_node(&node, *version, views).unwrap();
+                moved_groups += usize::from(index.groups() < before);
+            }
+            if round % 5 == 4 {
+                let before = index.groups();
+                let gone = (next() % 40) as u32;
+                index.retain(|n| *n != gone);
+                truth.retain(|(n, _, _), _| *n != gone);
+                versions.remove(&gone);
+                moved_groups += usize::from(index.groups() < before);
+            }
+            // Every key of the key space, in every shard: the index lists exactly the nodes
+            // whose filter matches.
+            for shard in 0..SHARDS as u8 {
+                for key in (0..4_000u64).step_by(7) {
+                    let digest = d(shard, key);
+                    let mut got = Vec::new();
+                    index.lookup(&digest, &mut got);
+                    got.sort_unstable_by_key(|(s, k)| (*index.key(*s).unwrap(), k.index()));
+                    let mut want: Vec<(u32, Kind)> = truth
+                        .iter()
+                        .filter(|((_, _, s), (_, f))| *s == shard as usize && f.contains(key))
+                        .map(|((n, k, _), _)| (*n, Kind::ALL[*k]))
+                        .collect();
+                    want.sort_unstable_by_key(|(n, k)| (*n, k.index()));
+                    let got: Vec<(u32, Kind)> = got.iter().map(|(s, k)| (*index.key(*s).unwrap(), *k)).collect();
+                    assert_eq!(got, want, "round {round}, shard {shard}, key {key}");
+                    for ((n, k, _), (keys, _)) in truth.iter().filter(|((_, _, s), _)| *s == shard as usize) {
+                        if keys.binary_search(&key).is_ok() {
+                            assert!(got.contains(&(*n, Kind::ALL[*k])), "false negative");
+                        }
+                    }
+                }
+            }
+        }
+        assert!(index.groups() > 2 * SHARDS, "several layouts per shard: {}", index.groups());
+        assert!(moved_groups > 0, "groups emptied (and others moved into their place)");
+        // Spare columns stay bounded.
+        let fingerprints: usize = truth.values().map(|(_, f)| f.bytes()).sum();
+        let overhead = index.groups() * (std::mem::size_of::<Group>() + 64) + 40 * 200;
+        assert!(index.table_bytes() <= fingerprints * 2 + overhead, "{} for {fingerprints}", index.table_bytes());
     }
 
     /// 200 nodes x 500 blobs each: every held blob is found at its holder (no false negative),

@@ -110,6 +110,80 @@ impl ShardFilter {
     pub fn bytes(&self) -> usize {
         self.filter.fingerprints.len()
     }
+
+    /// Where keys land in the fingerprints: filters of equal layout are probed at the same
+    /// positions, so the index stores them side by side and hashes a key once for all of them.
+    pub fn layout(&self) -> Layout {
+        let d = &self.filter.descriptor;
+        Layout { seed: d.seed, segment_length: d.segment_length, segment_count_length: d.segment_count_length }
+    }
+
+    /// The fingerprint array (`layout().len()` bytes).
+    pub fn fingerprints(&self) -> &[u8] {
+        &self.filter.fingerprints
+    }
+}
+
+/// A binary fuse filter's hash seed and geometry: what decides the three positions and the
+/// fingerprint a key is checked against. Only `decode_shard` makes one, so the positions are
+/// always inside `len()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Layout {
+    seed: u64,
+    segment_length: u32,
+    segment_count_length: u32,
+}
+
+/// What a key is checked against in every filter of one layout: it may be in a filter iff the
+/// XOR of the filter's bytes at `positions` equals `fingerprint`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    pub fingerprint: u8,
+    pub positions: [usize; 3],
+}
+
+impl Layout {
+    /// Fingerprints per filter.
+    pub fn len(&self) -> usize {
+        self.segment_count_length as usize + 2 * self.segment_length as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// xorf's `BinaryFuse8::contains` up to the loads (xorf 0.13: `mix`, `fingerprint!`,
+    /// `hash_of_hash`), which xorf keeps private; a test checks the two agree.
+    #[inline]
+    pub fn probe(&self, key: u64) -> Probe {
+        self.probe_hashed(Self::hash(key, self.seed))
+    }
+
+    /// `probe` with the hash already computed by `hash(key, self.seed())` (shared by every
+    /// layout with that seed).
+    #[inline]
+    pub fn probe_hashed(&self, hash: u64) -> Probe {
+        let h0 = ((u128::from(hash) * u128::from(self.segment_count_length)) >> 64) as u32;
+        let mask = self.segment_length - 1;
+        let h1 = (h0 + self.segment_length) ^ ((hash >> 18) as u32 & mask);
+        let h2 = (h0 + 2 * self.segment_length) ^ (hash as u32 & mask);
+        Probe { fingerprint: (hash ^ (hash >> 32)) as u8, positions: [h0 as usize, h1 as usize, h2 as usize] }
+    }
+
+    /// xorf's `mix(key, seed)`: murmur3's 64-bit finalizer of `key + seed`.
+    #[inline]
+    pub fn hash(key: u64, seed: u64) -> u64 {
+        let mut k = key.wrapping_add(seed);
+        k ^= k >> 33;
+        k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        k ^= k >> 33;
+        k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        k ^ (k >> 33)
+    }
 }
 
 /// Why a shard could not be encoded.
@@ -462,6 +536,31 @@ mod tests {
         let fp = (0..misses).filter(|i| filter.contains(filter_key(&digest(0, 1_000_000 + i)))).count();
         let rate = fp as f64 / misses as f64;
         assert!(rate < 0.006 && rate > 0.002, "false-positive rate {rate}");
+    }
+
+    /// `Layout::probe` is what the index uses instead of xorf's `contains`: they must agree on
+    /// every key, members and non-members, for every filter size (else false negatives).
+    #[test]
+    fn layout_probe_agrees_with_xorf() {
+        let mut checked = 0;
+        for n in [1usize, 2, 5, 60, 91, 250, 303, 2_000, 20_000] {
+            let keys: BTreeSet<u64> = (0..n as u64).map(|i| filter_key(&digest(3, i * 7 + n as u64))).collect();
+            let keys: Vec<u64> = keys.into_iter().collect();
+            let filter = decode_shard(&encode_shard(&keys).unwrap()).unwrap();
+            let layout = filter.layout();
+            assert_eq!(layout.len(), filter.fingerprints().len());
+            let fp = filter.fingerprints();
+            let probe_says = |key: u64| {
+                let p = layout.probe(key);
+                fp[p.positions[0]] ^ fp[p.positions[1]] ^ fp[p.positions[2]] == p.fingerprint
+            };
+            for key in keys.iter().copied().chain((0..5_000u64).map(|i| filter_key(&digest(3, 1 << 40 | i)))) {
+                assert_eq!(probe_says(key), filter.contains(key), "n={n} key={key:x}");
+                assert!(layout.probe(key).positions.iter().all(|&p| p < layout.len()));
+                checked += 1;
+            }
+        }
+        assert!(checked > 45_000);
     }
 
     #[test]

@@ -59,12 +59,15 @@ struct Args {
     /// Only time lookups in filters built directly (no chitchat; cheap at 5,000 nodes).
     #[arg(long)]
     lookup_only: bool,
+    /// With --lookup-only: each node holds 0.5-1.5 x --blobs (filters of many sizes).
+    #[arg(long)]
+    vary: bool,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if args.lookup_only {
-        print!("{}", sim::lookup_bench(args.nodes, args.blobs, args.seed));
+        print!("{}", sim::lookup_bench(args.nodes, args.blobs, args.seed, args.vary));
         return std::process::ExitCode::SUCCESS;
     }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build() {
