@@ -106,7 +106,7 @@ impl PeerDirectory for GossipPeers {
     fn holders(&self, d: &Digest) -> Vec<(SocketAddr, bool)> {
         let mut h: Vec<(bool, bool, SocketAddr)> = self
             .gossip
-            .who_has(d.as_bytes())
+            .who_has(d)
             .into_iter()
             .filter_map(|h| {
                 let addr = h.addr.filter(|a| *a != self.me).and_then(|a| usable(a, self.me))?;
@@ -164,15 +164,11 @@ pub async fn advertise(
             }
         }
         let blobs = store.list();
-        let mut complete: Vec<[u8; 32]> = blobs.iter().filter(|b| b.complete).map(|b| *b.digest.as_bytes()).collect();
+        let mut complete: Vec<Digest> = blobs.iter().filter(|b| b.complete).map(|b| b.digest).collect();
         if let Some(c) = &containerd {
-            complete.extend(c.digests().iter().map(|d| *d.as_bytes()));
+            complete.extend(c.digests().iter().copied());
         }
-        let partial: Vec<[u8; 32]> = blobs
-            .iter()
-            .filter(|b| !b.complete && b.pieces_present > 0)
-            .map(|b| *b.digest.as_bytes())
-            .collect();
+        let partial: Vec<Digest> = blobs.iter().filter(|b| !b.complete && b.pieces_present > 0).map(|b| b.digest).collect();
         gossip.set_content(complete, partial).await;
     }
 }

@@ -429,7 +429,7 @@ pub async fn run(opts: SimOptions, heap_bytes: fn() -> usize) -> String {
         let digest = if i % 2 == 0 {
             let owner = 1 + (rng.next_u64() as usize % (opts.nodes - 1).max(1));
             let list = &contents[owner.min(opts.nodes - 1)];
-            list.get(rng.next_u64() as usize % list.len().max(1)).copied().unwrap_or_default()
+            list.get(rng.next_u64() as usize % list.len().max(1)).copied().unwrap_or_else(|| rng.digest())
         } else {
             rng.digest()
         };

@@ -429,7 +429,7 @@ mod tests {
         let mut d = [0u8; 32];
         d[0] = shard << 5;
         d[8..16].copy_from_slice(&n.to_le_bytes());
-        d
+        Digest::from_sha256_bytes(d)
     }
 
     fn value(keys: &[u64]) -> String {

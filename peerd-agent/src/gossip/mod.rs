@@ -744,7 +744,7 @@ mod tests {
         let a = Gossip::start(config(41001, secret, &[])).await.unwrap();
         let b = Gossip::start(config(41002, secret, &[41001])).await.unwrap();
         let outsider = Gossip::start(config(41003, b"another secret, 16+ bytes", &[41001, 41002])).await.unwrap();
-        let (da, db) = ([1u8; 32], [2u8; 32]);
+        let (da, db) = (Digest::from_sha256_bytes([1u8; 32]), Digest::from_sha256_bytes([2u8; 32]));
         a.set_content([da], []).await;
         b.apply([ContentChange::Partial(db)]).await;
         let mut met = false;
@@ -763,7 +763,7 @@ mod tests {
         assert!(met, "members did not meet");
         // A later single change also travels as a rumor over the sealed socket (whether it or
         // chitchat's next exchange arrives first is a race at this size: count either).
-        let dc = [3u8; 32];
+        let dc = Digest::from_sha256_bytes([3u8; 32]);
         a.apply([ContentChange::Complete(dc)]).await;
         let mut rumored = false;
         for _ in 0..100 {

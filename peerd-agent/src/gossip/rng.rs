@@ -24,7 +24,7 @@ impl Rng {
         for chunk in d.chunks_mut(8) {
             chunk.copy_from_slice(&self.next_u64().to_le_bytes());
         }
-        d
+        Digest::from_sha256_bytes(d)
     }
 }
 

@@ -356,7 +356,7 @@ fn encode_rumor(rumor: &Rumor, out: &mut Vec<u8>) {
             ContentChange::Removed(d) => (2, d),
         };
         out.push(op);
-        out.extend_from_slice(digest);
+        out.extend_from_slice(digest.as_bytes());
     }
 }
 
@@ -425,8 +425,9 @@ pub fn decode(datagram: &[u8]) -> Result<Vec<Rumor>, RumorError> {
         let mut changes = Vec::with_capacity(n);
         for _ in 0..n {
             let op = r.u8()?;
-            let mut digest = [0u8; 32];
-            digest.copy_from_slice(r.take(32)?);
+            let mut raw = [0u8; 32];
+            raw.copy_from_slice(r.take(32)?);
+            let digest = Digest::from_sha256_bytes(raw);
             changes.push(match op {
                 0 => ContentChange::Complete(digest),
                 1 => ContentChange::Partial(digest),
@@ -462,12 +463,12 @@ mod tests {
     #[test]
     fn codec_round_trips_and_rejects_damage() {
         let rumors = vec![
-            Rumor { origin: id(1), seq: 7, version: 42, changes: vec![ContentChange::Complete([1; 32]), ContentChange::Removed([2; 32])] },
+            Rumor { origin: id(1), seq: 7, version: 42, changes: vec![ContentChange::Complete(Digest::from_sha256_bytes([1; 32])), ContentChange::Removed(Digest::from_sha256_bytes([2; 32]))] },
             Rumor {
                 origin: ChitchatId::new("v6", 3, "[fd00::1]:30001".parse().unwrap()),
                 seq: 1,
                 version: 3,
-                changes: vec![ContentChange::Partial([3; 32])],
+                changes: vec![ContentChange::Partial(Digest::from_sha256_bytes([3; 32]))],
             },
         ];
         let bytes = encode(&rumors);
@@ -498,7 +499,7 @@ mod tests {
     #[test]
     fn a_rumor_goes_to_fanout_distinct_peers_and_expires() {
         let mut a = Rumors::new(id(1), 1);
-        a.publish(&[ContentChange::Complete([9; 32])], 5, 8);
+        a.publish(&[ContentChange::Complete(Digest::from_sha256_bytes([9; 32]))], 5, 8);
         let peers: Vec<SocketAddr> = (2..12).map(addr).collect();
         let mut sends = 0;
         for _ in 0..10 {
@@ -518,12 +519,12 @@ mod tests {
     fn receivers_record_forward_once_and_ignore_stale() {
         let now = Instant::now();
         let mut a = Rumors::new(id(1), 1);
-        a.publish(&[ContentChange::Complete([9; 32])], 5, 100);
+        a.publish(&[ContentChange::Complete(Digest::from_sha256_bytes([9; 32]))], 5, 100);
         let datagram = a.poll_transmit(&[addr(2)]).remove(0).1;
         let mut b = Rumors::new(id(2), 2);
         assert_eq!(b.receive(&datagram, now, 100, |_| Some(4)), Ok(1));
         let mut holders = Vec::new();
-        b.overlay().adjust(&[9; 32], &mut holders, slot_of);
+        b.overlay().adjust(&Digest::from_sha256_bytes([9; 32]), &mut holders, slot_of);
         assert_eq!(holders, vec![(1, Kind::Complete)]);
         // Forwarded, once.
         assert_eq!(b.hot_len(), 1);
@@ -543,7 +544,7 @@ mod tests {
         let now = Instant::now();
         let mut a = Rumors::new(id(1), 1);
         let mut b = Rumors::new(id(2), 2);
-        let d = [7u8; 32];
+        let d = Digest::from_sha256_bytes([7u8; 32]);
         a.publish(&[ContentChange::Partial(d)], 10, 4);
         let first = a.poll_transmit(&[addr(2)]).remove(0).1;
         a.publish(&[ContentChange::Complete(d)], 11, 4);
@@ -569,7 +570,7 @@ mod tests {
     #[test]
     fn bulk_changes_are_left_to_anti_entropy_and_batches_fit_a_datagram() {
         let mut a = Rumors::new(id(1), 1);
-        let many: Vec<ContentChange> = (0..=MAX_PUBLISH).map(|i| ContentChange::Complete([i as u8; 32])).collect();
+        let many: Vec<ContentChange> = (0..=MAX_PUBLISH).map(|i| ContentChange::Complete(Digest::from_sha256_bytes([i as u8; 32]))).collect();
         a.publish(&many, 1, 10);
         assert_eq!(a.hot_len(), 0);
         assert_eq!(a.counters.bulk_skipped, many.len() as u64);
@@ -598,7 +599,7 @@ mod tests {
         let index_of: HashMap<SocketAddr, usize> = addrs.iter().enumerate().map(|(i, a)| (*a, i)).collect();
         let mut nodes: Vec<Rumors> = ids.iter().enumerate().map(|(i, id)| Rumors::new(id.clone(), i as u64 + 1)).collect();
         let mut loss = Rng::new(99);
-        let d = [5u8; 32];
+        let d = Digest::from_sha256_bytes([5u8; 32]);
         nodes[0].publish(&[ContentChange::Complete(d)], 1, n);
         let now = Instant::now();
         let knows = |node: &Rumors| {

@@ -13,8 +13,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use xorf::{BinaryFuse8, Filter};
 
-/// A raw sha256 digest.
-pub type Digest = [u8; 32];
+/// Content is named by the store's digest type (one type from the store to the wire).
+pub use crate::store::Digest;
 
 /// Number of shards, one per value of the digest's first three bits.
 pub const SHARDS: usize = 8;
@@ -61,13 +61,13 @@ impl Kind {
 
 /// The shard of a digest: its first three bits.
 pub fn shard_of(digest: &Digest) -> u8 {
-    digest[0] >> 5
+    digest.as_bytes()[0] >> 5
 }
 
 /// The filter key of a digest: bytes 8..16 (independent of the shard bits; sha256 is uniform).
 pub fn filter_key(digest: &Digest) -> u64 {
     let mut key = [0u8; 8];
-    key.copy_from_slice(&digest[8..16]);
+    key.copy_from_slice(&digest.as_bytes()[8..16]);
     u64::from_le_bytes(key)
 }
 
@@ -472,7 +472,7 @@ mod tests {
         let mut d = [0u8; 32];
         d[0] = shard << 5;
         d[8..16].copy_from_slice(&n.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
-        d
+        Digest::from_sha256_bytes(d)
     }
 
     fn value_of(updates: &[KeyUpdate], key: &str) -> Option<String> {
