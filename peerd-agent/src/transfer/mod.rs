@@ -847,6 +847,7 @@ impl Transfer {
         // (zeros), filled in as its later manifests arrive. Pieces are only requested once their
         // hash is known, so every stored piece was checked.
         let mut hashes: Vec<Option<[u8; 32]>> = m.pieces.iter().map(|h| (*h != [0; 32]).then_some(*h)).collect();
+        dl.set_known_hashes(hashes.iter().map(Option::is_some).collect());
         let mut tasks: HashMap<(usize, u32), tokio::task::JoinHandle<()>> = HashMap::new();
         let started = Instant::now();
         debug!(target: "peerd_agent::transfer::trace", peers = ?addrs, "swarm");
@@ -906,7 +907,7 @@ impl Transfer {
                         dl.on_piece(i as u32);
                     }
                 }
-                let unknown = hashes.iter().any(|h| h.is_none()).then(|| Arc::new(hashes.iter().map(|h| h.is_none()).collect()));
+                let unknown = dl.unknown_hashes().map(Arc::new);
                 refresh(self, asked, unknown);
             }
             if dl.gave_up(now) {
@@ -939,10 +940,10 @@ impl Transfer {
                                 *h = Some(*new);
                             }
                         }
+                        dl.set_known_hashes(hashes.iter().map(Option::is_some).collect());
                     }
-                    let known: Vec<bool> = bits.iter().zip(&hashes).map(|(b, h)| *b && h.is_some()).collect();
-                    debug!(target: "peerd_agent::transfer::trace", t = started.elapsed().as_millis() as u64, peer = i, bits = bits.iter().filter(|b| **b).count(), known = known.iter().filter(|b| **b).count(), "have");
-                    dl.set_have(i, known);
+                    debug!(target: "peerd_agent::transfer::trace", t = started.elapsed().as_millis() as u64, peer = i, bits = bits.iter().filter(|b| **b).count(), "have");
+                    dl.set_have(i, bits);
                     dl.on_bitfield(i);
                 }
                 Some((a, r)) = rx.recv() => {

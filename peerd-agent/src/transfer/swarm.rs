@@ -184,6 +184,9 @@ pub struct Download {
     awaiting: Option<HashSet<usize>>,
     /// When any usable source last had something to take (`gave_up`).
     last_progress: Option<Instant>,
+    /// Pieces whose blake3 is known (a manifest from a source still fetching from upstream has
+    /// gaps): only those are asked for, so every piece stored was checked.
+    known: Vec<bool>,
 }
 
 /// A run in the endgame is duplicated once it has taken this many times the typical request.
@@ -217,7 +220,22 @@ impl Download {
             tick: 0,
             awaiting: None,
             last_progress: None,
+            known: vec![true; n],
         }
+    }
+
+    /// Which pieces' hashes are known (ignored if its length is wrong); bitfields set after
+    /// this count only those pieces.
+    pub fn set_known_hashes(&mut self, known: Vec<bool>) {
+        if known.len() == self.pieces.len() {
+            self.known = known;
+        }
+    }
+
+    /// The pieces whose hashes are still unknown, when there are any (a source's manifest may
+    /// fill them in).
+    pub fn unknown_hashes(&self) -> Option<Vec<bool>> {
+        self.known.iter().any(|k| !k).then(|| self.known.iter().map(|k| !k).collect())
     }
 
     /// The sources whose bitfields to ask for now, or `None` when no poll is due. A poll is due
@@ -288,9 +306,12 @@ impl Download {
     }
 
     /// The peer's current bitfield (ignored if its length is wrong).
-    pub fn set_have(&mut self, peer: usize, have: Vec<bool>) {
+    pub fn set_have(&mut self, peer: usize, mut have: Vec<bool>) {
         if have.len() != self.pieces.len() {
             return;
+        }
+        for (h, k) in have.iter_mut().zip(&self.known) {
+            *h &= *k;
         }
         if let Some(p) = self.peers.get_mut(peer) {
             p.complete = have.iter().all(|h| *h);
@@ -574,6 +595,25 @@ impl Download {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_whose_hash_is_unknown_are_not_asked_for() {
+        let mut d = Download::new(4, SwarmConfig { batch: 1, window: 8, max_in_flight_per_peer: 8, ..Default::default() });
+        d.set_known_hashes(vec![true, false, true, false]);
+        assert_eq!(d.unknown_hashes(), Some(vec![false, true, false, true]));
+        let p = d.add_partial_peer(true);
+        d.set_have(p, vec![true; 4]);
+        assert!(!d.holds_all(p), "pieces without a hash do not count as held");
+        let mut asked: Vec<u32> = d.poll(Instant::now()).iter().map(|a| a.first).collect();
+        asked.sort_unstable();
+        assert_eq!(asked, vec![0, 2]);
+        d.set_known_hashes(vec![true; 4]);
+        assert_eq!(d.unknown_hashes(), None);
+        d.set_have(p, vec![true; 4]);
+        let mut more: Vec<u32> = d.poll(Instant::now()).iter().map(|a| a.first).collect();
+        more.sort_unstable();
+        assert_eq!(more, vec![1, 3], "asked once their hashes arrived");
+    }
 
     #[test]
     fn bitfields_are_polled_every_interval_a_bounded_number_at_a_time() {
