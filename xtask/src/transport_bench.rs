@@ -409,6 +409,9 @@ struct Sample {
     secs: f64,
     sender: f64,
     receiver: f64,
+    /// The part of `receiver` that is the client's (curl; in (a), reading from B's agent over
+    /// loopback, work (b2) and (d) do not have).
+    client: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -560,7 +563,8 @@ pub fn transport(size_mib: u64, runs: usize, baseline: Option<&Path>) -> Result<
             let receiver = receiver_pid.map(|p| cpu_seconds(p) - r0).unwrap_or(0.0) + client_cpu;
             eprintln!("bench: round {r} {name}: {:.2} GiB/s, sender {:.2} s, receiver {:.2} s (load {})", gib / secs, sender, receiver, load());
             if r > 0 {
-                samples[i].push(Sample { secs, sender, receiver });
+                let client = if *case == Case::RustlsTcp { 0.0 } else { client_cpu };
+                samples[i].push(Sample { secs, sender, receiver, client });
             }
             if let Case::Agent(k) = case {
                 let mirror = builds[*k].2.mirror;
@@ -622,6 +626,15 @@ pub fn transport(size_mib: u64, runs: usize, baseline: Option<&Path>) -> Result<
     ));
     if baseline.is_some() {
         rows.push(format!("(a) / (a0), this build against the baseline: {:.2}x.", a / total(Case::Agent(1))));
+    }
+    // (a)'s receiver includes curl reading the blob from B's agent over loopback.
+    if let Some(i) = cases.iter().position(|(k, _)| *k == Case::Agent(0)) {
+        let client = median(samples[i].iter().map(|x| x.client / gib).collect());
+        rows.push(format!(
+            "Of (a)'s receiver, curl reading the blob from B's agent over loopback: {client:.2} s/GiB; without it (a) totals {:.2} s/GiB, {:.2}x (d).",
+            a - client,
+            (a - client) / total(Case::RustlsTcp)
+        ));
     }
     for (k, (m, f)) in sha_from.iter().enumerate() {
         let which = if k == 0 { "(a)" } else { "(a0)" };
