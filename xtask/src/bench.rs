@@ -101,6 +101,10 @@ pub enum Which {
         /// Alternating runs per case (after one untimed round).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Another build of `peerd` (e.g. a copy of main's) run as case (a0) in the same run,
+        /// for before/after figures taken under the same load.
+        #[arg(long)]
+        baseline: Option<std::path::PathBuf>,
     },
     /// Lazy-loading range reads on the cluster harness (Azure peerd's random workload and a
     /// sequential read): direct from storage behind a slow link vs through peerd with another
@@ -129,7 +133,7 @@ pub fn run(which: Which) -> Result<()> {
             crate::range_bench::run(crate::range_bench::Args { size_mib, readers, per_reader: reads_per_reader, storage_mbit, node_mbit })
         }
         Which::Gossip { runs, scale } => gossip(&runs, &scale),
-        Which::Transport { size_mib, runs } => crate::transport_bench::transport(size_mib, runs),
+        Which::Transport { size_mib, runs, baseline } => crate::transport_bench::transport(size_mib, runs, baseline.as_deref()),
         Which::SwarmSim { nodes, rtt_ms } => swarm_sim(&nodes, &rtt_ms),
         Which::Redirect { layers, rounds, rate } => crate::redirect_bench::redirect(&layers, rounds.max(1), rate),
         Which::Swarm { size_mib, nodes, rate, aggregate_mbit, no_bittorrent, queue_ms, small_packets_first, keep_page_reporting } => {

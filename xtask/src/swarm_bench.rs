@@ -166,9 +166,18 @@ fn stats(mut t: Vec<f64>, ideal: f64) -> (f64, f64) {
     (t[t.len() / 2] / ideal, t[t.len() - 1] / ideal)
 }
 
+/// What a BitTorrent run measured: each node's completion time, and the user+sys seconds of
+/// the nodes' aria2 processes (all of them, up to the last node's completion) and of the
+/// seeder's (the origin's, in the registry namespace).
+struct BtRun {
+    times: Vec<f64>,
+    nodes_cpu: f64,
+    seeder_cpu: f64,
+}
+
 /// BitTorrent baseline: opentracker and an aria2 seeder in the registry namespace, aria2
 /// leechers in every node (they keep seeding until all are done, as a real swarm would).
-fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<Vec<f64>> {
+fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<BtRun> {
     let reg_ip = c.registry.ip;
     let torrent = dir.join("blob.torrent");
     let _ = std::fs::remove_file(&torrent);
@@ -180,6 +189,7 @@ fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<Vec<f64>> {
     let conf = dir.join("opentracker.conf");
     std::fs::write(&conf, format!("listen.tcp {reg_ip}:6969\nlisten.udp {reg_ip}:6969\naccess.whitelist {}\n", wl.display()))?;
     let mut procs: Vec<Proc> = Vec::new();
+    // `ip netns exec` execs the program: each Proc's pid is aria2c's own.
     procs.push(Proc::spawn(Command::new("ip").args(["netns", "exec", &c.registry.ns, "opentracker", "-f"]).arg(&conf), dir.join("tracker.log")));
     std::thread::sleep(Duration::from_millis(300));
     let common = ["--enable-dht=false", "--bt-enable-lpd=false", "--enable-peer-exchange=true", "--seed-ratio=0.0", "--seed-time=100000", "--summary-interval=0", "--console-log-level=warn", "--file-allocation=none", "--bt-max-peers=64", "--check-integrity=false"];
@@ -188,9 +198,12 @@ fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<Vec<f64>> {
         Command::new("ip").args(["netns", "exec", &c.registry.ns, "aria2c"]).args(common).arg("--bt-seed-unverified=true").arg(format!("--dir={}", seed_dir.display())).arg(&torrent),
         dir.join("seed.log"),
     ));
+    let seeder_pid = procs[1].pid();
+    let seeder0 = cpu_seconds(seeder_pid);
     std::thread::sleep(Duration::from_millis(500));
     let start = Instant::now();
     let mut done_files = Vec::new();
+    let mut node_pids = Vec::new();
     for (i, n) in c.nodes.iter().enumerate() {
         let d = dir.join(format!("bt{i}"));
         std::fs::create_dir_all(&d)?;
@@ -203,6 +216,7 @@ fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<Vec<f64>> {
             Command::new("ip").args(["netns", "exec", &n.ns, "aria2c"]).args(common).arg(format!("--dir={}", d.display())).arg(format!("--on-bt-download-complete={}", hook.display())).arg(&torrent),
             dir.join(format!("bt{i}.log")),
         ));
+        node_pids.push(procs[procs.len() - 1].pid());
         done_files.push(marker);
     }
     let mut times = vec![f64::NAN; c.nodes.len()];
@@ -218,8 +232,11 @@ fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<Vec<f64>> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Read while they run (the nodes started at zero).
+    let nodes_cpu = cpu_of(&node_pids);
+    let seeder_cpu = cpu_seconds(seeder_pid) - seeder0;
     drop(procs);
-    Ok(times)
+    Ok(BtRun { times, nodes_cpu, seeder_cpu })
 }
 
 pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_first: bool, with_bt: bool, own_memory: bool) -> Result<()> {
@@ -251,6 +268,8 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_f
     let max_n = nodes.iter().copied().max().unwrap_or(0) as u64;
     let memory = own_memory.then(|| crate::bench::GuestMemory::keep((2 * max_n + 2) * size));
     let mut rows = Vec::new();
+    // (N, the BitTorrent seeder's CPU seconds): the origin's side, not in the nodes' column.
+    let mut seeders: Vec<(usize, f64)> = Vec::new();
     for &n in nodes {
         let rate = rates.at(n);
         let ideal = ideal_secs(size, rate);
@@ -317,10 +336,12 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_f
         if with_bt {
             eprintln!("bench swarm: N={n} BitTorrent");
             let (e0, m0) = (c.registry_tx_bytes(), machine_cpu());
-            let t = bittorrent(&c, &dir, &file)?;
+            let bt = bittorrent(&c, &dir, &file)?;
             let busy = busy_between(m0, machine_cpu());
-            let (p50, max) = stats(t, ideal);
-            rows.push(Row { n, rate, what: "BitTorrent (aria2 + opentracker)", p50, max, egress: (c.registry_tx_bytes() - e0) as f64 / size as f64, cpu: f64::NAN, busy });
+            let (p50, max) = stats(bt.times, ideal);
+            eprintln!("bench swarm: N={n} BitTorrent: nodes' aria2 CPU {:.1} s, seeder's {:.1} s (load {})", bt.nodes_cpu, bt.seeder_cpu, load());
+            seeders.push((n, bt.seeder_cpu));
+            rows.push(Row { n, rate, what: "BitTorrent (aria2 + opentracker)", p50, max, egress: (c.registry_tx_bytes() - e0) as f64 / size as f64, cpu: bt.nodes_cpu, busy });
         }
         drop(c);
         let _ = std::fs::remove_dir_all(&dir);
@@ -342,12 +363,18 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_f
         "The VM's free page reporting was on (page cache writes fault memory in from the host at ~2 s/GiB)"
     };
     let mut out = vec![format!(
-        "One {size_mib} MiB blob to N nodes, {links} ({shaping}, queue of {queue_ms} ms), registry uplink at the nodes' rate, no added latency (no netem on this kernel). {page_reporting}. Times are per-node completion as multiples of the ideal S/B at that rate; egress is bytes the registry's link sent / S. Agents' CPU is their user+sys seconds summed; machine busy is the share of both cores busy during the run, every process and the kernel's packet work included (near 100%, the CPU rather than the links bounds the result).\n\n| N | link Mbit/s | S/B s | method | p50 / (S/B) | max / (S/B) | origin egress / S | agents' CPU s | machine busy |\n|---|---|---|---|---|---|---|---|---|"
+        "One {size_mib} MiB blob to N nodes, {links} ({shaping}, queue of {queue_ms} ms), registry uplink at the nodes' rate, no added latency (no netem on this kernel). {page_reporting}. Times are per-node completion as multiples of the ideal S/B at that rate; egress is bytes the registry's link sent / S. Nodes' CPU is the user+sys seconds of the N nodes' peerd agents, or of their aria2 processes (read when the last node finished; the aria2 seeder in the origin's namespace is listed below the table, as the registry is not counted for peerd), also per GiB delivered to the N nodes; neither includes the client reading the blob from peerd (aria2 writes its file itself). Machine busy is the share of both cores busy during the run, every process and the kernel's packet work included (near 100%, the CPU rather than the links bounds the result). Load average at the end: {}.\n\n| N | link Mbit/s | S/B s | method | p50 / (S/B) | max / (S/B) | origin egress / S | nodes' CPU s | nodes' CPU s per GiB delivered | machine busy |\n|---|---|---|---|---|---|---|---|---|---|",
+        load()
     )];
     for r in &rows {
         let cpu = if r.cpu.is_nan() { "-".to_string() } else { format!("{:.1}", r.cpu) };
+        let per_gib = if r.cpu.is_nan() { "-".to_string() } else { format!("{:.2}", r.cpu / (r.n as f64 * size as f64 / (1u64 << 30) as f64)) };
         let ideal = ideal_secs(size, r.rate);
-        out.push(format!("| {} | {} | {ideal:.1} | {} | {:.2}x | {:.2}x | {:.2}x | {cpu} | {:.0}% |", r.n, r.rate, r.what, r.p50, r.max, r.egress, r.busy * 100.0));
+        out.push(format!("| {} | {} | {ideal:.1} | {} | {:.2}x | {:.2}x | {:.2}x | {cpu} | {per_gib} | {:.0}% |", r.n, r.rate, r.what, r.p50, r.max, r.egress, r.busy * 100.0));
+    }
+    if !seeders.is_empty() {
+        let s: Vec<String> = seeders.iter().map(|(n, c)| format!("N={n} {c:.1} s")).collect();
+        out.push(format!("\nThe aria2 seeder's CPU (origin namespace): {}.", s.join(", ")));
     }
     let table = out.join("\n");
     println!("{table}");
@@ -385,4 +412,8 @@ pub fn fetch_sha256(url: &str) -> Result<()> {
     })?;
     println!("{hex}");
     Ok(())
+}
+
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }

@@ -525,3 +525,25 @@ async fn content_changes_are_signalled() {
     assert!(store.remove(&d).await.unwrap());
     assert!(rx.has_changed().unwrap(), "removed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sha256_takes_pieces_from_memory_while_they_are_recent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), cfg(1 << 30, IoMode::Auto)).await.unwrap();
+    // Fewer pieces than the recent list holds, landing out of order: the prefix hasher finds
+    // every piece it waited for in memory, none is read back from the file.
+    let n = RECENT_PIECES / 2;
+    let data = bytes(27, n * PS as usize);
+    let d = digest_of(&data);
+    let h = hashes(&data, PS);
+    store.declare(&d, data.len() as u64).await.unwrap();
+    let order: Vec<usize> = (0..n).rev().collect();
+    for &i in &order {
+        let piece = data[i * PS as usize..(i + 1) * PS as usize].to_vec();
+        store.put_piece(&d, i, piece, h[i], peer("p")).await.unwrap();
+    }
+    assert!(store.has(&d));
+    let blob = store.get(&d).unwrap();
+    let prefix = blob.sha.lock().await;
+    assert_eq!((prefix.from_memory, prefix.from_file), (n, 0));
+}

@@ -825,6 +825,9 @@ impl Transfer {
             dl.add_partial_peer(zone);
             a
         }).collect();
+        if addrs.len() == 1 {
+            dl.in_blob_order();
+        }
         // The first source is the owner (still receiving from upstream) or a complete holder:
         // while incomplete it is asked only for what nobody else has, and it decides who gets
         // which fresh piece (`handout`).
