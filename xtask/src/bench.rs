@@ -5,7 +5,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 
-use crate::{root, status};
+use crate::{results::record, root, status};
 
 #[derive(Subcommand, Clone)]
 pub enum Which {
@@ -283,90 +283,4 @@ fn swarm_sim(nodes: &[usize], rtts: &[u64]) -> Result<()> {
     record("Swarm, simulated: links only", &format!(
         "One 256 MiB blob (1 MiB pieces) to N nodes, every link 200 Mbit/s both ways, upstream's uplink too. Upstream sends the blob once (3.5% TCP overhead): split as the agent splits it (`Coordinator::fetch_split`: parts of interleaved 16-piece chunks, one per node for up to 8 nodes, the owner first, all parts at once sharing upstream's uplink), or all of it to the owner. Every node runs the agent's scheduler (`transfer::swarm`: the owner's download has the part fetchers as origins, everyone else's the owner) and bitfield polling (`Download::bitfield_polls`), every node holding pieces from upstream the agent's hand-out (`transfer::handout`). Bytes move as fluid flows sharing each uplink and downlink max-min fairly, with 4.5% QUIC overhead; no CPU, packets, congestion control or disk (`peerd-sim`'s `swarm`). Times are per-node completion / (S/B); owner upload counts wire bytes.\n\n{tables}"
     ))
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
-    let kernel = Command::new("uname").arg("-r").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
-    format!("{cpu}, {cores} cores, kernel {kernel}")
-}
-
-/// Replaces (or appends) the section `## {title}` of bench/RESULTS.md.
-pub fn record(title: &str, body: &str) -> Result<()> {
-    let path = root().join("bench/RESULTS.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmark results\n\nWritten by `cargo xtask bench ...`; each section is replaced when its benchmark runs again.\n".into());
-    let date = Command::new("date").args(["-u", "+%Y-%m-%d"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())?;
-    let section = format!("## {title}\n\n{date}, {}.\n\n{}\n", machine(), body.trim_end());
-    let heading = format!("## {title}\n");
-    let new = match old.find(&heading) {
-        Some(start) => {
-            let rest = &old[start + heading.len()..];
-            let end = rest.find("\n## ").map(|i| start + heading.len() + i + 1).unwrap_or(old.len());
-            format!("{}{}\n{}", &old[..start], section, &old[end..]).trim_end().to_string() + "\n"
-        }
-        None => format!("{}\n\n{section}", old.trim_end()),
-    };
-    std::fs::create_dir_all(path.parent().context("bench dir")?)?;
-    std::fs::write(&path, new)?;
-    println!("recorded in {}", path.display());
-    Ok(())
-}
-
-const PAGE_REPORTING: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
-
-/// Memory the kernel keeps for this benchmark's writes. A VM with free page reporting (virtio
-/// balloon) hands 2 MiB blocks the guest frees back to its host; the next write into such a page
-/// faults it in from the host, which on the machine the results were taken on costs ~2 s per GiB
-/// against ~0.25 s for memory the guest kept (`dd` of 3 GiB: 5.9 s vs 0.86 s). Every method writes
-/// each node's copy of the blob into the page cache, so at N=16 that tax alone would be ~8 of the
-/// run's ~21 core-seconds: the VM's, not any method's. While this guard lives reporting is off
-/// (the order above the largest buddy order: the kernel reports nothing) and `bytes` of memory
-/// were touched once and freed, so page cache writes reuse memory the guest owns, as on a
-/// machine without a balloon. Dropped, it restores the setting. Absent the knob, it does nothing.
-pub struct GuestMemory {
-    saved: Option<String>,
-}
-
-impl GuestMemory {
-    pub fn keep(bytes: u64) -> Self {
-        let Ok(saved) = std::fs::read_to_string(PAGE_REPORTING) else {
-            return Self { saved: None };
-        };
-        // NR_PAGE_ORDERS on x86-64 (MAX_PAGE_ORDER 10 + 1): no free block is that large.
-        if std::fs::write(PAGE_REPORTING, "11").is_err() {
-            eprintln!("bench: could not turn off free page reporting; writes may fault memory in from the host");
-            return Self { saved: None };
-        }
-        // Never more than half of what the machine has free.
-        let avail = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemAvailable:").and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())))
-            .map_or(0, |kb| kb * 1024);
-        let bytes = bytes.min(avail / 2);
-        let t = std::time::Instant::now();
-        const CHUNK: u64 = 256 << 20;
-        // Written (not just allocated: untouched pages are never faulted in), all held at once
-        // (else one chunk's pages would be reused for the next), then freed together.
-        let held: Vec<Vec<u8>> = (0..bytes.div_ceil(CHUNK)).map(|_| vec![1u8; CHUNK as usize]).collect();
-        drop(held);
-        eprintln!("bench: free page reporting off, {:.1} GiB of memory warmed in {:.1} s", bytes as f64 / (1u64 << 30) as f64, t.elapsed().as_secs_f64());
-        Self { saved: Some(saved.trim().to_string()) }
-    }
-
-    /// For the results' description.
-    pub fn kept(&self) -> bool {
-        self.saved.is_some()
-    }
-}
-
-impl Drop for GuestMemory {
-    fn drop(&mut self) {
-        if let Some(s) = &self.saved {
-            let _ = std::fs::write(PAGE_REPORTING, s);
-        }
-    }
 }

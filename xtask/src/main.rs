@@ -10,6 +10,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod guest;
+mod results;
 mod cluster;
 mod fuzz;
 mod serve_bench;
@@ -172,13 +174,10 @@ pub fn build(release: bool) -> Result<PathBuf> {
     Ok(obj)
 }
 
-/// Fails with an install hint when a benchmark's tool is missing.
-pub fn require_tool(tool: &str) -> Result<()> {
-    let found = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
-    if !found {
-        bail!("{tool} is not installed (apt-get install aria2 mktorrent opentracker)");
-    }
-    Ok(())
+/// Installs a benchmark's missing tools (tool, Debian package) with apt-get, as the tests'
+/// setup does (root; others are told the command to run).
+pub fn require_tools(tools: &[(&str, &str)]) -> Result<()> {
+    setup::install(tools, &[])
 }
 
 pub(crate) fn is_root() -> bool {

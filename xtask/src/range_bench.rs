@@ -19,7 +19,7 @@ use xtask::{
     netcluster::{Deployment, NetCluster, Options, Spec, QUEUE_MS},
 };
 
-use crate::bench::record;
+use crate::results::record;
 
 const STORAGE_PORT: u16 = 8080;
 

@@ -15,7 +15,7 @@ use xtask::{
     netcluster::{Deployment, NetCluster, Options, Spec, QUEUE_MS},
 };
 
-use crate::bench::record;
+use crate::results::record;
 
 pub fn redirect(layers_mib: &[u64], rounds: usize, rate: u32) -> Result<()> {
     crate::build(true)?;

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use xtask::components::{children_cpu, cpu_seconds, free_port, pseudo_random, sha256_hex, Agent, Nginx};
 
-use crate::bench::record;
+use crate::results::record;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

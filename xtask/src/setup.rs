@@ -12,12 +12,20 @@ fn on_path(tool: &str) -> bool {
         || ["/usr/sbin", "/sbin"].iter().any(|d| std::path::Path::new(d).join(tool).is_file())
 }
 
-/// Installs the missing packages with apt-get (root only; others get the command to run).
+/// Installs the missing packages the tests need with apt-get (root only; others get the
+/// command to run).
 pub fn system_packages() -> Result<()> {
-    let mut missing: Vec<&str> = PACKAGES.iter().filter(|(t, _)| !on_path(t)).map(|(_, p)| *p).collect();
+    let mut extra = Vec::new();
     if !std::path::Path::new("/usr/include/stdio.h").exists() {
-        missing.push("libc6-dev");
+        extra.push("libc6-dev");
     }
+    install(PACKAGES, &extra)
+}
+
+/// Installs the packages of `tools` (tool, Debian package) whose tool is not found, and `extra`.
+pub fn install(tools: &[(&str, &str)], extra: &[&str]) -> Result<()> {
+    let mut missing: Vec<&str> = tools.iter().filter(|(t, _)| !on_path(t)).map(|(_, p)| *p).collect();
+    missing.extend_from_slice(extra);
     missing.sort();
     missing.dedup();
     if missing.is_empty() {

@@ -14,7 +14,7 @@ use xtask::{
     netcluster::{Deployment, NetCluster, Spec, MIRROR_PORT, QUEUE_MS},
 };
 
-use crate::bench::record;
+use crate::results::record;
 
 /// The link rate (Mbit/s).
 pub const RATE_MBIT: u32 = 200;
@@ -242,9 +242,7 @@ fn bittorrent(c: &NetCluster, dir: &Path, file: &Path) -> Result<BtRun> {
 pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_first: bool, with_bt: bool, own_memory: bool) -> Result<()> {
     // Checked before minutes of runs, not when the first BitTorrent run starts.
     if with_bt {
-        for tool in ["aria2c", "mktorrent", "opentracker"] {
-            crate::require_tool(tool)?;
-        }
+        crate::require_tools(&[("aria2c", "aria2"), ("mktorrent", "mktorrent"), ("opentracker", "opentracker")])?;
     }
     // PEERD_BENCH_BINARY=<path>: run that agent instead of this tree's (A/B runs of two builds
     // under the same machine load; diagnostics).
@@ -266,7 +264,7 @@ pub fn swarm(size_mib: u64, nodes: &[usize], rates: Rate, queue_ms: u32, small_f
     // Each node's copy from peerd, then from BitTorrent (peerd's stay until the node count's
     // runs end), and the registry's.
     let max_n = nodes.iter().copied().max().unwrap_or(0) as u64;
-    let memory = own_memory.then(|| crate::bench::GuestMemory::keep((2 * max_n + 2) * size));
+    let memory = own_memory.then(|| crate::guest::GuestMemory::keep((2 * max_n + 2) * size));
     let mut rows = Vec::new();
     // (N, the BitTorrent seeder's CPU seconds): the origin's side, not in the nodes' column.
     let mut seeders: Vec<(usize, f64)> = Vec::new();

@@ -30,7 +30,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use xtask::components::{children_cpu, cpu_seconds, pseudo_random, sha256_hex, Proc, TestCa};
 
-use crate::bench::record;
+use crate::results::record;
 
 const NS_A: &str = "pd27a";
 const NS_B: &str = "pd27b";
@@ -462,7 +462,7 @@ pub fn transport(size_mib: u64, runs: usize, baseline: Option<&Path>) -> Result<
     // B writes each copy into its store (and the sinks into a file): without this the VM's free
     // page reporting makes every page cache write fault memory in from the host (see
     // `GuestMemory`), a cost of this VM only.
-    let memory = crate::bench::GuestMemory::keep(5 * size);
+    let memory = crate::guest::GuestMemory::keep(5 * size);
     let pair = Pair::up()?;
     let ca = TestCa::create(&dir.join("ca"));
     let (cert, key) = ca.issue(IP_A, &[IP_A.parse()?]);
