@@ -99,7 +99,7 @@ impl From<reqwest::Error> for FetchError {
     }
 }
 
-/// Gets a blob from upstream into the local store (the mirror implements it). `url` is checked
+/// Gets a blob from upstream into the local store (the cluster coordinator implements it). `url` is checked
 /// against the configured upstreams by the implementation: peers cannot make us fetch anything.
 pub trait Fetcher: Send + Sync + 'static {
     fn fetch(
@@ -122,7 +122,7 @@ pub trait Fetcher: Send + Sync + 'static {
 /// What the peer server answers from besides the store, given at [`Transfer::serve`].
 #[derive(Default)]
 pub struct Handler {
-    /// Runs peers' `Fetch` and `FetchPart` requests (the mirror's upstream path); without it
+    /// Runs peers' `Fetch` and `FetchPart` requests (the cluster coordinator's upstream path); without it
     /// they are answered "this node cannot fetch".
     pub fetcher: Option<Arc<dyn Fetcher>>,
     /// The node's containerd content store: its blobs are served, straight from containerd's
