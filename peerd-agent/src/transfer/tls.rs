@@ -81,8 +81,13 @@ impl Identity {
         Ok(Arc::new(roots))
     }
 
+    /// ring's suites with AES-128-GCM first (ring lists AES-256-GCM first). Every byte between
+    /// peers is encrypted in userspace, and AES-128 runs 10 rounds to AES-256's 14; both ends use
+    /// this provider, so a pair of agents agrees on it (bench/RESULTS.md, transport).
     fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
+        let mut p = rustls::crypto::ring::default_provider();
+        p.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        Arc::new(p)
     }
 
     /// Server side: requires a client certificate from the same cluster CA.
@@ -108,5 +113,19 @@ impl Identity {
         cfg.alpn_protocols = vec![ALPN.to_vec()];
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(|e| TlsError::Quic(e.to_string()))?;
         Ok(quinn::ClientConfig::new(Arc::new(quic)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_prefer_aes_128_gcm_and_keep_the_other_tls13_suites() {
+        let p = Identity::provider();
+        let suites: Vec<rustls::CipherSuite> = p.cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(suites[0], rustls::CipherSuite::TLS13_AES_128_GCM_SHA256, "{suites:?}");
+        assert!(suites.contains(&rustls::CipherSuite::TLS13_AES_256_GCM_SHA384), "{suites:?}");
+        assert_eq!(suites.len(), rustls::crypto::ring::default_provider().cipher_suites.len());
     }
 }
