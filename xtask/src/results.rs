@@ -24,7 +24,7 @@ pub const KEEP: &str = "<!-- kept when the benchmark runs again -->";
 /// [`KEEP`].
 pub fn record(title: &str, body: &str) -> Result<()> {
     let path = root().join("bench/RESULTS.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmark results\n\nWritten by `cargo xtask bench ...`; each section is replaced when its benchmark runs again.\n".into());
+    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| format!("# Benchmark results\n\nWritten by `cargo xtask bench ...`; each section is replaced when its benchmark runs again, except what follows a `{KEEP}` line in it (notes written by hand).\n"));
     let date = Command::new("date").args(["-u", "+%Y-%m-%d"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())?;
     let section = format!("## {title}\n\n{date}, {}.\n\n{}\n", machine(), body.trim_end());
     let new = replace_section(&old, title, section);
