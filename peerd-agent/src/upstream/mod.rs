@@ -224,7 +224,17 @@ pub struct Upstream {
     /// `--upstream-limit`: bytes per second read from upstream, all bodies together.
     limit: Option<Arc<RateLimit>>,
     counters: Arc<Counters>,
+    /// Clients pinned to a redirect host's checked addresses, reused while the name resolves to
+    /// the same addresses: a registry sends every blob (and every range of a split fetch) to its
+    /// storage, and a client per request would mean a new TLS connection per request.
+    pinned: Arc<std::sync::Mutex<HashMap<PinKey, reqwest::Client>>>,
 }
+
+/// A redirect host (lowercase) and the addresses it resolved to, sorted.
+type PinKey = (String, Vec<std::net::SocketAddr>);
+
+/// Pinned clients kept at most (then all are dropped and built again as needed).
+const MAX_PINNED: usize = 64;
 
 /// Reason-coded counters of upstream traffic.
 #[derive(Default, Debug)]
@@ -286,6 +296,7 @@ impl Upstream {
             origins: Arc::new(origins),
             limit: limit.map(RateLimit::new),
             counters: Arc::default(),
+            pinned: Arc::default(),
         })
     }
 
@@ -332,15 +343,27 @@ impl Upstream {
             Some(url::Host::Ipv4(ip)) if public_address(ip.into()) => Hop::Origin,
             Some(url::Host::Ipv6(ip)) if public_address(ip.into()) => Hop::Origin,
             Some(url::Host::Domain(name)) => {
-                let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((name, port)).await {
+                let mut addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((name, port)).await {
                     Ok(a) => a.collect(),
                     Err(_) => return Hop::Denied,
                 };
                 if addrs.is_empty() || !addrs.iter().all(|a| public_address(a.ip())) {
                     return Hop::Denied;
                 }
-                match client_builder(self.connect_timeout, self.read_timeout).resolve_to_addrs(name, &addrs).build() {
-                    Ok(c) => Hop::Pinned(c),
+                addrs.sort_unstable();
+                let key = (name.to_ascii_lowercase(), addrs);
+                let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(c) = pinned.get(&key) {
+                    return Hop::Pinned(c.clone());
+                }
+                match client_builder(self.connect_timeout, self.read_timeout).resolve_to_addrs(name, &key.1).build() {
+                    Ok(c) => {
+                        if pinned.len() >= MAX_PINNED {
+                            pinned.clear();
+                        }
+                        pinned.insert(key, c.clone());
+                        Hop::Pinned(c)
+                    }
                     Err(_) => Hop::Denied,
                 }
             }
