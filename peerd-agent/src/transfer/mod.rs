@@ -3,8 +3,9 @@
 //! down in PROTOCOL.md) and a scheduler that spreads pieces over holders (`swarm`).
 //!
 //! Roles: every agent serves complete blobs from its store to authenticated peers, and answers
-//! `Fetch` (get this blob from upstream with these credentials) through the [`Fetcher`] the
-//! mirror installs. The mirror calls [`Transfer::download`] on a miss when peers hold a blob.
+//! `Fetch` (get this blob from upstream with these credentials) through the [`Fetcher`] given
+//! at [`Transfer::serve`] (the cluster coordinator), which also calls [`Transfer::download`] on
+//! a miss when peers hold a blob.
 mod congestion;
 pub mod handout;
 pub mod swarm;
@@ -771,7 +772,7 @@ impl Transfer {
     /// piece checked against the manifest's blake3 and the whole blob against its sha256 at the
     /// end. Peers may hold the whole blob or only part of it (they are downloading too): their
     /// bitfields are refreshed every `have_every` or few, and this node serves its own verified pieces to
-    /// them meanwhile. Fails if no peer has a manifest, or nothing can progress for `STALL`.
+    /// them meanwhile. Fails if no peer has a manifest, or nothing can progress for `SwarmConfig::stall`.
     pub async fn download(&self, d: &Digest, peers: &[(SocketAddr, bool)]) -> Result<(), TransferError> {
         self.download_with_origins(d, peers, 1).await
     }
