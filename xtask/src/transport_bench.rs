@@ -45,11 +45,12 @@ const PIECE: usize = 1 << 20;
 struct Ports {
     mirror: &'static str,
     peer: u16,
-    gossip: u16,
 }
 
-const PORTS: Ports = Ports { mirror: "127.0.0.1:30000", peer: 30002, gossip: 30001 };
-const BASELINE_PORTS: Ports = Ports { mirror: "127.0.0.1:30010", peer: 30012, gossip: 30011 };
+/// The agent's defaults: the agents under test are started without port flags, as a user would.
+const PORTS: Ports = Ports { mirror: "127.0.0.1:30000", peer: 30002 };
+/// The baseline build runs beside them, so it needs ports of its own.
+const BASELINE_PORTS: Ports = Ports { mirror: "127.0.0.1:30010", peer: 30012 };
 
 /// Two namespaces joined by a veth pair, no shaping; removed on drop.
 struct Pair;
@@ -376,9 +377,6 @@ fn agent(bin: &Path, dir: &Path, ns: &str, peer: &str, secret: &Path, log: &str,
     cmd.arg("agent")
         .arg("--data-dir")
         .arg(dir.join(format!("{ns}-{}", ports.peer)))
-        .args(["--mirror-addr", ports.mirror])
-        .args(["--peer-addr", &format!("0.0.0.0:{}", ports.peer)])
-        .args(["--gossip-addr", &format!("0.0.0.0:{}", ports.gossip)])
         .args(["--peer", &format!("{peer}:{}", ports.peer)])
         .arg("--cluster-secret-file")
         .arg(secret)
@@ -387,6 +385,9 @@ fn agent(bin: &Path, dir: &Path, ns: &str, peer: &str, secret: &Path, log: &str,
         .args(["--cache-size", "4GiB"])
         // The store's debug line at completion says how many pieces the sha256 took from memory.
         .env("RUST_LOG", "peerd_agent=info,peerd_agent::store=debug");
+    if ports.peer != PORTS.peer {
+        cmd.args(["--mirror-addr", ports.mirror]).args(["--peer-addr", &format!("0.0.0.0:{}", ports.peer)]);
+    }
     Proc::spawn(&mut cmd, dir.join(log))
 }
 
@@ -584,7 +585,7 @@ pub fn transport(size_mib: u64, runs: usize, baseline: Option<&Path>) -> Result<
     drop(memory);
 
     let mut rows = vec![format!(
-        "One {size_mib} MiB blob from node A to node B, two network namespaces joined by one veth pair, no shaping (MTU 1500), {runs} alternating runs of each case after one untimed round. CPU is user+sys seconds per GiB moved: the sender is A's agent (a) or nginx (b, c) or the sending thread (d); the receiver is B's agent plus curl (a: B downloads from A over QUIC, checks every piece's blake3 and the blob's sha256, writes it to its store and streams it to curl over loopback), curl alone (b, c: to /dev/null), curl plus a sink doing the agent's verification and store write (b2), or the receiving thread doing the same (d). nginx 1.22 with OpenSSL 3 (TLS 1.3, no kTLS: this kernel has no `CONFIG_TLS`), `sendfile on; tcp_nopush on`; (d) rustls 0.23 with ring, TLS 1.3, mutual TLS with Ed25519 certificates as the agent ({suite}); agents started as a user would: `--peer`, `--peer-addr`, `--cluster-secret-file`, `--registry`. {}. Medians, min-max in brackets. The 2 cores were shared with other engineers' builds and simulations (load average at the end {}).\n\n| case | GiB/s | sender CPU s/GiB | receiver CPU s/GiB | total CPU s/GiB |\n|---|---|---|---|---|",
+        "One {size_mib} MiB blob from node A to node B, two network namespaces joined by one veth pair, no shaping (MTU 1500), {runs} alternating runs of each case after one untimed round. CPU is user+sys seconds per GiB moved: the sender is A's agent (a) or nginx (b, c) or the sending thread (d); the receiver is B's agent plus curl (a: B downloads from A over QUIC, checks every piece's blake3 and the blob's sha256, writes it to its store and streams it to curl over loopback), curl alone (b, c: to /dev/null), curl plus a sink doing the agent's verification and store write (b2), or the receiving thread doing the same (d). nginx 1.22 with OpenSSL 3 (TLS 1.3, no kTLS: this kernel has no `CONFIG_TLS`), `sendfile on; tcp_nopush on`; (d) rustls 0.23 with ring, TLS 1.3, mutual TLS with Ed25519 certificates as the agent ({suite}); agents started as a user would: `--peer`, `--cluster-secret-file`, `--registry` (a baseline build beside them also gets `--mirror-addr` and `--peer-addr`). {}. Medians, min-max in brackets. The 2 cores were shared with other engineers' builds and simulations (load average at the end {}).\n\n| case | GiB/s | sender CPU s/GiB | receiver CPU s/GiB | total CPU s/GiB |\n|---|---|---|---|---|",
         if memory_kept { "The VM's free page reporting was off and memory warmed first (`GuestMemory`), so B's store writes reuse memory the guest owns" } else { "Free page reporting could not be turned off: B's store writes may fault memory in from the host" },
         load()
     )];
