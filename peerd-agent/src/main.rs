@@ -14,6 +14,12 @@ use peerd_agent::{
     transfer::{Transfer, TransferConfig},
 };
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PeerData {
+    Tcp,
+    Quic,
+}
+
 #[derive(Parser)]
 #[command(name = "peerd", about = "Peer-to-peer content cache for Kubernetes nodes", version)]
 struct Cli {
@@ -119,10 +125,15 @@ struct AgentArgs {
     /// at 30 s).
     #[arg(long, env = "PEERD_UPSTREAM_TIMEOUT", default_value_t = 15)]
     upstream_timeout: u64,
-    /// UDP address of the peer transfer endpoint (QUIC). Not opened by a node alone (no --seed,
-    /// no --peer).
+    /// Address of the peer transfer endpoint: QUIC on UDP, and the bulk channel on TCP at the
+    /// same port (--peer-data tcp). Not opened by a node alone (no --seed, no --peer).
     #[arg(long, env = "PEERD_PEER_ADDR", default_value = "0.0.0.0:30002")]
     peer_addr: SocketAddr,
+    /// How piece data travels between agents: `tcp` (TLS 1.3 on kernel TCP at the peer port's
+    /// number, about half QUIC's CPU per byte; a peer not reachable on TCP is asked over QUIC)
+    /// or `quic` (no TCP port opened). Manifests, bitfields and fetches always use QUIC.
+    #[arg(long, env = "PEERD_PEER_DATA", value_enum, default_value_t = PeerData::Tcp)]
+    peer_data: PeerData,
     /// The address other agents reach this one at. Default: --peer-addr when it is not a
     /// wildcard, else the address of the interface that routes to the first seed or peer (else
     /// the default route's), logged at start and shown by `peerd status`.
@@ -510,6 +521,7 @@ fn agent(args: AgentArgs) -> Result<()> {
             let mut tcfg = TransferConfig::new(args.peer_addr, node_id.clone(), secret);
             tcfg.upload_limit = args.upload_limit;
             tcfg.download_limit = args.download_limit;
+            tcfg.bulk = args.peer_data == PeerData::Tcp;
             Some(Transfer::start(tcfg, store.clone()).context("starting the peer endpoint")?)
         };
         let containerd = match args.no_containerd_content || alone {

@@ -6,6 +6,7 @@
 //! `Fetch` (get this blob from upstream with these credentials) through the [`Fetcher`] given
 //! at [`Transfer::serve`] (the cluster coordinator), which also calls [`Transfer::download`] on
 //! a miss when peers hold a blob.
+mod bulk;
 mod congestion;
 pub mod handout;
 pub mod swarm;
@@ -147,6 +148,9 @@ pub struct TransferConfig {
     pub upload_limit: Option<u64>,
     /// Download rate limit from peers in bytes/s (None: unlimited).
     pub download_limit: Option<u64>,
+    /// Piece data on the bulk channel (TLS on TCP at the same port, `bulk`), QUIC for the rest;
+    /// false: everything on QUIC, and no TCP port is opened.
+    pub bulk: bool,
 }
 
 impl TransferConfig {
@@ -161,6 +165,7 @@ impl TransferConfig {
             swarm: SwarmConfig::default(),
             upload_limit: None,
             download_limit: None,
+            bulk: true,
         }
     }
 }
@@ -203,6 +208,11 @@ impl crate::metrics::MetricsSource for Transfer {
         counter(r, "peer_refused", "Peer connections or requests refused (no cluster certificate, malformed)", &c.refused_requests);
         counter(r, "peer_fetches", "Upstream fetches done for peers as rendezvous owner", &c.fetches_for_peers);
         counter(r, "peer_part_fetches", "Parts of split blobs fetched from upstream for the node that split them", &c.part_fetches_for_peers);
+        let b = &self.inner.bulk_counters;
+        counter(r, "peer_bulk_requests", "Piece requests answered over the bulk channel (TLS on TCP), sent or served", &b.requests);
+        counter(r, "peer_bulk_fallbacks", "Piece requests sent over QUIC because the peer's bulk channel could not be reached", &b.fallbacks);
+        counter(r, "peer_bulk_refused", "Bulk channel connections refused (no cluster certificate, over the limits, not a piece request, malformed)", &b.refused);
+        counter(r, "peer_bulk_broken", "Bulk channel connections that broke with answers outstanding (reset, stalled, malformed)", &b.broken);
     }
 }
 
@@ -228,6 +238,12 @@ struct Inner {
     /// Which peer got each fresh piece of the blobs this node is fetching from upstream.
     handout: Mutex<handout::Handout>,
     counters: Counters,
+    /// The bulk channel's client (None: `TransferConfig::bulk` off).
+    bulk: Option<bulk::Client>,
+    /// Its listener and TLS configuration until `serve` starts it (None: off, or the TCP port
+    /// was taken: peers then ask this node over QUIC).
+    bulk_server: Mutex<Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>>,
+    bulk_counters: Arc<bulk::BulkCounters>,
 }
 
 /// How long a fresh piece the origin sent to one peer is withheld from the others (`handout`):
@@ -293,6 +309,22 @@ impl Transfer {
         };
         let upload = cfg.upload_limit.map(RateLimit::new);
         let download = cfg.download_limit.map(RateLimit::new);
+        let bulk_counters = Arc::new(bulk::BulkCounters::default());
+        let (bulk, bulk_server) = if cfg.bulk {
+            let client = bulk::Client::new(&identity, cfg.dial_timeout, bulk_counters.clone())?;
+            // TCP at the port the UDP socket got (the same number when --peer-addr names one).
+            let at = endpoint.local_addr().unwrap_or(cfg.listen);
+            let server = match std::net::TcpListener::bind(at).and_then(|l| l.set_nonblocking(true).map(|_| l)) {
+                Ok(l) => Some((l, identity.bulk_server_config()?)),
+                Err(e) => {
+                    warn!(%at, "bulk channel not opened (peers ask this node over QUIC): {e}");
+                    None
+                }
+            };
+            (Some(client), server)
+        } else {
+            (None, None)
+        };
         let t = Transfer {
             inner: Arc::new(Inner {
                 cfg,
@@ -306,6 +338,9 @@ impl Transfer {
                 download,
                 handout: Mutex::new(handout::Handout::new(HANDOUT_GRACE)),
                 counters: Counters::default(),
+                bulk,
+                bulk_server: Mutex::new(bulk_server),
+                bulk_counters,
             }),
         };
         Ok(t)
@@ -317,6 +352,16 @@ impl Transfer {
     pub fn serve(&self, handler: Handler) {
         let server = self.clone();
         let handler = Arc::new(handler);
+        let bulk_server = self.inner.bulk_server.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some((listener, tls)) = bulk_server {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    let pieces = Arc::new(BulkPieces { transfer: self.clone(), handler: handler.clone() });
+                    tokio::spawn(bulk::serve(listener, tls, pieces, self.inner.bulk_counters.clone()));
+                }
+                Err(e) => warn!("bulk channel not served (peers ask this node over QUIC): {e}"),
+            }
+        }
         tokio::spawn(async move { server.accept_loop(handler).await });
     }
 
@@ -383,65 +428,11 @@ impl Transfer {
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
             Request::Pieces { digest, first, count } => {
-                let d = digest;
-                if let (Some(m), Some(c)) = (self.containerd_manifest(h, &d, false).await, h.containerd.as_ref()) {
-                    if first.checked_add(count).is_none_or(|end| end as usize > m.pieces.len()) {
-                        return refuse(&mut send, Status::BadRequest, "pieces out of range").await;
-                    }
-                    // Read and checked before the status goes out: a file that changed since it
-                    // was verified is answered "not found" (and withdrawn), never sent.
-                    let pieces = match c.read_pieces(&d, first, count).await {
-                        Ok(p) => p,
-                        Err(e) => {
-                            debug!(%d, "not serving from containerd: {e}");
-                            return refuse(&mut send, Status::NotFound, "not here").await;
-                        }
-                    };
-                    send.write_all(&[Status::Ok as u8]).await.map_err(|e| e.to_string())?;
-                    for bytes in pieces {
-                        let len = bytes.len() as u64;
-                        if let Some(l) = &self.inner.upload {
-                            l.take(len).await;
-                        }
-                        send.write_all(&bytes).await.map_err(|e| e.to_string())?;
-                        self.inner.counters.bytes_to_peers.fetch_add(len, Ordering::Relaxed);
-                    }
+                if self.send_pieces(h, peer, digest, first, count, &mut send).await? {
                     send.finish().map_err(|e| e.to_string())?;
                     let _ = send.stopped().await;
-                    return Ok(());
                 }
-                let (Some(m), Some(_pin)) = (self.manifest_of(&d), store.pin(&d)) else {
-                    return refuse(&mut send, Status::NotFound, "not here").await;
-                };
-                let n = m.pieces.len() as u32;
-                if first.checked_add(count).is_none_or(|end| end > n) {
-                    return refuse(&mut send, Status::BadRequest, "pieces out of range").await;
-                }
-                // Only pieces verified here (durable soon after); anything else is "not yet".
-                let have = store.present_pieces(&d).unwrap_or_default();
-                if (first..first + count).any(|i| !have.get(i as usize).copied().unwrap_or(false)) {
-                    return refuse(&mut send, Status::NotFound, "not yet").await;
-                }
-                let given = self.handout(&d).is_none_or(|mut h| {
-                    let fresh = store.upstream_pieces(&d).unwrap_or_default();
-                    h.claim(&d, &fresh, peer, first, count, Instant::now())
-                });
-                if !given {
-                    self.inner.counters.withheld_pieces.fetch_add(1, Ordering::Relaxed);
-                    return refuse(&mut send, Status::NotFound, "sent to another peer; get it there").await;
-                }
-                send.write_all(&[Status::Ok as u8]).await.map_err(|e| e.to_string())?;
-                for i in first..first + count {
-                    let len = m.piece_len(i);
-                    // A fresh piece comes from the store's memory, an older one from the file.
-                    let bytes = store.read_piece(&d, i as usize).await.map_err(|e| e.to_string())?;
-                    if let Some(l) = &self.inner.upload {
-                        l.take(len).await;
-                    }
-                    // Handed to quinn as is (write_all would copy it into quinn's buffer).
-                    send.write_chunk(bytes).await.map_err(|e| e.to_string())?;
-                    self.inner.counters.bytes_to_peers.fetch_add(len, Ordering::Relaxed);
-                }
+                return Ok(());
             }
             Request::VerifiedManifest { digest } => {
                 let d = digest;
@@ -489,6 +480,70 @@ impl Transfer {
         send.finish().map_err(|e| e.to_string())?;
         let _ = send.stopped().await;
         Ok(())
+    }
+
+    /// Answers a `Pieces` request into `out` (a QUIC stream or the bulk channel): the pieces,
+    /// or a refusal. `Ok(true)`: an `Ok` answer was sent whole; `Ok(false)`: refused (a QUIC
+    /// stream is finished then).
+    async fn send_pieces<S: PieceSink>(&self, h: &Handler, peer: SocketAddr, digest: Digest, first: u32, count: u32, out: &mut S) -> Result<bool, String> {
+        let store = &self.inner.store;
+        let d = digest;
+        if let (Some(m), Some(c)) = (self.containerd_manifest(h, &d, false).await, h.containerd.as_ref()) {
+            if first.checked_add(count).is_none_or(|end| end as usize > m.pieces.len()) {
+                return out.refuse(Status::BadRequest, "pieces out of range").await;
+            }
+            // Read and checked before the status goes out: a file that changed since it
+            // was verified is answered "not found" (and withdrawn), never sent.
+            let pieces = match c.read_pieces(&d, first, count).await {
+                Ok(p) => p,
+                Err(e) => {
+                    debug!(%d, "not serving from containerd: {e}");
+                    return out.refuse(Status::NotFound, "not here").await;
+                }
+            };
+            out.ok().await?;
+            for bytes in pieces {
+                let len = bytes.len() as u64;
+                if let Some(l) = &self.inner.upload {
+                    l.take(len).await;
+                }
+                out.piece(Bytes::from(bytes)).await?;
+                self.inner.counters.bytes_to_peers.fetch_add(len, Ordering::Relaxed);
+            }
+            return Ok(true);
+        }
+        let (Some(m), Some(_pin)) = (self.manifest_of(&d), store.pin(&d)) else {
+            return out.refuse(Status::NotFound, "not here").await;
+        };
+        let n = m.pieces.len() as u32;
+        if first.checked_add(count).is_none_or(|end| end > n) {
+            return out.refuse(Status::BadRequest, "pieces out of range").await;
+        }
+        // Only pieces verified here (durable soon after); anything else is "not yet".
+        let have = store.present_pieces(&d).unwrap_or_default();
+        if (first..first + count).any(|i| !have.get(i as usize).copied().unwrap_or(false)) {
+            return out.refuse(Status::NotFound, "not yet").await;
+        }
+        let given = self.handout(&d).is_none_or(|mut h| {
+            let fresh = store.upstream_pieces(&d).unwrap_or_default();
+            h.claim(&d, &fresh, peer, first, count, Instant::now())
+        });
+        if !given {
+            self.inner.counters.withheld_pieces.fetch_add(1, Ordering::Relaxed);
+            return out.refuse(Status::NotFound, "sent to another peer; get it there").await;
+        }
+        out.ok().await?;
+        for i in first..first + count {
+            let len = m.piece_len(i);
+            // A fresh piece comes from the store's memory, an older one from the file.
+            let bytes = store.read_piece(&d, i as usize).await.map_err(|e| e.to_string())?;
+            if let Some(l) = &self.inner.upload {
+                l.take(len).await;
+            }
+            out.piece(bytes).await?;
+            self.inner.counters.bytes_to_peers.fetch_add(len, Ordering::Relaxed);
+        }
+        Ok(true)
     }
 
     /// Runs a peer's Fetch or FetchPart through the fetcher; the answer frame.
@@ -1022,6 +1077,32 @@ impl Transfer {
     }
 
     async fn get_pieces(&self, peer: SocketAddr, d: &Digest, m: &WireManifest, a: Assignment) -> Result<Vec<(u32, Vec<u8>)>, Failure> {
+        if let Some(b) = &self.inner.bulk {
+            let lens: Vec<u32> = (a.first..a.first + a.count).map(|i| m.piece_len(i) as u32).collect();
+            match b.pieces(peer, d, a.first, lens).await {
+                Ok(bulk::Answer::Pieces(pieces)) => {
+                    let mut out = Vec::with_capacity(pieces.len());
+                    for (i, bytes) in (a.first..).zip(pieces) {
+                        let len = bytes.len() as u64;
+                        if let Some(l) = &self.inner.download {
+                            l.take(len).await;
+                        }
+                        self.inner.counters.bytes_from_peers.fetch_add(len, Ordering::Relaxed);
+                        self.inner.counters.pieces_from_peers.fetch_add(1, Ordering::Relaxed);
+                        out.push((i, bytes));
+                    }
+                    return Ok(out);
+                }
+                Ok(bulk::Answer::Refused(Status::NotFound)) => return Err(Failure::NotYet),
+                Ok(bulk::Answer::Refused(_)) => return Err(Failure::Error),
+                Err(bulk::BulkError::Broken(e)) => {
+                    debug!(%peer, "bulk channel: {e}");
+                    return Err(Failure::Error);
+                }
+                // Not reachable on TCP: over QUIC below.
+                Err(bulk::BulkError::Unavailable(_)) => {}
+            }
+        }
         let req = Request::Pieces { digest: *d, first: a.first, count: a.count };
         let (st, mut recv) = self.exchange(peer, &req).await.map_err(|e| match e {
             TransferError::Unreachable { .. } => Failure::Unreachable,
@@ -1134,10 +1215,57 @@ enum Stored {
 }
 
 /// Answers a request with a status and message only, and ends the stream.
-async fn refuse(send: &mut quinn::SendStream, status: Status, msg: &str) -> Result<(), String> {
-    send.write_all(&wire::status_frame(status, msg)).await.map_err(|e| e.to_string())?;
-    let _ = send.finish();
-    Ok(())
+/// Where an answer to `Pieces` goes: a QUIC stream, or the bulk channel (`bulk::Out`).
+trait PieceSink: Send {
+    /// The whole answer: a refusal. Returns `Ok(false)` (nothing more to send).
+    fn refuse(&mut self, status: Status, msg: &str) -> impl std::future::Future<Output = Result<bool, String>> + Send;
+    /// Starts an `Ok` answer.
+    fn ok(&mut self) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    fn piece(&mut self, bytes: Bytes) -> impl std::future::Future<Output = Result<(), String>> + Send;
+}
+
+impl PieceSink for quinn::SendStream {
+    async fn refuse(&mut self, status: Status, msg: &str) -> Result<bool, String> {
+        self.write_all(&wire::status_frame(status, msg)).await.map_err(|e| e.to_string())?;
+        let _ = self.finish();
+        Ok(false)
+    }
+
+    async fn ok(&mut self) -> Result<(), String> {
+        self.write_all(&[Status::Ok as u8]).await.map_err(|e| e.to_string())
+    }
+
+    async fn piece(&mut self, bytes: Bytes) -> Result<(), String> {
+        // Handed to quinn as is (write_all would copy it into quinn's buffer).
+        self.write_chunk(bytes).await.map_err(|e| e.to_string())
+    }
+}
+
+impl PieceSink for bulk::Out {
+    async fn refuse(&mut self, status: Status, msg: &str) -> Result<bool, String> {
+        bulk::Out::refuse(self, status, msg).await.map_err(|e| e.to_string())?;
+        Ok(false)
+    }
+
+    async fn ok(&mut self) -> Result<(), String> {
+        bulk::Out::ok(self).await.map_err(|e| e.to_string())
+    }
+
+    async fn piece(&mut self, bytes: Bytes) -> Result<(), String> {
+        bulk::Out::piece(self, &bytes).await.map_err(|e| e.to_string())
+    }
+}
+
+/// The bulk channel's server: answers `Pieces` as the QUIC server does.
+struct BulkPieces {
+    transfer: Transfer,
+    handler: Arc<Handler>,
+}
+
+impl bulk::Pieces for BulkPieces {
+    async fn answer(&self, peer: SocketAddr, d: Digest, first: u32, count: u32, out: &mut bulk::Out) -> std::io::Result<()> {
+        self.transfer.send_pieces(&self.handler, peer, d, first, count, out).await.map(|_| ()).map_err(std::io::Error::other)
+    }
 }
 
 /// Rendezvous (highest random weight) hashing: the member that fetches `d` from upstream for the

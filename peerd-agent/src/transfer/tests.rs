@@ -270,3 +270,72 @@ async fn the_origin_sends_each_fresh_piece_once() {
     let traded: u64 = nodes.iter().map(|n| n.t.counters().bytes_to_peers.load(Ordering::Relaxed)).sum();
     assert!(traded >= once, "downloaders traded {traded} bytes");
 }
+
+/// Piece data goes over the bulk channel (TLS on TCP) by default; a holder without one (QUIC
+/// only: an older agent, TCP blocked) is asked over QUIC, and the download is the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn piece_data_takes_the_bulk_channel_and_falls_back_to_quic() {
+    let (d, data) = blob((6 << 20) + 5, 9);
+    let (a, me) = (node(SECRET).await, node(SECRET).await);
+    put(&a, &d, &data).await;
+    me.t.download(&d, &[(addr(&a), false)]).await.unwrap();
+    assert_eq!(me.store.read_range(&d, 0, data.len() as u64).await.unwrap(), data);
+    let (mine, theirs) = (&me.t.inner.bulk_counters, &a.t.inner.bulk_counters);
+    assert_eq!(mine.requests.load(Ordering::Relaxed), 7, "every piece asked on the bulk channel");
+    assert_eq!(theirs.requests.load(Ordering::Relaxed), 7, "and served there");
+    assert_eq!(mine.fallbacks.load(Ordering::Relaxed), 0);
+    assert_eq!(a.t.counters().bytes_to_peers.load(Ordering::Relaxed), data.len() as u64);
+
+    let (d2, data2) = blob((3 << 20) + 1, 10);
+    let quic_only = node_with(SECRET, |c| c.bulk = false).await;
+    put(&quic_only, &d2, &data2).await;
+    me.t.download(&d2, &[(addr(&quic_only), false)]).await.unwrap();
+    assert_eq!(me.store.read_range(&d2, 0, data2.len() as u64).await.unwrap(), data2);
+    assert!(mine.fallbacks.load(Ordering::Relaxed) >= 4, "asked over QUIC instead");
+    assert_eq!(mine.requests.load(Ordering::Relaxed), 7);
+    assert_eq!(quic_only.t.counters().bytes_to_peers.load(Ordering::Relaxed), data2.len() as u64);
+}
+
+/// The bulk channel takes only cluster members, and only piece requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bulk_channel_refuses_outsiders_and_other_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (d, data) = blob(1 << 20, 11);
+    let honest = node(SECRET).await;
+    put(&honest, &d, &data).await;
+    let refused = || honest.t.inner.bulk_counters.refused.load(Ordering::Relaxed);
+
+    // Another secret: the handshake fails, nothing is served, and the outsider is told to go
+    // over QUIC (where it is refused as well).
+    let outsider = tls::Identity::new(b"another secret, not the cluster's", "x").unwrap();
+    let c = bulk::Client::new(&outsider, Duration::from_secs(2), Arc::new(bulk::BulkCounters::default())).unwrap();
+    assert!(matches!(c.pieces(addr(&honest), &d, 0, vec![1 << 20]).await, Err(bulk::BulkError::Unavailable(_))));
+    for _ in 0..100 {
+        if refused() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(refused(), 1);
+    assert_eq!(honest.t.counters().bytes_to_peers.load(Ordering::Relaxed), 0);
+
+    // A member asking for a manifest on the bulk channel: BadRequest, and the connection closes.
+    let member = tls::Identity::new(SECRET, "m").unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr(&honest)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(member.bulk_client_config().unwrap()).connect(name, tcp).await.unwrap();
+    let req = Request::Manifest { digest: d }.encode().unwrap();
+    s.write_all(&(req.len() as u32).to_be_bytes()).await.unwrap();
+    s.write_all(&req).await.unwrap();
+    s.flush().await.unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer).await;
+    assert_eq!(answer.first().copied(), Some(Status::BadRequest as u8), "{answer:?}");
+    assert_eq!(refused(), 2);
+
+    // A member asking for pieces past the end: BadRequest, the connection stays.
+    let c = bulk::Client::new(&member, Duration::from_secs(2), Arc::new(bulk::BulkCounters::default())).unwrap();
+    assert!(matches!(c.pieces(addr(&honest), &d, 1, vec![1]).await, Ok(bulk::Answer::Refused(Status::BadRequest))));
+    let Ok(bulk::Answer::Pieces(p)) = c.pieces(addr(&honest), &d, 0, vec![1 << 20]).await else { panic!("no pieces") };
+    assert_eq!(p, vec![data]);
+}

@@ -15,6 +15,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 pub const SERVER_NAME: &str = "peerd.cluster";
 /// ALPN of the piece protocol (see PROTOCOL.md); bump with the wire version.
 pub const ALPN: &[u8] = b"peerd/1";
+/// ALPN of the bulk piece channel on TCP (PROTOCOL.md, "Bulk channel").
+pub const BULK_ALPN: &[u8] = b"peerd-bulk/1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -91,7 +93,7 @@ impl Identity {
     }
 
     /// Server side: requires a client certificate from the same cluster CA.
-    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+    fn rustls_server(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, Self::provider())
             .build()
             .map_err(|e| TlsError::Verifier(e.to_string()))?;
@@ -99,20 +101,40 @@ impl Identity {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), PrivateKeyDer::Pkcs8(self.key.clone_key()))?;
-        cfg.alpn_protocols = vec![ALPN.to_vec()];
-        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(cfg).map_err(|e| TlsError::Quic(e.to_string()))?;
-        Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+        Ok(cfg)
     }
 
     /// Client side: presents our certificate, accepts only servers from the same cluster CA.
-    pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
+    fn rustls_client(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
         let mut cfg = rustls::ClientConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(self.roots()?)
             .with_client_auth_cert(self.chain.clone(), PrivateKeyDer::Pkcs8(self.key.clone_key()))?;
-        cfg.alpn_protocols = vec![ALPN.to_vec()];
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(|e| TlsError::Quic(e.to_string()))?;
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+        Ok(cfg)
+    }
+
+    /// The QUIC endpoint's server side.
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(self.rustls_server(ALPN)?).map_err(|e| TlsError::Quic(e.to_string()))?;
+        Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+    }
+
+    /// The QUIC endpoint's client side.
+    pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(self.rustls_client(ALPN)?).map_err(|e| TlsError::Quic(e.to_string()))?;
         Ok(quinn::ClientConfig::new(Arc::new(quic)))
+    }
+
+    /// The bulk channel's (TLS on TCP, `bulk`) server side: the same CA, certificates and suites.
+    pub fn bulk_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        Ok(Arc::new(self.rustls_server(BULK_ALPN)?))
+    }
+
+    /// The bulk channel's client side.
+    pub fn bulk_client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        Ok(Arc::new(self.rustls_client(BULK_ALPN)?))
     }
 }
 
