@@ -51,6 +51,8 @@ struct Ports {
 const PORTS: Ports = Ports { mirror: "127.0.0.1:30000", peer: 30002 };
 /// The baseline build runs beside them, so it needs ports of its own.
 const BASELINE_PORTS: Ports = Ports { mirror: "127.0.0.1:30010", peer: 30012 };
+/// This build again with `--peer-data quic`: every byte over QUIC, as before the bulk channel.
+const QUIC_PORTS: Ports = Ports { mirror: "127.0.0.1:30020", peer: 30022 };
 
 /// Two namespaces joined by a veth pair, no shaping; removed on drop.
 struct Pair;
@@ -372,7 +374,7 @@ fn nginx(dir: &Path, root: &Path, cert: &Path, key: &Path) -> Result<Proc> {
     Ok(Proc::spawn(&mut cmd, prefix.join("stderr.log")))
 }
 
-fn agent(bin: &Path, dir: &Path, ns: &str, peer: &str, secret: &Path, log: &str, ports: &Ports) -> Proc {
+fn agent(bin: &Path, dir: &Path, ns: &str, peer: &str, secret: &Path, log: &str, ports: &Ports, extra: &[&str]) -> Proc {
     let mut cmd = in_ns(ns, bin);
     cmd.arg("agent")
         .arg("--data-dir")
@@ -388,6 +390,7 @@ fn agent(bin: &Path, dir: &Path, ns: &str, peer: &str, secret: &Path, log: &str,
     if ports.peer != PORTS.peer {
         cmd.args(["--mirror-addr", ports.mirror]).args(["--peer-addr", &format!("0.0.0.0:{}", ports.peer)]);
     }
+    cmd.args(extra);
     Proc::spawn(&mut cmd, dir.join(log))
 }
 
@@ -477,13 +480,15 @@ pub fn transport(size_mib: u64, runs: usize, baseline: Option<&Path>) -> Result<
     // Each build's pair of agents: A first, alone, pulls the blob from the registry into its
     // cache; then B, which downloads it from A in every round.
     let mut builds: Vec<(Proc, Proc, &Ports)> = Vec::new();
-    for (bin, ports, tag) in std::iter::once((bin.as_path(), &PORTS, "")).chain(baseline.map(|b| (b, &BASELINE_PORTS, "-baseline"))) {
-        let a = agent(bin, &dir, NS_A, IP_B, &secret, &format!("agent-a{tag}.log"), ports);
+    let quic_only: &[&str] = &["--peer-data", "quic"];
+    let each = [(bin.as_path(), &PORTS, "", &[][..]), (bin.as_path(), &QUIC_PORTS, "-quic", quic_only)];
+    for (bin, ports, tag, extra) in each.into_iter().chain(baseline.map(|b| (b, &BASELINE_PORTS, "-baseline", &[][..]))) {
+        let a = agent(bin, &dir, NS_A, IP_B, &secret, &format!("agent-a{tag}.log"), ports, extra);
         wait_up(NS_A, &format!("http://{}/healthz", ports.mirror), Duration::from_secs(20))?;
         eprintln!("bench: filling node A's cache{tag}");
         curl(NS_A, &format!("http://{}/{rel}?ns=bench", ports.mirror), &[])?;
         wait_log(&a, &["cached from", "fetched from upstream for the cluster"], 1, Duration::from_secs(120))?;
-        let b = agent(bin, &dir, NS_B, IP_A, &secret, &format!("agent-b{tag}.log"), ports);
+        let b = agent(bin, &dir, NS_B, IP_A, &secret, &format!("agent-b{tag}.log"), ports, extra);
         wait_up(NS_B, &format!("http://{}/healthz", ports.mirror), Duration::from_secs(20))?;
         builds.push((a, b, ports));
     }
@@ -496,9 +501,12 @@ pub fn transport(size_mib: u64, runs: usize, baseline: Option<&Path>) -> Result<
         Http,
         RustlsTcp,
     }
-    let mut cases = vec![(Case::Agent(0), "(a) agent to agent (QUIC peer protocol)".to_string())];
+    let mut cases = vec![
+        (Case::Agent(0), "(a) agent to agent (peer protocol, defaults: piece data on TLS over TCP)".to_string()),
+        (Case::Agent(1), "(aq) as (a), `--peer-data quic` (every byte over QUIC)".to_string()),
+    ];
     if baseline.is_some() {
-        cases.push((Case::Agent(1), format!("(a0) as (a), baseline build `{}`", baseline.map(|b| b.display().to_string()).unwrap_or_default())));
+        cases.push((Case::Agent(2), format!("(a0) as (a), baseline build `{}`", baseline.map(|b| b.display().to_string()).unwrap_or_default())));
     }
     cases.push((Case::Https, "(b) TLS 1.3 over kernel TCP (nginx HTTPS -> curl)".into()));
     cases.push((Case::HttpsVerified, "(b2) as (b), receiver also verifies and stores (curl -> blake3 per piece, sha256, file)".into()));
@@ -585,7 +593,7 @@ pub fn transport(size_mib: u64, runs: usize, baseline: Option<&Path>) -> Result<
     drop(memory);
 
     let mut rows = vec![format!(
-        "One {size_mib} MiB blob from node A to node B, two network namespaces joined by one veth pair, no shaping (MTU 1500), {runs} alternating runs of each case after one untimed round. CPU is user+sys seconds per GiB moved: the sender is A's agent (a) or nginx (b, c) or the sending thread (d); the receiver is B's agent plus curl (a: B downloads from A over QUIC, checks every piece's blake3 and the blob's sha256, writes it to its store and streams it to curl over loopback), curl alone (b, c: to /dev/null), curl plus a sink doing the agent's verification and store write (b2), or the receiving thread doing the same (d). nginx 1.22 with OpenSSL 3 (TLS 1.3, no kTLS: this kernel has no `CONFIG_TLS`), `sendfile on; tcp_nopush on`; (d) rustls 0.23 with ring, TLS 1.3, mutual TLS with Ed25519 certificates as the agent ({suite}); agents started as a user would: `--peer`, `--cluster-secret-file`, `--registry` (a baseline build beside them also gets `--mirror-addr` and `--peer-addr`). {}. Medians, min-max in brackets. The 2 cores were shared with other engineers' builds and simulations (load average at the end {}).\n\n| case | GiB/s | sender CPU s/GiB | receiver CPU s/GiB | total CPU s/GiB |\n|---|---|---|---|---|",
+        "One {size_mib} MiB blob from node A to node B, two network namespaces joined by one veth pair, no shaping (MTU 1500), {runs} alternating runs of each case after one untimed round. CPU is user+sys seconds per GiB moved: the sender is A's agent (a) or nginx (b, c) or the sending thread (d); the receiver is B's agent plus curl (a, aq: B downloads from A over the peer protocol, checks every piece's blake3 and the blob's sha256, writes it to its store and streams it to curl over loopback), curl alone (b, c: to /dev/null), curl plus a sink doing the agent's verification and store write (b2), or the receiving thread doing the same (d). nginx 1.22 with OpenSSL 3 (TLS 1.3, no kTLS: this kernel has no `CONFIG_TLS`), `sendfile on; tcp_nopush on`; (d) rustls 0.23 with ring, TLS 1.3, mutual TLS with Ed25519 certificates as the agent ({suite}); agents started as a user would: `--peer`, `--cluster-secret-file`, `--registry` (a baseline build beside them also gets `--mirror-addr` and `--peer-addr`). {}. Medians, min-max in brackets. The 2 cores were shared with other engineers' builds and simulations (load average at the end {}).\n\n| case | GiB/s | sender CPU s/GiB | receiver CPU s/GiB | total CPU s/GiB |\n|---|---|---|---|---|",
         if memory_kept { "The VM's free page reporting was off and memory warmed first (`GuestMemory`), so B's store writes reuse memory the guest owns" } else { "Free page reporting could not be turned off: B's store writes may fault memory in from the host" },
         load()
     )];
@@ -617,16 +625,17 @@ pub fn transport(size_mib: u64, runs: usize, baseline: Option<&Path>) -> Result<
     let total = |c: Case| cases.iter().position(|(k, _)| *k == c).map(|i| totals[i]).unwrap_or(f64::NAN);
     let a = total(Case::Agent(0));
     rows.push(format!(
-        "\nTotal CPU per GiB, (a) / (b): **{:.2}x**; (a) / (b2): **{:.2}x**; (a) / (d): {:.2}x; (d) / (b2): {:.2}x; (a) / (c): {:.2}x; (b) / (c): {:.2}x.",
+        "\nTotal CPU per GiB, (a) / (b): **{:.2}x**; (a) / (b2): **{:.2}x**; (a) / (aq): **{:.2}x**; (a) / (d): {:.2}x; (d) / (b2): {:.2}x; (a) / (c): {:.2}x; (b) / (c): {:.2}x.",
         a / total(Case::Https),
         a / total(Case::HttpsVerified),
+        a / total(Case::Agent(1)),
         a / total(Case::RustlsTcp),
         total(Case::RustlsTcp) / total(Case::HttpsVerified),
         a / total(Case::Http),
         total(Case::Https) / total(Case::Http)
     ));
     if baseline.is_some() {
-        rows.push(format!("(a) / (a0), this build against the baseline: {:.2}x.", a / total(Case::Agent(1))));
+        rows.push(format!("(a) / (a0), this build against the baseline: {:.2}x.", a / total(Case::Agent(2))));
     }
     // (a)'s receiver includes curl reading the blob from B's agent over loopback.
     if let Some(i) = cases.iter().position(|(k, _)| *k == Case::Agent(0)) {
@@ -638,7 +647,7 @@ pub fn transport(size_mib: u64, runs: usize, baseline: Option<&Path>) -> Result<
         ));
     }
     for (k, (m, f)) in sha_from.iter().enumerate() {
-        let which = if k == 0 { "(a)" } else { "(a0)" };
+        let which = ["(a)", "(aq)", "(a0)"].get(k).copied().unwrap_or("?");
         if m + f > 0 {
             rows.push(format!("{which}: the receiving agent's sha256 took {m} pieces from memory and read {f} back from its file (timed rounds)."));
         }

@@ -383,6 +383,16 @@ fn transparent_render_is_valid_and_wired() {
     assert_eq!(env(&f, "PEERD_PEER_ADDR").as_deref(), Some("0.0.0.0:30002"));
     assert_eq!(f.get(&format!("{AGENT}.ports[mirror].containerPort")), "30000");
     assert_eq!(f.s(&format!("{AGENT}.ports[peer].protocol")), "UDP");
+    // Piece data on TCP at the same port number (--peer-data tcp, the default), declared on the
+    // pod and the Service; with peerData=quic neither the port nor a TCP listener.
+    assert_eq!(env(&f, "PEERD_PEER_DATA").as_deref(), Some("tcp"));
+    assert_eq!(f.get(&format!("{AGENT}.ports[peer-data].containerPort")), "30002");
+    assert_eq!(f.s(&format!("{AGENT}.ports[peer-data].protocol")), "TCP");
+    assert_eq!(f.s("Service/peerd.spec.ports[peer-data].protocol"), "TCP");
+    let quic = Facts::of(&render(&["peerData=quic"]));
+    assert_eq!(env(&quic, "PEERD_PEER_DATA").as_deref(), Some("quic"));
+    assert!(!quic.has(&format!("{AGENT}.ports[peer-data].containerPort")));
+    assert!(!quic.has("Service/peerd.spec.ports[peer-data].port"));
     assert_eq!(f.get(&format!("{AGENT}.ports[gossip].containerPort")), "30001");
 
     // Probes: GET /healthz on the mirror port, at 127.0.0.1 where the mirror listens.

@@ -62,6 +62,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- if not (has .Values.mode (list "auto" "transparent" "hosts-toml")) -}}
 {{- fail (printf "mode must be auto, transparent or hosts-toml, not %q" .Values.mode) -}}
 {{- end -}}
+{{- if not (has .Values.peerData (list "tcp" "quic")) -}}
+{{- fail (printf "peerData must be tcp or quic, not %q" .Values.peerData) -}}
+{{- end -}}
 {{- if and (not .Values.clusterSecret.create) (not .Values.clusterSecret.existingSecret) -}}
 {{- fail "clusterSecret.create=false needs clusterSecret.existingSecret" -}}
 {{- end -}}
