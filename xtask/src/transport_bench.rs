@@ -239,7 +239,10 @@ struct TlsPair {
 fn tls_pair() -> Result<TlsPair> {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ED25519};
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // The agent's order (`transfer::tls`): AES-128-GCM first.
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let provider = Arc::new(provider);
     let ca_key = KeyPair::generate_for(&PKCS_ED25519)?;
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, "bench cluster CA");
