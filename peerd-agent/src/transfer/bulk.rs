@@ -165,6 +165,7 @@ impl Client {
     async fn dial(&self, peer: SocketAddr) -> io::Result<client::TlsStream<TcpStream>> {
         let tcp = TcpStream::connect(peer).await?;
         tcp.set_nodelay(true)?;
+        prefer_bbr(&tcp);
         let name = ServerName::try_from(tls::SERVER_NAME).map_err(io::Error::other)?;
         self.connector.connect(name, tcp).await
     }
@@ -301,6 +302,7 @@ pub async fn serve<P: Pieces>(listener: TcpListener, identity: Arc<rustls::Serve
         tokio::spawn(async move {
             let _slot = slot;
             let _ = tcp.set_nodelay(true);
+            prefer_bbr(&tcp);
             let s = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
                 _ => {
@@ -351,5 +353,19 @@ async fn serve_connection<P: Pieces>(out: &mut Out, peer: SocketAddr, pieces: &P
                 return Err(refuse(e.to_string()));
             }
         }
+    }
+}
+
+/// BBR for the bulk channel's connections where the kernel has it, whatever the node's default
+/// (often Cubic): the reason the QUIC side uses BBR holds for TCP too, Cubic fills the links'
+/// queues until loss, and the origin's own upstream download waits behind them (ARCHITECTURE.md,
+/// congestion control). Best effort: without BBR the default stays.
+fn prefer_bbr(tcp: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let name = b"bbr";
+    // SAFETY: a valid socket descriptor and a buffer of the given length.
+    let r = unsafe { libc::setsockopt(tcp.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, name.as_ptr().cast(), name.len() as libc::socklen_t) };
+    if r != 0 {
+        debug!("bulk channel: BBR not available ({}), the kernel's default congestion control stays", io::Error::last_os_error());
     }
 }
