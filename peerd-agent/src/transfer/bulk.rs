@@ -43,7 +43,7 @@ const NO_BULK_FOR: Duration = Duration::from_secs(30);
 /// Requests written ahead of their answers on one connection (the swarm keeps at most a few in
 /// flight per peer; more wait for room).
 const PIPELINE: usize = 16;
-/// An answer that makes no progress for this long breaks its connection: every request behind
+/// An answer (or the client's first frame) that makes no progress for this long breaks its connection: every request behind
 /// it fails and the next request dials again (the swarm's own request timeout is the same).
 const STALL: Duration = Duration::from_secs(10);
 /// A client connection unused this long is closed (before the server's `SERVER_IDLE`).
@@ -99,6 +99,8 @@ struct Job {
 /// The dialling side: one pipelined connection per peer.
 pub struct Client {
     connector: TlsConnector,
+    /// This node's QUIC port, sent first on every connection (`serve_connection`).
+    quic_port: u16,
     dial_timeout: Duration,
     /// Per peer, the connection's request queue; the async lock serialises dialling.
     conns: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<mpsc::Sender<Job>>>>>>,
@@ -108,9 +110,10 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(identity: &tls::Identity, dial_timeout: Duration, counters: Arc<BulkCounters>) -> Result<Self, tls::TlsError> {
+    pub fn new(identity: &tls::Identity, quic_port: u16, dial_timeout: Duration, counters: Arc<BulkCounters>) -> Result<Self, tls::TlsError> {
         Ok(Self {
             connector: TlsConnector::from(identity.bulk_client_config()?),
+            quic_port,
             dial_timeout,
             conns: Mutex::new(HashMap::new()),
             off: Mutex::new(HashMap::new()),
@@ -167,7 +170,9 @@ impl Client {
         tcp.set_nodelay(true)?;
         prefer_bbr(&tcp);
         let name = ServerName::try_from(tls::SERVER_NAME).map_err(io::Error::other)?;
-        self.connector.connect(name, tcp).await
+        let mut tls = self.connector.connect(name, tcp).await?;
+        tls.write_all(&self.quic_port.to_be_bytes()).await?;
+        Ok(tls)
     }
 
     fn unavailable(&self, peer: SocketAddr, msg: String) -> BulkError {
@@ -321,7 +326,12 @@ pub async fn serve<P: Pieces>(listener: TcpListener, identity: Arc<rustls::Serve
     }
 }
 
-async fn serve_connection<P: Pieces>(out: &mut Out, peer: SocketAddr, pieces: &P, counters: &BulkCounters) -> io::Result<()> {
+async fn serve_connection<P: Pieces>(out: &mut Out, tcp_peer: SocketAddr, pieces: &P, counters: &BulkCounters) -> io::Result<()> {
+    // The client's QUIC port comes first: with the connection's address it names the peer as
+    // its QUIC connections do, which the origin's hand-out relies on (pieces given to a peer on
+    // one channel are not withheld from it on the other).
+    let port = tokio::time::timeout(STALL, out.s.read_u16()).await.map_err(|e| io::Error::new(io::ErrorKind::TimedOut, e))??;
+    let peer = SocketAddr::new(tcp_peer.ip(), port);
     loop {
         let len = match tokio::time::timeout(SERVER_IDLE, out.s.read_u32()).await {
             Err(_) => return Ok(()),

@@ -311,9 +311,9 @@ impl Transfer {
         let download = cfg.download_limit.map(RateLimit::new);
         let bulk_counters = Arc::new(bulk::BulkCounters::default());
         let (bulk, bulk_server) = if cfg.bulk {
-            let client = bulk::Client::new(&identity, cfg.dial_timeout, bulk_counters.clone())?;
             // TCP at the port the UDP socket got (the same number when --peer-addr names one).
             let at = endpoint.local_addr().unwrap_or(cfg.listen);
+            let client = bulk::Client::new(&identity, at.port(), cfg.dial_timeout, bulk_counters.clone())?;
             let server = match std::net::TcpListener::bind(at).and_then(|l| l.set_nonblocking(true).map(|_| l)) {
                 Ok(l) => Some((l, identity.bulk_server_config()?)),
                 Err(e) => {

@@ -308,7 +308,7 @@ async fn the_bulk_channel_refuses_outsiders_and_other_requests() {
     // Another secret: the handshake fails, nothing is served, and the outsider is told to go
     // over QUIC (where it is refused as well).
     let outsider = tls::Identity::new(b"another secret, not the cluster's", "x").unwrap();
-    let c = bulk::Client::new(&outsider, Duration::from_secs(2), Arc::new(bulk::BulkCounters::default())).unwrap();
+    let c = bulk::Client::new(&outsider, 1, Duration::from_secs(2), Arc::new(bulk::BulkCounters::default())).unwrap();
     assert!(matches!(c.pieces(addr(&honest), &d, 0, vec![1 << 20]).await, Err(bulk::BulkError::Unavailable(_))));
     for _ in 0..100 {
         if refused() == 1 {
@@ -324,6 +324,7 @@ async fn the_bulk_channel_refuses_outsiders_and_other_requests() {
     let tcp = tokio::net::TcpStream::connect(addr(&honest)).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).unwrap();
     let mut s = tokio_rustls::TlsConnector::from(member.bulk_client_config().unwrap()).connect(name, tcp).await.unwrap();
+    s.write_all(&1u16.to_be_bytes()).await.unwrap();
     let req = Request::Manifest { digest: d }.encode().unwrap();
     s.write_all(&(req.len() as u32).to_be_bytes()).await.unwrap();
     s.write_all(&req).await.unwrap();
@@ -334,7 +335,7 @@ async fn the_bulk_channel_refuses_outsiders_and_other_requests() {
     assert_eq!(refused(), 2);
 
     // A member asking for pieces past the end: BadRequest, the connection stays.
-    let c = bulk::Client::new(&member, Duration::from_secs(2), Arc::new(bulk::BulkCounters::default())).unwrap();
+    let c = bulk::Client::new(&member, 1, Duration::from_secs(2), Arc::new(bulk::BulkCounters::default())).unwrap();
     assert!(matches!(c.pieces(addr(&honest), &d, 1, vec![1]).await, Ok(bulk::Answer::Refused(Status::BadRequest))));
     let Ok(bulk::Answer::Pieces(p)) = c.pieces(addr(&honest), &d, 0, vec![1 << 20]).await else { panic!("no pieces") };
     assert_eq!(p, vec![data]);
