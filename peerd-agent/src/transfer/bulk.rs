@@ -96,6 +96,9 @@ struct Job {
     reply: oneshot::Sender<Result<Answer, BulkError>>,
 }
 
+/// A peer's connection (its request queue), behind a lock held while dialling.
+type Slot = Arc<tokio::sync::Mutex<Option<mpsc::Sender<Job>>>>;
+
 /// The dialling side: one pipelined connection per peer.
 pub struct Client {
     connector: TlsConnector,
@@ -103,7 +106,7 @@ pub struct Client {
     quic_port: u16,
     dial_timeout: Duration,
     /// Per peer, the connection's request queue; the async lock serialises dialling.
-    conns: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<mpsc::Sender<Job>>>>>>,
+    conns: Mutex<HashMap<SocketAddr, Slot>>,
     /// Peers not reachable on TCP, until when.
     off: Mutex<HashMap<SocketAddr, Instant>>,
     counters: Arc<BulkCounters>,
@@ -254,7 +257,7 @@ async fn read_answer<R: AsyncRead + Unpin>(rd: &mut R, lens: &[u32]) -> io::Resu
         }
         out.push(buf);
     }
-    Ok(out).map(Answer::Pieces)
+    Ok(Answer::Pieces(out))
 }
 
 /// Where the server writes one answer.
