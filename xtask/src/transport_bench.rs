@@ -45,14 +45,16 @@ const PIECE: usize = 1 << 20;
 struct Ports {
     mirror: &'static str,
     peer: u16,
+    /// Further flags of this pair of agents.
+    extra: &'static [&'static str],
 }
 
 /// The agent's defaults: the agents under test are started without port flags, as a user would.
-const PORTS: Ports = Ports { mirror: "127.0.0.1:30000", peer: 30002 };
+const PORTS: Ports = Ports { mirror: "127.0.0.1:30000", peer: 30002, extra: &[] };
 /// The baseline build runs beside them, so it needs ports of its own.
-const BASELINE_PORTS: Ports = Ports { mirror: "127.0.0.1:30010", peer: 30012 };
+const BASELINE_PORTS: Ports = Ports { mirror: "127.0.0.1:30010", peer: 30012, extra: &[] };
 /// This build again with `--peer-data quic`: every byte over QUIC, as before the bulk channel.
-const QUIC_PORTS: Ports = Ports { mirror: "127.0.0.1:30020", peer: 30022 };
+const QUIC_PORTS: Ports = Ports { mirror: "127.0.0.1:30020", peer: 30022, extra: &["--peer-data", "quic"] };
 
 /// Two namespaces joined by a veth pair, no shaping; removed on drop.
 struct Pair;
@@ -377,7 +379,7 @@ fn nginx(dir: &Path, root: &Path, cert: &Path, key: &Path) -> Result<Proc> {
     Ok(Proc::spawn(&mut cmd, prefix.join("stderr.log")))
 }
 
-fn agent(bin: &Path, dir: &Path, ns: &str, peer: &str, secret: &Path, log: &str, ports: &Ports, extra: &[&str]) -> Proc {
+fn agent(bin: &Path, dir: &Path, ns: &str, peer: &str, secret: &Path, log: &str, ports: &Ports) -> Proc {
     let mut cmd = in_ns(ns, bin);
     cmd.arg("agent")
         .arg("--data-dir")
@@ -393,7 +395,7 @@ fn agent(bin: &Path, dir: &Path, ns: &str, peer: &str, secret: &Path, log: &str,
     if ports.peer != PORTS.peer {
         cmd.args(["--mirror-addr", ports.mirror]).args(["--peer-addr", &format!("0.0.0.0:{}", ports.peer)]);
     }
-    cmd.args(extra);
+    cmd.args(ports.extra);
     Proc::spawn(&mut cmd, dir.join(log))
 }
 
@@ -483,15 +485,14 @@ pub fn transport(size_mib: u64, runs: usize, baseline: Option<&Path>) -> Result<
     // Each build's pair of agents: A first, alone, pulls the blob from the registry into its
     // cache; then B, which downloads it from A in every round.
     let mut builds: Vec<(Proc, Proc, &Ports)> = Vec::new();
-    let quic_only: &[&str] = &["--peer-data", "quic"];
-    let each = [(bin.as_path(), &PORTS, "", &[][..]), (bin.as_path(), &QUIC_PORTS, "-quic", quic_only)];
-    for (bin, ports, tag, extra) in each.into_iter().chain(baseline.map(|b| (b, &BASELINE_PORTS, "-baseline", &[][..]))) {
-        let a = agent(bin, &dir, NS_A, IP_B, &secret, &format!("agent-a{tag}.log"), ports, extra);
+    let each = [(bin.as_path(), &PORTS, ""), (bin.as_path(), &QUIC_PORTS, "-quic")];
+    for (bin, ports, tag) in each.into_iter().chain(baseline.map(|b| (b, &BASELINE_PORTS, "-baseline"))) {
+        let a = agent(bin, &dir, NS_A, IP_B, &secret, &format!("agent-a{tag}.log"), ports);
         wait_up(NS_A, &format!("http://{}/healthz", ports.mirror), Duration::from_secs(20))?;
         eprintln!("bench: filling node A's cache{tag}");
         curl(NS_A, &format!("http://{}/{rel}?ns=bench", ports.mirror), &[])?;
         wait_log(&a, &["cached from", "fetched from upstream for the cluster"], 1, Duration::from_secs(120))?;
-        let b = agent(bin, &dir, NS_B, IP_A, &secret, &format!("agent-b{tag}.log"), ports, extra);
+        let b = agent(bin, &dir, NS_B, IP_A, &secret, &format!("agent-b{tag}.log"), ports);
         wait_up(NS_B, &format!("http://{}/healthz", ports.mirror), Duration::from_secs(20))?;
         builds.push((a, b, ports));
     }

@@ -504,10 +504,7 @@ impl Transfer {
             out.ok().await?;
             for bytes in pieces {
                 let len = bytes.len() as u64;
-                if let Some(l) = &self.inner.upload {
-                    l.take(len).await;
-                }
-                out.piece(Bytes::from(bytes)).await?;
+                self.send_limited(Bytes::from(bytes), out).await?;
                 self.inner.counters.bytes_to_peers.fetch_add(len, Ordering::Relaxed);
             }
             return Ok(true);
@@ -537,13 +534,28 @@ impl Transfer {
             let len = m.piece_len(i);
             // A fresh piece comes from the store's memory, an older one from the file.
             let bytes = store.read_piece(&d, i as usize).await.map_err(|e| e.to_string())?;
-            if let Some(l) = &self.inner.upload {
-                l.take(len).await;
-            }
-            out.piece(bytes).await?;
+            self.send_limited(bytes, out).await?;
             self.inner.counters.bytes_to_peers.fetch_add(len, Ordering::Relaxed);
         }
         Ok(true)
+    }
+
+    /// Sends one piece within `--upload-limit`, in slices: a whole piece's tokens taken at once
+    /// would hold the piece back for seconds at low limits, longer than a receiver waits for
+    /// progress (`bulk::STALL`).
+    async fn send_limited<S: PieceSink>(&self, bytes: Bytes, out: &mut S) -> Result<(), String> {
+        const SLICE: usize = 64 << 10;
+        let Some(l) = &self.inner.upload else {
+            return out.piece(bytes).await;
+        };
+        let mut at = 0;
+        while at < bytes.len() {
+            let n = SLICE.min(bytes.len() - at);
+            l.take(n as u64).await;
+            out.piece(bytes.slice(at..at + n)).await?;
+            at += n;
+        }
+        Ok(())
     }
 
     /// Runs a peer's Fetch or FetchPart through the fetcher; the answer frame.
