@@ -64,6 +64,17 @@ fn four_namespaced_nodes_pull_at_once_and_the_registry_serves_each_blob_once() {
         let n = gets.iter().filter(|l| l.contains(digest.as_str())).count();
         assert_eq!(n, 1, "{digest} fetched {n} times for 4 nodes: {gets:?}");
     }
+    // With the flags a user passes, piece data went over the bulk channel (TLS on TCP between
+    // the namespaces), and no piece request had to fall back to QUIC.
+    let (mut bulk, mut fallbacks) = (0, 0);
+    for node in c.nodes.iter().take(4) {
+        let out = Command::new("ip").args(["netns", "exec", &node.ns, "curl", "-s", "--max-time", "5", "http://127.0.0.1:30000/metrics"]).output().unwrap();
+        let metrics = String::from_utf8_lossy(&out.stdout);
+        bulk += metric_value(&metrics, "peerd_peer_bulk_requests_total").unwrap_or(0);
+        fallbacks += metric_value(&metrics, "peerd_peer_bulk_fallbacks_total").unwrap_or(0);
+    }
+    assert!(bulk > 0, "no piece request went over the bulk channel");
+    assert_eq!(fallbacks, 0, "piece requests fell back to QUIC");
 }
 
 #[test]
