@@ -16,7 +16,7 @@ use std::{
     collections::HashMap,
     future::Future,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -53,6 +53,9 @@ const SERVER_IDLE: Duration = Duration::from_secs(60);
 /// Handshakes in progress at once, and how long one may take: an unauthenticated client holds
 /// no more than this (the XDP guard covers only the UDP ports).
 const MAX_HANDSHAKES: usize = 64;
+/// Of those, from one source address: one host cannot take them all and push every honest
+/// peer over to QUIC.
+const MAX_HANDSHAKES_PER_SOURCE: usize = 4;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Authenticated connections served at once.
 const MAX_CONNECTIONS: usize = 1024;
@@ -292,6 +295,7 @@ pub async fn serve<P: Pieces>(listener: TcpListener, identity: Arc<rustls::Serve
     let acceptor = TlsAcceptor::from(identity);
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_source: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -302,7 +306,11 @@ pub async fn serve<P: Pieces>(listener: TcpListener, identity: Arc<rustls::Serve
                 continue;
             }
         };
-        let (Ok(handshake), Ok(slot)) = (handshakes.clone().try_acquire_owned(), connections.clone().try_acquire_owned()) else {
+        let (Some(from_source), Ok(handshake), Ok(slot)) = (
+            SourceSlot::take(&per_source, peer.ip()),
+            handshakes.clone().try_acquire_owned(),
+            connections.clone().try_acquire_owned(),
+        ) else {
             counters.refused.fetch_add(1, Ordering::Relaxed);
             continue;
         };
@@ -319,13 +327,43 @@ pub async fn serve<P: Pieces>(listener: TcpListener, identity: Arc<rustls::Serve
                     return;
                 }
             };
-            drop(handshake);
+            drop((handshake, from_source));
             let mut out = Out { s };
             if let Err(e) = serve_connection(&mut out, peer, &*pieces, &counters).await {
                 debug!(%peer, "bulk connection: {e}");
             }
             let _ = out.s.shutdown().await;
         });
+    }
+}
+
+/// One handshake in progress from a source address, counted until dropped.
+struct SourceSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl SourceSlot {
+    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Self> {
+        let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = c.entry(ip).or_default();
+        if *n >= MAX_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(Self { counts: counts.clone(), ip })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = c.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.ip);
+            }
+        }
     }
 }
 

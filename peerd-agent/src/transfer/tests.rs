@@ -340,3 +340,30 @@ async fn the_bulk_channel_refuses_outsiders_and_other_requests() {
     let Ok(bulk::Answer::Pieces(p)) = c.pieces(addr(&honest), &d, 0, vec![1 << 20]).await else { panic!("no pieces") };
     assert_eq!(p, vec![data]);
 }
+
+/// Silent connections from one host hold at most 4 of the bulk channel's handshake slots: its
+/// next connection is closed at once (a peer behind that address is asked over QUIC), and the
+/// slots free when the silent ones go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_host_cannot_hold_the_bulk_channels_handshakes() {
+    let (d, data) = blob(1 << 20, 12);
+    let honest = node(SECRET).await;
+    put(&honest, &d, &data).await;
+    let refused = || honest.t.inner.bulk_counters.refused.load(Ordering::Relaxed);
+    let member = tls::Identity::new(SECRET, "m").unwrap();
+    let client = || bulk::Client::new(&member, 1, Duration::from_secs(2), Arc::new(bulk::BulkCounters::default())).unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(tokio::net::TcpStream::connect(addr(&honest)).await.unwrap());
+    }
+    assert!(matches!(client().pieces(addr(&honest), &d, 0, vec![1 << 20]).await, Err(bulk::BulkError::Unavailable(_))));
+    assert_eq!(refused(), 1);
+    drop(silent);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while refused() < 5 {
+        assert!(Instant::now() < deadline, "the silent handshakes did not end: {} refused", refused());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let Ok(bulk::Answer::Pieces(p)) = client().pieces(addr(&honest), &d, 0, vec![1 << 20]).await else { panic!("no pieces") };
+    assert_eq!(p, vec![data]);
+}
