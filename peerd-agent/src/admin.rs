@@ -14,6 +14,22 @@ pub struct Status {
     pub bytes: ByteCounts,
     pub in_progress: Vec<InProgress>,
     pub peers: Vec<Peer>,
+    /// How piece data travels to and from peers (absent from agents before the bulk channel).
+    #[serde(default)]
+    pub peer_data: PeerData,
+}
+
+/// The bulk channel (`--peer-data`): piece data on TLS over TCP, QUIC as the fallback.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PeerData {
+    /// "tcp" or "quic" (`--peer-data`); empty for a node alone.
+    pub transport: String,
+    /// Whether this node's TCP port is open (false: peers send it piece data over QUIC).
+    pub listening: bool,
+    /// Piece requests answered over TCP, sent and served.
+    pub bulk_requests: u64,
+    /// Piece requests sent over QUIC because the peer's TCP port could not be reached.
+    pub fallbacks: u64,
 }
 
 /// How this node is set up and whether it can be useful so (`/readyz` is 503 while `warnings`

@@ -396,6 +396,20 @@ fn status(addr: SocketAddr, json: bool) -> Result<()> {
     } else {
         println!("peer address: {} (from {}); seeds {:?} resolved to {} addresses; {} peers alive", v.peer_addr, sc.advertised_from, sc.seeds, sc.seeds_resolved, sc.peers_alive);
     }
+    let pd = &v.peer_data;
+    match pd.transport.as_str() {
+        "" => {}
+        "tcp" => {
+            println!("peer data: TLS over TCP ({} piece requests, {} sent over QUIC instead)", pd.bulk_requests, pd.fallbacks);
+            if !pd.listening {
+                println!("  note: this node's TCP port is not open (in use?): peers send it piece data over QUIC");
+            }
+            if pd.fallbacks > 0 && pd.bulk_requests == 0 {
+                println!("  note: no peer answered on TCP at its peer port (a firewall passing only UDP?): QUIC carries the data, at about twice the CPU");
+            }
+        }
+        t => println!("peer data: {t}"),
+    }
     for r in &sc.registries {
         println!("  registry {:<28} {:<8} {}", r.name, r.pulls, r.why);
     }

@@ -51,7 +51,7 @@ async fn admin_api_matches_openapi_and_the_cli_works() {
     }
     let code_of = |path: &str, method: &str| docs.iter().find(|(p, m, _)| p == path && m == method).map(|d| d.2.clone()).unwrap_or_default();
 
-    for (path, keys) in [("/status", &["version", "peer_addr", "cache", "requests", "bytes", "in_progress", "peers"][..]), ("/cache", &[][..])] {
+    for (path, keys) in [("/status", &["version", "peer_addr", "cache", "requests", "bytes", "in_progress", "peers", "peer_data"][..]), ("/cache", &[][..])] {
         let r = c.get(agent.url(path)).send().await.unwrap();
         assert!(code_of(path, "get").contains(&r.status().as_u16()), "{path}: {}", r.status());
         let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();

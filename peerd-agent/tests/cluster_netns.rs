@@ -72,6 +72,11 @@ fn four_namespaced_nodes_pull_at_once_and_the_registry_serves_each_blob_once() {
         let metrics = String::from_utf8_lossy(&out.stdout);
         bulk += metric_value(&metrics, "peerd_peer_bulk_requests_total").unwrap_or(0);
         fallbacks += metric_value(&metrics, "peerd_peer_bulk_fallbacks_total").unwrap_or(0);
+        // `peerd status` says so too.
+        let out = Command::new("ip").args(["netns", "exec", &node.ns, "curl", "-s", "--max-time", "5", "http://127.0.0.1:30000/status"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        assert_eq!(v.pointer("/peer_data/transport").and_then(|t| t.as_str()), Some("tcp"), "{}: {v}", node.ns);
+        assert_eq!(v.pointer("/peer_data/listening").and_then(|t| t.as_bool()), Some(true), "{}: {v}", node.ns);
     }
     assert!(bulk > 0, "no piece request went over the bulk channel");
     assert_eq!(fallbacks, 0, "piece requests fell back to QUIC");

@@ -243,6 +243,10 @@ impl Mirror {
             let t = cl.transfer.counters();
             (load(&t.bytes_from_peers), load(&t.bytes_to_peers))
         });
+        let peer_data = self.inner.fetch.cluster().map_or_else(admin::PeerData::default, |cl| {
+            let (transport, listening, bulk_requests, fallbacks) = cl.transfer.peer_data();
+            admin::PeerData { transport: transport.into(), listening, bulk_requests, fallbacks }
+        });
         let node = self.inner.node.get().cloned().unwrap_or_default();
         let (registries, warnings) = self.self_check();
         let my_id = node.node_id.clone();
@@ -271,6 +275,7 @@ impl Mirror {
             bytes: admin::ByteCounts { from_upstream: load(&self.inner.upstream.counters().bytes), from_peers, to_peers, to_clients_from_cache: load(&c.bytes_from_cache) },
             in_progress,
             peers,
+            peer_data,
         }
     }
 }

@@ -244,6 +244,8 @@ struct Inner {
     /// was taken: peers then ask this node over QUIC).
     bulk_server: Mutex<Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>>,
     bulk_counters: Arc<bulk::BulkCounters>,
+    /// Whether the bulk channel's TCP port was opened.
+    bulk_listening: bool,
 }
 
 /// How long a fresh piece the origin sent to one peer is withheld from the others (`handout`):
@@ -339,6 +341,7 @@ impl Transfer {
                 handout: Mutex::new(handout::Handout::new(HANDOUT_GRACE)),
                 counters: Counters::default(),
                 bulk,
+                bulk_listening: bulk_server.is_some(),
                 bulk_server: Mutex::new(bulk_server),
                 bulk_counters,
             }),
@@ -371,6 +374,14 @@ impl Transfer {
 
     pub fn counters(&self) -> &Counters {
         &self.inner.counters
+    }
+
+    /// How piece data travels (`peerd status`): the transport ("tcp" or "quic"), whether the
+    /// bulk channel's port is open, piece requests over it, and requests that fell back to QUIC.
+    pub fn peer_data(&self) -> (&'static str, bool, u64, u64) {
+        let b = &self.inner.bulk_counters;
+        let transport = if self.inner.bulk.is_some() { "tcp" } else { "quic" };
+        (transport, self.inner.bulk_listening, b.requests.load(Ordering::Relaxed), b.fallbacks.load(Ordering::Relaxed))
     }
 
     async fn accept_loop(&self, handler: Arc<Handler>) {
