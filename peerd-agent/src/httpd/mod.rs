@@ -161,22 +161,34 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// A write that makes no progress for this long ends the connection.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The next connection on `listener`, with TCP_NODELAY set. An accept error (EMFILE, ENFILE,
+/// ENOBUFS and the like) is reported to `failed` and retried after a pause, never returned: a
+/// listener must not end, nor spin, while descriptors are short (the pending connection stays in
+/// the backlog until they free up). Every TCP listener of the agent accepts through this.
+pub async fn accept(listener: &TcpListener, failed: impl Fn(&std::io::Error)) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                return (stream, peer);
+            }
+            Err(e) => {
+                failed(&e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 /// Accepts connections forever, at most `max_connections` served at once.
 pub async fn serve<H: Handler>(handler: H, listener: TcpListener, max_connections: usize) -> std::io::Result<()> {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // EMFILE/ENFILE/ENOBUFS and the like: shed load, never exit. The pending
-                // connection stays in the backlog until descriptors free up.
-                handler.count(Event::AcceptError);
-                warn!("accepting a connection failed, retrying shortly: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let (stream, peer) = accept(&listener, |e| {
+            handler.count(Event::AcceptError);
+            warn!("accepting a connection failed, retrying shortly: {e}");
+        })
+        .await;
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             handler.count(Event::Shed);
             let resp = handler.refusal(Refusal::Busy);

@@ -398,16 +398,7 @@ fn native_roots() -> rustls::RootCertStore {
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // EMFILE and the like: back off instead of spinning.
-                warn!("redirect listener: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let (stream, peer) = crate::httpd::accept(&listener, |e| warn!("redirect listener: {e}")).await;
         let s = shared.clone();
         tokio::spawn(async move {
             if let Err(e) = s.connection(stream, peer).await {

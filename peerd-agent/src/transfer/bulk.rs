@@ -297,15 +297,7 @@ pub async fn serve<P: Pieces>(listener: TcpListener, identity: Arc<rustls::Serve
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_source: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // Out of file descriptors and the like: wait, do not spin.
-                debug!("bulk accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (tcp, peer) = crate::httpd::accept(&listener, |e| debug!("bulk accept: {e}")).await;
         let (Some(from_source), Ok(handshake), Ok(slot)) = (
             SourceSlot::take(&per_source, peer.ip()),
             handshakes.clone().try_acquire_owned(),
@@ -317,7 +309,6 @@ pub async fn serve<P: Pieces>(listener: TcpListener, identity: Arc<rustls::Serve
         let (acceptor, pieces, counters) = (acceptor.clone(), pieces.clone(), counters.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let _ = tcp.set_nodelay(true);
             prefer_bbr(&tcp);
             let s = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => s,
