@@ -426,8 +426,7 @@ impl Transfer {
         };
         let store = &self.inner.store;
         match req {
-            Request::Manifest { digest } => {
-                let d = digest;
+            Request::Manifest { digest: d } => {
                 let m = match self.containerd_manifest(h, &d, true).await {
                     Some(m) => Some(Arc::new(WireManifest::from(&*m))),
                     None => self.manifest_of(&d),
@@ -445,8 +444,7 @@ impl Transfer {
                 }
                 return Ok(());
             }
-            Request::VerifiedManifest { digest } => {
-                let d = digest;
+            Request::VerifiedManifest { digest: d } => {
                 // Complete and sha256-verified here only: never a manifest of pieces in flight.
                 let m = match store.manifest(&d) {
                     Some(m) => Some(m),
@@ -458,8 +456,7 @@ impl Transfer {
                 };
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
-            Request::Have { digest } => {
-                let d = digest;
+            Request::Have { digest: d } => {
                 let frame = match self.containerd_manifest(h, &d, false).await {
                     Some(m) => wire::encode_have(&vec![true; m.pieces.len()]),
                     None => match (self.manifest_of(&d), store.present_pieces(&d)) {
@@ -475,15 +472,13 @@ impl Transfer {
                 };
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
-            Request::Fetch { digest, url, authorization } => {
+            Request::Fetch { digest: d, url, authorization } => {
                 self.inner.counters.fetches_for_peers.fetch_add(1, Ordering::Relaxed);
-                let d = digest;
                 let frame = self.fetch_for_peer(h, |f| f.fetch(d, url, authorization)).await;
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
-            Request::FetchPart { digest, part, url, authorization } => {
+            Request::FetchPart { digest: d, part, url, authorization } => {
                 self.inner.counters.part_fetches_for_peers.fetch_add(1, Ordering::Relaxed);
-                let d = digest;
                 let frame = self.fetch_for_peer(h, |f| f.fetch_part(d, part, url, authorization)).await;
                 send.write_all(&frame).await.map_err(|e| e.to_string())?;
             }
@@ -496,9 +491,8 @@ impl Transfer {
     /// Answers a `Pieces` request into `out` (a QUIC stream or the bulk channel): the pieces,
     /// or a refusal. `Ok(true)`: an `Ok` answer was sent whole; `Ok(false)`: refused (a QUIC
     /// stream is finished then).
-    async fn send_pieces<S: PieceSink>(&self, h: &Handler, peer: SocketAddr, digest: Digest, first: u32, count: u32, out: &mut S) -> Result<bool, String> {
+    async fn send_pieces<S: PieceSink>(&self, h: &Handler, peer: SocketAddr, d: Digest, first: u32, count: u32, out: &mut S) -> Result<bool, String> {
         let store = &self.inner.store;
-        let d = digest;
         if let (Some(m), Some(c)) = (self.containerd_manifest(h, &d, false).await, h.containerd.as_ref()) {
             if first.checked_add(count).is_none_or(|end| end as usize > m.pieces.len()) {
                 return out.refuse(Status::BadRequest, "pieces out of range").await;
@@ -1099,6 +1093,16 @@ impl Transfer {
         outcome
     }
 
+    /// A whole piece of `len` bytes arrived from a peer (either channel): within
+    /// `--download-limit`, and counted.
+    async fn received_piece(&self, len: u64) {
+        if let Some(l) = &self.inner.download {
+            l.take(len).await;
+        }
+        self.inner.counters.bytes_from_peers.fetch_add(len, Ordering::Relaxed);
+        self.inner.counters.pieces_from_peers.fetch_add(1, Ordering::Relaxed);
+    }
+
     async fn get_pieces(&self, peer: SocketAddr, d: &Digest, m: &WireManifest, a: Assignment) -> Result<Vec<(u32, Vec<u8>)>, Failure> {
         if let Some(b) = &self.inner.bulk {
             let lens: Vec<u32> = (a.first..a.first + a.count).map(|i| m.piece_len(i) as u32).collect();
@@ -1106,12 +1110,7 @@ impl Transfer {
                 Ok(bulk::Answer::Pieces(pieces)) => {
                     let mut out = Vec::with_capacity(pieces.len());
                     for (i, bytes) in (a.first..).zip(pieces) {
-                        let len = bytes.len() as u64;
-                        if let Some(l) = &self.inner.download {
-                            l.take(len).await;
-                        }
-                        self.inner.counters.bytes_from_peers.fetch_add(len, Ordering::Relaxed);
-                        self.inner.counters.pieces_from_peers.fetch_add(1, Ordering::Relaxed);
+                        self.received_piece(bytes.len() as u64).await;
                         out.push((i, bytes));
                     }
                     return Ok(out);
@@ -1169,11 +1168,7 @@ impl Transfer {
                     buf.extend_from_slice(&rest[..take]);
                     rest = &rest[take..];
                     if buf.len() == len {
-                        if let Some(l) = &self.inner.download {
-                            l.take(len as u64).await;
-                        }
-                        self.inner.counters.bytes_from_peers.fetch_add(len as u64, Ordering::Relaxed);
-                        self.inner.counters.pieces_from_peers.fetch_add(1, Ordering::Relaxed);
+                        self.received_piece(len as u64).await;
                         let next_len = if i + 1 < end { m.piece_len(i + 1) as usize } else { 0 };
                         out.push((i, std::mem::replace(&mut buf, Vec::with_capacity(next_len))));
                         i += 1;
@@ -1237,7 +1232,6 @@ enum Stored {
     Fatal(StoreError),
 }
 
-/// Answers a request with a status and message only, and ends the stream.
 /// Where an answer to `Pieces` goes: a QUIC stream, or the bulk channel (`bulk::Out`).
 trait PieceSink: Send {
     /// The whole answer: a refusal. Returns `Ok(false)` (nothing more to send).

@@ -46,6 +46,12 @@ fn addr(n: &Node) -> SocketAddr {
     n.t.local_addr().unwrap()
 }
 
+/// A bulk channel client holding a certificate from `secret`'s CA, with counters of its own.
+fn bulk_client(secret: &[u8]) -> bulk::Client {
+    let identity = tls::Identity::new(secret, "test client").unwrap();
+    bulk::Client::new(&identity, 1, Duration::from_secs(2), Arc::new(bulk::BulkCounters::default())).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn downloads_verified_pieces_from_several_peers() {
     let (d, data) = blob((40 << 20) + 777, 1);
@@ -307,8 +313,7 @@ async fn the_bulk_channel_refuses_outsiders_and_other_requests() {
 
     // Another secret: the handshake fails, nothing is served, and the outsider is told to go
     // over QUIC (where it is refused as well).
-    let outsider = tls::Identity::new(b"another secret, not the cluster's", "x").unwrap();
-    let c = bulk::Client::new(&outsider, 1, Duration::from_secs(2), Arc::new(bulk::BulkCounters::default())).unwrap();
+    let c = bulk_client(b"another secret, not the cluster's");
     assert!(matches!(c.pieces(addr(&honest), &d, 0, vec![1 << 20]).await, Err(bulk::BulkError::Unavailable(_))));
     for _ in 0..100 {
         if refused() == 1 {
@@ -335,7 +340,7 @@ async fn the_bulk_channel_refuses_outsiders_and_other_requests() {
     assert_eq!(refused(), 2);
 
     // A member asking for pieces past the end: BadRequest, the connection stays.
-    let c = bulk::Client::new(&member, 1, Duration::from_secs(2), Arc::new(bulk::BulkCounters::default())).unwrap();
+    let c = bulk_client(SECRET);
     assert!(matches!(c.pieces(addr(&honest), &d, 1, vec![1]).await, Ok(bulk::Answer::Refused(Status::BadRequest))));
     let Ok(bulk::Answer::Pieces(p)) = c.pieces(addr(&honest), &d, 0, vec![1 << 20]).await else { panic!("no pieces") };
     assert_eq!(p, vec![data]);
@@ -350,8 +355,7 @@ async fn one_host_cannot_hold_the_bulk_channels_handshakes() {
     let honest = node(SECRET).await;
     put(&honest, &d, &data).await;
     let refused = || honest.t.inner.bulk_counters.refused.load(Ordering::Relaxed);
-    let member = tls::Identity::new(SECRET, "m").unwrap();
-    let client = || bulk::Client::new(&member, 1, Duration::from_secs(2), Arc::new(bulk::BulkCounters::default())).unwrap();
+    let client = || bulk_client(SECRET);
     let mut silent = Vec::new();
     for _ in 0..4 {
         silent.push(tokio::net::TcpStream::connect(addr(&honest)).await.unwrap());

@@ -1,7 +1,9 @@
 //! The piece protocol's frames (PROTOCOL.md, "Peer transfer"), encoded and decoded without I/O.
 //!
 //! One request per bidirectional QUIC stream: the client writes a request and finishes its side;
-//! the server answers with a status byte and a body. All integers are big-endian.
+//! the server answers with a status byte and a body. On the bulk channel (`bulk`) the same
+//! `Pieces` frames and answers travel length-prefixed on one TLS stream. All integers are
+//! big-endian.
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::store::Digest;
